@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built from a config (no download) and small real tasks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from tl_skill import load_model
+
+    return load_model("tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from tl_skill import load_model
+
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    from tl_skill import load_model
+
+    return load_model("tiny-bert", device="cpu")
+
+
+@pytest.fixture(scope="session", params=["tiny-gpt2", "tiny-llama", "tiny-bert"])
+def tiny_model(request):
+    from tl_skill import load_model
+
+    return load_model(request.param, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_task():
+    """rotten_tomatoes cut to 160 train / 60 dev / 60 test examples."""
+    from tl_skill import load_task, subsample
+
+    return subsample(load_task("rotten_tomatoes"), {"train": 160, "dev": 60, "test": 60})
+
+
+@pytest.fixture(scope="session")
+def small_multiclass_task():
+    """5-class BBC News cut to 150 / 60 / 60 examples."""
+    from tl_skill import load_task, subsample
+
+    return subsample(load_task("bbc_news"), {"train": 150, "dev": 60, "test": 60})

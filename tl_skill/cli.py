@@ -1,0 +1,241 @@
+"""`tl-skill` command line: argument parsing only; the library does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable, Sequence
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    g = p.add_argument_group("device and precision (the same for every command)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (statistics stay float64/int64 whatever this is)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per forward pass")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _parser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help,
+                       epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _load(args, name: str):
+    from .models import load_model
+
+    return load_model(name, device=args.device, dtype=args.dtype)
+
+
+# --------------------------------------------------------------------------- tune
+def _add_tune(sub):
+    p = _parser("tune", sub, "prompt-tune a frozen model on a task (SPEC §1)", """
+        tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt/seed0
+        tl-skill tune --model tiny-gpt2 --task csv:my.csv --label-words bad,good --out runs/my --steps 50
+        tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt --seeds 0,1,2
+    """)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="rotten_tomatoes")
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    p.add_argument("--label-words", default=None, help="comma-separated, one per class")
+    p.add_argument("--task-seed", type=int, default=0, help="train/dev/test split seed")
+    p.add_argument("--seed", type=int, default=0, help="prompt initialisation and data order")
+    p.add_argument("--seeds", default=None, help="several trials: comma-separated seeds, one subdirectory each")
+    p.add_argument("--prompt-length", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--patience", type=int, default=0, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--padding-side", choices=["left", "right"], default=None)
+    p.add_argument("--max-train-examples", type=int, default=None)
+    p.add_argument("--max-dev-examples", type=int, default=300)
+    p.add_argument("--max-test-examples", type=int, default=1000)
+    p.add_argument("--max-input-tokens", type=int, default=96)
+    p.add_argument("--json", action="store_true", help="print run.json's metrics as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args):
+    from .tasks import load_task
+    from .tuning import TuneConfig, tune
+
+    task = load_task(args.task, seed=args.task_seed, label_words=args.label_words)
+    cfg = dict(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
+               patience=args.patience, task_seed=args.task_seed, padding_side=args.padding_side,
+               max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
+               max_test_examples=args.max_test_examples, max_input_tokens=args.max_input_tokens)
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    model = _load(args, args.model)
+    results = {}
+    for s in seeds:
+        out = Path(args.out) / f"seed{s}" if args.seeds else Path(args.out)
+
+        run = tune(model, task, out, TuneConfig(seed=s, **cfg), progress=not args.quiet)
+        results[str(out)] = run.metrics
+    lines = [f"{out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in m.items()) for out, m in results.items()]
+    _emit(results, args.json, "\n".join(lines))
+
+
+# ------------------------------------------------------------------------ evaluate
+def _add_evaluate(sub):
+    p = _parser("evaluate", sub, "accuracy of a tuned prompt on a split", """
+        tl-skill evaluate runs/rt/seed0 --split test
+        tl-skill evaluate runs/rt/seed0 --split dev --json
+    """)
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args):
+    from .tasks import subsample
+    from .tuning import Run, evaluate, majority_accuracy
+
+    run = Run.load(args.run_dir)
+    model = _load(args, run.model_name)
+    task = subsample(run.load_task(), {args.split: args.max_examples}, seed=run.info["task_seed"])
+    cfg = run.config
+    res = evaluate(model, task, args.split, run.verbalizer(model), run.prompt.to(next(model.parameters()).device),
+                   batch_size=args.batch_size or cfg.eval_batch_size, max_input_tokens=cfg.max_input_tokens,
+                   padding_side=cfg.padding_side, progress=not args.quiet)
+    out = {"run": args.run_dir, "split": args.split, "accuracy": res["accuracy"], "n": res["n"],
+           "majority_accuracy": majority_accuracy(task, args.split)}
+    _emit(out, args.json, f"{args.split} accuracy {res['accuracy']:.4f} on {res['n']} examples "
+                          f"(majority {out['majority_accuracy']:.4f})")
+
+
+# ---------------------------------------------------------------------------- find
+def _add_find(sub):
+    p = _parser("find", sub, "find skill neurons: predictivity of every neuron (SPEC §2-§5)", """
+        tl-skill find runs/rt/seed0 --out neurons/rt
+        tl-skill find runs/rt/seed0 runs/rt/seed1 --out neurons/rt --top 20 --json
+    """)
+    p.add_argument("run_dirs", nargs="+", help="one or more runs (trials) of the same model and task")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="dev", choices=["dev", "test"])
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--positions", default="prompt", choices=["prompt", "last", "mean"])
+    p.add_argument("--layers", default=None, help="e.g. 0-11 or 3,5,7 (default: all)")
+    p.add_argument("--max-train-examples", type=int, default=2000, help="examples for the baseline (0: all)")
+    p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--multiclass", default="ovr", choices=["ovr", "pairwise"])
+    p.add_argument("--aggregate-runs", default="mean", choices=["mean", "min"])
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_find)
+
+
+def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    if n_layers is not None:
+        bad = [l for l in out if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range 0-{n_layers - 1}")
+    return sorted(set(out))
+
+
+def format_neurons_table(sn, top: int) -> str:
+    lines = [f"{sn.model} / {sn.task}: best predictivity {sn.best_predictivity:.4f}"
+             + (f"  (prompt dev accuracy {sn.prompt_accuracy():.4f})" if sn.prompt_accuracy() is not None else "")]
+    lines.append(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'predictivity':>12} {'pos':>4} {'dir':>4}")
+    for r, row in enumerate(sn.top(top), 1):
+        lines.append(f"{r:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>12.4f} "
+                     f"{row['position']:>4} {'+' if row['direction'] > 0 else '-':>4}")
+    frac = 0.01 if sn.d_mlp >= 100 else 0.1
+    counts = sn.layer_counts(sn.select(fraction=frac, per_layer=False))
+    lines.append(f"layers of the global top {frac:.0%}: " + " ".join(f"L{sn.layers[l]}:{c}" for l, c in enumerate(counts) if c))
+    return "\n".join(lines)
+
+
+def cmd_find(args):
+    from .models import model_spec
+    from .neurons import find_skill_neurons
+    from .tuning import Run
+
+    runs = [Run.load(d) for d in args.run_dirs]
+    model = _load(args, runs[0].model_name)
+    sn = find_skill_neurons(
+        model, runs, split=args.split, layers=parse_layers(args.layers, model_spec(model).n_layers),
+        positions=args.positions, batch_size=args.batch_size or 32,
+        max_train_examples=args.max_train_examples or None, max_eval_examples=args.max_eval_examples,
+        multiclass=args.multiclass, aggregate_runs=args.aggregate_runs, progress=not args.quiet)
+    sn.save(args.out)
+    _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top) + f"\nsaved to {args.out}")
+
+
+# ---------------------------------------------------------------------------- main
+ADDERS = [_add_tune, _add_evaluate, _add_find]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tl-skill",
+        description="Skill neurons (Wang et al., EMNLP 2022) in TransformerLens models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in ADDERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "transformer_lens", "datasets", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .models import ModelLoadError
+    from .neurons import NeuronsError
+    from .prompt import VerbalizerError
+    from .record import RecordingError
+    from .tasks import TaskError
+    from .tuning import RunError
+
+    try:
+        args.func(args)
+    except (ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
+            ValueError, FileNotFoundError) as exc:
+        print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tl-skill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

