@@ -30,6 +30,10 @@ def _parser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser
 
 
 def _emit(obj, as_json: bool, text: str) -> None:
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun only rank 0 prints
+        return
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
     else:
@@ -193,8 +197,88 @@ def cmd_find(args):
     _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top) + f"\nsaved to {args.out}")
 
 
+# -------------------------------------------------------------------------- ablate
+def _add_ablate(sub):
+    p = _parser("ablate", sub, "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)", """
+        tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt
+        tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-zero --mode zero --fractions 0.01,0.1
+        tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-rel --relative --std 1.0
+    """)
+    p.add_argument("run_dir")
+    p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
+    p.add_argument("--fractions", default="0.01,0.02,0.05,0.1,0.2", help="comma-separated, per layer")
+    p.add_argument("--seeds", type=int, default=3, help="random-neuron control seeds")
+    p.add_argument("--std", type=float, default=0.1, help="noise std (absolute, or x neuron std with --relative)")
+    p.add_argument("--relative", action="store_true", help="noise std relative to each neuron's std")
+    p.add_argument("--layers", default=None, help="perturb only these layers, e.g. 10-29")
+    p.add_argument("--max-examples", type=int, default=300, help="test examples (0: the run's whole test set)")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args):
+    from .ablate import ablation_experiment
+    from .models import model_spec
+    from .neurons import SkillNeurons
+    from .tuning import Run
+
+    run = Run.load(args.run_dir)
+    sn = SkillNeurons.load(args.neurons)
+    fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
+    model = _load(args, run.model_name)
+    res = ablation_experiment(
+        model, run, sn, args.out, mode=args.mode, fractions=fractions, seeds=args.seeds, std=args.std,
+        relative=args.relative, layers=parse_layers(args.layers, model_spec(model).n_layers),
+        max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
+    from .report import verdict
+
+    lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15}"]
+    for r in res["rows"]:
+        lines.append(f"{r['fraction']:>8.0%} {r['clean_accuracy']:>7.3f} {r['skill_accuracy']:>7.3f} "
+                     f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f}")
+    lines.append(verdict(res["rows"]))
+    _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+
+
+# ---------------------------------------------------------------------------- demo
+def _add_demo(sub):
+    p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
+        tl-skill demo                       # SmolLM2-135M on rotten_tomatoes, ~12 min on 2 CPU cores
+        tl-skill demo --quick --out quick   # ~3 min, small subsets
+        tl-skill demo --model tiny-gpt2 --task bbc_news:sport-vs-business --out tiny
+    """)
+    p.add_argument("--out", default="tl_skill_demo", help="output directory (rerun to continue after Ctrl-C)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="rotten_tomatoes")
+    p.add_argument("--quick", action="store_true", help="small subsets and a short tuning run (~3 min)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args):
+    import time
+
+    from .report import DemoConfig, run_demo
+
+    kw = dict(model=args.model, task=args.task)
+    if args.batch_size:
+        kw["batch_size"] = args.batch_size
+    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    t0 = time.perf_counter()
+
+    def on_phase(name, seconds, summary):
+        print(f"[{time.perf_counter() - t0:6.0f}s] {name:<26} {seconds:6.1f}s  {summary}", flush=True)
+
+    path = run_demo(args.out, cfg, device=args.device, dtype=args.dtype, progress=not args.quiet,
+                    on_phase=on_phase)
+    print(f"report: {path}")
+
+
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_tune, _add_evaluate, _add_find]
+ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,10 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import DistributedError, init_distributed
+
+    try:  # under torchrun: join the process group; each process gets its own device
+        group = init_distributed(getattr(args, "device", None))
+    except DistributedError as exc:
+        print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if group.enabled:
+        args.device = group.device
+        if not group.is_main:
+            args.quiet = True  # progress bars and info logs from rank 0 only
     level = logging.DEBUG if args.verbose else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "transformer_lens", "datasets", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .ablate import AblationError
     from .models import ModelLoadError
     from .neurons import NeuronsError
     from .prompt import VerbalizerError
@@ -227,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
+    except (AblationError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
             ValueError, FileNotFoundError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from . import compat
+from . import compat, distributed
 from .models import model_spec
 from .prompt import SoftPrompt, layout_for
 from .record import MomentStats, Recorder, ThresholdStats, n_positions
@@ -132,10 +132,11 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
         n = len(task[which])
         bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
         with rec.attached():
-            for idx, batch in iterate_batches(layout, task, which, batch_size):
+            for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
                 rec.run(batch.to(device), prompt)
                 bar.update(len(idx))
         bar.close()
+        distributed.reduce_stats(stats)  # exact sums and counts: the same result for any world size
         return stats
 
     moments = run_pass(MomentStats(k, len(layer_list), T, spec.d_mlp, device), "train")
@@ -333,6 +334,9 @@ class SkillNeurons:
         from safetensors.torch import save_file
 
         path = Path(path)
+        if not distributed.is_main():  # under torchrun rank 0 writes; the others wait for it
+            distributed.barrier()
+            return path
         path.mkdir(parents=True, exist_ok=True)
         tensors = {
             "predictivity": self.predictivity.float().contiguous(),
@@ -355,6 +359,7 @@ class SkillNeurons:
             "meta": self.meta, **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
         }
         (path / NEURONS_JSON).write_text(json.dumps(info, indent=2))
+        distributed.barrier()
         return path
 
     @classmethod
@@ -456,3 +461,42 @@ def find_skill_neurons(
               "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
               "max_train_examples": max_train_examples},
     )
+
+
+def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,
+                      neurons: Sequence[tuple[int, int]], positions: str = "prompt", batch_size: int = 32,
+                      max_input_tokens: int = 96, padding_side: str | None = None,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations of a few neurons on every example of `split`: (values [N, n, T], labels [N]).
+
+    Memory is O(N x len(neurons) x T): meant for inspecting a handful of neurons
+    (histograms), not for whole layers. The forward pass stops after the
+    deepest traced layer.
+    """
+    from .record import TraceStats
+
+    if not neurons:
+        raise NeuronsError("no neurons to trace")
+    spec = model_spec(model)
+    for l, i in neurons:
+        if not (0 <= l < spec.n_layers and 0 <= i < spec.d_mlp):
+            raise NeuronsError(f"neuron ({l}, {i}) does not exist in {spec.name} "
+                               f"({spec.n_layers} layers x {spec.d_mlp} neurons)")
+    layers = sorted({l for l, _ in neurons})
+    P = prompt.length if prompt is not None else 0
+    layout = layout_for(model, P, max_input_tokens, padding_side)
+    stats = TraceStats(neurons, layers)
+    rec = Recorder(model, stats, layers, positions)
+    device = compat.model_device(model)
+    order = []
+    bar = tqdm(total=len(task[split]), desc=f"trace {split}", disable=not progress, leave=False, unit="ex")
+    with rec.attached():
+        for idx, batch in iterate_batches(layout, task, split, batch_size):
+            rec.run(batch.to(device), prompt)
+            order.append(torch.as_tensor(idx))
+            bar.update(len(idx))
+    bar.close()
+    values, labels = stats.result()
+    inverse = torch.empty(len(labels), dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(len(labels))
+    return values[inverse], labels[inverse]

@@ -274,7 +274,7 @@ class TraceStats:
         self.labels.append(labels.cpu())
 
     def update(self, slot: int, x: torch.Tensor, labels: torch.Tensor) -> None:
-        # x: [B, T, D]; keep each chosen neuron's max over positions? no: its values at all T.
+        # x: [B, T, D]; keep each chosen neuron's values at every recorded position.
         for j, (l, i) in enumerate(self.neurons):
             if self.slot_of.get(l) == slot:
                 self._pending[j] = x[:, :, i].double().cpu()

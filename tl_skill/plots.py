@@ -1,0 +1,227 @@
+"""Figures. Each function writes one PNG and returns its path; nothing is shown on screen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Path:
+    """Per layer: best and mean predictivity (left), and how many of the global top neurons it holds (right)."""
+    pred = sn.predictivity.numpy()
+    layers = np.asarray(sn.layers)
+    mask = sn.select(fraction=fraction, per_layer=False).numpy()
+    top_k = int(mask.sum())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.plot(layers, pred.max(1), "o-", label="best neuron")
+    a.plot(layers, np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100):].mean(1), "s-",
+           label="top 1% of the layer (mean)")
+    a.plot(layers, pred.mean(1), "^-", label="all neurons (mean)")
+    acc = sn.prompt_accuracy("dev_accuracy")
+    if acc is not None:
+        a.axhline(acc, color="k", ls="--", lw=1, label=f"prompt's dev accuracy ({acc:.3f})")
+    a.set_xlabel("layer")
+    a.set_ylabel("predictivity")
+    a.set_title(f"Predictivity by layer: {sn.task}")
+    a.legend(fontsize=8)
+    b.bar(layers, mask.sum(1), color="tab:orange")
+    b.set_xlabel("layer")
+    b.set_ylabel("neurons")
+    b.set_title(f"Where the global top {fraction:.0%} ({top_k}) skill neurons are")
+    return _save(fig, path)
+
+
+def plot_activation_histogram(values: np.ndarray, labels: np.ndarray, baseline: float, path: str | Path,
+                              title: str, label_names: Sequence[str]) -> Path:
+    """Activation of one neuron on each example, by class, with its baseline (the paper's Figure 1)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    bins = np.linspace(lo, hi, 40) if hi > lo else 20
+    for c, name in enumerate(label_names):
+        ax.hist(values[labels == c], bins=bins, alpha=0.55, label=f"{name.strip()} (n={int((labels == c).sum())})")
+    ax.axvline(baseline, color="k", ls="--", lw=1.2, label="baseline (train mean)")
+    ax.set_xlabel("activation at the prompt position")
+    ax.set_ylabel("examples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_predictivity_histogram(samples: dict[str, np.ndarray], path: str | Path, title: str) -> Path:
+    """Distribution of neuron predictivity for one or more models/settings."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    lo = min(float(v.min()) for v in samples.values())
+    hi = max(float(v.max()) for v in samples.values())
+    bins = np.linspace(lo, hi, 50)
+    for name, v in samples.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (best {v.max():.3f})", density=True)
+    ax.set_xlabel("neuron predictivity")
+    ax.set_ylabel("density")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_training_curve(history: list[dict], path: str | Path, title: str) -> Path:
+    steps = [h["step"] for h in history]
+    loss = [h["loss"] for h in history]
+    dev = [(h["step"], h["dev_accuracy"]) for h in history if "dev_accuracy" in h]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    k = max(1, len(loss) // 30)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:], smooth, color="tab:blue", label=f"train loss (moving mean of {k})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if dev:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*dev), "o-", color="tab:red", label="dev accuracy")
+        ax2.set_ylabel("dev accuracy", color="tab:red")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ablation(result: dict | str | Path, path: str | Path) -> Path:
+    """Test accuracy against the fraction of neurons perturbed: skill neurons, random neurons
+    (mean ± std over seeds, as a band) and the unperturbed model (a horizontal line).
+
+    `result` is what `ablate.ablation_experiment` returns, or its `ablation.json` (or folder).
+    """
+    import json
+    from matplotlib.ticker import NullFormatter
+
+    if not isinstance(result, dict):
+        src = Path(result)
+        result = json.loads((src / "ablation.json" if src.is_dir() else src).read_text())
+    nan = float("nan")
+    val = lambda v: nan if v is None else float(v)  # noqa: E731
+    rows = result["rows"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    settings = result.get("settings", {})
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    skill_colors, random_colors = ["tab:red", "tab:purple", "tab:brown"], ["tab:blue", "tab:cyan", "tab:green"]
+    n_seeds = len(result.get("seeds", [])) or max((len(r.get("random_accuracies", [])) for r in rows), default=0)
+    for j, mode in enumerate(modes):
+        rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["fraction"])
+        x = np.array([100 * r["fraction"] for r in rs])
+        skill = np.array([val(r["skill_accuracy"]) for r in rs])
+        rand = np.array([val(r["random_accuracy"]) for r in rs])
+        sd = np.array([val(r["random_accuracy_std"]) for r in rs])
+        tag = f" ({mode})" if len(modes) > 1 else ""
+        ax.plot(x, skill, "o-", color=skill_colors[j % 3], label=f"skill neurons{tag}")
+        ax.plot(x, rand, "s--", color=random_colors[j % 3],
+                label=f"random neurons{tag}, mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}")
+        ax.fill_between(x, rand - sd, rand + sd, color=random_colors[j % 3], alpha=0.2, lw=0)
+    clean = next((r["clean_accuracy"] for r in rows if r.get("clean_accuracy") is not None), None)
+    if clean is not None:
+        ax.axhline(clean, color="k", ls="-", lw=1, label=f"no perturbation ({clean:.3f})")
+    if result.get("majority_accuracy") is not None:
+        ax.axhline(result["majority_accuracy"], color="gray", ls=":", lw=1,
+                   label=f"majority class ({result['majority_accuracy']:.3f})")
+    fr = sorted({100 * r["fraction"] for r in rows})
+    if fr and fr[0] > 0:
+        ax.set_xscale("log")
+        ax.set_xticks(fr)
+        ax.set_xticklabels([f"{v:g}" for v in fr])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    per_layer = result.get("per_layer", settings.get("per_layer", True))
+    ax.set_xlabel("neurons perturbed (% of each layer)" if per_layer else "neurons perturbed (% of all neurons)")
+    ax.set_ylabel(f"test accuracy (n={result.get('n_examples', '?')})")
+    if modes == ["noise"] and settings.get("std") is not None:
+        how = f"Gaussian noise, std {settings['std']:g}" + (" × neuron std" if settings.get("relative") else "")
+    else:
+        how = {"zero": "set to zero", "mean": "set to baseline mean"}.get(modes[0], modes[0]) if len(modes) == 1 \
+            else "perturbation"
+    ax.set_title(f"{result.get('model', '?')} / {result.get('task', '?')}: skill vs random neurons\n({how})",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --- transfer (SPEC §8) --------------------------------------------------------
+def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str, cbar_label: str = "",
+                     cmap: str = "viridis", center: float | None = None) -> Path:
+    """Task x task heatmap (rows: source task, columns: target task), each cell annotated."""
+    m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    n = len(tasks)
+    size = max(4.0, 0.9 * n + 2.2)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    finite = m[np.isfinite(m)]
+    kw = {}
+    if center is not None and finite.size:
+        half = float(np.abs(finite - center).max()) or 1.0
+        kw = dict(vmin=center - half, vmax=center + half)
+        cmap = "RdBu_r" if cmap == "viridis" else cmap
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, **kw)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar_label)
+    labels = [t if len(t) <= 28 else t[:26] + ".." for t in tasks]
+    ax.set_xticks(range(n), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("target task")
+    ax.set_ylabel("source task (prompt)")
+    if n <= 12:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(m[i, j]):
+                    dark = (m[i, j] - lo) < 0.5 * (hi - lo) if center is None else False
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_indicator_correlations(correlations: dict, path: str | Path, title: str = "") -> Path:
+    """Spearman correlation of each indicator (bars) with each kind of transfer performance (groups)."""
+    indicators = list(correlations)
+    kinds = list(next(iter(correlations.values()))) if indicators else []
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(indicators) + 2), 4.0))
+    width = 0.8 / max(1, len(kinds))
+    x = np.arange(len(indicators))
+    for k, kind in enumerate(kinds):
+        vals = [correlations[name][kind]["spearman"] for name in indicators]
+        vals = [np.nan if v is None else v for v in vals]
+        ax.bar(x + (k - (len(kinds) - 1) / 2) * width, vals, width, label=kind)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, indicators, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Spearman correlation with transfer")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title(title or "Indicators vs transfer performance (pairs A != B)", fontsize=10)
+    ax.legend(fontsize=8, title="transfer", title_fontsize=8)
+    return _save(fig, path)
+
+
+def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
+    """All transfer figures of a `transfer.json` dict: one heatmap per transfer kind and indicator,
+    and the indicators' correlations with transfer."""
+    out_dir = Path(out_dir)
+    tasks = result["tasks"]
+    model = result.get("model", "")
+    paths = []
+    for kind, m in result["transfer"].items():
+        center = 0.0 if kind.endswith("gain") else None
+        paths.append(plot_task_matrix(m, tasks, out_dir / f"transfer_{kind}.png",
+                                      f"{model}: transfer ({kind})", kind, cmap="magma" if center is None else "RdBu_r",
+                                      center=center))
+    for name, m in result["indicators"].items():
+        paths.append(plot_task_matrix(m, tasks, out_dir / f"indicator_{name}.png",
+                                      f"{model}: task similarity ({name})", name))
+    if result.get("correlations"):
+        paths.append(plot_indicator_correlations(result["correlations"], out_dir / "correlations.png",
+                                                 f"{model}: indicators vs transfer ({len(tasks)} tasks)"))
+    return paths
