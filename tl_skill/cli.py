@@ -243,6 +243,45 @@ def cmd_ablate(args):
     _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
+# --------------------------------------------------------------------------- prune
+def _add_prune(sub):
+    p = _parser("prune", sub, "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)", """
+        tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt
+        tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt --keep 0.05 --layers 8-29 --retune-steps 100
+    """)
+    p.add_argument("run_dir")
+    p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep", type=float, default=0.02, help="fraction of neurons kept in each pruned layer")
+    p.add_argument("--layers", default=None, help="layers to prune (default: the top 75%%)")
+    p.add_argument("--retune-steps", type=int, default=0, help="re-tune the prompt on the pruned model")
+    p.add_argument("--max-examples", type=int, default=None, help="test examples (default: the run's test set)")
+    p.add_argument("--timing-repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args):
+    from .models import model_spec
+    from .prune import prune_experiment
+    from .tuning import Run
+
+    run = Run.load(args.run_dir)
+    model = _load(args, run.model_name)
+    res = prune_experiment(model, run, args.neurons, args.out, keep=args.keep,
+                           layers=parse_layers(args.layers, model_spec(model).n_layers),
+                           retune_steps=args.retune_steps, max_examples=args.max_examples,
+                           batch_size=args.batch_size or 32, progress=not args.quiet,
+                           timing_repeats=args.timing_repeats)
+    text = (f"parameters {res['params_before']:,} -> {res['params_after']:,} "
+            f"({res['params_after'] / res['params_before']:.1%}); speedup {res['speedup']:.2f}x\n"
+            f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
+            + (f" (re-tuned {res['accuracy_retuned']:.4f})" if res.get("accuracy_retuned") is not None else "")
+            + f"\nsaved to {args.out}")
+    _emit(res, args.json, text)
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
@@ -278,7 +317,7 @@ def cmd_demo(args):
 
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate]
+ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,13 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelLoadError
     from .neurons import NeuronsError
     from .prompt import VerbalizerError
+    from .prune import PruneError
     from .record import RecordingError
     from .tasks import TaskError
     from .tuning import RunError
 
     try:
         args.func(args)
-    except (AblationError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
+    except (AblationError, PruneError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
             ValueError, FileNotFoundError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
         return 2

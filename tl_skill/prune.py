@@ -1,0 +1,560 @@
+"""Pruned models: keep only the skill neurons of the upper layers (SPEC §7).
+
+In each chosen layer only the top `keep` fraction of neurons (by predictivity,
+ranked within the layer) remain. Every other neuron is frozen at its baseline
+activation (train mean, averaged over runs and prompt positions: the value the
+`mean` ablation uses) and folded into the output bias,
+
+    b_out += W_out[removed]ᵀ · baseline[removed]
+
+(only the removed neurons: the reference also added the kept ones, a bug).
+`W_in` / `W_gate` rows, `b_in` and `W_out` columns are sliced to the kept
+neurons, so the pruned model is smaller and faster. Architectures without an
+output bias (Llama's `down_proj`) get one.
+
+The pruned model is a `TransformerBridge` over a modified copy of the Hugging
+Face model. Its pruned layers have MLPs of the kept width: hook
+`blocks.{l}.mlp.hook_post` has that many columns there (neuron j of the
+pruned layer is neuron `kept[l][j]` of the original), while
+`model_spec(model).d_mlp` stays the original width. Code that assumes
+`d_mlp` columns in every layer (recorders, perturbations) therefore works on
+the unpruned layers only; `pruning_of(model)` gives the kept neurons.
+
+A pruned-model directory holds `pruned.safetensors` (the whole Hugging Face
+state dict), `kept_neurons.json` (kept indices per layer, model spec, dtype),
+`config.json` and, for models that are not bundled, `tokenizer/`;
+`load_pruned(dir)` rebuilds the model from them. `prune_experiment` adds
+`prune.json` (sizes, accuracies, timings).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import compat
+from .models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
+from .neurons import SkillNeurons
+from .prompt import SoftPrompt, Verbalizer, class_logits, layout_for
+from .tasks import Task, subsample
+from .tuning import Run, TuneConfig, _atomic_json, iterate_batches, tune
+
+log = logging.getLogger(__name__)
+
+PRUNE_JSON = "prune.json"
+PRUNED_WEIGHTS = "pruned.safetensors"
+KEPT_JSON = "kept_neurons.json"
+HF_CONFIG = "config.json"
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_LAYER_FRACTION = 0.75  # the reference pruned the top 9 of 12 layers
+
+
+class PruneError(ValueError):
+    """Bad pruning arguments, an unsupported architecture or an unreadable pruned-model directory."""
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Which neurons a pruned model kept: {real layer: ascending original indices}."""
+
+    keep: float
+    d_mlp: int
+    kept: dict[int, tuple[int, ...]]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "d_mlp": self.d_mlp, "layers": self.layers,
+                "kept": {str(l): list(self.kept[l]) for l in self.layers}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Pruning":
+        return cls(float(d["keep"]), int(d["d_mlp"]),
+                   {int(l): tuple(int(i) for i in idx) for l, idx in d["kept"].items()})
+
+
+def pruning_of(model) -> Pruning | None:
+    """The `Pruning` of a model made by `prune` or `load_pruned`; None for an unpruned model."""
+    return getattr(model, "_tl_skill_pruning", None)
+
+
+# ----------------------------------------------------------------------------- HF module surgery
+def unwrapped(module: nn.Module) -> nn.Module:
+    """`module` with every bridge wrapper replaced, in place, by the Hugging Face module it wraps.
+
+    Building a `TransformerBridge` swaps the Hugging Face model's submodules for
+    bridge components that hold the originals as `_original_component`, and
+    gives a bias-free unembedding a zero `bias` buffer; both are undone here.
+    """
+    while "_original_component" in module._modules:
+        module = module._modules["_original_component"]
+    if isinstance(module, nn.Linear) and "bias" in module._buffers:
+        del module._buffers["bias"]
+        module.register_parameter("bias", None)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = unwrapped(child)
+    return module
+
+
+def _clean_copy(hf: nn.Module, share_tensors: bool) -> nn.Module:
+    """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
+    # Copy the module tree with the tensors shared, then (if asked) clone only the
+    # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
+    memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    clean = unwrapped(copy.deepcopy(hf, memo))
+    if share_tensors:
+        return clean
+    clones: dict[int, torch.Tensor] = {}  # by identity, so tied weights stay tied
+    for module in clean.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in clones:
+                    c = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c
+                store[key] = clones[id(t)]
+    return clean
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+_LAYER_LISTS = ("transformer.h", "model.layers", "bert.encoder.layer", "roberta.encoder.layer",
+                "encoder.layer", "model.decoder.layers", "layers")
+
+
+def _layer_list(hf: nn.Module) -> nn.ModuleList:
+    for path in _LAYER_LISTS:
+        obj = _get(hf, path)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise PruneError(f"pruning does not know where {type(hf).__name__} keeps its layers "
+                     "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)")
+
+
+@dataclass
+class _MLP:
+    """The neuron-facing linear maps of one layer: (parent module, attribute) pairs."""
+
+    ins: list[tuple[nn.Module, str]]  # W_in and W_gate: one row per neuron
+    out: tuple[nn.Module, str]  # W_out: one output vector per neuron
+
+
+def _mlp_of(hf: nn.Module, layer: int) -> _MLP:
+    block = _layer_list(hf)[layer]
+    mlp = getattr(block, "mlp", None)
+    if mlp is not None and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2
+        return _MLP([(mlp, "c_fc")], (mlp, "c_proj"))
+    if mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):  # Llama
+        return _MLP([(mlp, "gate_proj"), (mlp, "up_proj")], (mlp, "down_proj"))
+    inter, output = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if inter is not None and output is not None and hasattr(inter, "dense") and hasattr(output, "dense"):
+        return _MLP([(inter, "dense")], (output, "dense"))  # BERT / RoBERTa
+    raise PruneError(f"pruning does not know the MLP of {type(block).__name__} "
+                     "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)")
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _check_linear(m: nn.Module, where: str) -> None:
+    if not (_is_conv1d(m) or isinstance(m, nn.Linear)):
+        raise PruneError(f"{where} is a {type(m).__name__}; pruning handles nn.Linear and Conv1D only")
+
+
+def _neuron_count(m: nn.Module, side: str) -> int:
+    """Neurons a map produces (`side="in"`) or consumes (`side="out"`)."""
+    if _is_conv1d(m):
+        return m.nf if side == "in" else m.nx
+    return m.out_features if side == "in" else m.in_features
+
+
+def _slice_in(m: nn.Module, kept: torch.Tensor) -> None:
+    """Keep only the output units `kept` of W_in / W_gate (and b_in)."""
+    dim = 1 if _is_conv1d(m) else 0  # Conv1D stores [d_model, d_mlp], Linear [d_mlp, d_model]
+    m.weight = nn.Parameter(m.weight.detach().index_select(dim, kept).clone(), requires_grad=False)
+    if m.bias is not None:
+        m.bias = nn.Parameter(m.bias.detach()[kept].clone(), requires_grad=False)
+    if _is_conv1d(m):
+        m.nf = len(kept)
+    else:
+        m.out_features = len(kept)
+
+
+def _out_vectors(m: nn.Module) -> torch.Tensor:
+    """W_out as [d_mlp, d_model]: neuron i adds `activation_i * row i` to the residual stream."""
+    return m.weight.detach() if _is_conv1d(m) else m.weight.detach().T
+
+
+def _slice_out(m: nn.Module, kept: torch.Tensor, fold: torch.Tensor) -> None:
+    """Keep only the input units `kept` of W_out and add `fold` [d_model] to its bias (created if absent)."""
+    dim = 0 if _is_conv1d(m) else 1
+    w = m.weight.detach()
+    bias = m.bias.detach().double() if m.bias is not None else torch.zeros(fold.shape, dtype=torch.float64,
+                                                                           device=w.device)
+    m.weight = nn.Parameter(w.index_select(dim, kept).clone(), requires_grad=False)
+    m.bias = nn.Parameter((bias + fold.to(bias.device)).to(w.dtype), requires_grad=False)
+    if _is_conv1d(m):
+        m.nx = len(kept)
+    else:
+        m.in_features = len(kept)
+
+
+def _prune_layer(hf: nn.Module, layer: int, kept: torch.Tensor, baseline: torch.Tensor | None) -> None:
+    """Slice layer `layer` to `kept`; removed neurons frozen at `baseline` [d_mlp] (None: fold nothing)."""
+    mlp = _mlp_of(hf, layer)
+    out_parent, out_attr = mlp.out
+    out = getattr(out_parent, out_attr)
+    _check_linear(out, f"layer {layer}'s {out_attr}")
+    for parent, attr in mlp.ins:
+        _check_linear(getattr(parent, attr), f"layer {layer}'s {attr}")
+    vectors = _out_vectors(out)
+    d_mlp = vectors.shape[0]
+    kept = kept.to(device=vectors.device, dtype=torch.long)
+    if baseline is None:
+        fold = torch.zeros(vectors.shape[1], dtype=torch.float64, device=vectors.device)
+    else:
+        removed = torch.ones(d_mlp, dtype=torch.bool, device=vectors.device)
+        removed[kept] = False
+        b = baseline.to(device=vectors.device, dtype=torch.float64)
+        fold = b[removed] @ vectors[removed].double()
+    for parent, attr in mlp.ins:
+        _slice_in(getattr(parent, attr), kept)
+    _slice_out(out, kept, fold)
+
+
+def count_parameters(model) -> int:
+    """Parameters of the Hugging Face model under a bridge (shared tensors counted once).
+
+    Counted on the unwrapped model: some bridge components (GPT-2's joint QKV
+    attention) hold split copies of weights that the model itself does not have.
+    """
+    return sum(p.numel() for p in _clean_copy(compat.hf_model_of(model), share_tensors=True).parameters())
+
+
+# ----------------------------------------------------------------------------- prune
+def default_layers(layers: Sequence[int], fraction: float = DEFAULT_LAYER_FRACTION) -> list[int]:
+    """The top `fraction` of `layers` (at least one): the top 9 of 12 for the default 0.75."""
+    layers = sorted(layers)
+    n = max(1, int(fraction * len(layers)))
+    return layers[len(layers) - n:]
+
+
+def _check_arguments(model, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None) -> list[int]:
+    if not compat.is_bridge(model):
+        raise PruneError(
+            f"pruning edits the Hugging Face model under a TransformerBridge; {type(model).__name__} has "
+            "none. On TransformerLens 3.x load the model with load_model(name, kind='bridge')"
+        )
+    spec = model_spec(model)
+    if not isinstance(keep, (int, float)) or not 0 < keep <= 1 or not math.isfinite(keep):
+        raise PruneError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    if pruning_of(model) is not None:
+        raise PruneError("the model is already pruned; prune the original model")
+    if neurons.model != spec.name:
+        raise PruneError(f"the skill neurons were found on {neurons.model!r} but the model is {spec.name!r}")
+    if neurons.d_mlp != spec.d_mlp or neurons.baseline.shape[-1] != spec.d_mlp:
+        raise PruneError(f"the skill neurons have d_mlp={neurons.d_mlp} but the model has {spec.d_mlp}")
+    if layers is None:
+        chosen = default_layers(neurons.layers)
+    else:
+        chosen = sorted(set(int(l) for l in layers))
+        if not chosen:
+            raise PruneError("no layers to prune")
+        bad = [l for l in chosen if not 0 <= l < spec.n_layers]
+        if bad:
+            raise PruneError(f"layers {bad} out of range: the model has {spec.n_layers} layers "
+                             f"(0-{spec.n_layers - 1})")
+        missing = [l for l in chosen if l not in neurons.layers]
+        if missing:
+            raise PruneError(f"layers {missing} have no skill-neuron predictivity: the neurons cover "
+                             f"layers {neurons.layers}")
+    if int(keep * spec.d_mlp) < 1:
+        raise PruneError(f"keep={keep} keeps no neuron of the {spec.d_mlp} per layer; raise keep")
+    return chosen
+
+
+def prune(model, neurons: SkillNeurons | str | Path, keep: float = 0.02,
+          layers: Sequence[int] | None = None):
+    """A pruned copy of `model` keeping the top `keep` skill neurons of each of `layers`.
+
+    Args:
+        model: a `TransformerBridge` from `load_model` (left unchanged).
+        neurons: the task's `SkillNeurons` (or their directory), found on this model.
+        keep: fraction of each layer's neurons kept, ranked within the layer by
+            predictivity (`int(keep * d_mlp)` neurons per layer).
+        layers: real layer indices to prune; default the top 75% of the layers the
+            neurons cover (all layers, normally).
+
+    Returns:
+        A new `TransformerBridge`; `pruning_of(result)` lists the kept neurons.
+    """
+    if not isinstance(neurons, SkillNeurons):
+        neurons = SkillNeurons.load(neurons)
+    chosen = _check_arguments(model, neurons, keep, layers)
+    spec = model_spec(model)
+    hf_orig = compat.hf_model_of(model)
+    mask = neurons.select(fraction=keep, per_layer=True)  # rows follow neurons.layers
+    baseline = neurons.baseline.double().mean(dim=(0, 2))  # [rows, d_mlp]
+    hf = _clean_copy(hf_orig, share_tensors=False)
+    kept: dict[int, tuple[int, ...]] = {}
+    for layer in chosen:
+        row = neurons.layers.index(layer)
+        idx = torch.nonzero(mask[row]).flatten()
+        _prune_layer(hf, layer, idx, baseline[row])
+        kept[layer] = tuple(idx.tolist())
+    pruned = _bridge(hf, model.tokenizer, spec, compat.model_device(model))
+    pruned._tl_skill_pruning = Pruning(float(keep), spec.d_mlp, kept)
+    log.info("pruned %s: layers %s keep %d of %d neurons each; %d -> %d parameters", spec.name, chosen,
+             len(next(iter(kept.values()))), spec.d_mlp, count_parameters(model), count_parameters(pruned))
+    return pruned
+
+
+def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device) -> Any:
+    """A frozen, eval-mode bridge over `hf` that keeps `hf`'s attention implementation."""
+    attn = getattr(hf.config, "_attn_implementation", None)
+    hf.eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    bridge = compat.build_bridge(hf, tokenizer, spec.name, device=str(device))
+    if attn is not None and getattr(hf.config, "_attn_implementation", None) != attn and hasattr(
+            hf, "set_attn_implementation"):
+        hf.set_attn_implementation(attn)  # the bridge forces eager on pre-loaded models
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    bridge._tl_skill_spec = spec
+    return bridge
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_pruned(model, out: str | Path) -> Path:
+    """Write a pruned model's weights, kept neurons and config to `out` (see the module docstring)."""
+    from safetensors.torch import save_model
+
+    pruning = pruning_of(model)
+    if pruning is None:
+        raise PruneError("the model is not pruned (it was not made by prune or load_pruned)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(model)
+    hf = _clean_copy(compat.hf_model_of(model), share_tensors=True)
+    tmp = out / (PRUNED_WEIGHTS + ".tmp")
+    save_model(hf, str(tmp))
+    tmp.replace(out / PRUNED_WEIGHTS)
+    hf.config.to_json_file(str(out / HF_CONFIG))
+    bundled = spec.name in KNOWN_MODELS
+    if not bundled:
+        model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    _atomic_json(out / KEPT_JSON, {
+        **pruning.to_dict(), "model_spec": spec.to_dict(), "bundled": bundled,
+        "dtype": str(compat.model_dtype(hf)).removeprefix("torch."),
+        "hf_class": type(hf).__name__,
+    })
+    return out
+
+
+def _fresh_hf(path: Path, info: dict[str, Any]):
+    """The original architecture with untrained weights and its tokenizer, from a saved config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path))
+    archs = getattr(config, "architectures", None) or [info.get("hf_class", "")]
+    auto = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in archs) else AutoModelForCausalLM
+    hf = auto.from_config(config, attn_implementation=getattr(config, "_attn_implementation", None) or "eager")
+    tok_dir = path / TOKENIZER_DIR
+    if not tok_dir.is_dir():
+        raise PruneError(f"{path} has no {TOKENIZER_DIR}/ to rebuild {info['model_spec']['name']!r} from")
+    return hf, AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def load_pruned(path: str | Path, device: str | torch.device | None = None):
+    """Rebuild a pruned model saved by `save_pruned` (or `prune_experiment`).
+
+    The original architecture comes from `load_model(name)` for bundled models,
+    else from the saved Hugging Face config and tokenizer; its modules are
+    sliced to the saved kept neurons and the saved weights loaded over them.
+    """
+    from safetensors.torch import load_model as load_weights
+
+    path = Path(path)
+    missing = [f for f in (PRUNED_WEIGHTS, KEPT_JSON) if not (path / f).exists()]
+    if missing:
+        raise PruneError(f"{path} holds no pruned model: missing {', '.join(missing)}")
+    info = json.loads((path / KEPT_JSON).read_text())
+    pruning = Pruning.from_dict(info)
+    spec = ModelSpec(**info["model_spec"])
+    dev = resolve_device(device)
+    if info.get("bundled") and spec.name in KNOWN_MODELS:
+        base = load_model(spec.name, device="cpu", dtype=info.get("dtype"), kind="bridge")
+        hf, tokenizer = unwrapped(compat.hf_model_of(base)), base.tokenizer
+        del base
+    else:
+        hf, tokenizer = _fresh_hf(path, info)
+    for layer in pruning.layers:
+        _prune_layer(hf, layer, torch.tensor(pruning.kept[layer], dtype=torch.long), None)
+    try:
+        load_weights(hf, str(path / PRUNED_WEIGHTS), strict=True)
+    except RuntimeError as exc:
+        raise PruneError(f"the weights in {path / PRUNED_WEIGHTS} do not fit the rebuilt model: {exc}") from exc
+    hf = hf.to(dev)
+    model = _bridge(hf, tokenizer, spec, dev)
+    model._tl_skill_pruning = pruning
+    return model
+
+
+# ----------------------------------------------------------------------------- experiment
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _inference(model, batches, verbalizer: Verbalizer, prompt: SoftPrompt | None, n: int,
+               device: torch.device) -> tuple[np.ndarray, float]:
+    """Predictions over prepared batches, and the seconds it took."""
+    preds = np.zeros(n, dtype=np.int64)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = [(idx, class_logits(model, batch, verbalizer, prompt).argmax(-1)) for idx, batch in batches]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    for idx, p in out:
+        preds[idx] = p.cpu().numpy()
+    return preds, seconds
+
+
+def time_inference(models: dict[str, Any], batches, verbalizer: Verbalizer, prompt: SoftPrompt | None,
+                   n: int, repeats: int = 5, progress: bool = False) -> tuple[dict, dict]:
+    """Predictions of each model and `repeats` timings each, interleaved over the same batches.
+
+    One untimed pass per model first (warm-up; its predictions are returned).
+    The order alternates between repetitions so drifts in machine load fall on
+    every model alike.
+    """
+    device = compat.model_device(next(iter(models.values())))
+    preds = {k: _inference(m, batches, verbalizer, prompt, n, device)[0] for k, m in models.items()}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for r in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            seconds[k].append(_inference(models[k], batches, verbalizer, prompt, n, device)[1])
+    return preds, seconds
+
+
+def _test_data(run: Run, max_examples: int | None) -> Task:
+    cfg = run.config
+    caps = [c for c in (cfg.max_test_examples, max_examples) if c is not None]
+    return subsample(run.load_task(), {"test": min(caps) if caps else None}, seed=cfg.task_seed)
+
+
+def prune_experiment(model, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path,
+                     keep: float = 0.02, layers: Sequence[int] | None = None, retune_steps: int = 0,
+                     max_examples: int | None = None, batch_size: int = 32, progress: bool = True,
+                     timing_repeats: int = 5) -> dict[str, Any]:
+    """Prune `model` to the skill neurons of `neurons`, compare it with the original on the run's test split.
+
+    Measures parameter counts, test accuracy of the run's prompt on both models,
+    and inference time (same batches, `timing_repeats` interleaved repetitions,
+    medians); with `retune_steps > 0` re-tunes the prompt on the pruned model
+    starting from the run's prompt (the paper's setting; run in `out/retuned`).
+    Writes the pruned model (see `save_pruned`) and `prune.json` to `out`.
+
+    Returns:
+        The contents of `prune.json`.
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    neurons_path = None if isinstance(neurons, SkillNeurons) else str(neurons)
+    if not isinstance(neurons, SkillNeurons):
+        neurons = SkillNeurons.load(neurons)
+    spec = model_spec(model)
+    if run.model_name != spec.name:
+        raise PruneError(f"the run was tuned on {run.model_name!r} but the model is {spec.name!r}")
+    _check_arguments(model, neurons, keep, layers)
+    if retune_steps < 0:
+        raise PruneError(f"retune_steps must be >= 0, got {retune_steps}")
+    if timing_repeats < 1:
+        raise PruneError(f"timing_repeats must be >= 1, got {timing_repeats}")
+    if batch_size < 1:
+        raise PruneError(f"batch_size must be >= 1, got {batch_size}")
+    if neurons.task != run.task_name:
+        log.warning("pruning with neurons of task %r for a run of task %r", neurons.task, run.task_name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = compat.model_device(model)
+
+    t0 = time.perf_counter()
+    pruned = prune(model, neurons, keep, layers)
+    prune_seconds = time.perf_counter() - t0
+    pruning = pruning_of(pruned)
+    save_pruned(pruned, out)
+
+    cfg = run.config
+    data = _test_data(run, max_examples)
+    verbalizer = run.verbalizer(model)
+    prompt = run.prompt.to(device)
+    layout = layout_for(model, prompt.length, cfg.max_input_tokens, cfg.padding_side)
+    batches = [(idx, batch.to(device)) for idx, batch in iterate_batches(layout, data, "test", batch_size)]
+    labels = data.labels("test")
+    t0 = time.perf_counter()
+    preds, seconds = time_inference({"before": model, "after": pruned}, batches, verbalizer, prompt,
+                                    len(labels), timing_repeats, progress)
+    timing_seconds = time.perf_counter() - t0
+    before, after = statistics.median(seconds["before"]), statistics.median(seconds["after"])
+    params_before, params_after = count_parameters(model), count_parameters(pruned)
+    result: dict[str, Any] = {
+        "model": spec.name, "task": run.task_name, "run": str(run.path),
+        "neurons": neurons_path, "neuron_runs": list(neurons.runs), "device": str(device),
+        "kept_fraction": float(keep), "layers": pruning.layers,
+        "kept_per_layer": {str(l): len(pruning.kept[l]) for l in pruning.layers},
+        "d_mlp": spec.d_mlp,
+        "params_before": params_before, "params_after": params_after,
+        "params_fraction": params_after / params_before,
+        "n_test": len(labels),
+        "accuracy_before": float((preds["before"] == labels).mean()),
+        "accuracy_after": float((preds["after"] == labels).mean()),
+        "run_test_accuracy": run.metrics.get("test_accuracy"),
+        "speedup": before / after if after > 0 else float("nan"),
+        "median_seconds_before": before, "median_seconds_after": after,
+        "seconds_before": seconds["before"], "seconds_after": seconds["after"],
+        "timing_repeats": timing_repeats, "batch_size": batch_size,
+        "prune_seconds": prune_seconds, "timing_seconds": timing_seconds,
+        "retune_steps": retune_steps,
+    }
+    if retune_steps > 0:
+        retune_cfg = TuneConfig.from_dict({**asdict(cfg), "steps": retune_steps,
+                                           "eval_every": min(cfg.eval_every, retune_steps)})
+        t0 = time.perf_counter()
+        retuned = tune(pruned, run.load_task(), out / "retuned", retune_cfg, progress=progress,
+                       evaluate_test=False, init_prompt=run.prompt)
+        retuned_preds, _ = _inference(pruned, batches, verbalizer, retuned.prompt.to(device), len(labels), device)
+        result.update(accuracy_retuned=float((retuned_preds == labels).mean()),
+                      retuned_dev_accuracy=retuned.metrics.get("dev_accuracy"),
+                      retuned_run=str(retuned.path), retune_seconds=time.perf_counter() - t0)
+    _atomic_json(out / PRUNE_JSON, result)
+    log.info("pruned %s/%s: %.1f%% of parameters, accuracy %.3f -> %.3f, speedup %.2fx", spec.name,
+             run.task_name, 100 * result["params_fraction"], result["accuracy_before"],
+             result["accuracy_after"], result["speedup"])
+    return result
