@@ -282,6 +282,85 @@ def cmd_prune(args):
     _emit(res, args.json, text)
 
 
+# ------------------------------------------------------------------ transfer, study
+def _add_transfer(sub):
+    p = _parser("transfer", sub, "task similarity and prompt transferability from skill neurons (SPEC §8)", """
+        tl-skill transfer neurons/rt neurons/ws neurons/bbc --out transfer/
+        tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --out transfer/ --transfer-steps 0
+    """)
+    p.add_argument("neurons_dirs", nargs="+", help="one `tl-skill find` directory per task")
+    p.add_argument("--runs", nargs="*", default=None, help="run directories (default: those each neurons dir used)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--transfer-steps", type=int, default=10, help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument("--init-trials", type=int, default=1)
+    p.add_argument("--top-fraction", type=float, default=0.02, help="per-layer top fraction for the overlap indicator")
+    p.add_argument("--max-eval-examples", type=int, default=300)
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_transfer)
+
+
+def _correlation_table(res) -> str:
+    lines = [f"{'indicator':<28} {'transfer':<20} {'spearman':>9} {'kendall':>8}"]
+    for ind, by_kind in res["correlations"].items():
+        for kind, c in by_kind.items():
+            sp, kd = c.get("spearman"), c.get("kendall")
+            lines.append(f"{ind:<28} {kind:<20} {sp if sp is None else f'{sp:9.3f}':>9} "
+                         f"{kd if kd is None else f'{kd:8.3f}':>8}")
+    return "\n".join(lines)
+
+
+def cmd_transfer(args):
+    from .transfer import transfer_from_dirs
+
+    res = transfer_from_dirs(None, args.neurons_dirs, args.runs or None, args.out, device=args.device,
+                             dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
+                             top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
+                             batch_size=args.batch_size, figures=not args.no_figures, progress=not args.quiet)
+    _emit(res, args.json, _correlation_table(res) + f"\nsaved to {args.out}")
+
+
+def _add_study(sub):
+    p = _parser("study", sub, "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)", """
+        tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business,bbc_news:tech-vs-politics --out study/
+        tl-skill study --model tiny-gpt2 --tasks rotten_tomatoes,word_sentiment --seeds 2 --steps 20 --out tiny_study/
+    """)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--seeds", type=int, default=1, help="prompts (trials) per task")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompt-length", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-dev-examples", type=int, default=200)
+    p.add_argument("--max-test-examples", type=int, default=300)
+    p.add_argument("--find-train-examples", type=int, default=500)
+    p.add_argument("--find-eval-examples", type=int, default=300)
+    p.add_argument("--transfer-steps", type=int, default=10, help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument("--max-eval-examples", type=int, default=200, help="test examples per transfer evaluation")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args):
+    from .transfer import study
+    from .tuning import TuneConfig
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    cfg = TuneConfig(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr,
+                     eval_every=max(1, args.steps // 2), max_dev_examples=args.max_dev_examples,
+                     max_test_examples=args.max_test_examples,
+                     **({"batch_size": args.batch_size} if args.batch_size else {}))
+    res = study(args.model, tasks, args.out, seeds=tuple(range(args.seeds)), tune_config=cfg,
+                find_kwargs={"max_train_examples": args.find_train_examples,
+                             "max_eval_examples": args.find_eval_examples},
+                transfer_steps=args.transfer_steps, progress=not args.quiet, device=args.device, dtype=args.dtype,
+                max_eval_examples=args.max_eval_examples)
+    _emit(res, args.json, _correlation_table(res.get("transfer", res)) + f"\nsaved to {args.out}")
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
@@ -317,7 +396,7 @@ def cmd_demo(args):
 
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune]
+ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

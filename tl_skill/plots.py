@@ -225,3 +225,25 @@ def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
         paths.append(plot_indicator_correlations(result["correlations"], out_dir / "correlations.png",
                                                  f"{model}: indicators vs transfer ({len(tasks)} tasks)"))
     return paths
+
+
+# --- origin of skill neurons (SPEC §9) -------------------------------------------
+def plot_predictivity_scatter(x: np.ndarray, y: np.ndarray, path: str | Path, xlabel: str, ylabel: str,
+                              title: str, highlight: np.ndarray | None = None) -> Path:
+    """Predictivity of every neuron under two settings, one point per neuron, with the diagonal.
+
+    `highlight` (bool per neuron) marks the skill neurons of either setting.
+    """
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    rest = np.ones(len(x), dtype=bool) if highlight is None else ~np.asarray(highlight, dtype=bool).ravel()
+    ax.scatter(x[rest], y[rest], s=4, alpha=0.3, color="tab:blue", lw=0, label="neurons")
+    if highlight is not None and (~rest).any():
+        ax.scatter(x[~rest], y[~rest], s=12, alpha=0.9, color="tab:red", lw=0, label="skill neurons (either)")
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls="--", label="y = x")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -64,6 +64,15 @@ class TaskSpec:
         return d
 
 
+def column(ds, name: str) -> list:
+    """A dataset column as a Python list, read straight from Arrow (datasets' lazy Column is slow)."""
+    return ds.data.column(name).to_pylist()
+
+
+def label_array(ds) -> np.ndarray:
+    return np.asarray(ds.data.column("label").to_numpy(), dtype=np.int64)
+
+
 class Task:
     """A task: `DatasetDict` splits plus `TaskSpec`. `task["train"]` is a `datasets.Dataset`."""
 
@@ -89,10 +98,10 @@ class Task:
         return self.spec.label_words
 
     def texts(self, split: str) -> list[str]:
-        return list(self[split]["text"])
+        return column(self[split], "text")
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self[split]["label"], dtype=np.int64)
+        return label_array(self[split])
 
 
 def _package_file(module: str, *parts: str) -> Path:
@@ -461,13 +470,20 @@ def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed
         if cap is None or cap >= len(ds):
             data[split] = ds
             continue
-        labels = np.asarray(ds["label"])
+        labels = label_array(ds)
         rng = np.random.RandomState(seed + SPLITS.index(split) if split in SPLITS else seed)
-        picked = rng.permutation(len(ds))[:cap].tolist()
-        # A random subset keeps the class proportions; make sure no class vanishes.
-        for c in np.unique(labels):
-            if not (labels[picked] == c).any():
-                picked[-1 - int(c)] = int(rng.choice(np.flatnonzero(labels == c)))
+        classes = np.unique(labels)
+        if cap < len(classes):
+            raise TaskError(f"task {task.spec.name!r}: cannot keep {len(classes)} classes in "
+                            f"{cap} {split!r} example(s)")
+        perm = rng.permutation(len(ds))
+        picked = perm[:cap].tolist()
+        # A random subset keeps the class proportions; make sure no class vanishes:
+        # then take each class's first example in the random order, and fill up in that order.
+        if len(np.unique(labels[picked])) < len(classes):
+            firsts = [int(perm[np.flatnonzero(labels[perm] == c)[0]]) for c in classes]
+            chosen = set(firsts)
+            picked = firsts + [int(i) for i in perm if int(i) not in chosen][: cap - len(firsts)]
         data[split] = ds.select(sorted(picked))
     spec = TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
                        "label_words": task.spec.label_words,

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import compat
+from . import compat, distributed
 from .models import load_model, model_spec
 from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, layout_for
-from .tasks import Task, load_task, subsample
+from .tasks import Task, column, label_array, load_task, subsample
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,20 @@ def _pick(task: Task, cfg: TuneConfig) -> Task:
                             "test": cfg.max_test_examples}, seed=cfg.task_seed)
 
 
-def iterate_batches(layout: Layout, task: Task, split: str, batch_size: int, sort: bool = True):
-    """Yield (indices, Batch) over a split; sorted by length so padding stays small."""
+def iterate_batches(layout: Layout, task: Task, split: str, batch_size: int, sort: bool = True,
+                    shard: bool = False):
+    """Yield (indices, Batch) over a split; sorted by length so padding stays small.
+
+    With `shard` under torch.distributed, only this process's batches (every
+    world-th one): each batch is the one a single process would see.
+    """
     ds = task[split]
-    tb = ds["text_b"] if "text_b" in ds.column_names else None
-    tokens = layout.tokenize(ds["text"], tb)
-    labels = np.asarray(ds["label"])
+    tb = column(ds, "text_b") if "text_b" in ds.column_names else None
+    tokens = layout.tokenize(column(ds, "text"), tb)
+    labels = label_array(ds)
     order = np.argsort([len(t) for t in tokens], kind="stable") if sort else np.arange(len(tokens))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in distributed.shard(starts) if shard else starts:
         idx = order[start:start + batch_size]
         yield idx, layout.collate([tokens[i] for i in idx], labels[idx])
 
@@ -110,12 +116,13 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
     n = len(task[split])
     preds = np.zeros(n, dtype=np.int64)
     bar = tqdm(total=n, desc=desc or f"eval {split}", disable=not progress, leave=False, unit="ex")
-    for idx, batch in iterate_batches(layout, task, split, batch_size):
+    for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
         batch = batch.to(device)
         logits = class_logits(model, batch, verbalizer, prompt, extra_hooks)
         preds[idx] = logits.argmax(-1).cpu().numpy()
         bar.update(len(idx))
     bar.close()
+    preds = distributed.all_reduce_sum(preds)  # each process filled its own batches, zeros elsewhere
     labels = task.labels(split)
     return {"accuracy": float((preds == labels).mean()), "n": n, "predictions": preds}
 
@@ -202,8 +209,12 @@ class Run:
 
 
 def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
-         progress: bool = True, evaluate_test: bool = True) -> Run:
+         progress: bool = True, evaluate_test: bool = True,
+         init_prompt: SoftPrompt | None = None) -> Run:
     """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
+
+    `init_prompt` (length `config.prompt_length`) replaces the random start,
+    e.g. another task's prompt for prompt transfer (SPEC §8).
 
     Reruns with the same directory resume from the last checkpoint, or return
     the finished run at once.
@@ -231,15 +242,20 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     device = compat.model_device(model)
     layout = layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side)
     train = data["train"]
-    tb = train["text_b"] if "text_b" in train.column_names else None
-    train_tokens = layout.tokenize(train["text"], tb)
-    train_labels = np.asarray(train["label"])
+    tb = column(train, "text_b") if "text_b" in train.column_names else None
+    train_tokens = layout.tokenize(column(train, "text"), tb)
+    train_labels = label_array(train)
     n_train = len(train_tokens)
 
     for p in model.parameters():
         if p.requires_grad:
             raise RuntimeError("the backbone must be frozen: a model parameter requires grad")
-    if cfg.init_text:
+    if init_prompt is not None:
+        if init_prompt.length != cfg.prompt_length:
+            raise ValueError(f"init_prompt has length {init_prompt.length}, the config asks for "
+                             f"prompt_length={cfg.prompt_length}")
+        prompt = SoftPrompt(init_prompt.vectors.detach().cpu())
+    elif cfg.init_text:
         prompt = SoftPrompt.from_text(model, cfg.init_text, cfg.prompt_length)
     else:
         prompt = SoftPrompt.from_vocab(model, cfg.prompt_length, seed=cfg.seed)
@@ -258,13 +274,18 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         best_vectors = ck["best_prompt"].to(device)
         state = ck["state"]
         log.info("resuming %s at step %d", out, state["step"])
+    # Under torchrun: rank 0 writes the files; the prompt's gradient is averaged over processes.
+    ddp = distributed.prompt_data_parallel(model, verbalizer, prompt, cfg.batch_size)
 
     info = {**identity, "model_spec": spec.to_dict(), "task_spec": data.spec.to_dict(),
             "prompt_length": cfg.prompt_length, "verbalizer": verbalizer.to_dict(),
             "status": "running", "torch": torch.__version__, "transformer_lens": compat.TL_VERSION}
-    _atomic_json(out / RUN_JSON, info)
+    if distributed.is_main():
+        _atomic_json(out / RUN_JSON, info)
 
     def checkpoint():
+        if not distributed.is_main():
+            return
         _atomic_torch(out / CHECKPOINT, {
             "prompt": prompt.vectors.detach().clone(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "best_prompt": best_vectors, "state": state,
@@ -283,11 +304,18 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             t0 = time.perf_counter()
             step = state["step"]
             idx = _batch_indices(step, cfg.batch_size, n_train, cfg.seed)
-            batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
-            logits = class_logits(model, batch, verbalizer, prompt)
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+            if ddp is None:
+                batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
+                logits = class_logits(model, batch, verbalizer, prompt)
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
+                batch_loss = loss.detach()
+            else:  # this process's part of the global batch; the logged loss is the global mean
+                part = distributed.shard(idx)
+                batch = layout.collate([train_tokens[i] for i in part], train_labels[part]).to(device)
+                loss = ddp(batch, len(idx))
+                batch_loss = distributed.all_reduce_sum(loss.detach()) / distributed.world_size()
+            if not torch.isfinite(batch_loss):
+                raise FloatingPointError(f"loss became {batch_loss.item()} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prompt.parameters(), cfg.max_grad_norm)
@@ -295,7 +323,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             sched.step()
             state["step"] = step + 1
             state["train_seconds"] += time.perf_counter() - t0
-            entry = {"step": step + 1, "loss": loss.item()}
+            entry = {"step": step + 1, "loss": batch_loss.item()}
             if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
                 acc = dev_eval()
                 entry["dev_accuracy"] = acc
@@ -322,7 +350,8 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         bar.close()
 
     prompt.vectors.data.copy_(best_vectors)
-    prompt.save(out / PROMPT_FILE)
+    if distributed.is_main():
+        prompt.save(out / PROMPT_FILE)
     metrics = {"dev_accuracy": state["best_dev"], "best_step": state["best_step"],
                "steps_run": state["step"], "stopped_early": stopped_early,
                "majority_accuracy": majority_accuracy(data, "test")}
@@ -340,8 +369,10 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             progress=progress, desc="test (zero-shot)")["accuracy"]
         timings["test_eval_seconds"] = time.perf_counter() - t0
     info.update(status="done", metrics=metrics, timings=timings, history=state["history"])
-    _atomic_json(out / RUN_JSON, info)
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    if distributed.is_main():
+        _atomic_json(out / RUN_JSON, info)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier()  # the others read the run back once rank 0 has written it
     log.info("tuned %s on %s: dev %.3f test %s", spec.name, task.spec.name, state["best_dev"],
              metrics.get("test_accuracy"))
     return Run.load(out)

@@ -1,0 +1,330 @@
+"""Transfer indicators and the multi-task study (SPEC §8)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tl_skill import transfer as tr
+from tl_skill.neurons import SkillNeurons, Subtask
+from tl_skill.prompt import SoftPrompt
+from tl_skill.transfer import TransferError
+
+
+def make_neurons(pred: list[list[float]], model: str = "tiny-gpt2", task: str = "t") -> SkillNeurons:
+    """SkillNeurons whose predictivity is exactly `pred` [L, D] (one run, subtask and position)."""
+    acc = torch.tensor(pred, dtype=torch.float64)[None, None, :, None, :]  # [R, S, L, T, D]
+    L, D = acc.shape[2], acc.shape[4]
+    return SkillNeurons(
+        model=model, task=task, runs=[], label_names=["neg", "pos"], label_words=[" neg", " pos"],
+        subtasks=[Subtask("pos vs neg", (1,), (0,))], layers=list(range(L)), positions="prompt",
+        accuracy=acc, baseline=torch.zeros(1, L, 1, D, dtype=torch.float64), std=torch.ones(1, L, 1, D),
+        constant=torch.zeros(1, L, 1, D, dtype=torch.bool),
+    )
+
+
+PA = [[0.5, 0.6, 0.9], [0.7, 0.8, 0.55]]
+PB = [[0.55, 0.6, 0.8], [0.9, 0.7, 0.5]]
+
+
+# ------------------------------------------------------------------ statistics
+def test_rankdata_gives_average_ranks_to_ties():
+    assert tr.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert tr.rankdata([5, 5, 5]).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_spearman_and_kendall_hand_computed_with_ties():
+    x, y = [1, 2, 2, 3], [1, 3, 2, 4]
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]: sum dxdy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5
+    assert tr.spearman(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    # 5 concordant, 0 discordant, one pair tied in x: tau_b = 5 / sqrt(5 * 6)
+    assert tr.kendall(x, y) == pytest.approx(5 / math.sqrt(30))
+    assert tr.spearman(x, [-v for v in y]) == pytest.approx(-4.5 / math.sqrt(22.5))
+    assert tr.kendall(x, [-v for v in y]) == pytest.approx(-5 / math.sqrt(30))
+    # ties on both sides: 4 concordant, 0 discordant, one tie in each: 4 / sqrt(5 * 5)
+    assert tr.kendall([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(0.8)
+    assert math.isnan(tr.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(tr.kendall([1, 1, 1], [1, 2, 3]))
+
+
+def test_rank_correlations_match_scipy_on_tied_data():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.RandomState(0)
+    for _ in range(5):
+        x, y = rng.randint(0, 4, 15), rng.randint(0, 5, 15)
+        assert tr.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+        assert tr.kendall(x, y) == pytest.approx(stats.kendalltau(x, y)[0], abs=1e-12)
+
+
+def test_cosine_and_jaccard_hand_computed():
+    assert tr.cosine([1, 2, 2], [2, 0, 1]) == pytest.approx(4 / (3 * math.sqrt(5)))
+    assert tr.jaccard([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(1 / 3)
+    assert math.isnan(tr.jaccard([0, 0], [0, 0]))
+    assert math.isnan(tr.cosine([0, 0], [1, 2]))
+
+
+# ------------------------------------------------------------------ indicators
+def test_neuron_similarity_hand_computed():
+    a, b = make_neurons(PA, task="a"), make_neurons(PB, task="b")
+    got = tr.neuron_similarity(a, b, top_k=1)
+    # ranks a = [1,3,6,4,5,2], b = [2,3,5,6,4,1]: sum d^2 = 8, rho = 1 - 6*8 / (6*35)
+    assert got["neuron_spearman"] == pytest.approx(1 - 48 / 210)
+    fa, fb = sum(PA, []), sum(PB, [])
+    dot = sum(u * v for u, v in zip(fa, fb))
+    assert got["neuron_cosine"] == pytest.approx(dot / math.sqrt(sum(u * u for u in fa) * sum(v * v for v in fb)))
+    ca, cb = [u - 0.5 for u in fa], [v - 0.5 for v in fb]
+    dot = sum(u * v for u, v in zip(ca, cb))
+    assert got["neuron_cosine_centered"] == pytest.approx(dot / math.sqrt(sum(u * u for u in ca) * sum(v * v for v in cb)))
+    # top-1 per layer: a = {(0,2), (1,1)}, b = {(0,2), (1,0)}
+    assert got["neuron_topk_jaccard"] == pytest.approx(1 / 3)
+    # top_fraction 1/3 of d_mlp=3 is one per layer, the same sets
+    assert tr.neuron_similarity(a, b, top_fraction=0.34)["neuron_topk_jaccard"] == pytest.approx(1 / 3)
+    assert tr.neuron_similarity(b, a, top_k=1) == pytest.approx(got)  # symmetric
+    assert all(v == pytest.approx(1.0) for v in tr.neuron_similarity(a, a, top_k=1).values())
+
+
+def test_neuron_similarity_refuses_other_models_and_shapes():
+    a = make_neurons(PA, model="tiny-gpt2")
+    with pytest.raises(TransferError, match="different models"):
+        tr.neuron_similarity(a, make_neurons(PB, model="tiny-llama"))
+    with pytest.raises(TransferError, match="different neurons"):
+        tr.neuron_similarity(a, make_neurons([[0.5, 0.6], [0.7, 0.8]]))
+
+
+def test_prompt_similarity_hand_computed_and_averaged_over_trials():
+    p1 = SoftPrompt(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    p2 = SoftPrompt(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    p3 = SoftPrompt(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
+    got = tr.prompt_similarity([p1], [p2])
+    assert got["prompt_cosine"] == pytest.approx(2 / math.sqrt(6))
+    assert got["prompt_cosine_mean_pooled"] == pytest.approx(0.75 / math.sqrt(0.5 * 1.25))
+    # p3 flattened is orthogonal to p1 (0+0+0+0) and has cos (0+1+0+0)/(sqrt2*sqrt3) with p2
+    two = tr.prompt_similarity([p1, p3], [p2])
+    assert two["prompt_cosine"] == pytest.approx((2 / math.sqrt(6) + 1 / math.sqrt(6)) / 2)
+    assert all(v == pytest.approx(1.0) for v in tr.prompt_similarity([p1], [p1]).values())
+    longer = SoftPrompt(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    mixed = tr.prompt_similarity([p1], [longer])
+    assert math.isnan(mixed["prompt_cosine"]) and math.isfinite(mixed["prompt_cosine_mean_pooled"])
+
+
+def test_activation_overlap_hand_computed():
+    a = torch.tensor([[[1, 1, 0, 0]]], dtype=torch.bool)
+    b = torch.tensor([[[1, 0, 1, 1]]], dtype=torch.bool)
+    got = tr.activation_overlap([a], [b])
+    assert got["activated_jaccard"] == pytest.approx(1 / 4)
+    assert got["activated_cosine"] == pytest.approx(1 / math.sqrt(2 * 3))
+    assert tr.activation_overlap([a], [a]) == pytest.approx({"activated_jaccard": 1.0, "activated_cosine": 1.0})
+
+
+def _reference_states(model, prompt, ids, start):
+    """Slow reference: full forward with the prompt over `ids`, every MLP activation captured."""
+    from tl_skill import compat
+    from tl_skill.models import model_spec
+
+    L = model_spec(model).n_layers
+    got = {}
+    hooks = [(compat.mlp_post_hook(l), (lambda l: lambda act, hook: got.__setitem__(l, act.detach()))(l))
+             for l in range(L)]
+    with torch.no_grad(), prompt.applied(model), model.hooks(fwd_hooks=hooks):
+        model(ids, attention_mask=torch.ones_like(ids), return_type="logits")
+    return torch.stack([got[l][0, start:start + prompt.length] for l in range(L)]) > 0
+
+
+def test_prompt_activation_states_causal(tiny_gpt2):
+    prompt = SoftPrompt.from_vocab(tiny_gpt2, 3, seed=1)
+    states = tr.prompt_activation_states(tiny_gpt2, prompt)
+    assert states.dtype == torch.bool and states.shape == (2, 3, 256)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert torch.equal(states, _reference_states(tiny_gpt2, prompt, ids, 0))
+    # causal: a prefix of the prompt activates the same neurons at its positions
+    prefix = SoftPrompt(prompt.vectors[:2].detach())
+    assert torch.equal(tr.prompt_activation_states(tiny_gpt2, prefix), states[:, :2])
+
+
+def test_prompt_activation_states_masked(tiny_bert):
+    prompt = SoftPrompt.from_vocab(tiny_bert, 3, seed=1)
+    states = tr.prompt_activation_states(tiny_bert, prompt)
+    tok = tiny_bert.tokenizer
+    ids = torch.tensor([[tok.cls_token_id, tok.mask_token_id, 0, 0, 0, tok.sep_token_id]])
+    assert torch.equal(states, _reference_states(tiny_bert, prompt, ids, 2))
+
+
+def test_indicator_correlations_use_off_diagonal_pairs_only():
+    transfer = [[9.0, 0.5, 0.2], [0.1, -9.0, 0.4], [0.3, 0.6, 9.0]]
+    indicator = [[-5.0, 5.0, 2.0], [1.0, 7.0, 4.0], [3.0, 6.0, -1.0]]  # off-diagonal: same order
+    got = tr.indicator_correlations({"ind": indicator}, {"kind": transfer})["ind"]["kind"]
+    assert got["spearman"] == pytest.approx(1.0) and got["kendall"] == pytest.approx(1.0) and got["n"] == 6
+    anti = [[-v for v in row] for row in indicator]
+    assert tr.indicator_correlations({"i": anti}, {"k": transfer})["i"]["k"]["spearman"] == pytest.approx(-1.0)
+    indicator[0][1] = None
+    assert tr.indicator_correlations({"ind": indicator}, {"k": transfer})["ind"]["k"]["n"] == 5
+
+
+def test_task_slug():
+    assert tr.task_slug("bbc_news:sport-vs-business") == "bbc_news_sport-vs-business"
+    assert tr.task_slug("csv:a/b.csv") != tr.task_slug("csv:a_b.csv")
+
+
+# ------------------------------------------------------------------ study end to end
+TASKS = ["word_sentiment", "rotten_tomatoes", "subjectivity"]
+
+
+def _tune_config():
+    from tl_skill import TuneConfig
+
+    return TuneConfig(prompt_length=2, steps=2, eval_every=2, batch_size=8, max_train_examples=24,
+                      max_dev_examples=16, max_test_examples=16, max_input_tokens=24)
+
+
+FIND = {"max_train_examples": 24, "max_eval_examples": 16}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tiny_gpt2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    info = tr.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
+                    transfer_steps=1, progress=False)
+    return out, info
+
+
+def test_study_writes_documented_transfer_json(study_dir):
+    out, info = study_dir
+    data = json.loads((out / "transfer.json").read_text())
+    assert data["tasks"] == TASKS
+    assert set(data["transfer"]) == set(tr.TRANSFER_KINDS)
+    assert set(data["indicators"]) == set(tr.INDICATORS)
+    for m in list(data["transfer"].values()) + list(data["indicators"].values()):
+        assert np.asarray(m, dtype=float).shape == (3, 3)
+    for name in tr.INDICATORS:  # similarity indicators are symmetric
+        m = np.asarray(data["indicators"][name], dtype=float)
+        assert np.allclose(m, m.T, equal_nan=True), name
+    for name in tr.NEURON_INDICATORS:
+        assert np.allclose(np.diag(np.asarray(data["indicators"][name], dtype=float)), 1.0), name
+    assert set(data["correlations"]) == set(tr.INDICATORS)
+    for by_kind in data["correlations"].values():
+        assert set(by_kind) == set(tr.TRANSFER_KINDS)
+        for c in by_kind.values():
+            assert {"spearman", "kendall"} <= set(c) and c["n"] == 6
+            for v in (c["spearman"], c["kendall"]):
+                assert v is None or -1 - 1e-9 <= v <= 1 + 1e-9
+    # A prompt on its own task: the runs' own test accuracy (same subsample, same evaluation).
+    zero = np.asarray(data["transfer"]["zero_shot"])
+    for i, t in enumerate(TASKS):
+        assert zero[i, i] == pytest.approx(info["per_task"][t]["test_accuracy"])
+    gain = np.asarray(data["transfer"]["init_gain"])
+    init = np.asarray(data["transfer"]["init"])
+    rand = np.asarray([data["baselines"]["random_init_accuracy"][t] for t in TASKS])
+    assert np.allclose(gain, init - rand[None, :])
+    assert (out / "transfer_runs" / "K1" / "word_sentiment_to_subjectivity" / "seed0" / "prompt.safetensors").exists()
+    assert (out / "transfer_runs" / "K1" / "random_to_subjectivity" / "P2_seed0" / "prompt.safetensors").exists()
+    assert (out / "study.json").exists() and (out / "figures" / "correlations.png").exists()
+    assert (out / "figures" / "indicator_neuron_spearman.png").exists()
+    assert (out / "figures" / "transfer_zero_shot.png").exists()
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(TASKS)
+    assert sorted(p.name for p in (out / "runs" / "rotten_tomatoes").iterdir()) == ["seed0", "seed1"]
+
+
+def test_zero_shot_transfer_is_source_prompt_with_target_verbalizer(study_dir, tiny_gpt2):
+    from tl_skill.tasks import subsample
+    from tl_skill.tuning import Run, evaluate
+
+    out, _ = study_dir
+    data = json.loads((out / "transfer.json").read_text())
+    target = Run.load(out / "runs" / "subjectivity" / "seed0")
+    cfg = target.config
+    test = subsample(target.load_task(), {"test": cfg.max_test_examples}, seed=cfg.task_seed)
+    verb = target.verbalizer(tiny_gpt2)
+    accs = [evaluate(tiny_gpt2, test, "test", verb, Run.load(out / "runs" / "word_sentiment" / f"seed{s}").prompt,
+                     max_input_tokens=cfg.max_input_tokens)["accuracy"] for s in (0, 1)]
+    i, j = TASKS.index("word_sentiment"), TASKS.index("subjectivity")
+    assert data["transfer"]["zero_shot"][i][j] == pytest.approx(np.mean(accs))
+    assert data["transfer"]["zero_shot_relative"][i][j] == pytest.approx(
+        np.mean(accs) / data["transfer"]["zero_shot"][j][j])
+
+
+def test_tune_starts_from_init_prompt(tiny_gpt2, small_task, tmp_path):
+    from tl_skill import TuneConfig, tune
+
+    init = SoftPrompt(torch.randn(2, 64) * 0.3)
+    cfg = TuneConfig(prompt_length=2, steps=1, eval_every=1, lr=1e-9, max_train_examples=8,
+                     max_dev_examples=8, max_test_examples=8)
+    run = tune(tiny_gpt2, small_task, tmp_path / "r", cfg, progress=False, evaluate_test=False, init_prompt=init)
+    assert torch.allclose(run.prompt.vectors, init.vectors, atol=1e-6)
+    with pytest.raises(ValueError, match="length"):
+        tune(tiny_gpt2, small_task, tmp_path / "r2", cfg, progress=False, init_prompt=SoftPrompt(torch.randn(3, 64)))
+
+
+def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
+    out, info = study_dir
+    before = json.loads((out / "transfer.json").read_text())
+    calls = {"train_or_eval": 0, "find": 0}
+
+    def no_forward(*a, **k):  # every training step and every evaluation goes through it
+        calls["train_or_eval"] += 1
+        raise AssertionError("a rerun must not tune or evaluate again")
+
+    def no_find(*a, **k):
+        calls["find"] += 1
+        raise AssertionError("a rerun must not find skill neurons again")
+
+    monkeypatch.setattr("tl_skill.tuning.class_logits", no_forward)
+    monkeypatch.setattr("tl_skill.transfer.find_skill_neurons", no_find)
+    again = tr.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
+                     transfer_steps=1, progress=False, figures=False)
+    assert calls == {"train_or_eval": 0, "find": 0}
+    after = json.loads((out / "transfer.json").read_text())
+    assert after["transfer"] == before["transfer"] and after["indicators"] == before["indicators"]
+    assert again["correlations"] == info["correlations"]
+
+
+def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
+    out, _ = study_dir
+    neurons = [out / "neurons" / tr.task_slug(t) for t in TASKS]
+    got = tr.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0,
+                                figures=False, progress=False)
+    study = json.loads((out / "transfer.json").read_text())
+    assert set(got["transfer"]) == {"zero_shot", "zero_shot_relative"}
+    as_np = lambda m: np.asarray(m, dtype=float)
+    assert np.allclose(as_np(got["transfer"]["zero_shot"]), as_np(study["transfer"]["zero_shot"]))
+    for name, m in study["indicators"].items():
+        assert np.allclose(as_np(got["indicators"][name]), as_np(m), equal_nan=True), name
+    # explicit run directories, in any order, give the same tasks
+    runs = sorted((out / "runs").glob("*/seed*"))
+    again = tr.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0,
+                                  figures=False, progress=False)
+    assert again["tasks"] == TASKS
+
+
+def test_mismatched_models_are_refused(study_dir, tiny_gpt2, tmp_path, monkeypatch):
+    out, _ = study_dir
+    other = make_neurons(PA, model="tiny-llama", task="x")
+    other.save(tmp_path / "other")
+    with pytest.raises(TransferError, match="different models"):
+        tr.transfer_from_dirs(tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None,
+                              tmp_path / "t", figures=False, progress=False)
+    # a study over a directory holding another model's runs stops before tuning anything
+    monkeypatch.setattr("tl_skill.tuning.tune", lambda *a, **k: pytest.fail("tuned despite the mismatch"))
+    bad = tmp_path / "s" / "runs" / "subjectivity" / "seed0"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text(json.dumps({"model": "tiny-llama"}))
+    with pytest.raises(TransferError, match="tiny-llama"):
+        tr.study(tiny_gpt2, TASKS, tmp_path / "s", seeds=(0,), tune_config=_tune_config(), progress=False)
+    # runs of a model other than the one given
+    with pytest.raises(TransferError, match="tuned on 'tiny-gpt2'"):
+        tr.transfer_from_dirs("tiny-llama", [out / "neurons" / t for t in TASKS], None, tmp_path / "t3")
+
+
+def test_study_refuses_bad_input_early(tiny_gpt2, tmp_path):
+    with pytest.raises(TransferError, match="at least two"):
+        tr.study(tiny_gpt2, ["word_sentiment"], tmp_path, progress=False)
+    with pytest.raises(TransferError, match="repeat"):
+        tr.study(tiny_gpt2, ["word_sentiment", "word_sentiment"], tmp_path, progress=False)
+    from tl_skill.tasks import TaskError
+
+    with pytest.raises(TaskError):
+        tr.study(tiny_gpt2, ["word_sentiment", "no_such_task"], tmp_path, progress=False)
+    assert not (tmp_path / "runs").exists()
