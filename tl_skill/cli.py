@@ -361,6 +361,54 @@ def cmd_study(args):
     _emit(res, args.json, _correlation_table(res.get("transfer", res)) + f"\nsaved to {args.out}")
 
 
+# -------------------------------------------------------------------------- origin
+def _add_origin(sub):
+    p = _parser("origin", sub, "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)", """
+        tl-skill origin --model smollm2-135m --task rotten_tomatoes --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
+        tl-skill origin --model tiny-gpt2 --task rotten_tomatoes --out origin/tiny --steps 20 --parts lora,bitfit
+    """)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="rotten_tomatoes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", default=None, help="reuse this prompt-tuning run (else one is tuned)")
+    p.add_argument("--neurons", default=None, help="reuse these skill neurons (else they are found)")
+    p.add_argument("--parts", default="random_weights,lora,bitfit,label_words")
+    p.add_argument("--steps", type=int, default=200, help="training steps of LoRA / BitFit / the extra prompts")
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--bitfit-lr", type=float, default=1e-3)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--fractions", default="0.01,0.05,0.1,0.2")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
+    p.add_argument("--std", type=float, default=0.1)
+    p.add_argument("--relative", action="store_true")
+    p.add_argument("--alt-label-words", default=None, help="e.g. bad,good")
+    p.add_argument("--max-test-examples", type=int, default=None)
+    p.add_argument("--find-train-examples", type=int, default=2000)
+    p.add_argument("--find-eval-examples", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_origin)
+
+
+def cmd_origin(args):
+    from .origin import origin_study
+
+    res = origin_study(
+        args.model, args.task, args.out, run_dir=args.run, neurons_dir=args.neurons,
+        parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()), steps=args.steps,
+        lora_lr=args.lora_lr, bitfit_lr=args.bitfit_lr, lora_rank=args.lora_rank,
+        fractions=tuple(float(x) for x in args.fractions.split(",")), seeds=args.seeds, mode=args.mode,
+        std=args.std, relative=args.relative,
+        alt_label_words=args.alt_label_words.split(",") if args.alt_label_words else None,
+        max_test_examples=args.max_test_examples, find_train_examples=args.find_train_examples,
+        find_eval_examples=args.find_eval_examples, batch_size=args.batch_size or 32,
+        device=args.device, dtype=args.dtype, progress=not args.quiet)
+    lines = [f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"
+             for part, sec in res.items() if isinstance(sec, dict) and "statement" in sec]
+    _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
@@ -396,7 +444,7 @@ def cmd_demo(args):
 
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study]
+ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,11 +2,25 @@
 
 The rest of tl_skill talks to `HookedRootModule` hook points by name and to the
 helpers below; it never asks which TransformerLens it runs on.
+
+Supported: TransformerLens 4.x (`TransformerBridge` over a Hugging Face model)
+and 3.9 (`HookedTransformer` with the Hugging Face weights converted
+unprocessed, or the bridge with `kind="bridge"`). What differs between the two
+model classes, and is handled here: how a model is built (`build_model`),
+the hook on the word embeddings where the soft prompt goes (`embed_hook`), the
+unembedding (`unembedding`), gated MLPs (`gated_mlp`), and whether a Hugging
+Face model sits underneath (`is_bridge`, `hf_model_of`; pruning needs one).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +33,43 @@ except ImportError:  # pragma: no cover - very old releases
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
-HAS_BRIDGE: bool = TL_MAJOR >= 4
+# Late 3.x releases ship both model classes; 4.0 removed HookedTransformer.
+HAS_BRIDGE: bool = importlib.util.find_spec("transformer_lens.model_bridge") is not None
+HAS_HOOKED_TRANSFORMER: bool = importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
+MODEL_KINDS = ("bridge", "hooked")
+# What `load_model` builds: on 3.x the HookedTransformer that code pinned to 3.x expects.
+DEFAULT_KIND: str = "bridge" if TL_MAJOR >= 4 or not HAS_HOOKED_TRANSFORMER else "hooked"
 
-EMBED_HOOK = "hook_embed"
+log = logging.getLogger(__name__)
+
+# The word-embedding output. Not the `hook_embed` alias: on BERT bridges that
+# aliases `embed_ln.hook_out` (word + position + type embeddings after the
+# LayerNorm), so a prompt written there would skip position embeddings and the
+# LayerNorm, unlike `inputs_embeds` prompt tuning, and start at the wrong scale.
+EMBED_HOOK = "embed.hook_out"
+# HookedTransformer's word-embedding output (it adds positions after this hook).
+HOOKED_EMBED_HOOK = "hook_embed"
+
+
+class UnsupportedModelError(ValueError):
+    """A model class or TransformerLens version that cannot do what was asked."""
+
+
+def embed_hook(model: HookedRootModule) -> str:
+    """The hook point on the word embeddings (before positions and any LayerNorm) of `model`."""
+    return EMBED_HOOK if EMBED_HOOK in model.hook_dict else HOOKED_EMBED_HOOK
+
+
+def is_bridge(model: HookedRootModule) -> bool:
+    """True for a TransformerBridge (a Hugging Face model underneath), False for a HookedTransformer."""
+    return getattr(model, "original_model", None) is not None
+
+
+def gated_mlp(model: HookedRootModule) -> bool:
+    """True when the neurons are a gated product act(x W_gate) * (x W_in) (Llama-style MLPs)."""
+    if is_bridge(model):
+        return "blocks.0.mlp.gate.hook_out" in model.hook_dict
+    return bool(getattr(model.cfg, "gated_mlp", False))
 
 
 def mlp_post_hook(layer: int) -> str:
@@ -29,13 +77,107 @@ def mlp_post_hook(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_post"
 
 
+def _is_masked_lm(hf_model: Any) -> bool:
+    archs = list(getattr(hf_model.config, "architectures", None) or []) + [type(hf_model).__name__]
+    return any(a.endswith("ForMaskedLM") for a in archs)
+
+
+def check_kind(kind: str | None) -> None:
+    """Refuse an unknown model kind, or one this TransformerLens lacks, before any loading."""
+    if kind is not None and kind not in MODEL_KINDS:
+        raise UnsupportedModelError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind == "hooked" and not HAS_HOOKED_TRANSFORMER:
+        raise UnsupportedModelError(
+            f"transformer-lens {TL_VERSION} has no HookedTransformer (removed in 4.0); use kind='bridge'"
+        )
+    if kind == "bridge" and not HAS_BRIDGE:
+        raise UnsupportedModelError(
+            f"transformer-lens {TL_VERSION} has no TransformerBridge; use kind='hooked' or "
+            "transformer-lens >= 3.9"
+        )
+
+
+def build_model(hf_model: Any, tokenizer: Any, name: str, device: str | None = None,
+                kind: str | None = None) -> HookedRootModule:
+    """The TransformerLens model over a loaded Hugging Face model.
+
+    Args:
+        kind: "bridge" (TransformerBridge) or "hooked" (HookedTransformer, with the
+            weights converted unprocessed); default `DEFAULT_KIND`: the bridge on
+            TransformerLens 4.x, the HookedTransformer on 3.x. HookedTransformer is
+            causal only, so masked LMs get a bridge when the default is asked for.
+    """
+    check_kind(kind)
+    chosen = kind or DEFAULT_KIND
+    if chosen == "hooked" and _is_masked_lm(hf_model):
+        if kind == "hooked" or not HAS_BRIDGE:
+            raise UnsupportedModelError(
+                f"{name!r} is a masked LM: HookedTransformer is causal only"
+                + ("" if HAS_BRIDGE else f", and transformer-lens {TL_VERSION} has no TransformerBridge")
+            )
+        log.info("%s is a masked LM: using a TransformerBridge", name)
+        chosen = "bridge"
+    if chosen == "bridge":
+        return build_bridge(hf_model, tokenizer, name, device=device)
+    return build_hooked_transformer(hf_model, tokenizer, name, device=device)
+
+
+def build_hooked_transformer(hf_model: Any, tokenizer: Any, name: str,
+                             device: str | None = None) -> HookedRootModule:
+    """A HookedTransformer (TransformerLens 3.x) holding `hf_model`'s weights, unprocessed.
+
+    No LayerNorm folding, weight centring or bias folding: every hook point holds
+    what the Hugging Face model computes (to float rounding), so the neurons are
+    those of the original model. `tokenizer` is attached as it is (TransformerLens
+    would otherwise reload it with a BOS token, from the hub for hub models).
+    """
+    check_kind("hooked")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as loading
+
+    config = hf_model.config.to_dict()
+    # TransformerLens reads the architecture name and GPT-2's `n_ctx` from the
+    # config; configs built in code (the tiny models) lack both.
+    config["architectures"] = config.get("architectures") or [type(hf_model).__name__]
+    if "n_positions" in config:
+        config.setdefault("n_ctx", config["n_positions"])
+    dtype = model_dtype(hf_model)
+    with tempfile.TemporaryDirectory(prefix="tl_skill_") as tmp:
+        path = Path(tmp) / "hf_config"
+        # TransformerLens takes any path containing these words for a model of that name.
+        if any(word in str(path).lower() for word in ("llama", "gemma")):
+            raise UnsupportedModelError(f"the temporary directory {path} must not contain 'llama' or 'gemma'")
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config, default=str))
+        try:
+            cfg_dict = loading.convert_hf_model_config(str(path))
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise UnsupportedModelError(
+                f"HookedTransformer cannot load {config['architectures'][0]} ({exc}); use kind='bridge'"
+            ) from exc
+        n_inner = getattr(hf_model.config, "n_inner", None)
+        if n_inner:  # TransformerLens 3.x assumes GPT-2's d_mlp is 4 * d_model
+            cfg_dict["d_mlp"] = int(n_inner)
+        cfg_dict.update(model_name=name, tokenizer_name=None, init_weights=False, n_devices=1,
+                        device=str(device or model_device(hf_model)), dtype=dtype,
+                        default_prepend_bos=False, from_checkpoint=False)
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+        state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "use TransformerBridge": that is the point
+        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    return model.to(cfg.device, print_details=False)  # its default prints
+
+
 def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = None):
     """Wrap a Hugging Face model (already loaded) in a TransformerBridge."""
-    if not HAS_BRIDGE:  # pragma: no cover - exercised only with TransformerLens 3.x
-        raise RuntimeError(
-            f"transformer-lens {TL_VERSION} has no TransformerBridge; tl_skill needs 4.x for "
-            "Hugging Face models"
-        )
+    check_kind("bridge")
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(
@@ -49,7 +191,7 @@ def hf_model_of(model: HookedRootModule) -> torch.nn.Module:
     if hf is None:
         raise TypeError(
             f"{type(model).__name__} wraps no Hugging Face model; this operation needs a "
-            "TransformerBridge"
+            "TransformerBridge (on TransformerLens 3.x: load_model(name, kind='bridge'))"
         )
     return hf
 
@@ -70,8 +212,8 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 def forward(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run the model on token ids with an attention mask; returns logits [batch, pos, vocab].
 
-    The bridge derives position ids from the mask (left padding keeps real
-    positions at 0, 1, 2, ...).
+    Both the bridge and HookedTransformer derive position ids from the mask
+    (left padding keeps real positions at 0, 1, 2, ...).
     """
     return model(input_ids, attention_mask=attention_mask, return_type="logits")
 

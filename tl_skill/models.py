@@ -215,7 +215,7 @@ def _spec_from(model, name: str, hf) -> ModelSpec:
     masked = any(a.endswith(_MASKED_ARCHS) for a in archs) or type(hf).__name__.endswith(
         _MASKED_ARCHS
     )
-    gated = "blocks.0.mlp.gate.hook_out" in model.hook_dict
+    gated = compat.gated_mlp(model)
     cfg = model.cfg
     return ModelSpec(
         name=name,
@@ -250,8 +250,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
     attn_implementation: str | None = None,
+    kind: str | None = None,
 ):
-    """Load a model as a TransformerLens `TransformerBridge`.
+    """Load a model as a TransformerLens `TransformerBridge` (a `HookedTransformer` on TransformerLens 3.x).
 
     Args:
         name: `smollm2-135m` (bundled, offline), `tiny-gpt2` / `tiny-llama` /
@@ -263,13 +264,16 @@ def load_model(
         attn_implementation: attention kernel. The bridge needs "eager" for its
             attention-pattern hooks, and on this project's CPUs eager backward is
             ~10x faster than SDPA; pass "sdpa" to override.
+        kind: "bridge" or "hooked" (HookedTransformer, TransformerLens 3.x only);
+            default: the bridge on 4.x, the HookedTransformer on 3.x.
 
     Returns:
-        The bridge, frozen (no parameter requires grad) and in eval mode; its
+        The model (see `compat.build_model`), frozen (no parameter requires grad) and in eval mode; its
         `ModelSpec` is available through `model_spec(model)`.
     """
     from transformers import AutoTokenizer
 
+    compat.check_kind(kind)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     attn = attn_implementation or "eager"
@@ -307,7 +311,7 @@ def load_model(
     hf = hf.to(device=dev, dtype=dt).eval()
     for p in hf.parameters():
         p.requires_grad_(False)
-    model = compat.build_bridge(hf, tok, name, device=str(dev))
+    model = compat.build_model(hf, tok, name, device=str(dev), kind=kind)
     if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
         hf.set_attn_implementation(attn)  # the bridge forces eager on pre-loaded models
     model.eval()

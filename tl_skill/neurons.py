@@ -124,6 +124,12 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
     P = prompt.length if prompt is not None else (prompt_length or 0)
     T = n_positions(positions, P)
     k = task.spec.n_classes
+    for which in ("train", split):  # refuse before recording, not after
+        present = set(task.labels(which).tolist())
+        for sub in subtasks:
+            if not present & set(sub.positive) or not present & set(sub.negative):
+                raise NeuronsError(f"the {which!r} split of {task.name!r} has only classes {sorted(present)}: "
+                                   f"subtask {sub.name!r} needs examples of both sides")
     device = compat.model_device(model)
     layout = layout_for(model, P, max_input_tokens, padding_side)
 

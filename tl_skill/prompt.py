@@ -263,7 +263,7 @@ class SoftPrompt(nn.Module):
         self._offset = layout_for(model, self.length).offset
         self._batch = batch
         try:
-            with model.hooks(fwd_hooks=[(compat.EMBED_HOOK, self.hook)]):
+            with model.hooks(fwd_hooks=[(compat.embed_hook(model), self.hook)]):
                 yield self
         finally:
             self._batch = None

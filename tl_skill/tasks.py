@@ -64,13 +64,21 @@ class TaskSpec:
         return d
 
 
+def _arrow_column(ds, name: str):
+    col = ds.data.column(name)
+    # `ds.data` is the whole underlying table: a `select`ed dataset (`subsample`)
+    # keeps its rows in an indices mapping that must be applied here.
+    indices = getattr(ds, "_indices", None)
+    return col if indices is None else col.take(indices.column(0))
+
+
 def column(ds, name: str) -> list:
     """A dataset column as a Python list, read straight from Arrow (datasets' lazy Column is slow)."""
-    return ds.data.column(name).to_pylist()
+    return _arrow_column(ds, name).to_pylist()
 
 
 def label_array(ds) -> np.ndarray:
-    return np.asarray(ds.data.column("label").to_numpy(), dtype=np.int64)
+    return np.asarray(_arrow_column(ds, "label").to_numpy(), dtype=np.int64)
 
 
 class Task:
@@ -148,12 +156,24 @@ def _plot_sentences() -> list[str]:
 
 
 def _split(texts: Sequence[str], labels: Sequence[int], seed: int, text_b=None) -> dict[str, dict]:
+    """Shuffle with `seed` and cut 70/10/20; identical inputs always land in the same split.
+
+    The sources repeat some texts (56 review snippets, 100 BBC articles);
+    splitting by row would put copies of test examples into train.
+    """
     n = len(texts)
-    order = np.random.RandomState(seed).permutation(n)
+    keys = [(t, text_b[i]) if text_b is not None else t for i, t in enumerate(texts)]
+    members: dict = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    groups = list(members.values())
+    order = np.random.RandomState(seed).permutation(len(groups))
     n_train = int(round(SPLIT_FRACTIONS[0] * n))
     n_dev = int(round(SPLIT_FRACTIONS[1] * n))
-    cuts = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev],
-            "test": order[n_train + n_dev:]}
+    cuts: dict[str, list[int]] = {"train": [], "dev": [], "test": []}
+    for g in order:
+        split = "train" if len(cuts["train"]) < n_train else "dev" if len(cuts["dev"]) < n_dev else "test"
+        cuts[split].extend(groups[g])
     out = {}
     for split, idx in cuts.items():
         cols = {"text": [texts[i] for i in idx], "label": [int(labels[i]) for i in idx]}

@@ -1,0 +1,346 @@
+"""Data parallelism (distributed.py): torchrun with 2 gloo processes gives the one-process results.
+
+One `torchrun --nproc-per-node 2` launch runs this file as a worker script
+(see `_worker`): the CLI's `evaluate` and `find` (which join the process
+group themselves), then `find_skill_neurons`, `evaluate` and a few DDP
+prompt-tuning steps. The test process computes the same things in one
+process and compares: recording and evaluation exactly, tuning within float
+reduction order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+FIND_KW = dict(max_train_examples=150, max_eval_examples=96, batch_size=16)
+EVAL_EXAMPLES = 100
+TUNE_KW = dict(prompt_length=4, steps=6, batch_size=7, eval_every=3, lr=3e-3, warmup_fraction=0.0,
+               max_train_examples=64, max_dev_examples=40, max_test_examples=40, eval_batch_size=16)
+
+
+def _tune_task():
+    from tl_skill import load_task, subsample
+
+    return subsample(load_task("rotten_tomatoes"), {"train": 160, "dev": 60, "test": 60})
+
+
+def _eval_task(run):
+    from tl_skill import subsample
+
+    return subsample(run.load_task(), {"test": EVAL_EXAMPLES}, seed=run.info["task_seed"])
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    # torchrun gives each worker OMP_NUM_THREADS=1: the reference uses the same kernels.
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- the worker
+def _worker(run_dir: str, out_dir: str) -> None:
+    from tl_skill import TuneConfig, cli, distributed, evaluate, find_skill_neurons, load_model, tune
+    from tl_skill.tuning import Run
+
+    out = Path(out_dir)
+    r = int(os.environ["RANK"])
+    argv_eval = ["evaluate", run_dir, "--split", "test", "--max-examples", str(EVAL_EXAMPLES),
+                 "--batch-size", "16", "--device", "cpu", "--json", "-q"]
+    argv_find = ["find", run_dir, "--out", str(out / "cli_neurons"), "--max-train-examples", "150",
+                 "--max-eval-examples", "96", "--batch-size", "16", "--device", "cpu", "--json", "-q"]
+    for name, argv in (("cli_evaluate", argv_eval), ("cli_find", argv_find)):
+        with open(out / f"{name}.rank{r}.txt", "w") as f, contextlib.redirect_stdout(f):
+            code = cli.main(argv)  # the first call joins the process group
+        assert code == 0, (name, code)
+    group = distributed.current()
+    assert (group.world_size, group.rank, group.backend) == (WORLD, r, "gloo"), group
+
+    model = load_model("tiny-gpt2", device="cpu")
+    run = Run.load(run_dir)
+    sn = find_skill_neurons(model, [run], progress=False, **FIND_KW)
+    sn.save(out / "neurons")
+    res = evaluate(model, _eval_task(run), "test", run.verbalizer(model), run.prompt, batch_size=16)
+    ddp_run = tune(model, _tune_task(), out / "ddp_run", TuneConfig(**TUNE_KW), progress=False)
+    torch.save({
+        "baseline": sn.baseline, "accuracy": sn.accuracy, "std": sn.std, "constant": sn.constant,
+        "predictions": torch.from_numpy(res["predictions"]), "eval_accuracy": res["accuracy"],
+        "prompt": ddp_run.prompt.vectors.detach().clone(), "history": ddp_run.info["history"],
+        "metrics": ddp_run.metrics,
+    }, out / f"rank{r}.pt")
+
+
+# --------------------------------------------------------------------------- the launch
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_gpt2):
+    """(run dir, worker output dir, single-process references)."""
+    from tl_skill import TuneConfig, evaluate, find_skill_neurons, tune
+
+    base = tmp_path_factory.mktemp("dist")
+    with _threads(1):
+        run = tune(tiny_gpt2, _tune_task(), base / "run",
+                   TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=32,
+                              max_dev_examples=20, max_test_examples=20), progress=False, evaluate_test=False)
+    out = base / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           str(Path(__file__).resolve()), str(run.path), str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    # The references run while the workers start up.
+    with _threads(1):
+        ref_sn = find_skill_neurons(tiny_gpt2, [run], progress=False, **FIND_KW)
+        ref_eval = evaluate(tiny_gpt2, _eval_task(run), "test", run.verbalizer(tiny_gpt2), run.prompt,
+                            batch_size=16)
+        ref_run = tune(tiny_gpt2, _tune_task(), base / "ref_run", TuneConfig(**TUNE_KW), progress=False)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail("torchrun workers timed out:\n" + log[-4000:])
+    assert proc.returncode == 0, "torchrun workers failed:\n" + log[-6000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"run": run, "out": out, "ranks": ranks, "sn": ref_sn, "eval": ref_eval, "tuned": ref_run}
+
+
+def test_recording_equals_one_process(launched):
+    from tl_skill import SkillNeurons
+
+    ref = launched["sn"]
+    assert ref.meta["n_train"] == 150 and ref.meta["n_eval"] == 96
+    for got in [*launched["ranks"], SkillNeurons.load(launched["out"] / "neurons")]:
+        assert torch.equal(got["baseline"] if isinstance(got, dict) else got.baseline, ref.baseline)
+        assert torch.equal(got["accuracy"] if isinstance(got, dict) else got.accuracy, ref.accuracy)
+        assert torch.equal(got["constant"] if isinstance(got, dict) else got.constant, ref.constant)
+        std = got["std"] if isinstance(got, dict) else got.std
+        torch.testing.assert_close(std, ref.std, rtol=1e-5, atol=1e-7)  # sums of squares: float order
+    saved = SkillNeurons.load(launched["out"] / "neurons")
+    assert saved.meta["n_train"] == 150 and saved.meta["n_eval"] == 96
+    assert torch.equal(saved.predictivity, ref.predictivity)
+
+
+def test_cli_find_and_evaluate_under_torchrun(launched):
+    from tl_skill import SkillNeurons
+
+    out, ref = launched["out"], launched["sn"]
+    cli_sn = SkillNeurons.load(out / "cli_neurons")
+    assert torch.equal(cli_sn.baseline, ref.baseline) and torch.equal(cli_sn.accuracy, ref.accuracy)
+    # Only rank 0 prints.
+    assert (out / "cli_find.rank1.txt").read_text() == "" == (out / "cli_evaluate.rank1.txt").read_text()
+    found = json.loads((out / "cli_find.rank0.txt").read_text())
+    assert found["best_predictivity"] == pytest.approx(ref.best_predictivity, abs=1e-6)
+    evaluated = json.loads((out / "cli_evaluate.rank0.txt").read_text())
+    assert evaluated["accuracy"] == launched["eval"]["accuracy"] and evaluated["n"] == EVAL_EXAMPLES
+
+
+def test_evaluate_equals_one_process(launched):
+    ref = launched["eval"]
+    for got in launched["ranks"]:
+        assert np.array_equal(got["predictions"].numpy(), ref["predictions"])
+        assert got["eval_accuracy"] == ref["accuracy"]
+
+
+def test_ddp_prompt_tuning_matches_one_process(launched, tiny_gpt2):
+    from tl_skill import SoftPrompt
+
+    ref = launched["tuned"]
+    r0, r1 = launched["ranks"]
+    assert torch.equal(r0["prompt"], r1["prompt"])  # DDP keeps the ranks in step
+    start = SoftPrompt.from_vocab(tiny_gpt2, TUNE_KW["prompt_length"], seed=0).vectors.detach()
+    assert (ref.prompt.vectors.detach() - start).abs().max() > 1e-3  # the steps moved the prompt
+    torch.testing.assert_close(r0["prompt"], ref.prompt.vectors.detach(), rtol=0, atol=1e-6)
+    ref_hist = ref.info["history"]
+    assert [h["step"] for h in r0["history"]] == [h["step"] for h in ref_hist]
+    for got, want in zip(r0["history"], ref_hist):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got.get("dev_accuracy") == want.get("dev_accuracy")
+    assert r0["metrics"]["test_accuracy"] == ref.metrics["test_accuracy"]
+    ddp_dir = launched["out"] / "ddp_run"
+    assert json.loads((ddp_dir / "run.json").read_text())["status"] == "done"
+    assert not (ddp_dir / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- single-process checks
+def test_shard_is_strided_disjoint_and_covering():
+    from tl_skill.distributed import DistributedError, shard
+
+    for world in range(1, 5):
+        for n in range(0, 11):
+            parts = [list(shard(range(n), r, world)) for r in range(world)]
+            flat = sorted(i for p in parts for i in p)
+            assert flat == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert parts[0] == list(range(0, n, world))
+    assert list(shard(np.arange(5))) == [0, 1, 2, 3, 4]  # one process: everything
+    with pytest.raises(DistributedError, match="rank 2 out of range"):
+        shard(range(4), 2, 2)
+
+
+def test_init_without_torchrun_is_a_no_op(monkeypatch):
+    import torch.distributed as dist
+
+    from tl_skill import distributed
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    group = distributed.init_distributed("cpu")
+    assert not group.enabled and group.is_main and group.world_size == 1 and group.device == "cpu"
+    assert not dist.is_initialized()
+    x = np.arange(3)
+    assert distributed.all_reduce_sum(x) is x and distributed.prompt_data_parallel(None, None, None, 1) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.init_distributed().enabled
+
+
+def test_init_refuses_bad_launches(monkeypatch):
+    import torch.distributed as dist
+
+    from tl_skill.distributed import DistributedError, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DistributedError, match="launch with torchrun"):
+        init_distributed("cpu")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(DistributedError, match="no backend for device 'mps'"):
+        init_distributed("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistributedError, match="no CUDA device"):
+            init_distributed("cuda")
+    assert not dist.is_initialized()
+
+
+def _merged(parts):
+    """What `all_reduce` makes of per-process statistics."""
+    total = parts[0]
+    for other in parts[1:]:
+        for k in total.sum_keys:
+            setattr(total, k, getattr(total, k) + getattr(other, k))
+        for k in total.min_keys:
+            setattr(total, k, torch.minimum(getattr(total, k), getattr(other, k)))
+        for k in total.max_keys:
+            setattr(total, k, torch.maximum(getattr(total, k), getattr(other, k)))
+    return total
+
+
+def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, tiny_gpt2, small_task):
+    from tl_skill import MomentStats, Recorder, SoftPrompt, distributed, layout_for, subsample
+    from tl_skill.tuning import iterate_batches
+
+    task = subsample(small_task, {"train": 72})
+    prompt = SoftPrompt.from_vocab(tiny_gpt2, 3, seed=1)
+    layout = layout_for(tiny_gpt2, 3, 48)
+
+    def moments(world, rank, reverse=False):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        stats = MomentStats(2, 2, 3, 256)
+        batches = list(iterate_batches(layout, task, "train", 8, shard=True))
+        rec = Recorder(tiny_gpt2, stats, positions="prompt")
+        with rec.attached():
+            for _, batch in reversed(batches) if reverse else batches:
+                rec.run(batch, prompt)
+        return stats, sum(len(i) for i, _ in batches)
+
+    one, n = moments(1, 0)
+    assert n == 72 and int(one.count.sum()) == 72
+    for world in (2, 3):
+        parts = [moments(world, r, reverse=r % 2 == 0) for r in range(world)]
+        assert sum(k for _, k in parts) == 72
+        merged = _merged([s for s, _ in parts])
+        for key in ("count", "s1", "s2", "min", "max"):
+            assert torch.equal(getattr(merged, key), getattr(one, key)), key
+        assert torch.equal(merged.mean(), one.mean()) and torch.equal(merged.mean([1]), one.mean([1]))
+        torch.testing.assert_close(merged.sumsq, one.sumsq, rtol=1e-12, atol=0)
+
+
+def test_bfloat16_activations_are_summed_exactly(tiny_gpt2, small_task):
+    """bf16 model: float64/int64 statistics equal an exact reference over the same bf16 activations."""
+    from tl_skill import MomentStats, Recorder, SoftPrompt, ThresholdStats, compat, layout_for, load_model
+    from tl_skill.record import exact_parts, exact_total
+    from tl_skill.tuning import iterate_batches
+
+    model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
+    assert compat.model_dtype(model) == torch.bfloat16
+    prompt = SoftPrompt.from_vocab(model, 3, seed=2)
+    layout = layout_for(model, 3, 48)
+    batches = [b for _, b in iterate_batches(layout, small_task, "train", 16)][:3]
+
+    # Reference: the raw bf16 activations at the prompt positions, collected by a plain hook.
+    seen = {0: [], 1: []}
+
+    def grab(layer, batch):
+        def hook(act, hook):
+            assert act.dtype == torch.bfloat16
+            rows = torch.arange(act.shape[0])[:, None]
+            seen[layer].append(act[rows, batch.prompt_positions()].detach().clone())
+        return hook
+
+    labels = torch.cat([b.labels for b in batches])
+    for batch in batches:
+        with prompt.applied(model, batch), torch.no_grad(), model.hooks(
+                fwd_hooks=[(compat.mlp_post_hook(l), grab(l, batch)) for l in (0, 1)]):
+            compat.forward(model, batch.input_ids, batch.attention_mask)
+    acts = torch.stack([torch.cat(seen[l]) for l in (0, 1)], 1)  # [N, L, T, D] bf16
+    x64 = acts.double()
+    assert len(torch.unique(x64)) > 1000  # real, varied activations
+
+    q1, q2, rest = exact_parts(acts)
+    assert torch.equal(exact_total(q1, q2, rest), x64)  # the split loses nothing
+
+    stats = MomentStats(2, 2, 3, 256)
+    rec = Recorder(model, stats, positions="prompt")
+    with rec.attached():
+        for batch in batches:
+            rec.run(batch, prompt)
+    flat = x64.reshape(len(x64), -1)
+    for c in (0, 1):
+        rows = flat[labels == c]
+        want = torch.tensor([math.fsum(col) for col in rows.T.tolist()], dtype=torch.float64)
+        got = stats.class_sums()[c].reshape(-1)
+        torch.testing.assert_close(got, want, rtol=2.0**-52, atol=1e-300)  # correctly rounded sums
+    assert torch.equal(stats.min, x64.amin(0)) and torch.equal(stats.max, x64.amax(0))
+    assert stats.s1.dtype == torch.long and stats.rest.dtype == torch.float64
+
+    thresholds = stats.mean()[None]
+    counts = ThresholdStats(thresholds, 2)
+    rec = Recorder(model, counts, positions="prompt")
+    with rec.attached():
+        for batch in batches:
+            rec.run(batch, prompt)
+    for c in (0, 1):
+        want = (x64[labels == c] > thresholds[0]).sum(0)
+        assert torch.equal(counts.above[0, c], want)
+
+
+if __name__ == "__main__":  # launched by torchrun from the `launched` fixture
+    _worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,131 @@
+"""The demo pipeline, its report, and the demo scripts (run in fast mode so they cannot rot)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tl_skill import cli
+from tl_skill.report import DemoConfig, run_demo, verdict
+from tl_skill.tuning import TuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_demo_config() -> DemoConfig:
+    return DemoConfig(
+        model="tiny-gpt2", task="rotten_tomatoes",
+        tune=TuneConfig(prompt_length=4, steps=6, eval_every=3, max_train_examples=120,
+                        max_dev_examples=40, max_test_examples=40),
+        find_train_examples=80, find_dev_examples=40, ablation_fractions=(0.05, 0.2),
+        ablation_seeds=2, ablation_examples=40,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    phases = []
+    run_demo(out, tiny_demo_config(), device="cpu", progress=False,
+             on_phase=lambda name, s, summary: phases.append(name))
+    assert phases == ["load model", "prompt tuning", "finding skill neurons", "tracing the best neurons",
+                      "perturbation", "report"]
+    return out
+
+
+def _png_ok(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    # Not blank: many distinct colours, and not one colour covering everything.
+    flat = img[..., :3].reshape(-1, 3)
+    assert flat.std(0).max() > 0.05, f"{path} looks blank"
+    assert len(np.unique((flat * 255).astype(int), axis=0)) > 20
+
+
+def test_report_figures_are_real_pngs(demo_dir):
+    html = (demo_dir / "report.html").read_text()
+    md = (demo_dir / "report.md").read_text()
+    images = re.findall(r"!\[.*?\]\((.*?)\)", md)
+    assert len(images) == 4  # training curve, best-neuron histogram, layers, perturbation curve
+    for rel in images:
+        _png_ok(demo_dir / rel)
+    assert html.count("data:image/png;base64,") == len(images)  # self-contained
+
+
+def test_report_numbers_equal_json(demo_dir):
+    md = (demo_dir / "report.md").read_text()
+    run = json.loads((demo_dir / "run" / "run.json").read_text())
+    neurons = json.loads((demo_dir / "neurons" / "neurons.json").read_text())
+    abl = json.loads((demo_dir / "ablation" / "ablation.json").read_text())
+    m = run["metrics"]
+    for label, key in [("dev accuracy (best checkpoint)", "dev_accuracy"), ("test accuracy", "test_accuracy"),
+                       ("zero-shot accuracy (verbalizer, no prompt)", "zero_shot_accuracy"),
+                       ("majority-class accuracy", "majority_accuracy")]:
+        assert f"| {label} | {m[key]:.3f} |" in md
+    assert f"Best neuron predictivity **{neurons['best_predictivity']:.3f}**" in md
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \|", md, re.M)
+    assert len(rows) == 10
+    for (rank, layer, neuron, pred), ref in zip(rows, neurons["top"]):
+        assert (int(layer), int(neuron)) == (ref["layer"], ref["neuron"])
+        assert pred == f"{ref['predictivity']:.4f}"
+    table = re.findall(r"^\| (\d+)% \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) ± ([0-9.]+) \|", md, re.M)
+    assert len(table) == len(abl["rows"]) == 2
+    for got, ref in zip(table, abl["rows"]):
+        assert got == (f"{ref['fraction'] * 100:.0f}", f"{ref['clean_accuracy']:.3f}", f"{ref['skill_accuracy']:.3f}",
+                       f"{ref['random_accuracy']:.3f}", f"{ref['random_accuracy_std']:.3f}")
+    assert verdict(abl["rows"]) in md
+
+
+def test_rerun_continues_without_redoing(demo_dir, monkeypatch):
+    import tl_skill.neurons
+    import tl_skill.tuning
+
+    def boom(*a, **k):
+        raise AssertionError("finished work was redone")
+
+    monkeypatch.setattr(tl_skill.neurons, "record_run", boom)
+    monkeypatch.setattr(tl_skill.tuning.torch.optim, "AdamW", boom)
+    before = (demo_dir / "ablation" / "ablation.json").read_text()
+    run_demo(demo_dir, tiny_demo_config(), device="cpu", progress=False)
+    assert json.loads((demo_dir / "ablation" / "ablation.json").read_text())["rows"] == json.loads(before)["rows"]
+
+
+def test_demo_refuses_other_settings(demo_dir):
+    cfg = tiny_demo_config()
+    cfg.ablation_seeds = 3
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(demo_dir, cfg, device="cpu", progress=False)
+
+
+def test_verdict_statements():
+    row = dict(fraction=0.1, clean_accuracy=0.8, random_accuracy=0.79, random_accuracy_std=0.01)
+    assert verdict([{**row, "skill_accuracy": 0.6}]).startswith("Holds:")
+    assert verdict([{**row, "skill_accuracy": 0.79}]).startswith("Does not hold")
+    assert verdict([{**row, "skill_accuracy": 0.6}, {**row, "skill_accuracy": 0.79}]).startswith("Holds partly")
+
+
+def test_every_subcommand_has_help_with_examples(capsys):
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert {"demo", "tune", "evaluate", "find", "ablate", "prune", "transfer", "study"} <= set(subs.choices)
+    for name, sub in subs.choices.items():
+        text = sub.format_help()
+        assert "examples:" in text and f"tl-skill {name}" in text, name
+        assert "--device" in text and "--dtype" in text and "--batch-size" in text, name
+
+
+@pytest.mark.parametrize("script", ["01_find_and_inspect.py", "02_ablate_with_hooks.py", "03_compare_tasks.py"])
+def test_demo_scripts_run_fast(script):
+    res = subprocess.run([sys.executable, str(ROOT / "demos" / script), "--fast"], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "accuracy" in res.stdout

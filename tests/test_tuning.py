@@ -1,0 +1,253 @@
+"""Prompt tuning: frozen backbone, reproducibility, resume, run directories, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tl_skill import SoftPrompt, TuneConfig, Verbalizer, compat, evaluate, tune
+from tl_skill import tuning
+from tl_skill.cli import main
+from tl_skill.tuning import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
+
+SMALL = dict(prompt_length=4, steps=6, eval_every=3, batch_size=8, max_train_examples=64,
+             max_dev_examples=24, max_test_examples=24, max_input_tokens=24, eval_batch_size=24)
+
+
+def _cfg(**kw) -> TuneConfig:
+    return TuneConfig(**{**SMALL, **kw})
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in compat.hf_model_of(model).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_gpt2, small_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    before = _state(tiny_gpt2)
+    run = tune(tiny_gpt2, small_task, out, _cfg(), progress=False)
+    return run, before
+
+
+def test_backbone_bit_identical_after_training(tiny_gpt2, finished_run):
+    _, before = finished_run
+    after = _state(tiny_gpt2)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in tiny_gpt2.parameters())
+
+
+def test_gradient_reaches_only_the_prompt(tiny_llama, small_task, tmp_path, monkeypatch):
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *args, **kwargs):
+        params = list(params)
+        seen.append({
+            "prompt_grads": [p.grad.detach().clone() for p in params],
+            "shapes": [tuple(p.shape) for p in params],
+            "model_grads": [p.grad is not None for p in tiny_llama.parameters()],
+        })
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    tune(tiny_llama, small_task, tmp_path / "run", _cfg(steps=3, eval_every=3), progress=False,
+         evaluate_test=False)
+    assert len(seen) == 3
+    for s in seen:
+        assert s["shapes"] == [(4, 64)]  # only the prompt is optimised
+        g = s["prompt_grads"][0]
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        assert not any(s["model_grads"])
+
+
+def test_same_seed_same_prompt(tiny_gpt2, small_task, tmp_path, finished_run):
+    run, _ = finished_run
+    again = tune(tiny_gpt2, small_task, tmp_path / "again", _cfg(), progress=False)
+    assert torch.equal(again.prompt.vectors, run.prompt.vectors)
+    assert again.metrics["dev_accuracy"] == run.metrics["dev_accuracy"]
+    assert [h["loss"] for h in again.info["history"]] == [h["loss"] for h in run.info["history"]]
+    other = tune(tiny_gpt2, small_task, tmp_path / "other", _cfg(seed=1), progress=False,
+                 evaluate_test=False)
+    assert not torch.equal(other.prompt.vectors, run.prompt.vectors)
+
+
+@pytest.mark.parametrize("interrupt_at", [4, 3])  # between evaluations / right after one
+def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, monkeypatch,
+                                               interrupt_at):
+    cfg = _cfg(steps=7, eval_every=3)
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
+
+    real = tuning._batch_indices
+    calls = []
+
+    def interrupting(step, *args, **kwargs):
+        calls.append(step)
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "_batch_indices", interrupting)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+    assert (out / CHECKPOINT).exists() and not (out / PROMPT_FILE).exists()
+    assert json.loads((out / RUN_JSON).read_text())["status"] == "running"
+    with pytest.raises(RunError, match="not a finished run"):
+        Run.load(out)
+
+    monkeypatch.setattr(tuning, "_batch_indices", real)
+    seen = []
+    monkeypatch.setattr(tuning, "_batch_indices", lambda step, *a, **k: seen.append(step) or real(step, *a, **k))
+    resumed = tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+    assert seen == list(range(interrupt_at, 7))  # no step repeated, none skipped
+    assert torch.equal(resumed.prompt.vectors, full.prompt.vectors)
+    assert resumed.metrics["dev_accuracy"] == full.metrics["dev_accuracy"]
+    assert resumed.metrics["best_step"] == full.metrics["best_step"]
+    assert [h["loss"] for h in resumed.info["history"]] == [h["loss"] for h in full.info["history"]]
+    assert not (out / CHECKPOINT).exists()
+
+
+def test_run_directory_contents(tiny_gpt2, small_task, finished_run):
+    run, _ = finished_run
+    info = json.loads((run.path / RUN_JSON).read_text())
+    assert info["model"] == "tiny-gpt2"
+    assert info["task"] == "rotten_tomatoes" and info["task_seed"] == 0
+    assert info["prompt_length"] == 4
+    assert info["label_words"] == [" negative", " positive"]
+    assert info["config"] == {**TuneConfig().__dict__, **SMALL}
+    assert info["status"] == "done"
+    metrics = info["metrics"]
+    for key in ("dev_accuracy", "test_accuracy", "zero_shot_accuracy", "majority_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert info["timings"]["train_seconds"] > 0 and info["timings"]["seconds_per_step"] > 0
+    assert len(info["history"]) == SMALL["steps"]
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run.path / PROMPT_FILE))
+    assert list(tensors) == ["prompt"] and tensors["prompt"].shape == (4, 64)
+    assert torch.equal(tensors["prompt"], run.prompt.vectors.detach())
+
+    # The metrics are what evaluating the saved prompt gives, on the same examples.
+    data = tuning._pick(small_task, run.config)
+    v = Verbalizer(tiny_gpt2.tokenizer, info["label_words"])
+    prompt = SoftPrompt.load(run.path / PROMPT_FILE)
+    acc = lambda split, p: evaluate(tiny_gpt2, data, split, v, p,
+                                    max_input_tokens=SMALL["max_input_tokens"])["accuracy"]
+    assert acc("dev", prompt) == metrics["dev_accuracy"]
+    assert acc("test", prompt) == metrics["test_accuracy"]
+    assert acc("test", None) == metrics["zero_shot_accuracy"]
+    majority = np.bincount(data.labels("train")).argmax()
+    assert metrics["majority_accuracy"] == float((data.labels("test") == majority).mean())
+    # best by dev: no evaluation in the history beats the saved prompt
+    dev_hist = [h["dev_accuracy"] for h in info["history"] if "dev_accuracy" in h]
+    assert dev_hist and max(dev_hist) == metrics["dev_accuracy"]
+
+
+def test_finished_run_returns_at_once(tiny_gpt2, small_task, finished_run, monkeypatch):
+    run, _ = finished_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must not train again")
+
+    monkeypatch.setattr(tuning, "_batch_indices", no_training)
+    monkeypatch.setattr(tuning, "evaluate", no_training)
+    t0 = time.perf_counter()
+    again = tune(tiny_gpt2, small_task, run.path, _cfg(), progress=False)
+    assert time.perf_counter() - t0 < 2.0
+    assert torch.equal(again.prompt.vectors, run.prompt.vectors)
+    assert again.metrics == run.metrics
+
+
+def test_run_with_other_settings_refused(tiny_gpt2, tiny_llama, small_task, finished_run):
+    run, _ = finished_run
+    mtime = (run.path / RUN_JSON).stat().st_mtime_ns
+    with pytest.raises(RunError, match="config"):
+        tune(tiny_gpt2, small_task, run.path, _cfg(steps=7), progress=False)
+    with pytest.raises(RunError, match="model"):
+        tune(tiny_llama, small_task, run.path, _cfg(), progress=False)
+    from tl_skill import load_task, subsample
+
+    other = subsample(load_task("rotten_tomatoes", label_words="bad,good"), 40)
+    with pytest.raises(RunError, match="label_words"):
+        tune(tiny_gpt2, other, run.path, _cfg(), progress=False)
+    assert (run.path / RUN_JSON).stat().st_mtime_ns == mtime  # left untouched
+
+
+def test_run_load_errors(tmp_path):
+    with pytest.raises(RunError, match="not found"):
+        Run.load(tmp_path / "missing")
+    with pytest.raises(RunError, match="not a finished run"):
+        Run.load(tmp_path)
+
+
+def test_bad_config_refused():
+    with pytest.raises(ValueError, match="steps"):
+        TuneConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TuneConfig(lr=float("nan"))
+
+
+# ------------------------------------------------------------------------------ CLI
+CLI_TUNE = ["--model", "tiny-gpt2", "--task", "rotten_tomatoes", "--steps", "4", "--eval-every", "2",
+            "--prompt-length", "4", "--max-train-examples", "48", "--max-dev-examples", "20",
+            "--max-test-examples", "20", "--max-input-tokens", "24", "--batch-size", "8",
+            "--device", "cpu", "-q"]
+
+
+def test_cli_tune_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "cli_run"
+    assert main(["tune", "--out", str(out), "--json", *CLI_TUNE]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    run = Run.load(out)
+    assert printed == {str(out): json.loads(json.dumps(run.metrics))}
+    assert run.config.steps == 4 and run.config.prompt_length == 4 and run.config.batch_size == 8
+    assert run.prompt.vectors.shape == (4, 64)
+
+    assert main(["evaluate", str(out), "--split", "test", "--max-examples", "20", "--json",
+                 "--device", "cpu", "-q"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["split"] == "test" and ev["n"] == 20
+    # the same 20 test examples the run was scored on
+    assert ev["accuracy"] == run.metrics["test_accuracy"]
+    assert ev["majority_accuracy"] == run.metrics["majority_accuracy"]
+
+    assert main(["evaluate", str(out), "--split", "dev", "--max-examples", "20", "-q",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("dev accuracy")
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["tune", "--out", str(tmp_path / "x"), "--task", "no_such_task", "--model",
+                 "tiny-gpt2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_task" in err and "rotten_tomatoes" in err
+    assert main(["evaluate", str(tmp_path / "nothing"), "-q"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("tune", "evaluate", "find"):
+        assert cmd in out
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0
+    assert "--prompt-length" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    res = subprocess.run([sys.executable, "-m", "tl_skill", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "evaluate" in res.stdout
