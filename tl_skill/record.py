@@ -2,8 +2,11 @@
 
 Nothing per example is kept: a split of any size costs
 O(n_layers x positions x d_mlp) memory. Sums are exact (integer fixed point
-plus a float64 remainder), so the result does not depend on batch size, batch
-order or how the data is sharded over processes.
+plus a float64 remainder), so baselines and counts do not depend on batch
+order or on how the data is sharded over processes (the standard deviation,
+from plain float64 sums of squares, agrees to rounding). Note that the model
+itself can shift an activation by ~1e-7 when an example is padded differently,
+so batches of mixed lengths agree to that tolerance, not bit for bit.
 
 Two passes make predictivity (SPEC §3):
 1. `MomentStats` on train: per-class exact sums (-> baselines), sums of
