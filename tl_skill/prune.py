@@ -116,6 +116,13 @@ def _clean_copy(hf: nn.Module, share_tensors: bool) -> nn.Module:
     # Copy the module tree with the tensors shared, then (if asked) clone only the
     # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
     memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    # The bridge caches tensors of the last forward pass on its modules (e.g. the
+    # attention pattern); after a pass with grad they are graph nodes, which
+    # deepcopy refuses. They are caches: copy them detached.
+    for module in hf.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
     clean = unwrapped(copy.deepcopy(hf, memo))
     if share_tensors:
         return clean

@@ -127,8 +127,13 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
     return {"accuracy": float((preds == labels).mean()), "n": n, "predictions": preds}
 
 
-def majority_accuracy(task: Task, split: str = "test") -> float:
-    majority = np.bincount(task.labels("train")).argmax()
+def majority_accuracy(task: Task, split: str = "test", train: Task | None = None) -> float:
+    """Accuracy on `split` of always answering the most common class of `train`'s train split.
+
+    Pass the full task as `train` when `task` is a subsample, so the majority
+    class does not depend on which training examples were drawn.
+    """
+    majority = np.bincount((train or task).labels("train")).argmax()
     return float((task.labels(split) == majority).mean())
 
 
@@ -354,7 +359,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         prompt.save(out / PROMPT_FILE)
     metrics = {"dev_accuracy": state["best_dev"], "best_step": state["best_step"],
                "steps_run": state["step"], "stopped_early": stopped_early,
-               "majority_accuracy": majority_accuracy(data, "test")}
+               "majority_accuracy": majority_accuracy(data, "test", train=task)}
     timings = {"train_seconds": state["train_seconds"],
                "seconds_per_step": state["train_seconds"] / max(1, state["step"])}
     if evaluate_test:
