@@ -1,7 +1,7 @@
 """One prompt-tuning step: tl_skill through the TransformerBridge vs PEFT prompt tuning.
 
-Both sides train P prompt vectors of the same frozen Hugging Face model object
-(`compat.hf_model_of(model)`), on the same batch of rotten_tomatoes examples,
+Both sides train P prompt vectors of the same frozen Hugging Face weights (PEFT on
+a plain Hugging Face copy, without the bridge's wrappers), on the same batch of rotten_tomatoes examples,
 with the same loss (cross-entropy over the label words' logits at the
 prediction position) and the same optimiser (AdamW):
 
@@ -12,8 +12,7 @@ prediction position) and the same optimiser (AdamW):
   position only (`logits_to_keep=1`; `--peft-logits-to-keep 0` for all of them).
 
 PEFT prepends the prompt and tl_skill appends it; the total length is the same.
-The HF model's modules are those the bridge wraps (its hook points stay in
-place, empty), so both sides run the same kernels. After a warm-up the two
+Both use the same attention implementation (eager). After a warm-up the two
 steps alternate, `--steps` times each; the table gives the median times and
 the ratio tl_skill / PEFT.
 
@@ -119,7 +118,13 @@ def main(argv=None) -> dict:
 
     # PEFT: prompt + input, the same input tokens, left-padded the same way
     plain = layout_for(model, 0, args.max_input_tokens).encode(texts).to(device)
-    peft_model = get_peft_model(hf, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    # PEFT gets a plain Hugging Face copy of the same weights (no bridge wrappers around
+    # its modules), as a user of PEFT alone would have.
+    from tl_skill.origin import clean_hf_copy
+
+    plain_hf = clean_hf_copy(model)
+    plain_hf.config._attn_implementation = hf.config._attn_implementation
+    peft_model = get_peft_model(plain_hf, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     if n_trainable != P * spec.d_model:
@@ -145,7 +150,7 @@ def main(argv=None) -> dict:
     if seq_ours != seq_peft:
         raise SystemExit(f"sequence lengths differ: tl_skill {seq_ours}, PEFT {seq_peft}")
     attn = {"tl_skill (bridge's HF model)": hf.config._attn_implementation,
-            "peft": peft_model.base_model.config._attn_implementation}
+            "peft (plain HF copy)": peft_model.base_model.config._attn_implementation}
     print(f"model {args.model} on {device} ({compat.model_dtype(model)}), batch {B}, prompt {P}, "
           f"sequence length {seq_ours} (tl_skill: input + prompt; PEFT: prompt + input)")
     print("attention implementation: " + ", ".join(f"{k}={v}" for k, v in attn.items()))
@@ -162,7 +167,7 @@ def main(argv=None) -> dict:
         t, l = _timed(peft_step, device)
         peft_t.append(t), peft_loss.append(l)
     # the hooks of class_logits are gone and the backbone is untouched by either side
-    assert all(p.grad is None for p in hf.parameters())
+    assert all(p.grad is None for p in hf.parameters()) and all(p.grad is None for p in plain_hf.parameters())
 
     ours_med, peft_med = statistics.median(ours_t), statistics.median(peft_t)
     result = {
