@@ -54,7 +54,7 @@ from .models import load_model, model_spec
 from .neurons import NEURONS_JSON, SkillNeurons, find_skill_neurons, random_mask_like
 from .prompt import Verbalizer, class_logits, layout_for
 from .tasks import Task, load_task, subsample
-from .transfer import spearman
+from .transfer import _jsonable, spearman
 from .tuning import Run, TuneConfig, _atomic_json, _batch_indices, _lr_factor, evaluate, majority_accuracy, tune
 
 log = logging.getLogger(__name__)
@@ -558,22 +558,6 @@ def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the study
-def _jsonable(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
 
