@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import einops
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -230,11 +231,9 @@ class SkillNeurons:
 
     def direction(self) -> torch.Tensor:
         """+1 where being above baseline means the positive class (first run, best subtask/position)."""
-        p = predictivity_of(self.accuracy[0])  # [S, L, T, D]
-        S, L, T, D = p.shape
-        flat = p.permute(1, 3, 0, 2).reshape(L, D, S * T).argmax(-1)
-        acc = self.accuracy[0].permute(1, 3, 0, 2).reshape(L, D, S * T)
-        chosen = torch.gather(acc, 2, flat[..., None])[..., 0]
+        acc = einops.rearrange(self.accuracy[0], "s l t d -> l d (s t)")
+        best = predictivity_of(acc).argmax(-1)
+        chosen = torch.gather(acc, 2, best[..., None])[..., 0]
         return torch.where(chosen >= 0.5, 1, -1)
 
     # --- selection -------------------------------------------------------
