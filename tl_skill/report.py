@@ -175,8 +175,8 @@ def verdict(rows: list[dict]) -> str:
     if not rows:
         return "no perturbation results"
     worse = [r for r in rows if r["skill_accuracy"] < r["random_accuracy"] - 2 * max(r["random_accuracy_std"], 0.005)]
-    drops = [(r["clean_accuracy"] - r["skill_accuracy"], r["clean_accuracy"] - r["random_accuracy"]) for r in rows]
-    detail = "; ".join(f"{r['fraction']:.0%}: skill -{d[0]:.3f} vs random -{d[1]:.3f}" for r, d in zip(rows, drops))
+    detail = "; ".join(f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
+                       f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}" for r in rows)
     if len(worse) == len(rows):
         head = "Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, at every fraction"
     elif worse:
@@ -185,7 +185,7 @@ def verdict(rows: list[dict]) -> str:
                 f"({which})")
     else:
         head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
-    return f"{head} (accuracy drop from clean, {detail})."
+    return f"{head} (accuracy change from clean, {detail})."
 
 
 def write_report(out: str | Path) -> Path:
