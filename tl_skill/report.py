@@ -170,6 +170,10 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
+def _n_seeds(seeds) -> int | None:
+    return len(seeds) if isinstance(seeds, (list, tuple)) else seeds
+
+
 def verdict(rows: list[dict]) -> str:
     """Plain statement of whether perturbing skill neurons hurts more than random ones."""
     if not rows:
@@ -239,7 +243,7 @@ def write_report(out: str | Path) -> Path:
     md += ["", "![best neuron](figures/best_neuron.png)", "", "![layers](figures/layers.png)", "",
            "## Perturbation", "",
            f"Mode `{abl.get('mode', rows[0]['mode'] if rows else '')}` on {abl.get('n_examples')} test examples; "
-           f"random control: {abl.get('seeds')} seed(s), same count per layer.", "",
+           f"random control: {_n_seeds(abl.get('seeds'))} seed(s), same count per layer.", "",
            "| fraction | clean | skill neurons perturbed | random neurons perturbed (mean ± std) |", "|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
