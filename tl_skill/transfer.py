@@ -83,14 +83,21 @@ def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
     return ranks
 
 
-def pearson(x, y) -> float:
-    """Pearson correlation; NaN when either side is constant or fewer than two values."""
+def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both sides as flat float64 arrays of equal length; None when fewer than two pairs."""
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if len(x) != len(y):
-        raise ValueError(f"pearson: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
+        raise ValueError(f"{name}: lengths differ ({len(x)} vs {len(y)})")
+    return (x, y) if len(x) >= 2 else None
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation; NaN when either side is constant or fewer than two values."""
+    pair = _paired(x, y, "pearson")
+    if pair is None:
         return math.nan
+    x, y = pair
     dx, dy = x - x.mean(), y - y.mean()
     den = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
     return float((dx * dy).sum()) / den if den > 0 else math.nan
@@ -103,12 +110,10 @@ def spearman(x, y) -> float:
 
 def kendall(x, y) -> float:
     """Kendall's tau-b (ties in either variable handled); NaN when undefined."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if len(x) != len(y):
-        raise ValueError(f"kendall: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
+    pair = _paired(x, y, "kendall")
+    if pair is None:
         return math.nan
+    x, y = pair
     # O(n^2) over pairs: n is the number of task pairs, a few hundred at most.
     sx = np.sign(x[:, None] - x[None, :])
     sy = np.sign(y[:, None] - y[None, :])
