@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import tl_skill.neurons
 from tl_skill import TuneConfig, compat, model_spec, subsample
 from tl_skill import origin
 from tl_skill.ablate import Perturbation
@@ -372,8 +373,9 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
         raise AssertionError("a finished part was redone")
 
     monkeypatch.setattr(origin, "tune", tune_finished_only)
-    for fn in ("find_skill_neurons", "finetune", "perturbation_curve", "random_weights_model"):
+    for fn in ("finetune", "perturbation_curve", "random_weights_model"):
         monkeypatch.setattr(origin, fn, boom)
+    monkeypatch.setattr(tl_skill.neurons, "find_skill_neurons", boom)  # reached through load_or_find
     again = origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **STUDY)
     assert {p: again[p] for p in PARTS} == {p: saved[p] for p in PARTS}
     # ... and redoes only an unfinished one.

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 try:  # TransformerLens >= 3 keeps it here
-    from transformer_lens.hook_points import HookedRootModule, HookPoint
+    from transformer_lens.hook_points import HookedRootModule
 except ImportError:  # pragma: no cover - very old releases
     from transformer_lens.HookedRootModule import HookedRootModule  # type: ignore
-    from transformer_lens.hook_points import HookPoint  # type: ignore
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])

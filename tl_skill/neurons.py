@@ -30,7 +30,7 @@ from .models import model_spec
 from .prompt import SoftPrompt, layout_for
 from .record import MomentStats, Recorder, ThresholdStats, n_positions
 from .tasks import Task, subsample
-from .tuning import Run, RunError, iterate_batches
+from .tuning import Run, iterate_batches
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +466,19 @@ def find_skill_neurons(
               "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
               "max_train_examples": max_train_examples},
     )
+
+
+def load_or_find(model, runs: Sequence[Run | str | Path], path: str | Path, **kwargs) -> SkillNeurons:
+    """The skill neurons saved in `path`, or `find_skill_neurons(model, runs, **kwargs)` saved there.
+
+    Every process calls it: `save` writes on rank 0 and holds the others at a barrier.
+    """
+    path = Path(path)
+    if (path / NEURONS_JSON).exists():
+        return SkillNeurons.load(path)
+    sn = find_skill_neurons(model, runs, **kwargs)
+    sn.save(path)
+    return sn
 
 
 def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import compat, distributed
 from .ablate import MODES, Perturbation, _digest
 from .models import load_model, model_spec
-from .neurons import NEURONS_JSON, SkillNeurons, find_skill_neurons, random_mask_like
+from .neurons import SkillNeurons, load_or_find, random_mask_like
 from .prompt import Verbalizer, class_logits, layout_for
 from .tasks import Task, load_task, subsample
 from .transfer import _jsonable, spearman
@@ -728,12 +728,8 @@ def origin_study(
         find_kw.update(max_train_examples=sn.meta.get("max_train_examples", find_train_examples),
                        max_eval_examples=sn.meta.get("n_eval", find_eval_examples),
                        multiclass=sn.meta.get("multiclass", "ovr"))
-    elif (out / "neurons" / NEURONS_JSON).exists():
-        sn = SkillNeurons.load(out / "neurons")
     else:
-        sn = find_skill_neurons(model, [run], **find_kw)
-        if distributed.is_main():
-            sn.save(out / "neurons")
+        sn = load_or_find(model, [run], out / "neurons", **find_kw)
     data = subsample(task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": test_cap},
                      seed=cfg.task_seed)
     settings.update(run_prompt=_digest(run.prompt.vectors), neurons=_digest(sn.predictivity))
@@ -791,12 +787,7 @@ def _random_weights_part(model, task, run: Run, sn: SkillNeurons, out: Path, pre
     rand_model = random_weights_model(model, seed)
     rand_run = tune(rand_model, task, out / "random_weights" / "run", run.config, progress=progress)
     ndir = out / "random_weights" / "neurons"
-    if (ndir / NEURONS_JSON).exists():
-        rand_sn = SkillNeurons.load(ndir)
-    else:
-        rand_sn = find_skill_neurons(rand_model, [rand_run], layers=sn.layers, positions=sn.positions, **find_kw)
-        if distributed.is_main():
-            rand_sn.save(ndir)
+    rand_sn = load_or_find(rand_model, [rand_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
     del rand_model
     _free_memory()
     random = predictivity_summary(rand_sn, top_fraction)
@@ -829,12 +820,7 @@ def _label_words_part(model, task_name: str, run: Run, sn: SkillNeurons, out: Pa
     base = out / "label_words"
     alt_run = tune(model, alt_task, base / "run", run.config, progress=progress)
     ndir = base / "neurons"
-    if (ndir / NEURONS_JSON).exists():
-        alt_sn = SkillNeurons.load(ndir)
-    else:
-        alt_sn = find_skill_neurons(model, [alt_run], layers=sn.layers, positions=sn.positions, **find_kw)
-        if distributed.is_main():
-            alt_sn.save(ndir)
+    alt_sn = load_or_find(model, [alt_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
     cmp = compare_predictivity(sn, alt_sn, top_fraction)
     rho, overlap = cmp["spearman"], cmp["top_overlap"]
     holds = bool(math.isfinite(rho) and rho >= min_spearman and overlap >= min_overlap)

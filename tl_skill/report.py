@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from . import plots
 from .models import load_model
-from .neurons import NEURONS_JSON, SkillNeurons, find_skill_neurons, trace_activations
+from .neurons import SkillNeurons, load_or_find, trace_activations
 from .tasks import load_task, subsample
 from .tuning import Run, TuneConfig, tune
 
@@ -117,14 +116,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dty
         ph.summary = (f"dev {m['dev_accuracy']:.3f}, test {m['test_accuracy']:.3f} "
                       f"(zero-shot {m['zero_shot_accuracy']:.3f}, majority {m['majority_accuracy']:.3f})")
     with _phase("finding skill neurons", cb) as ph:
-        ndir = out / "neurons"
-        if (ndir / NEURONS_JSON).exists():
-            sn = SkillNeurons.load(ndir)
-        else:
-            sn = find_skill_neurons(model, [run], max_train_examples=cfg.find_train_examples,
-                                    max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
-                                    progress=progress)
-            sn.save(ndir)
+        sn = load_or_find(model, [run], out / "neurons", max_train_examples=cfg.find_train_examples,
+                          max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
+                          progress=progress)
         best = sn.top(1)[0]
         ph.summary = f"best neuron L{best['layer']}.{best['neuron']} predictivity {best['predictivity']:.3f}"
     with _phase("tracing the best neurons", cb) as ph:

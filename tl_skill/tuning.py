@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import compat, distributed
-from .models import load_model, model_spec
+from .models import model_spec
 from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, layout_for
 from .tasks import Task, column, label_array, load_task, subsample
 
@@ -73,7 +73,7 @@ class TuneConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid tuning setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+            raise ValueError("invalid tuning setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
