@@ -79,6 +79,28 @@ def test_same_seed_same_prompt(tiny_gpt2, small_task, tmp_path, finished_run):
     assert not torch.equal(other.prompt.vectors, run.prompt.vectors)
 
 
+def test_without_dev_checks_the_prompt_is_the_last_steps(tiny_gpt2, small_task, tmp_path, monkeypatch):
+    # eval_every = steps: the only dev check is at the end, so it selects the last prompt anyway
+    cfg = _cfg(steps=4, eval_every=4)
+    checked = tune(tiny_gpt2, small_task, tmp_path / "checked", cfg, progress=False, evaluate_test=False)
+    calls = []
+    real = tuning.evaluate
+    monkeypatch.setattr(tuning, "evaluate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    quick = tune(tiny_gpt2, small_task, tmp_path / "quick", cfg, progress=False, evaluate_test=False,
+                 evaluate_dev=False)
+    assert calls == []  # no dev (or test) evaluation at all
+    assert torch.equal(quick.prompt.vectors, checked.prompt.vectors)
+    assert quick.metrics["dev_accuracy"] is None and quick.metrics["best_step"] == 4
+    assert [h["loss"] for h in quick.info["history"]] == [h["loss"] for h in checked.info["history"]]
+    # with several steps between checks the best dev prompt may be an earlier one; without, it is the last
+    cfg = _cfg(steps=6, eval_every=2)
+    last = tune(tiny_gpt2, small_task, tmp_path / "last", cfg, progress=False, evaluate_test=False,
+                evaluate_dev=False)
+    ref = tune(tiny_gpt2, small_task, tmp_path / "ref", _cfg(steps=6, eval_every=6), progress=False,
+               evaluate_test=False)
+    assert torch.equal(last.prompt.vectors, ref.prompt.vectors)
+
+
 @pytest.mark.parametrize("interrupt_at", [4, 3])  # between evaluations / right after one
 def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, monkeypatch,
                                                interrupt_at):

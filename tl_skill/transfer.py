@@ -491,8 +491,9 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
                 return got[0]
             cfg = _short_config(runs[b][0], transfer_steps, seed, length)
             # init_prompt=None: tune's own random start (vocabulary embeddings drawn with `seed`)
+            # no dev check: with eval_every = K it would only confirm the last step's prompt
             run = tuning.tune(model, full_tasks[b], run_dir, cfg, progress=False, evaluate_test=False,
-                              init_prompt=init_prompt)
+                              init_prompt=init_prompt, evaluate_dev=False)
             acc = _accuracy(model, eval_tasks[b], runs[b][0], verbalizers[b], run.prompt, batch_size)
             cache.put(key, sources, [acc])
             return acc

@@ -215,11 +215,16 @@ class Run:
 
 def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
          progress: bool = True, evaluate_test: bool = True,
-         init_prompt: SoftPrompt | None = None) -> Run:
+         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True) -> Run:
     """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
 
     `init_prompt` (length `config.prompt_length`) replaces the random start,
     e.g. another task's prompt for prompt transfer (SPEC §8).
+
+    `evaluate_dev=False` skips the dev evaluations (no model selection): the
+    saved prompt is the last step's and `dev_accuracy` is None. Short tunings
+    whose only dev check would be at their last step (the transfer study's)
+    get the same prompt for less work.
 
     Reruns with the same directory resume from the last checkpoint, or return
     the finished run at once.
@@ -329,7 +334,14 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             state["step"] = step + 1
             state["train_seconds"] += time.perf_counter() - t0
             entry = {"step": step + 1, "loss": batch_loss.item()}
-            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            at_eval = state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps
+            if at_eval and not evaluate_dev:
+                state.update(best_step=state["step"])
+                best_vectors = prompt.vectors.detach().clone()
+                state["history"].append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+                checkpoint()
+            elif at_eval:
                 acc = dev_eval()
                 entry["dev_accuracy"] = acc
                 if acc > state["best_dev"]:
@@ -357,7 +369,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     prompt.vectors.data.copy_(best_vectors)
     if distributed.is_main():
         prompt.save(out / PROMPT_FILE)
-    metrics = {"dev_accuracy": state["best_dev"], "best_step": state["best_step"],
+    metrics = {"dev_accuracy": state["best_dev"] if evaluate_dev else None, "best_step": state["best_step"],
                "steps_run": state["step"], "stopped_early": stopped_early,
                "majority_accuracy": majority_accuracy(data, "test", train=task)}
     timings = {"train_seconds": state["train_seconds"],
@@ -378,7 +390,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         _atomic_json(out / RUN_JSON, info)
         (out / CHECKPOINT).unlink(missing_ok=True)
     distributed.barrier()  # the others read the run back once rank 0 has written it
-    log.info("tuned %s on %s: dev %.3f test %s", spec.name, task.spec.name, state["best_dev"],
+    log.info("tuned %s on %s: dev %s test %s", spec.name, task.spec.name, metrics["dev_accuracy"],
              metrics.get("test_accuracy"))
     return Run.load(out)
 
