@@ -295,6 +295,8 @@ def test_origin_study_validates_before_work(tmp_path):
         origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, parts=["lora", "adapters"])
     with pytest.raises(OriginError, match="fractions"):
         origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, fractions=[0.0])
+    with pytest.raises(OriginError, match="prompt_steps"):
+        origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, prompt_steps=0)
     with pytest.raises(OriginError, match="task's own"):
         origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, parts=["label_words"],
                      alt_label_words="Negative,positive")
@@ -304,7 +306,7 @@ def test_origin_study_validates_before_work(tmp_path):
 STUDY = dict(tune_config=TuneConfig(prompt_length=4, steps=6, eval_every=3, max_train_examples=96,
                                     max_dev_examples=40, max_test_examples=40),
              steps=6, eval_every=3, fractions=(0.05, 0.2), seeds=1, find_train_examples=96,
-             find_eval_examples=40, progress=False)
+             find_eval_examples=40, prompt_steps=4, progress=False)
 
 
 def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
@@ -321,7 +323,12 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     for side in ("pretrained", "random"):
         assert 0.5 <= rw[side]["top_mean_predictivity"] <= rw[side]["best_predictivity"] <= 1
     assert rw["claim_holds"] == (rw["best_gap"] > 0 and rw["top_mean_gap"] > 0)
-    assert json.loads((out / "random_weights" / "run" / "run.json").read_text())["model"] == "tiny-gpt2-random"
+    rw_run = json.loads((out / "random_weights" / "run" / "run.json").read_text())
+    assert rw_run["model"] == "tiny-gpt2-random"
+    # the extra prompts: the source run's config but `prompt_steps` steps, tested on the study's test cap
+    source_cfg = json.loads((out / "prompt" / "run.json").read_text())["config"]
+    assert rw_run["config"] == {**source_cfg, "steps": 4, "eval_every": 3, "max_test_examples": 40}
+    assert len(rw_run["history"]) == 4 and saved["settings"]["prompt_steps"] == 4
     for part in ("lora", "bitfit"):
         sec = saved[part]
         assert sec["mlp_weights_unchanged"] is True
@@ -332,7 +339,8 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     lw = saved["label_words"]
     assert lw["alternative"] == [" bad", " good"] and lw["original"] == [" negative", " positive"]
     assert -1 <= lw["spearman"] <= 1 and 0 <= lw["top_overlap"] <= 1
-    assert json.loads((out / "label_words" / "run" / "run.json").read_text())["label_words"] == [" bad", " good"]
+    lw_run = json.loads((out / "label_words" / "run" / "run.json").read_text())
+    assert lw_run["label_words"] == [" bad", " good"] and lw_run["config"] == rw_run["config"]
 
     # The saved LoRA weights reproduce the reported accuracies.
     tuned = copy_model(tiny_gpt2, "lora")
@@ -391,3 +399,27 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     assert {p: redo[p] for p in PARTS if p != "bitfit"} == {p: saved[p] for p in PARTS if p != "bitfit"}
     with pytest.raises(OriginError, match="different steps"):
         origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **{**STUDY, "steps": 7})
+
+
+def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
+    from tl_skill.cli import main
+
+    seen = []
+
+    def fake(model, task, out, **kw):
+        seen.append((model, task, str(out), kw))
+        return {"random_weights": {"claim_holds": True, "statement": "stated"}}
+
+    monkeypatch.setattr(origin, "origin_study", fake)
+    main(["origin", "--model", "tiny-gpt2", "--out", str(tmp_path), "-q"])
+    model, task, out, kw = seen[-1]
+    assert (model, task, out) == ("tiny-gpt2", "rotten_tomatoes", str(tmp_path))
+    # the defaults that keep the SmolLM2 study within an hour
+    assert kw["prompt_steps"] == 150 and kw["max_test_examples"] == 300 and kw["steps"] == 200
+    assert kw["fractions"] == (0.01, 0.05, 0.1, 0.2) and kw["seeds"] == 2
+    assert "random_weights  holds: stated" in capsys.readouterr().out
+    main(["origin", "--out", str(tmp_path), "--prompt-steps", "0", "--max-test-examples", "0",
+          "--parts", "lora,bitfit", "--alt-label-words", "bad,good", "-q"])
+    kw = seen[-1][3]
+    assert kw["prompt_steps"] is None and kw["max_test_examples"] is None  # 0: the source run's
+    assert kw["parts"] == ("lora", "bitfit") and kw["alt_label_words"] == ["bad", "good"]

@@ -373,7 +373,9 @@ def _add_origin(sub):
     p.add_argument("--run", default=None, help="reuse this prompt-tuning run (else one is tuned)")
     p.add_argument("--neurons", default=None, help="reuse these skill neurons (else they are found)")
     p.add_argument("--parts", default="random_weights,lora,bitfit,label_words")
-    p.add_argument("--steps", type=int, default=200, help="training steps of LoRA / BitFit / the extra prompts")
+    p.add_argument("--steps", type=int, default=200, help="training steps of LoRA and BitFit")
+    p.add_argument("--prompt-steps", type=int, default=150,
+                   help="tuning steps of the random-weights and label-word prompts (0: the source run's)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--bitfit-lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=8)
@@ -383,7 +385,8 @@ def _add_origin(sub):
     p.add_argument("--std", type=float, default=0.1)
     p.add_argument("--relative", action="store_true")
     p.add_argument("--alt-label-words", default=None, help="e.g. bad,good")
-    p.add_argument("--max-test-examples", type=int, default=None)
+    p.add_argument("--max-test-examples", type=int, default=300,
+                   help="test examples per evaluation (perturbation, extra prompts); 0: the run's cap")
     p.add_argument("--find-train-examples", type=int, default=2000)
     p.add_argument("--find-eval-examples", type=int, default=None)
     p.add_argument("--json", action="store_true")
@@ -401,7 +404,8 @@ def cmd_origin(args):
         fractions=tuple(float(x) for x in args.fractions.split(",")), seeds=args.seeds, mode=args.mode,
         std=args.std, relative=args.relative,
         alt_label_words=args.alt_label_words.split(",") if args.alt_label_words else None,
-        max_test_examples=args.max_test_examples, find_train_examples=args.find_train_examples,
+        max_test_examples=args.max_test_examples or None, prompt_steps=args.prompt_steps or None,
+        find_train_examples=args.find_train_examples,
         find_eval_examples=args.find_eval_examples, batch_size=args.batch_size or 32,
         device=args.device, dtype=args.dtype, progress=not args.quiet)
     lines = [f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"

@@ -596,8 +596,8 @@ def origin_study(
     tune_config: TuneConfig | None = None, steps: int = 200, lora_lr: float = 1e-3, bitfit_lr: float = 1e-3,
     lora_rank: int = 8, lora_alpha: float = 16.0, train_batch_size: int = 16, eval_every: int = 50,
     fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 2, mode: str = "noise",
-    std: float = 0.1, relative: bool = False, max_test_examples: int | None = None,
-    alt_label_words: Sequence[str] | str | None = None, random_seed: int = 1,
+    std: float = 0.1, relative: bool = False, max_test_examples: int | None = 300,
+    prompt_steps: int | None = 150, alt_label_words: Sequence[str] | str | None = None, random_seed: int = 1,
     find_train_examples: int | None = 2000, find_eval_examples: int | None = None, top_fraction: float = 0.01,
     min_spearman: float = 0.5, min_overlap: float = 0.3, batch_size: int = 32,
     device: str | None = None, dtype: str | None = None, progress: bool = True,
@@ -617,11 +617,15 @@ def origin_study(
         parts: any of `PARTS`.
         model: an already loaded model named `model_name` (not changed).
         tune_config: prompt tuning when the study tunes (default `TuneConfig()`); the
-            random-weights and label-word prompts use the source run's config.
+            random-weights and label-word prompts use the source run's config, except
+            `prompt_steps` and the test cap.
+        prompt_steps: tuning steps of the random-weights and label-word prompts (None: the
+            source run's). The default, 150, keeps the study within an hour on 2 CPU cores.
         steps, lora_lr, bitfit_lr, lora_rank, lora_alpha, train_batch_size, eval_every:
             LoRA and BitFit training (`FinetuneConfig`); the train/dev/test caps are the run's.
         fractions, seeds, mode, std, relative: the perturbation (as `ablate.ablation_experiment`),
-            on at most `max_test_examples` test examples (default: the run's cap).
+            on at most `max_test_examples` test examples (None: the run's cap); the extra
+            prompts are tested on as many.
         alt_label_words: the label-word control's words (default `default_alt_label_words`).
         random_seed: initialisation seed of the random-weights model.
         find_train_examples, find_eval_examples: `find_skill_neurons` caps for the neurons the
@@ -653,6 +657,8 @@ def origin_study(
         raise OriginError(f"top_fraction must be in (0, 1], got {top_fraction}")
     if max_test_examples is not None and max_test_examples < 1:
         raise OriginError(f"max_test_examples must be >= 1, got {max_test_examples}")
+    if prompt_steps is not None and prompt_steps < 1:
+        raise OriginError(f"prompt_steps must be >= 1, got {prompt_steps}")
     ft = {"lora": FinetuneConfig(steps=steps, lr=lora_lr, batch_size=train_batch_size, eval_every=eval_every,
                                  eval_batch_size=batch_size),
           "bitfit": FinetuneConfig(steps=steps, lr=bitfit_lr, batch_size=train_batch_size, eval_every=eval_every,
@@ -697,6 +703,11 @@ def origin_study(
             raise OriginError(f"the alternative label words {alt_words} are the task's own")
     cfg = run.config if run is not None else (tune_config or TuneConfig())
     test_cap = max_test_examples if max_test_examples is not None else cfg.max_test_examples
+    if test_cap is not None and cfg.max_test_examples is not None:
+        test_cap = min(test_cap, cfg.max_test_examples)
+    control_steps = prompt_steps or cfg.steps
+    control_cfg = dataclasses.replace(cfg, steps=control_steps, eval_every=min(cfg.eval_every, control_steps),
+                                      max_test_examples=test_cap)
     settings = _jsonable({
         "model": model_name, "task": task_name, "task_seed": task.spec.seed,
         "label_words": list(task.spec.label_words), "run_prompt": None, "neurons": None, "steps": steps,
@@ -704,7 +715,7 @@ def origin_study(
         "train_batch_size": train_batch_size, "eval_every": eval_every, "fractions": fractions,
         "seeds": seed_list, "mode": mode, "std": std if mode == "noise" else None,
         "relative": relative if mode == "noise" else None, "test_examples": test_cap,
-        "alt_label_words": alt_words, "random_seed": random_seed, "top_fraction": top_fraction,
+        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": random_seed, "top_fraction": top_fraction,
         "min_spearman": min_spearman, "min_overlap": min_overlap,
     })
     path = out / ORIGIN_JSON
@@ -763,10 +774,10 @@ def origin_study(
             continue
         t0 = time.perf_counter()
         if part == "random_weights":
-            state[part] = _random_weights_part(model, task, run, sn, out, pretrained, random_seed, top_fraction,
-                                               find_kw, progress)
+            state[part] = _random_weights_part(model, task, run, control_cfg, sn, out, pretrained, random_seed,
+                                               top_fraction, find_kw, progress)
         elif part == "label_words":
-            state[part] = _label_words_part(model, task_name, run, sn, out, alt_words, top_fraction,
+            state[part] = _label_words_part(model, task_name, run, control_cfg, sn, out, alt_words, top_fraction,
                                             min_spearman, min_overlap, find_kw, progress)
         else:
             def on_update(section, part=part):
@@ -782,10 +793,10 @@ def origin_study(
     return save("done" if all(state.get(p, {}).get("status") == "done" for p in PARTS) else "partial")
 
 
-def _random_weights_part(model, task, run: Run, sn: SkillNeurons, out: Path, pretrained: dict, seed: int,
-                         top_fraction: float, find_kw: dict, progress: bool) -> dict[str, Any]:
+def _random_weights_part(model, task, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path, pretrained: dict,
+                         seed: int, top_fraction: float, find_kw: dict, progress: bool) -> dict[str, Any]:
     rand_model = random_weights_model(model, seed)
-    rand_run = tune(rand_model, task, out / "random_weights" / "run", run.config, progress=progress)
+    rand_run = tune(rand_model, task, out / "random_weights" / "run", cfg, progress=progress)
     ndir = out / "random_weights" / "neurons"
     rand_sn = load_or_find(rand_model, [rand_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
     del rand_model
@@ -813,12 +824,12 @@ def _random_weights_part(model, task, run: Run, sn: SkillNeurons, out: Path, pre
             "claim_holds": bool(holds), "statement": statement}
 
 
-def _label_words_part(model, task_name: str, run: Run, sn: SkillNeurons, out: Path, alt_words: list[str],
-                      top_fraction: float, min_spearman: float, min_overlap: float, find_kw: dict,
-                      progress: bool) -> dict[str, Any]:
+def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path,
+                      alt_words: list[str], top_fraction: float, min_spearman: float, min_overlap: float,
+                      find_kw: dict, progress: bool) -> dict[str, Any]:
     alt_task = load_task(task_name, seed=run.info["task_seed"], label_words=alt_words)
     base = out / "label_words"
-    alt_run = tune(model, alt_task, base / "run", run.config, progress=progress)
+    alt_run = tune(model, alt_task, base / "run", cfg, progress=progress)
     ndir = base / "neurons"
     alt_sn = load_or_find(model, [alt_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
     cmp = compare_predictivity(sn, alt_sn, top_fraction)
