@@ -59,6 +59,15 @@ def test_same_seed_same_weights_other_seed_other_weights(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_loading_leaves_the_global_random_stream_alone(name):
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    load_model(name, device="cpu", seed=5)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_frozen_and_eval(name):
     model = load_model(name, device="cpu")
     hf = compat.hf_model_of(model)

@@ -271,9 +271,17 @@ def load_model(
         The model (see `compat.build_model`), frozen (no parameter requires grad) and in eval mode; its
         `ModelSpec` is available through `model_spec(model)`.
     """
+    compat.check_kind(kind)
+    # Building the model (random init before weights are loaded) draws from torch's global
+    # generator; the caller's random stream should not depend on whether a model was loaded.
+    with torch.random.fork_rng(devices=[]):
+        return _load_model(name, device, dtype, seed, attn_implementation, kind)
+
+
+def _load_model(name, device, dtype, seed, attn_implementation, kind):
     from transformers import AutoTokenizer
 
-    compat.check_kind(kind)
+
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     attn = attn_implementation or "eager"
