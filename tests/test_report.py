@@ -129,3 +129,23 @@ def test_demo_scripts_run_fast(script):
                          text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "accuracy" in res.stdout
+
+
+def test_cli_demo_prints_phases_once_on_the_main_process(monkeypatch, tmp_path, capsys):
+    from tl_skill import distributed, report
+    from tl_skill.cli import main
+
+    def fake_run_demo(out, cfg, on_phase=None, **kw):
+        assert cfg.model == "tiny-gpt2" and cfg.task == "word_sentiment"
+        on_phase("tune", 1.5, "dev 0.9")
+        on_phase("find", 2.0, "best neuron 0.8")
+        return tmp_path / "report.html"
+
+    monkeypatch.setattr(report, "run_demo", fake_run_demo)
+    main(["demo", "--model", "tiny-gpt2", "--task", "word_sentiment", "--out", str(tmp_path), "-q"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("]")[1].split()[0] for ln in lines[:2]] == ["tune", "find"] and "dev 0.9" in lines[0]
+    assert lines[2] == f"report: {tmp_path / 'report.html'}"
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # another torchrun rank: silent
+    main(["demo", "--model", "tiny-gpt2", "--task", "word_sentiment", "--out", str(tmp_path), "-q"])
+    assert capsys.readouterr().out == ""

@@ -439,12 +439,19 @@ def cmd_demo(args):
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
     t0 = time.perf_counter()
 
+    from tqdm.auto import tqdm
+
+    from . import distributed
+
     def on_phase(name, seconds, summary):
-        print(f"[{time.perf_counter() - t0:6.0f}s] {name:<26} {seconds:6.1f}s  {summary}", flush=True)
+        if distributed.is_main():  # one line per phase, not one per torchrun process
+            # tqdm.write: on its own line even while a progress bar is drawn
+            tqdm.write(f"[{time.perf_counter() - t0:6.0f}s] {name:<26} {seconds:6.1f}s  {summary}")
 
     path = run_demo(args.out, cfg, device=args.device, dtype=args.dtype, progress=not args.quiet,
                     on_phase=on_phase)
-    print(f"report: {path}")
+    if distributed.is_main():
+        print(f"report: {path}")
 
 
 # ---------------------------------------------------------------------------- main
