@@ -16,7 +16,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing clipped (long task names, colorbars)
     plt.close(fig)
     return path
 
@@ -155,19 +155,28 @@ def plot_ablation(result: dict | str | Path, path: str | Path) -> Path:
 
 # --- transfer (SPEC §8) --------------------------------------------------------
 def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str, cbar_label: str = "",
-                     cmap: str = "viridis", center: float | None = None) -> Path:
-    """Task x task heatmap (rows: source task, columns: target task), each cell annotated."""
+                     cmap: str = "viridis", center: float | None = None, scale_diagonal: bool = True) -> Path:
+    """Task x task heatmap (rows: source task, columns: target task), each cell annotated.
+
+    `scale_diagonal=False`: the colour scale spans the off-diagonal cells only and the
+    diagonal is drawn grey (a similarity of a task with itself, 1, would otherwise
+    flatten every other difference); its values are still written in the cells.
+    """
     m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     n = len(tasks)
     size = max(4.0, 0.9 * n + 2.2)
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
-    finite = m[np.isfinite(m)]
+    shown = m.copy()
+    if not scale_diagonal and n > 1:
+        np.fill_diagonal(shown, np.nan)
+        ax.imshow(np.where(np.eye(n, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)
+    finite = shown[np.isfinite(shown)]
     kw = {}
     if center is not None and finite.size:
         half = float(np.abs(finite - center).max()) or 1.0
         kw = dict(vmin=center - half, vmax=center + half)
         cmap = "RdBu_r" if cmap == "viridis" else cmap
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, **kw)
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, **kw)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar_label)
     labels = [t if len(t) <= 28 else t[:26] + ".." for t in tasks]
     ax.set_xticks(range(n), labels, rotation=40, ha="right", fontsize=8)
@@ -175,12 +184,13 @@ def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str,
     ax.set_xlabel("target task")
     ax.set_ylabel("source task (prompt)")
     if n <= 12:
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        fmt = ".3f" if finite.size and float(np.abs(finite).max()) < 0.1 else ".2f"
         for i in range(n):
             for j in range(n):
                 if np.isfinite(m[i, j]):
-                    dark = (m[i, j] - lo) < 0.5 * (hi - lo) if center is None else False
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    r, g, b, _ = im.cmap(im.norm(m[i, j])) if np.isfinite(shown[i, j]) else (0.9, 0.9, 0.9, 1)
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # the cell's own colour decides the text's
+                    ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
@@ -220,7 +230,7 @@ def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
                                       center=center))
     for name, m in result["indicators"].items():
         paths.append(plot_task_matrix(m, tasks, out_dir / f"indicator_{name}.png",
-                                      f"{model}: task similarity ({name})", name))
+                                      f"{model}: task similarity ({name})", name, scale_diagonal=False))
     if result.get("correlations"):
         paths.append(plot_indicator_correlations(result["correlations"], out_dir / "correlations.png",
                                                  f"{model}: indicators vs transfer ({len(tasks)} tasks)"))
