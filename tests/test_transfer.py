@@ -328,3 +328,46 @@ def test_study_refuses_bad_input_early(tiny_gpt2, tmp_path):
     with pytest.raises(TaskError):
         tr.study(tiny_gpt2, ["word_sentiment", "no_such_task"], tmp_path, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def _slow_mantel(ind, trm):
+    """Reference: every relabelling written out, Spearman from scipy."""
+    import itertools
+
+    from scipy.stats import spearmanr
+
+    n = len(ind)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    ys = [trm[i][j] for i, j in pairs]
+    obs = spearmanr([ind[i][j] for i, j in pairs], ys).statistic
+    rs = [spearmanr([ind[p[i]][p[j]] for i, j in pairs], ys).statistic for p in itertools.permutations(range(n))]
+    return sum(r >= obs - 1e-12 for r in rs) / len(rs)
+
+
+def test_mantel_p_value_counts_relabellings():
+    rng = np.random.default_rng(3)
+    trm = rng.normal(size=(4, 4)).tolist()
+    ind = rng.normal(size=(4, 4)).tolist()
+    p, count = tr.mantel_p_value(ind, trm)
+    assert count == 24 and p == pytest.approx(_slow_mantel(ind, trm))
+    # the indicator *is* the transfer matrix: only labellings that preserve the order reach rho = 1
+    trm = rng.normal(size=(4, 4)).tolist()
+    p, _ = tr.mantel_p_value(trm, trm)
+    assert p == pytest.approx(1 / 24)
+    # a perfectly anti-correlated indicator: every relabelling does at least as well
+    anti = [[-v for v in row] for row in trm]
+    assert tr.mantel_p_value(anti, trm)[0] == 1.0
+    # more tasks than the exact limit: random relabellings plus the observed one
+    big = rng.normal(size=(5, 5))
+    p, count = tr.mantel_p_value(big, big, max_exact=4, n_random=199)
+    assert count == 200 and 1 / 200 <= p < 0.05
+    assert math.isnan(tr.mantel_p_value([[1.0, 1.0], [1.0, 1.0]], [[0.0, 1.0], [2.0, 0.0]])[0])
+
+
+def test_indicator_correlations_report_mantel_p():
+    rng = np.random.default_rng(4)
+    trm, ind = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    got = tr.indicator_correlations({"i": ind}, {"k": trm})["i"]["k"]
+    assert got["mantel_p"] == pytest.approx(_slow_mantel(ind.tolist(), trm.tolist()))
+    assert got["mantel_permutations"] == 24
+    assert "mantel_p" not in tr.indicator_correlations({"i": ind}, {"k": trm}, mantel=False)["i"]["k"]

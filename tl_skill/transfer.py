@@ -26,6 +26,7 @@ are known.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ PROMPT_INDICATORS = ("prompt_cosine", "prompt_cosine_mean_pooled")
 ACTIVATION_INDICATORS = ("activated_jaccard", "activated_cosine")
 INDICATORS = NEURON_INDICATORS + PROMPT_INDICATORS + ACTIVATION_INDICATORS
 TRANSFER_KINDS = ("zero_shot", "zero_shot_relative", "init", "init_gain")
+MANTEL_EXACT_MAX = 7  # up to 7 tasks every relabelling (7! = 5040) is tried
 
 
 class TransferError(ValueError):
@@ -263,11 +265,52 @@ def off_diagonal_pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i != j]
 
 
+def _off_diagonal_spearman(ind: np.ndarray, tr: np.ndarray) -> tuple[float, int]:
+    xs, ys = [], []
+    for i, j in off_diagonal_pairs(ind.shape[0]):
+        if math.isfinite(ind[i, j]) and math.isfinite(tr[i, j]):
+            xs.append(ind[i, j]), ys.append(tr[i, j])
+    return (spearman(xs, ys) if len(xs) >= 3 else math.nan), len(xs)
+
+
+def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_random: int = 9999,
+                   seed: int = 0) -> tuple[float, int]:
+    """One-sided Mantel permutation test of the off-diagonal Spearman correlation.
+
+    Task pairs share tasks, so the pairs are not independent and the usual p-value of a
+    correlation over them is wrong. Relabelling the tasks of `indicator` (rows and columns
+    together) keeps that structure: p is the share of relabellings whose correlation with
+    `transfer` is at least the observed one. All n! relabellings when n <= `max_exact`
+    (then the smallest possible p is 1/n!: 1/120 for five tasks), else `n_random` random ones
+    plus the observed labelling. Returns (p, number of relabellings); NaN when undefined.
+    """
+    ind, tr = _as_array(indicator), _as_array(transfer)
+    n = ind.shape[0]
+    observed, _ = _off_diagonal_spearman(ind, tr)
+    if not math.isfinite(observed):
+        return math.nan, 0
+    if n <= max_exact:
+        perms = itertools.permutations(range(n))
+    else:
+        rng = np.random.default_rng(seed)
+        perms = itertools.chain([tuple(range(n))], (tuple(rng.permutation(n)) for _ in range(n_random)))
+    hits = total = 0
+    for perm in perms:
+        idx = np.asarray(perm)
+        r, _ = _off_diagonal_spearman(ind[np.ix_(idx, idx)], tr)
+        total += 1
+        hits += bool(math.isfinite(r) and r >= observed - 1e-12)
+    return hits / total, total
+
+
 def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
-                           transfer: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, dict[str, dict]]:
+                           transfer: Mapping[str, Sequence[Sequence[float]]],
+                           mantel: bool = True) -> dict[str, dict[str, dict]]:
     """Spearman and Kendall correlation of each indicator with each transfer matrix over pairs A != B.
 
     Pairs where either value is missing (None/NaN) are left out; `n` says how many were used.
+    With `mantel`, `mantel_p` is the one-sided Mantel permutation p-value of the Spearman
+    correlation (`mantel_p_value`) and `mantel_permutations` how many relabellings it used.
     """
     out: dict[str, dict[str, dict]] = {}
     for name, ind in indicators.items():
@@ -284,6 +327,9 @@ def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
                     xs.append(ind[i, j]), ys.append(tr[i, j])
             out[name][kind] = {"spearman": spearman(xs, ys) if len(xs) >= 3 else math.nan,
                                "kendall": kendall(xs, ys) if len(xs) >= 3 else math.nan, "n": len(xs)}
+            if mantel:
+                p, count = mantel_p_value(ind, tr)
+                out[name][kind].update(mantel_p=p, mantel_permutations=count)
     return out
 
 
