@@ -35,6 +35,10 @@ PB = [[0.55, 0.6, 0.8], [0.9, 0.7, 0.5]]
 def test_rankdata_gives_average_ranks_to_ties():
     assert tr.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
     assert tr.rankdata([5, 5, 5]).tolist() == [2.0, 2.0, 2.0]
+    from scipy.stats import rankdata as scipy_rankdata
+
+    x = np.random.default_rng(0).integers(0, 15, size=300).astype(float)  # many ties
+    assert tr.rankdata(x).tolist() == scipy_rankdata(x).tolist()
 
 
 def test_spearman_and_kendall_hand_computed_with_ties():

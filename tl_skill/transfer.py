@@ -70,19 +70,11 @@ class TransferError(ValueError):
 
 # --------------------------------------------------------------------------- statistics
 def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the average of their ranks."""
+    """1-based ranks; tied values share the average of their ranks (finite values expected)."""
     x = np.asarray(x, dtype=np.float64).ravel()
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of each distinct value's last copy
+    return ((last - counts + 1 + last) / 2.0)[inverse.ravel()]
 
 
 def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -266,11 +258,9 @@ def off_diagonal_pairs(n: int) -> list[tuple[int, int]]:
 
 
 def _off_diagonal_spearman(ind: np.ndarray, tr: np.ndarray) -> tuple[float, int]:
-    xs, ys = [], []
-    for i, j in off_diagonal_pairs(ind.shape[0]):
-        if math.isfinite(ind[i, j]) and math.isfinite(tr[i, j]):
-            xs.append(ind[i, j]), ys.append(tr[i, j])
-    return (spearman(xs, ys) if len(xs) >= 3 else math.nan), len(xs)
+    keep = ~np.eye(ind.shape[0], dtype=bool) & np.isfinite(ind) & np.isfinite(tr)
+    n = int(keep.sum())
+    return (spearman(ind[keep], tr[keep]) if n >= 3 else math.nan), n
 
 
 def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_random: int = 9999,
