@@ -15,7 +15,7 @@ from tl_skill import origin
 from tl_skill.ablate import Perturbation
 from tl_skill.origin import (
     BITFIT_BIASES, BITFIT_NORMS, ORIGIN_JSON, PARTS, FinetuneConfig, OriginError, add_lora, bitfit_parameters,
-    clean_hf_copy, compare_predictivity, copy_model, finetune, mlp_parameters, origin_study,
+    clean_hf_copy, compare_predictivity, copy_model, finetune, origin_study,
     perturbation_rows, perturbation_verdict, random_weights_model,
 )
 from tl_skill.prompt import Verbalizer

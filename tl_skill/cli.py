@@ -431,6 +431,9 @@ def _add_demo(sub):
 def cmd_demo(args):
     import time
 
+    from tqdm.auto import tqdm
+
+    from . import distributed
     from .report import DemoConfig, run_demo
 
     kw = dict(model=args.model, task=args.task)
@@ -438,10 +441,6 @@ def cmd_demo(args):
         kw["batch_size"] = args.batch_size
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
     t0 = time.perf_counter()
-
-    from tqdm.auto import tqdm
-
-    from . import distributed
 
     def on_phase(name, seconds, summary):
         if distributed.is_main():  # one line per phase, not one per torchrun process

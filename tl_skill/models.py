@@ -281,7 +281,6 @@ def load_model(
 def _load_model(name, device, dtype, seed, attn_implementation, kind):
     from transformers import AutoTokenizer
 
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     attn = attn_implementation or "eager"

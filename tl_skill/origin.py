@@ -715,8 +715,8 @@ def origin_study(
         "train_batch_size": train_batch_size, "eval_every": eval_every, "fractions": fractions,
         "seeds": seed_list, "mode": mode, "std": std if mode == "noise" else None,
         "relative": relative if mode == "noise" else None, "test_examples": test_cap,
-        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": random_seed, "top_fraction": top_fraction,
-        "min_spearman": min_spearman, "min_overlap": min_overlap,
+        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": random_seed,
+        "top_fraction": top_fraction, "min_spearman": min_spearman, "min_overlap": min_overlap,
     })
     path = out / ORIGIN_JSON
     prev = _read_previous(path)

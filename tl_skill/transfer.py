@@ -253,14 +253,15 @@ def activation_overlap(states_a: Sequence[torch.Tensor], states_b: Sequence[torc
 
 
 # --------------------------------------------------------------------------- correlations
-def off_diagonal_pairs(n: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(n) for j in range(n) if i != j]
-
-
-def _off_diagonal_spearman(ind: np.ndarray, tr: np.ndarray) -> tuple[float, int]:
+def _off_diagonal_values(ind: np.ndarray, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs A != B where both matrices have a value, as two flat arrays."""
     keep = ~np.eye(ind.shape[0], dtype=bool) & np.isfinite(ind) & np.isfinite(tr)
-    n = int(keep.sum())
-    return (spearman(ind[keep], tr[keep]) if n >= 3 else math.nan), n
+    return ind[keep], tr[keep]
+
+
+def _off_diagonal_spearman(ind: np.ndarray, tr: np.ndarray) -> float:
+    xs, ys = _off_diagonal_values(ind, tr)
+    return spearman(xs, ys) if len(xs) >= 3 else math.nan
 
 
 def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_random: int = 9999,
@@ -276,7 +277,7 @@ def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_ran
     """
     ind, tr = _as_array(indicator), _as_array(transfer)
     n = ind.shape[0]
-    observed, _ = _off_diagonal_spearman(ind, tr)
+    observed = _off_diagonal_spearman(ind, tr)
     if not math.isfinite(observed):
         return math.nan, 0
     if n <= max_exact:
@@ -287,7 +288,7 @@ def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_ran
     hits = total = 0
     for perm in perms:
         idx = np.asarray(perm)
-        r, _ = _off_diagonal_spearman(ind[np.ix_(idx, idx)], tr)
+        r = _off_diagonal_spearman(ind[np.ix_(idx, idx)], tr)
         total += 1
         hits += bool(math.isfinite(r) and r >= observed - 1e-12)
     return hits / total, total
@@ -311,10 +312,7 @@ def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
             if ind.shape != tr.shape or ind.shape[0] != ind.shape[1]:
                 raise TransferError(f"indicator {name!r} {ind.shape} and transfer {kind!r} {tr.shape} "
                                     "must be square matrices of the same size")
-            xs, ys = [], []
-            for i, j in off_diagonal_pairs(ind.shape[0]):
-                if math.isfinite(ind[i, j]) and math.isfinite(tr[i, j]):
-                    xs.append(ind[i, j]), ys.append(tr[i, j])
+            xs, ys = _off_diagonal_values(ind, tr)
             out[name][kind] = {"spearman": spearman(xs, ys) if len(xs) >= 3 else math.nan,
                                "kendall": kendall(xs, ys) if len(xs) >= 3 else math.nan, "n": len(xs)}
             if mantel:
