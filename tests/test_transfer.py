@@ -209,8 +209,12 @@ def test_study_writes_documented_transfer_json(study_dir):
     for name in tr.NEURON_INDICATORS:
         assert np.allclose(np.diag(np.asarray(data["indicators"][name], dtype=float)), 1.0), name
     assert set(data["correlations"]) == set(tr.INDICATORS)
-    for by_kind in data["correlations"].values():
+    for main in data["correlations"].values():
+        by_kind = main["by_transfer"]
         assert set(by_kind) == set(tr.TRANSFER_KINDS)
+        # the top level repeats the main measure's numbers: {name: {spearman, kendall, ...}}
+        assert main["transfer"] == "init_gain" and {**main, "transfer": None, "by_transfer": None} == {
+            **by_kind["init_gain"], "transfer": None, "by_transfer": None}
         for c in by_kind.values():
             assert {"spearman", "kendall"} <= set(c) and c["n"] == 6
             for v in (c["spearman"], c["kendall"]):
@@ -292,6 +296,10 @@ def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
                                 figures=False, progress=False)
     study = json.loads((out / "transfer.json").read_text())
     assert set(got["transfer"]) == {"zero_shot", "zero_shot_relative"}
+    for name, c in got["correlations"].items():  # without the init setting, zero-shot is the main measure
+        assert c["transfer"] == "zero_shot" and c["spearman"] == c["by_transfer"]["zero_shot"]["spearman"]
+        assert c["spearman"] == pytest.approx(study["correlations"][name]["by_transfer"]["zero_shot"]["spearman"],
+                                              nan_ok=True)
     as_np = lambda m: np.asarray(m, dtype=float)
     assert np.allclose(as_np(got["transfer"]["zero_shot"]), as_np(study["transfer"]["zero_shot"]))
     for name, m in study["indicators"].items():

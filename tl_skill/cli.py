@@ -303,8 +303,8 @@ def _add_transfer(sub):
 
 def _correlation_table(res) -> str:
     lines = [f"{'indicator':<28} {'transfer':<20} {'spearman':>9} {'kendall':>8} {'mantel p':>9}"]
-    for ind, by_kind in res["correlations"].items():
-        for kind, c in by_kind.items():
+    for ind, main in res["correlations"].items():
+        for kind, c in main["by_transfer"].items():
             sp, kd, p = c.get("spearman"), c.get("kendall"), c.get("mantel_p")
             lines.append(f"{ind:<28} {kind:<20} {sp if sp is None else f'{sp:9.3f}':>9} "
                          f"{kd if kd is None else f'{kd:8.3f}':>8} {p if p is None else f'{p:9.3f}':>9}")

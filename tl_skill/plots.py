@@ -197,7 +197,12 @@ def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str,
 
 
 def plot_indicator_correlations(correlations: dict, path: str | Path, title: str = "") -> Path:
-    """Spearman correlation of each indicator (bars) with each kind of transfer performance (groups)."""
+    """Spearman correlation of each indicator (bars) with each kind of transfer performance (groups).
+
+    `correlations`: {indicator: {kind: {spearman, ...}}}, or `transfer.json`'s form with the
+    kinds under `by_transfer`.
+    """
+    correlations = {name: c.get("by_transfer", c) for name, c in correlations.items()}
     indicators = list(correlations)
     kinds = list(next(iter(correlations.values()))) if indicators else []
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(indicators) + 2), 4.0))

@@ -321,6 +321,12 @@ def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
     return out
 
 
+def main_transfer_kind(transfer: Mapping[str, Any]) -> str:
+    """The transfer measure `correlations` reports first: the gain of A's prompt as the start
+    of K steps on B over a random start (the paper's setting) when measured, else zero-shot."""
+    return "init_gain" if "init_gain" in transfer else "zero_shot"
+
+
 def _as_array(m) -> np.ndarray:
     return np.asarray([[math.nan if v is None else float(v) for v in row] for row in m], dtype=np.float64)
 
@@ -467,7 +473,9 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
 
     Returns:
         The contents of `transfer.json`: `tasks`, `transfer` {kind: matrix},
-        `indicators` {name: matrix}, `correlations` {indicator: {kind: {spearman, kendall, n}}}.
+        `indicators` {name: matrix}, `correlations` {indicator: {spearman, kendall, n, mantel_p,
+        transfer, by_transfer}}: the top-level numbers are for the main transfer measure
+        (`main_transfer_kind`), `by_transfer` has them for every kind {kind: {spearman, ...}}.
     """
     out = Path(out)
     tasks = validate_inputs(model, neurons, runs)
@@ -571,7 +579,9 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
             for name in INDICATORS:
                 indicators[name][i, j] = vals[name]
 
-    correlations = indicator_correlations(indicators, transfer)
+    by_kind = indicator_correlations(indicators, transfer)
+    main_kind = main_transfer_kind(transfer)
+    correlations = {name: {**c[main_kind], "transfer": main_kind, "by_transfer": c} for name, c in by_kind.items()}
     result = {
         "model": spec.name,
         "tasks": tasks,
@@ -581,7 +591,7 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
         "correlations": correlations,
         "baselines": baselines,
         "best_indicator": {
-            kind: max(correlations, key=lambda name: _finite_or(correlations[name][kind]["spearman"]))
+            kind: max(by_kind, key=lambda name: _finite_or(by_kind[name][kind]["spearman"]))
             for kind in transfer
         },
         "settings": {**settings, "init_trials": init_trials, "top_fraction": top_fraction,
