@@ -250,8 +250,8 @@ def test_finetune_refuses_foreign_or_no_parameters(tiny_gpt2, tiny_task):
     stranger = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(OriginError, match="do not belong"):
         finetune(tiny_gpt2, tiny_task, {"x": stranger}, progress=False)
-    with pytest.raises(OriginError, match="steps"):
-        FinetuneConfig(steps=0)
+    with pytest.raises(OriginError, match=r"invalid fine-tuning setting\(s\): steps=0, batch_size=0"):
+        FinetuneConfig(steps=0, batch_size=0)
 
 
 # ----------------------------------------------------------------------------- comparisons

@@ -216,6 +216,8 @@ def test_bad_config_refused():
         TuneConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TuneConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match=r"invalid tuning setting\(s\): prompt_length=0, warmup_fraction=1.0"):
+        TuneConfig(prompt_length=0, warmup_fraction=1.0)
 
 
 # ------------------------------------------------------------------------------ CLI

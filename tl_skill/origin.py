@@ -55,7 +55,8 @@ from .neurons import SkillNeurons, load_or_find, random_mask_like
 from .prompt import Verbalizer, class_logits, layout_for
 from .tasks import Task, load_task, subsample
 from .transfer import _jsonable, spearman
-from .tuning import Run, TuneConfig, _atomic_json, _batch_indices, _lr_factor, evaluate, majority_accuracy, tune
+from .tuning import (Run, TuneConfig, _atomic_json, _batch_indices, _lr_factor, check_training_settings, evaluate,
+                     majority_accuracy, tune)
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +320,7 @@ class FinetuneConfig:
     eval_batch_size: int = 32
 
     def __post_init__(self):
-        checks = {"steps": self.steps >= 1, "lr": self.lr > 0 and math.isfinite(self.lr),
-                  "batch_size": self.batch_size >= 1, "eval_every": self.eval_every >= 1,
-                  "warmup_fraction": 0 <= self.warmup_fraction < 1, "max_input_tokens": self.max_input_tokens >= 1}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise OriginError("invalid fine-tuning setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+        check_training_settings(self, OriginError, "fine-tuning")
 
 
 def finetune(model, task: Task, params: dict[str, torch.nn.Parameter], config: FinetuneConfig | None = None,

@@ -38,6 +38,25 @@ class RunError(ValueError):
     """A run directory that is missing, incomplete or inconsistent."""
 
 
+def check_training_settings(cfg, error: type[Exception] = ValueError, what: str = "tuning", **more: bool) -> None:
+    """Refuse impossible training settings of a config, naming each bad field.
+
+    Shared by `TuneConfig` and `origin.FinetuneConfig`; `more` adds {field: is it valid}.
+    """
+    checks = {
+        **more,
+        "steps": cfg.steps >= 1,
+        "batch_size": cfg.batch_size >= 1,
+        "lr": cfg.lr > 0 and math.isfinite(cfg.lr),
+        "eval_every": cfg.eval_every >= 1,
+        "max_input_tokens": cfg.max_input_tokens >= 1,
+        "warmup_fraction": 0 <= cfg.warmup_fraction < 1,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise error(f"invalid {what} setting(s): " + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in bad))
+
+
 @dataclass
 class TuneConfig:
     """Prompt-tuning settings. Defaults are those measured on SmolLM2-135M (see README)."""
@@ -62,18 +81,7 @@ class TuneConfig:
     init_text: str | None = None
 
     def __post_init__(self):
-        checks = {
-            "prompt_length": self.prompt_length >= 1,
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "eval_every": self.eval_every >= 1,
-            "max_input_tokens": self.max_input_tokens >= 1,
-            "warmup_fraction": 0 <= self.warmup_fraction < 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid tuning setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+        check_training_settings(self, prompt_length=self.prompt_length >= 1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
