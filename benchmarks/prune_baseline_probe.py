@@ -22,20 +22,22 @@ from tl_skill import compat, load_model
 from tl_skill.neurons import SkillNeurons
 from tl_skill.prompt import class_logits, layout_for
 from tl_skill.prune import prune
-from tl_skill.tasks import column, label_array, subsample
+from tl_skill.tasks import Task, column, label_array, subsample
 from tl_skill.tuning import Run, evaluate
 
 
-def all_position_means(model, run: Run, n_train: int, batch_size: int = 32) -> torch.Tensor:
+def all_position_means(model, run: Run, task: Task, n_train: int, batch_size: int = 32) -> torch.Tensor:
     """[n_layers, d_mlp] mean of every neuron over all non-padding positions, prompt applied."""
     cfg = run.config
-    train = subsample(run.load_task(), {"train": n_train}, seed=cfg.task_seed)["train"]
+    train = subsample(task, {"train": n_train}, seed=cfg.task_seed)["train"]
     layout = layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side)
     tokens, labels = layout.tokenize(column(train, "text")), label_array(train)
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     sums = torch.zeros(n_layers, d_mlp, dtype=torch.float64)
     count = 0
     verbalizer = run.verbalizer(model)
+    device = compat.model_device(model)
+    prompt = run.prompt.to(device)
     mask: dict[str, torch.Tensor] = {}
 
     def adder(layer):
@@ -46,10 +48,10 @@ def all_position_means(model, run: Run, n_train: int, batch_size: int = 32) -> t
     hooks = [(compat.mlp_post_hook(layer), adder(layer)) for layer in range(n_layers)]
     with torch.no_grad():
         for i in range(0, len(tokens), batch_size):
-            batch = layout.collate(tokens[i:i + batch_size], labels[i:i + batch_size]).to(compat.model_device(model))
+            batch = layout.collate(tokens[i:i + batch_size], labels[i:i + batch_size]).to(device)
             mask["m"] = batch.attention_mask.double()
             count += int(batch.attention_mask.sum())
-            class_logits(model, batch, verbalizer, run.prompt.to(compat.model_device(model)), extra_hooks=hooks)
+            class_logits(model, batch, verbalizer, prompt, extra_hooks=hooks)
     return sums / count
 
 
@@ -71,9 +73,10 @@ def main() -> None:
     first, last = (int(x) for x in args.layers.split("-"))
     layers = list(range(first, last + 1))
     t0 = time.perf_counter()
-    means = all_position_means(model, run, args.n_train)
+    task = run.load_task()
+    means = all_position_means(model, run, task, args.n_train)
     cfg = run.config
-    test = subsample(run.load_task(), {"test": args.n_test}, seed=cfg.task_seed)
+    test = subsample(task, {"test": args.n_test}, seed=cfg.task_seed)
     kw = dict(batch_size=32, max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)
     verbalizer = run.verbalizer(model)
     result = {"run": args.run_dir, "neurons": args.neurons_dir, "keep": args.keep, "layers": layers,

@@ -343,13 +343,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             state["train_seconds"] += time.perf_counter() - t0
             entry = {"step": step + 1, "loss": batch_loss.item()}
             at_eval = state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps
-            if at_eval and not evaluate_dev:
-                state.update(best_step=state["step"])
-                best_vectors = prompt.vectors.detach().clone()
-                state["history"].append(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}")
-                checkpoint()
-            elif at_eval:
+            if at_eval and evaluate_dev:
                 acc = dev_eval()
                 entry["dev_accuracy"] = acc
                 if acc > state["best_dev"]:
@@ -365,7 +359,10 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
                     break
             else:
                 state["history"].append(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", best=f"{max(state['best_dev'], 0):.3f}")
+                best = {"best": f"{max(state['best_dev'], 0):.3f}"} if evaluate_dev else {}
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", **best)
+                if at_eval:  # without dev checks: still a resumable checkpoint
+                    checkpoint()
             bar.update(1)
     except KeyboardInterrupt:
         checkpoint()
@@ -374,6 +371,9 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     finally:
         bar.close()
 
+    if not evaluate_dev:  # no model selection: the last step's prompt
+        best_vectors = prompt.vectors.detach().clone()
+        state["best_step"] = state["step"]
     prompt.vectors.data.copy_(best_vectors)
     if distributed.is_main():
         prompt.save(out / PROMPT_FILE)
