@@ -26,7 +26,7 @@ def fake_neurons(model, seed=0, runs=2, positions=3, layers=None, name=None, d_m
     g = torch.Generator().manual_seed(seed)
     return SkillNeurons(
         model=name or spec.name, task="rotten_tomatoes", runs=[f"run{r}" for r in range(runs)],
-        label_names=["negative", "positive"], label_words=["bad", "good"],
+        label_names=["negative", "positive"], label_words=[" negative", " positive"],
         subtasks=[Subtask("positive vs negative", (1,), (0,))], layers=layers, positions="prompt",
         accuracy=torch.rand(runs, 1, L, positions, D, generator=g, dtype=torch.float64),
         baseline=0.5 + 0.3 * torch.randn(runs, L, positions, D, generator=g, dtype=torch.float64),

@@ -133,8 +133,13 @@ def test_label_words_override():
     task = load_task("rotten_tomatoes", label_words="bad,good")
     assert task.label_words == (" bad", " good")
     assert task.spec.label_names == ("rotten", "fresh")
-    with pytest.raises(TaskError, match="2 classes"):
+    with pytest.raises(TaskError, match=r"2 labels \['rotten', 'fresh'\] but 3 label words"):
         load_task("rotten_tomatoes", label_words="bad,ok,good")
+    # by name: the class order is the task's, whatever the order of the pairs
+    task = load_task("rotten_tomatoes", label_words="fresh=good,rotten=bad")
+    assert task.label_words == (" bad", " good")
+    with pytest.raises(TaskError, match="labels are"):
+        load_task("rotten_tomatoes", label_words="fresh=good,stale=bad")
 
 
 # ---------------------------------------------------------------------- user files
@@ -162,8 +167,8 @@ def test_csv_string_labels(tmp_path):
     rows = _rows(20, ["pos", "neg"])
     path = _write_csv(tmp_path / "t.csv", rows)
     task = load_task(f"csv:{path}")
-    assert task.spec.label_names == ("neg", "pos")  # sorted
-    assert task.label_words == (" neg", " pos")
+    assert task.spec.label_names == ("pos", "neg")  # order of first appearance
+    assert task.label_words == (" pos", " neg")
     _check_well_formed(task)
     for split in SPLITS:
         for text, y in _examples(task, split):

@@ -45,9 +45,10 @@ from tqdm.auto import tqdm
 
 from . import compat
 from .models import model_spec
-from .neurons import SkillNeurons, random_mask_like
+from .neurons import SkillNeurons, check_neurons_for_run, random_mask_like
 from .tasks import subsample
-from .tuning import Run, _atomic_json, evaluate, majority_accuracy
+from .files import atomic_json
+from .tuning import Run, evaluate, majority_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,10 @@ class Perturbation:
     def _hook_for(self, layer: int) -> Callable:
         first = layer == min(self.index)
 
+        name = compat.mlp_post_hook(layer)
+
         def hook(act: Float[torch.Tensor, "batch pos d_mlp"], hook) -> torch.Tensor:
+            compat.check_hook_width(act, self.d_mlp, name, AblationError)
             if first:
                 self._start_batch(act.shape[0])
             idx = self._on("idx", layer, act.device, torch.long)
@@ -354,13 +358,7 @@ def ablation_experiment(
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
     spec = model_spec(model)
     # --- validate everything before any evaluation
-    if run.model_name != spec.name or neurons.model != spec.name:
-        raise AblationError(f"model mismatch: the model is {spec.name!r}, the run was tuned on "
-                            f"{run.model_name!r}, the skill neurons come from {neurons.model!r}")
-    if run.task_name != neurons.task:
-        raise AblationError(f"task mismatch: the run is for {run.task_name!r}, the skill neurons for {neurons.task!r}")
-    if list(run.info["label_words"]) != list(neurons.label_words):
-        raise AblationError(f"label words differ: run {run.info['label_words']}, skill neurons {neurons.label_words}")
+    check_neurons_for_run(run, neurons, spec.name, AblationError)
     if neurons.d_mlp != spec.d_mlp:
         raise AblationError(f"skill neurons have d_mlp={neurons.d_mlp} but the model has {spec.d_mlp}")
     if not callable(mode) and mode not in MODES:
@@ -459,14 +457,14 @@ def ablation_experiment(
             evals[_key(kind, f, s)] = {"key": _key(kind, f, s), "kind": kind, "fraction": f, "seed": s,
                                        "accuracy": res["accuracy"], "seconds": time.perf_counter() - t0}
             if path is not None:
-                _atomic_json(path, result("running"))
+                atomic_json(path, result("running"))
             bar.set_postfix(last=f"{kind} {'' if f is None else f'{f:g} '}{res['accuracy']:.3f}")
             bar.update(1)
     finally:
         bar.close()
     final = result("done")
     if out is not None:
-        _atomic_json(path, final)
+        atomic_json(path, final)
         from .plots import plot_ablation
 
         plot_ablation(final, out / ABLATION_PNG)

@@ -5,20 +5,102 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 COMMANDS: dict[str, Callable] = {}
 
 
+# ------------------------------------------------------------------ option types
+# Every numeric option is checked while parsing: argparse then reports
+# "argument --batch-size: must be >= 1, got -3", naming the option, before any work.
+def _int_min(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+POSITIVE = _int_min(1)
+NON_NEGATIVE = _int_min(0)
+
+
+def _float_in(lo: float, hi: float | None = None, lo_open: bool = True) -> Callable[[str], float]:
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_ok = value > lo if lo_open else value >= lo
+        if not math.isfinite(value) or not low_ok or (hi is not None and value > hi):
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None else f"> {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be {'in ' if hi is not None else ''}{span}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_FLOAT = _float_in(0.0)
+FRACTION = _float_in(0.0, 1.0)
+
+
+def _list_of(item: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        parts = [x.strip() for x in text.split(",") if x.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        values = [item(x) for x in parts]
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"repeated values in {text!r}")
+        return values
+
+    parse.__name__ = "list"
+    return parse
+
+
+def layer_spec(text: str) -> list[int]:
+    """`0-11`, `3,5,7` or `0-3,8`: layer indices (checked against the model once it is loaded)."""
+    out: list[int] = []
+    for part in [p.strip() for p in text.split(",")]:
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise argparse.ArgumentTypeError(f"expected layers like 0-11 or 3,5,7, got {text!r}")
+        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if b < a:
+            raise argparse.ArgumentTypeError(f"empty layer range {part!r} in {text!r} (write low-high)")
+        out.extend(range(a, b + 1))
+    return sorted(set(out))
+
+
+def device_spec(text: str) -> str:
+    from .models import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("device and precision (the same for every command)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    g.add_argument("--device", default=None, type=device_spec,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (statistics stay float64/int64 whatever this is)")
-    g.add_argument("--batch-size", type=int, default=None, help="examples per forward pass")
+    g.add_argument("--batch-size", type=POSITIVE, default=None, help="examples per forward pass")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
@@ -40,6 +122,19 @@ def _emit(obj, as_json: bool, text: str) -> None:
         print(text)
 
 
+LABEL_WORDS_HELP = (
+    "one label word per class: w0,w1,... in class order, or NAME=WORD pairs (negative=bad,positive=good). "
+    "Classes of a csv/jsonl file with text labels are numbered in the order of the NAME=WORD pairs when "
+    "given, else in the order the labels first appear in the file; integer labels are their own numbers. "
+    "run.json records the mapping (task_spec.label_names / label_words)")
+
+
+def check_output_dir(path) -> None:
+    from .files import check_output_dir as check
+
+    check(path)
+
+
 def _load(args, name: str):
     from .models import load_model
 
@@ -56,20 +151,22 @@ def _add_tune(sub):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
-    p.add_argument("--label-words", default=None, help="comma-separated, one per class")
-    p.add_argument("--task-seed", type=int, default=0, help="train/dev/test split seed")
-    p.add_argument("--seed", type=int, default=0, help="prompt initialisation and data order")
-    p.add_argument("--seeds", default=None, help="several trials: comma-separated seeds, one subdirectory each")
-    p.add_argument("--prompt-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--patience", type=int, default=0, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--label-words", default=None, help=LABEL_WORDS_HELP)
+    p.add_argument("--task-seed", type=NON_NEGATIVE, default=0, help="train/dev/test split seed")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="prompt initialisation and data order")
+    p.add_argument("--seeds", type=_list_of(NON_NEGATIVE), default=None,
+                   help="several trials: comma-separated seeds, one subdirectory each")
+    p.add_argument("--prompt-length", type=POSITIVE, default=16)
+    p.add_argument("--steps", type=POSITIVE, default=300)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3)
+    p.add_argument("--eval-every", type=POSITIVE, default=50)
+    p.add_argument("--patience", type=NON_NEGATIVE, default=0,
+                   help="evaluations without improvement before stopping (0: never)")
     p.add_argument("--padding-side", choices=["left", "right"], default=None)
-    p.add_argument("--max-train-examples", type=int, default=None)
-    p.add_argument("--max-dev-examples", type=int, default=300)
-    p.add_argument("--max-test-examples", type=int, default=1000)
-    p.add_argument("--max-input-tokens", type=int, default=96)
+    p.add_argument("--max-train-examples", type=POSITIVE, default=None)
+    p.add_argument("--max-dev-examples", type=POSITIVE, default=300)
+    p.add_argument("--max-test-examples", type=POSITIVE, default=1000)
+    p.add_argument("--max-input-tokens", type=POSITIVE, default=96)
     p.add_argument("--json", action="store_true", help="print run.json's metrics as JSON")
     _common(p)
     p.set_defaults(func=cmd_tune)
@@ -80,13 +177,14 @@ def cmd_tune(args):
     from .tuning import TuneConfig, tune
 
     task = load_task(args.task, seed=args.task_seed, label_words=args.label_words)
+    check_output_dir(args.out)
     cfg = dict(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                patience=args.patience, task_seed=args.task_seed, padding_side=args.padding_side,
                max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
                max_test_examples=args.max_test_examples, max_input_tokens=args.max_input_tokens)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    seeds = args.seeds or [args.seed]
     model = _load(args, args.model)
     results = {}
     for s in seeds:
@@ -107,7 +205,7 @@ def _add_evaluate(sub):
     """)
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-examples", type=POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -139,11 +237,11 @@ def _add_find(sub):
     p.add_argument("run_dirs", nargs="+", help="one or more runs (trials) of the same model and task")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--top", type=POSITIVE, default=20)
     p.add_argument("--positions", default="prompt", choices=["prompt", "last", "mean"])
-    p.add_argument("--layers", default=None, help="e.g. 0-11 or 3,5,7 (default: all)")
-    p.add_argument("--max-train-examples", type=int, default=2000, help="examples for the baseline (0: all)")
-    p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--layers", type=layer_spec, default=None, help="e.g. 0-11 or 3,5,7 (default: all)")
+    p.add_argument("--max-train-examples", type=NON_NEGATIVE, default=2000, help="examples for the baseline (0: all)")
+    p.add_argument("--max-eval-examples", type=POSITIVE, default=None)
     p.add_argument("--multiclass", default="ovr", choices=["ovr", "pairwise"])
     p.add_argument("--aggregate-runs", default="mean", choices=["mean", "min"])
     p.add_argument("--json", action="store_true")
@@ -151,21 +249,16 @@ def _add_find(sub):
     p.set_defaults(func=cmd_find)
 
 
-def parse_layers(text: str | None, n_layers: int | None = None) -> list[int] | None:
-    if not text:
+def parse_layers(layers: str | Sequence[int] | None, n_layers: int | None = None) -> list[int] | None:
+    """Layers from `--layers` (text or the list `layer_spec` parsed), checked against the model."""
+    if layers is None or layers == "":
         return None
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+    out = layer_spec(layers) if isinstance(layers, str) else sorted(set(int(l) for l in layers))
     if n_layers is not None:
         bad = [l for l in out if not 0 <= l < n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range 0-{n_layers - 1}")
-    return sorted(set(out))
+            raise ValueError(f"--layers {bad} out of range: the model has layers 0-{n_layers - 1}")
+    return out
 
 
 def format_neurons_table(sn, top: int) -> str:
@@ -186,7 +279,11 @@ def cmd_find(args):
     from .neurons import find_skill_neurons
     from .tuning import Run
 
+    from .neurons import check_runs
+
     runs = [Run.load(d) for d in args.run_dirs]
+    check_runs(runs)
+    check_output_dir(args.out)
     model = _load(args, runs[0].model_name)
     sn = find_skill_neurons(
         model, runs, split=args.split, layers=parse_layers(args.layers, model_spec(model).n_layers),
@@ -208,12 +305,15 @@ def _add_ablate(sub):
     p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
-    p.add_argument("--fractions", default="0.01,0.02,0.05,0.1,0.2", help="comma-separated, per layer")
-    p.add_argument("--seeds", type=int, default=3, help="random-neuron control seeds")
-    p.add_argument("--std", type=float, default=0.1, help="noise std (absolute, or x neuron std with --relative)")
+    p.add_argument("--fractions", type=_list_of(FRACTION), default=[0.01, 0.02, 0.05, 0.1, 0.2],
+                   help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.02,0.05,0.1,0.2)")
+    p.add_argument("--seeds", type=POSITIVE, default=3, help="random-neuron control seeds")
+    p.add_argument("--std", type=POSITIVE_FLOAT, default=0.1,
+                   help="noise std (absolute, or x neuron std with --relative)")
     p.add_argument("--relative", action="store_true", help="noise std relative to each neuron's std")
-    p.add_argument("--layers", default=None, help="perturb only these layers, e.g. 10-29")
-    p.add_argument("--max-examples", type=int, default=300, help="test examples (0: the run's whole test set)")
+    p.add_argument("--layers", type=layer_spec, default=None, help="perturb only these layers, e.g. 10-29")
+    p.add_argument("--max-examples", type=NON_NEGATIVE, default=300,
+                   help="test examples (0: the run's whole test set)")
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_ablate)
@@ -227,10 +327,10 @@ def cmd_ablate(args):
 
     run = Run.load(args.run_dir)
     sn = SkillNeurons.load(args.neurons)
-    fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
+    check_output_dir(args.out)
     model = _load(args, run.model_name)
     res = ablation_experiment(
-        model, run, sn, args.out, mode=args.mode, fractions=fractions, seeds=args.seeds, std=args.std,
+        model, run, sn, args.out, mode=args.mode, fractions=args.fractions, seeds=args.seeds, std=args.std,
         relative=args.relative, layers=parse_layers(args.layers, model_spec(model).n_layers),
         max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
     from .report import verdict
@@ -252,11 +352,12 @@ def _add_prune(sub):
     p.add_argument("run_dir")
     p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
     p.add_argument("--out", required=True)
-    p.add_argument("--keep", type=float, default=0.02, help="fraction of neurons kept in each pruned layer")
-    p.add_argument("--layers", default=None, help="layers to prune (default: the top 75%%)")
-    p.add_argument("--retune-steps", type=int, default=0, help="re-tune the prompt on the pruned model")
-    p.add_argument("--max-examples", type=int, default=None, help="test examples (default: the run's test set)")
-    p.add_argument("--timing-repeats", type=int, default=5)
+    p.add_argument("--keep", type=FRACTION, default=0.02, help="fraction of neurons kept in each pruned layer")
+    p.add_argument("--layers", type=layer_spec, default=None, help="layers to prune (default: the top 75%%)")
+    p.add_argument("--retune-steps", type=NON_NEGATIVE, default=0, help="re-tune the prompt on the pruned model")
+    p.add_argument("--max-examples", type=NON_NEGATIVE, default=None,
+                   help="test examples (default, or 0: the run's test set)")
+    p.add_argument("--timing-repeats", type=POSITIVE, default=5)
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_prune)
@@ -267,11 +368,16 @@ def cmd_prune(args):
     from .prune import prune_experiment
     from .tuning import Run
 
+    from .neurons import SkillNeurons, check_neurons_for_run
+
     run = Run.load(args.run_dir)
+    sn = SkillNeurons.load(args.neurons)
+    check_neurons_for_run(run, sn)
+    check_output_dir(args.out)
     model = _load(args, run.model_name)
-    res = prune_experiment(model, run, args.neurons, args.out, keep=args.keep,
+    res = prune_experiment(model, run, sn, args.out, keep=args.keep,
                            layers=parse_layers(args.layers, model_spec(model).n_layers),
-                           retune_steps=args.retune_steps, max_examples=args.max_examples,
+                           retune_steps=args.retune_steps, max_examples=args.max_examples or None,
                            batch_size=args.batch_size or 32, progress=not args.quiet,
                            timing_repeats=args.timing_repeats)
     text = (f"parameters {res['params_before']:,} -> {res['params_after']:,} "
@@ -291,29 +397,43 @@ def _add_transfer(sub):
     p.add_argument("neurons_dirs", nargs="+", help="one `tl-skill find` directory per task")
     p.add_argument("--runs", nargs="*", default=None, help="run directories (default: those each neurons dir used)")
     p.add_argument("--out", required=True)
-    p.add_argument("--transfer-steps", type=int, default=10, help="K steps of tuning from the source prompt (0: skip)")
-    p.add_argument("--init-trials", type=int, default=1)
-    p.add_argument("--top-fraction", type=float, default=0.02, help="per-layer top fraction for the overlap indicator")
-    p.add_argument("--max-eval-examples", type=int, default=300)
+    p.add_argument("--transfer-steps", type=NON_NEGATIVE, default=10,
+                   help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument("--init-trials", type=POSITIVE, default=1)
+    p.add_argument("--top-fraction", type=FRACTION, default=0.02,
+                   help="per-layer top fraction for the overlap indicator")
+    p.add_argument("--max-eval-examples", type=POSITIVE, default=300)
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_transfer)
 
 
+def _num(x, width: int) -> str:
+    """A table cell: the number to 3 decimals, or n/a where it is undefined (None or NaN)."""
+    if x is None or x != x:
+        return f"{'n/a':>{width}}"
+    return f"{x:{width}.3f}"
+
+
 def _correlation_table(res) -> str:
     lines = [f"{'indicator':<28} {'transfer':<20} {'spearman':>9} {'kendall':>8} {'mantel p':>9}"]
+    undefined = False
     for ind, main in res["correlations"].items():
         for kind, c in main["by_transfer"].items():
             sp, kd, p = c.get("spearman"), c.get("kendall"), c.get("mantel_p")
-            lines.append(f"{ind:<28} {kind:<20} {sp if sp is None else f'{sp:9.3f}':>9} "
-                         f"{kd if kd is None else f'{kd:8.3f}':>8} {p if p is None else f'{p:9.3f}':>9}")
+            undefined |= sp is None or kd is None or p is None
+            lines.append(f"{ind:<28} {kind:<20} {_num(sp, 9)} {_num(kd, 8)} {_num(p, 9)}")
+    if undefined:
+        lines.append("n/a: undefined with so few task pairs or constant values (rank correlations need "
+                     "3+ pairs; the Mantel test needs 3+ tasks)")
     return "\n".join(lines)
 
 
 def cmd_transfer(args):
     from .transfer import transfer_from_dirs
 
+    check_output_dir(args.out)
     res = transfer_from_dirs(None, args.neurons_dirs, args.runs or None, args.out, device=args.device,
                              dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
                              top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
@@ -328,17 +448,18 @@ def _add_study(sub):
     """)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
-    p.add_argument("--seeds", type=int, default=1, help="prompts (trials) per task")
+    p.add_argument("--seeds", type=POSITIVE, default=1, help="prompts (trials) per task")
     p.add_argument("--out", required=True)
-    p.add_argument("--prompt-length", type=int, default=8)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-dev-examples", type=int, default=200)
-    p.add_argument("--max-test-examples", type=int, default=300)
-    p.add_argument("--find-train-examples", type=int, default=500)
-    p.add_argument("--find-eval-examples", type=int, default=300)
-    p.add_argument("--transfer-steps", type=int, default=10, help="K steps of tuning from the source prompt (0: skip)")
-    p.add_argument("--max-eval-examples", type=int, default=200, help="test examples per transfer evaluation")
+    p.add_argument("--prompt-length", type=POSITIVE, default=8)
+    p.add_argument("--steps", type=POSITIVE, default=100)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3)
+    p.add_argument("--max-dev-examples", type=POSITIVE, default=200)
+    p.add_argument("--max-test-examples", type=POSITIVE, default=300)
+    p.add_argument("--find-train-examples", type=POSITIVE, default=500)
+    p.add_argument("--find-eval-examples", type=POSITIVE, default=300)
+    p.add_argument("--transfer-steps", type=NON_NEGATIVE, default=10,
+                   help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument("--max-eval-examples", type=POSITIVE, default=200, help="test examples per transfer evaluation")
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_study)
@@ -349,6 +470,7 @@ def cmd_study(args):
     from .tuning import TuneConfig
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    check_output_dir(args.out)
     cfg = TuneConfig(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr,
                      eval_every=max(1, args.steps // 2), max_dev_examples=args.max_dev_examples,
                      max_test_examples=args.max_test_examples,
@@ -373,22 +495,23 @@ def _add_origin(sub):
     p.add_argument("--run", default=None, help="reuse this prompt-tuning run (else one is tuned)")
     p.add_argument("--neurons", default=None, help="reuse these skill neurons (else they are found)")
     p.add_argument("--parts", default="random_weights,lora,bitfit,label_words")
-    p.add_argument("--steps", type=int, default=200, help="training steps of LoRA and BitFit")
-    p.add_argument("--prompt-steps", type=int, default=150,
+    p.add_argument("--steps", type=POSITIVE, default=200, help="training steps of LoRA and BitFit")
+    p.add_argument("--prompt-steps", type=NON_NEGATIVE, default=150,
                    help="tuning steps of the random-weights and label-word prompts (0: the source run's)")
-    p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--bitfit-lr", type=float, default=1e-3)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--fractions", default="0.01,0.05,0.1,0.2")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--lora-lr", type=POSITIVE_FLOAT, default=1e-3)
+    p.add_argument("--bitfit-lr", type=POSITIVE_FLOAT, default=1e-3)
+    p.add_argument("--lora-rank", type=POSITIVE, default=8)
+    p.add_argument("--fractions", type=_list_of(FRACTION), default=[0.01, 0.05, 0.1, 0.2],
+                   help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.05,0.1,0.2)")
+    p.add_argument("--seeds", type=POSITIVE, default=2)
     p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
-    p.add_argument("--std", type=float, default=0.1)
+    p.add_argument("--std", type=POSITIVE_FLOAT, default=0.1)
     p.add_argument("--relative", action="store_true")
     p.add_argument("--alt-label-words", default=None, help="e.g. bad,good")
-    p.add_argument("--max-test-examples", type=int, default=300,
+    p.add_argument("--max-test-examples", type=NON_NEGATIVE, default=300,
                    help="test examples per evaluation (perturbation, extra prompts); 0: the run's cap")
-    p.add_argument("--find-train-examples", type=int, default=2000)
-    p.add_argument("--find-eval-examples", type=int, default=None)
+    p.add_argument("--find-train-examples", type=POSITIVE, default=2000)
+    p.add_argument("--find-eval-examples", type=POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_origin)
@@ -397,11 +520,12 @@ def _add_origin(sub):
 def cmd_origin(args):
     from .origin import origin_study
 
+    check_output_dir(args.out)
     res = origin_study(
         args.model, args.task, args.out, run_dir=args.run, neurons_dir=args.neurons,
         parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()), steps=args.steps,
         lora_lr=args.lora_lr, bitfit_lr=args.bitfit_lr, lora_rank=args.lora_rank,
-        fractions=tuple(float(x) for x in args.fractions.split(",")), seeds=args.seeds, mode=args.mode,
+        fractions=tuple(args.fractions), seeds=args.seeds, mode=args.mode,
         std=args.std, relative=args.relative,
         alt_label_words=args.alt_label_words.split(",") if args.alt_label_words else None,
         max_test_examples=args.max_test_examples or None, prompt_steps=args.prompt_steps or None,
@@ -440,6 +564,7 @@ def cmd_demo(args):
     if args.batch_size:
         kw["batch_size"] = args.batch_size
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    check_output_dir(args.out)
     t0 = time.perf_counter()
 
     def on_phase(name, seconds, summary):
@@ -501,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (AblationError, PruneError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
-            ValueError, FileNotFoundError) as exc:
+            ValueError, OSError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

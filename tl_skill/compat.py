@@ -184,6 +184,32 @@ def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = 
     )
 
 
+@torch.no_grad()
+def embed_tokens(model: HookedRootModule, tokens: torch.Tensor) -> torch.Tensor:
+    """What the word-embedding hook (`embed_hook`) sees for `tokens`, without running the model."""
+    return model.embed(tokens.to(model_device(model)))
+
+
+def context_length(model: HookedRootModule) -> int | None:
+    """How many positions the model takes (`cfg.n_ctx`), where it says."""
+    n = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Exception] = ValueError) -> None:
+    """Refuse a hook point whose last axis is not the width the caller's units assume.
+
+    On a pruned model `mlp.hook_post` has the kept width; on mixture-of-experts
+    blocks some bridges alias it to the block output (d_model): a recorder or a
+    perturbation would then read or edit the wrong columns.
+    """
+    if act.shape[-1] != expected:
+        raise error(
+            f"hook point {name} has width {act.shape[-1]}, but {expected} units (d_mlp) were expected: it "
+            "does not hold one value per MLP neuron of this model (a pruned model, or an architecture whose "
+            "mlp.hook_post is not the neuron axis, such as mixture-of-experts blocks)")
+
+
 def hf_model_of(model: HookedRootModule) -> torch.nn.Module:
     """The Hugging Face model under a bridge."""
     hf = getattr(model, "original_model", None)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from . import compat
+from .files import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,27 @@ def cache_dir() -> Path:
     return path
 
 
+DEVICE_NAMES = "cpu, cuda, cuda:N (N = 0, 1, ...), mps or auto"
+
+
+def check_device_name(device: str) -> str:
+    """Refuse a device string tl_skill does not run on (gpu, xla, cuda:x), listing the valid ones."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", str(device)):
+        raise ValueError(f"unknown device {device!r}; choose one of {DEVICE_NAMES}")
+    return str(device)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, torch.device):
+        check_device_name(device)
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported; choose one of {DEVICE_NAMES}")
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
+            and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -229,18 +248,18 @@ def _spec_from(model, name: str, hf) -> ModelSpec:
     )
 
 
-def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str):
+def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str, local_only: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path_or_id)
+    config = AutoConfig.from_pretrained(path_or_id, local_files_only=local_only)
     archs = getattr(config, "architectures", None) or []
     auto = (
         AutoModelForMaskedLM
         if any(a.endswith(_MASKED_ARCHS) for a in archs)
         else AutoModelForCausalLM
     )
-    tok = AutoTokenizer.from_pretrained(path_or_id)
-    hf = auto.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn)
+    tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
+    hf = auto.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, local_files_only=local_only)
     return hf, tok
 
 
@@ -305,13 +324,15 @@ def _load_model(name, device, dtype, seed, attn_implementation, kind):
                 "or give a local Hugging Face model directory or a hub id such as 'gpt2' "
                 "or 'HuggingFaceTB/SmolLM2-360M'"
             )
-        try:
-            hf, tok = _load_hf_pretrained(name, torch.float32, attn)
+        offline = hub_unreachable()
+        try:  # offline: only a copy already in the local Hugging Face cache, without retries
+            hf, tok = _load_hf_pretrained(name, torch.float32, attn, local_only=offline is not None)
         except (OSError, ValueError) as exc:
+            why = (f"{offline}, and no copy is in the local Hugging Face cache" if offline else
+                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise ModelLoadError(
-                f"cannot load {name!r} from the Hugging Face hub ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}). Without hub access use the "
-                f"bundled offline model {SMOLLM2!r} or a local model directory."
+                f"cannot load {name!r} from the Hugging Face hub ({why}). Use the bundled offline model "
+                f"{SMOLLM2!r} or a local model directory."
             ) from exc
     if attn_implementation is not None and hasattr(hf, "set_attn_implementation"):
         hf.set_attn_implementation(attn)

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from . import compat, distributed
+from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors
 from .models import model_spec
 from .prompt import SoftPrompt, layout_for
 from .record import MomentStats, Recorder, ThresholdStats, n_positions
@@ -369,14 +370,35 @@ class SkillNeurons:
 
     @classmethod
     def load(cls, path: str | Path) -> "SkillNeurons":
-        from safetensors.torch import load_file
-
         path = Path(path)
         missing = [f for f in (PREDICTIVITY_FILE, NEURONS_JSON) if not (path / f).exists()]
         if missing:
             raise NeuronsError(f"{path} holds no skill neurons: missing {', '.join(missing)}")
-        info = json.loads((path / NEURONS_JSON).read_text())
-        t = load_file(str(path / PREDICTIVITY_FILE))
+        where = path / NEURONS_JSON
+        try:
+            info = read_json(where, "skill-neurons file", {
+                "model": str, "task": str, "runs": list, "label_names": list, "label_words": list,
+                "subtasks": list, "layers": list, "positions": str, "aggregate_runs": str,
+                "aggregate_subtasks": str})
+            for key in ("runs", "label_names", "label_words"):
+                check_str_list(info, key, f"skill-neurons file {where}")
+            for sub in info["subtasks"]:
+                if not isinstance(sub, dict):
+                    raise FileFormatError(f"skill-neurons file {where}: each subtask must be an object")
+                check_types(sub, {"name": str, "positive": list, "negative": list}, f"skill-neurons file {where}")
+            if not all(isinstance(l, int) and not isinstance(l, bool) for l in info["layers"]):
+                raise FileFormatError(f"skill-neurons file {where}: 'layers' must be a list of integers")
+            t = read_tensors(path / PREDICTIVITY_FILE, "predictivity file",
+                             ["accuracy", "baseline", "std", "constant"])
+        except FileFormatError as exc:
+            raise NeuronsError(str(exc)) from None
+        R, S, L = (t["accuracy"].shape + (0, 0, 0))[:3] if t["accuracy"].ndim == 5 else (-1, -1, -1)
+        if R < 1 or S != len(info["subtasks"]) or L != len(info["layers"]) or t["baseline"].shape != (
+                R, *t["accuracy"].shape[2:]):
+            raise NeuronsError(
+                f"predictivity file {path / PREDICTIVITY_FILE}: tensor shapes (accuracy "
+                f"{tuple(t['accuracy'].shape)}, baseline {tuple(t['baseline'].shape)}) do not fit {where} "
+                f"({len(info['subtasks'])} subtask(s), {len(info['layers'])} layer(s))")
         return cls(
             model=info["model"], task=info["task"], runs=info["runs"],
             label_names=info["label_names"], label_words=info["label_words"],
@@ -403,9 +425,20 @@ def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def check_runs(runs: Sequence[Run]) -> None:
-    """Refuse to mix runs of different models, tasks, splits, label words or prompt lengths."""
+    """Refuse to mix runs that would be probed differently, or the same run twice.
+
+    All runs are probed with one layout, so they must agree in model, task,
+    split seed, label words, prompt length, input truncation and padding side.
+    """
     if not runs:
         raise NeuronsError("no runs given")
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        key = Path(run.path).resolve()
+        if key in seen:
+            raise NeuronsError(f"the same run is given twice ({seen[key]} and {run.path}); "
+                               "trials must be different runs")
+        seen[key] = run.path
     first = runs[0]
     for run in runs[1:]:
         for key, a, b in (
@@ -414,9 +447,23 @@ def check_runs(runs: Sequence[Run]) -> None:
             ("task seed", first.info["task_seed"], run.info["task_seed"]),
             ("label words", first.info["label_words"], run.info["label_words"]),
             ("prompt length", first.prompt.length, run.prompt.length),
+            ("max_input_tokens", first.config.max_input_tokens, run.config.max_input_tokens),
+            ("padding_side", first.config.padding_side, run.config.padding_side),
         ):
             if a != b:
                 raise NeuronsError(f"runs differ in {key}: {first.path} has {a!r}, {run.path} has {b!r}")
+
+
+def check_neurons_for_run(run: Run, neurons: "SkillNeurons", model_name: str | None = None,
+                          error: type[Exception] = NeuronsError) -> None:
+    """Refuse skill neurons of another model, task or label words than `run` (and the model)."""
+    if run.model_name != neurons.model or (model_name is not None and model_name != run.model_name):
+        raise error(f"model mismatch: the run was tuned on {run.model_name!r}, the skill neurons come from "
+                    f"{neurons.model!r}" + (f", the model is {model_name!r}" if model_name else ""))
+    if run.task_name != neurons.task:
+        raise error(f"task mismatch: the run is for {run.task_name!r}, the skill neurons for {neurons.task!r}")
+    if list(run.info["label_words"]) != list(neurons.label_words):
+        raise error(f"label words differ: run {run.info['label_words']}, skill neurons {neurons.label_words}")
 
 
 def find_skill_neurons(

@@ -55,7 +55,8 @@ from .neurons import SkillNeurons, load_or_find, random_mask_like
 from .prompt import Verbalizer, class_logits, layout_for
 from .tasks import Task, load_task, subsample
 from .transfer import _jsonable, spearman
-from .tuning import (Run, TuneConfig, _atomic_json, _batch_indices, _lr_factor, check_training_settings, evaluate,
+from .files import atomic_json
+from .tuning import (Run, TuneConfig, _batch_indices, _lr_factor, check_training_settings, evaluate,
                      majority_accuracy, tune)
 
 log = logging.getLogger(__name__)
@@ -760,7 +761,7 @@ def origin_study(
         }
         result = _jsonable(result)
         if distributed.is_main():
-            _atomic_json(path, result)
+            atomic_json(path, result)
         return result
 
     save()

@@ -131,6 +131,21 @@ class Layout:
         else:
             self.head, self.sep, self.offset = [], [], None
 
+    @property
+    def max_length(self) -> int:
+        """The longest row this layout can make: input (at most `max_input_tokens`), prompt and specials."""
+        extra = len(self.head) + 1 + 2 * len(self.sep) if self.family == "masked" else 0
+        return self.max_input_tokens + self.prompt_length + extra
+
+    def check_fits(self, n_ctx: int | None) -> None:
+        """Refuse a prompt and input length that would overrun the model's positions, before any work."""
+        if n_ctx is not None and self.max_length > n_ctx:
+            raise ValueError(
+                f"prompt length {self.prompt_length} + max input tokens {self.max_input_tokens}"
+                + (" + special tokens" if self.family == "masked" else "")
+                + f" = {self.max_length} positions, more than the model's context of {n_ctx}: "
+                "shorten --prompt-length or --max-input-tokens")
+
     def tokenize(self, texts: Sequence[str], text_b: Sequence[str] | None = None) -> list[list[int]]:
         """Token ids of each example's input part, truncated to `max_input_tokens`."""
         enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -241,11 +256,28 @@ class SoftPrompt(nn.Module):
             return out
         if batch is not None:
             start = int(batch.prompt_start[0])
-        elif self._family == "causal":
-            start = embed.shape[1] - P
         else:
-            start = self._offset
+            start = embed.shape[1] - P if self._family == "causal" else self._offset
+            self._check_room(embed, start)
         return torch.cat([embed[:, :start], prompt.expand(B, -1, -1), embed[:, start + P:]], dim=1)
+
+    def _check_room(self, embed: torch.Tensor, start: int) -> None:
+        """Without a `Batch`, the prompt positions must exist and hold the layout's placeholder token.
+
+        Otherwise the prompt would silently overwrite real input tokens (or the
+        model would get more positions than it was given).
+        """
+        P, T = self.length, embed.shape[1]
+        if start < 0 or start + P > T:
+            raise ValueError(
+                f"the input has {T} position(s), too few for a prompt of {P} at position {max(start, 0)}: "
+                "build the input with Layout.encode (layout_for(model, prompt.length)), which makes room")
+        placeholder = self._placeholder.to(device=embed.device, dtype=embed.dtype)
+        if not torch.equal(embed[:, start:start + P], placeholder.expand(embed.shape[0], P, -1)):
+            raise ValueError(
+                f"positions {start}-{start + P - 1} of the input are not prompt placeholders (token id "
+                f"{self._placeholder_id}): the prompt would overwrite real tokens. Build the input with "
+                "Layout.encode (layout_for(model, prompt.length)), or pass the Batch to applied(model, batch)")
 
     @contextlib.contextmanager
     def applied(self, model, batch: Batch | None = None) -> Iterator["SoftPrompt"]:
@@ -260,9 +292,13 @@ class SoftPrompt(nn.Module):
             raise ValueError(
                 f"prompt width {self.vectors.shape[1]} does not match the model's d_model {spec.d_model}"
             )
+        layout = layout_for(model, self.length)
         self._family = spec.family
-        self._offset = layout_for(model, self.length).offset
+        self._offset = layout.offset
         self._batch = batch
+        if batch is None:
+            self._placeholder_id = layout.pad_id
+            self._placeholder = compat.embed_tokens(model, torch.tensor([[layout.pad_id]]))[0, 0]
         try:
             with model.hooks(fwd_hooks=[(compat.embed_hook(model), self.hook)]):
                 yield self
@@ -276,12 +312,13 @@ class SoftPrompt(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "SoftPrompt":
-        from safetensors.torch import load_file
+        from .files import FileFormatError, read_tensors
 
-        tensors = load_file(str(path))
-        if "prompt" not in tensors:
-            raise ValueError(f"{path} holds no tensor named 'prompt' (found {list(tensors)})")
-        return cls(tensors["prompt"])
+        tensors = read_tensors(path, "prompt file", ["prompt"])
+        try:
+            return cls(tensors["prompt"])
+        except ValueError as exc:
+            raise FileFormatError(f"prompt file {path}: {exc}") from None
 
 
 def _embedding_matrix(model) -> torch.Tensor:

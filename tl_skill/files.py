@@ -1,0 +1,179 @@
+"""Reading and writing the files tl_skill keeps: every error names the file and what is wrong.
+
+Loaders read JSON and safetensors through `read_json` / `read_tensors`, which
+turn a missing, truncated, garbage or wrongly typed file into one
+`FileFormatError` naming the path. Writers check their output directory with
+`check_output_dir` before any long work and write through `atomic_json` (a
+temporary file renamed into place), so a refused or interrupted command never
+leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+
+class FileFormatError(ValueError):
+    """A file that is missing, unreadable or does not hold what it should."""
+
+
+class OutputDirError(ValueError):
+    """An output path that cannot be written (a file, a read-only place)."""
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse an output directory that cannot be created or written, before any work.
+
+    Nothing is created: the nearest existing ancestor is probed with a
+    temporary file that is removed at once.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{option} {path} is a file, not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputDirError(f"{option} {path}: {probe} is a file, so the directory cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == path else f" (in {probe})"
+        raise OutputDirError(f"{option} {path} is not writable{where}: {exc.strerror or exc}") from exc
+    return path
+
+
+def atomic_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to `path` through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, what: str = "file", required: Mapping[str, type | tuple[type, ...]] | None = None
+              ) -> dict[str, Any]:
+    """A JSON object from `path`; `required` maps keys to the type(s) their values must have."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileFormatError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"cannot read {what} {path}: {exc}") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}); delete or restore it") from exc
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"{what} {path} must hold a JSON object, found {type(obj).__name__}")
+    check_types(obj, required or {}, f"{what} {path}")
+    return obj
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def check_types(obj: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]], where: str) -> None:
+    """Refuse missing keys and values of the wrong JSON type, naming `where` and the key."""
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise FileFormatError(f"{where} lacks {', '.join(repr(k) for k in missing)}")
+    for key, types in required.items():
+        types = types if isinstance(types, tuple) else (types,)
+        value = obj[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise FileFormatError(f"{where}: {key!r} must be {want}, found {json.dumps(value)[:60]}")
+
+
+def check_str_list(obj: Mapping[str, Any], key: str, where: str) -> None:
+    value = obj.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FileFormatError(f"{where}: {key!r} must be a list of strings, found {json.dumps(value)[:60]}")
+
+
+def read_tensors(path: str | Path, what: str, required: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, refusing a truncated or garbage file and missing tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{what} {path} not found")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FileFormatError(f"{what} {path} is not a readable safetensors file ({exc}); "
+                              "it may be truncated: restore or recompute it") from exc
+    lacking = [k for k in required if k not in tensors]
+    if lacking:
+        raise FileFormatError(f"{what} {path} lacks tensor(s) {lacking} (found {sorted(tensors)})")
+    return tensors
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HUB_STATE: dict[str, str | None] = {}
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (one short line), or None when it can.
+
+    Answers within `timeout` seconds (a TCP connection to the hub's endpoint), so
+    an offline machine hears "offline" at once instead of after ~30 s of retries.
+    The answer is kept for the rest of the process.
+    """
+    if "answer" in _HUB_STATE:
+        return _HUB_STATE["answer"]
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        answer: str | None = "HF_HUB_OFFLINE is set"
+    else:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        result: dict[str, Any] = {}
+
+        def probe():
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                result["ok"] = True
+            except OSError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout + 1)  # name resolution ignores the socket timeout
+        if result.get("ok"):
+            answer = None
+        else:
+            why = result.get("error")
+            answer = f"the Hugging Face hub ({host}) cannot be reached: " + (
+                (getattr(why, "strerror", None) or str(why)) if why else f"no answer within {timeout:g} s")
+    _HUB_STATE["answer"] = answer
+    return answer
