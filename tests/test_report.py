@@ -107,10 +107,19 @@ def test_demo_refuses_other_settings(demo_dir):
 
 
 def test_verdict_statements():
+    from tl_skill.ablate import paired_comparison
+
+    rand = [[1] * 80 + [0] * 20, [1] * 78 + [0] * 22]  # two random seeds, 100 test examples
+    worse = [1] * 60 + [0] * 40  # correct on a subset of what the random controls get right
     row = dict(fraction=0.1, clean_accuracy=0.8, random_accuracy=0.79, random_accuracy_std=0.01)
-    assert verdict([{**row, "skill_accuracy": 0.6}]).startswith("Holds:")
-    assert verdict([{**row, "skill_accuracy": 0.79}]).startswith("Does not hold")
-    assert verdict([{**row, "skill_accuracy": 0.6}, {**row, "skill_accuracy": 0.79}]).startswith("Holds partly")
+    hurt = {**row, "skill_accuracy": 0.6, "paired": paired_comparison(worse, rand)}
+    same = {**row, "skill_accuracy": 0.79, "paired": paired_comparison(rand[0], rand)}
+    assert hurt["paired"]["ci_high"] < 0 <= same["paired"]["ci_high"]
+    assert verdict([hurt]).startswith("Holds:")
+    assert verdict([same]).startswith("Does not hold")
+    assert verdict([hurt, same]).startswith("Holds partly")
+    assert "paired skill minus random accuracy below 0" in verdict([hurt])
+    assert verdict([row]).startswith("no paired test")
 
 
 def test_every_subcommand_has_help_with_examples(capsys):

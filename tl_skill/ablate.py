@@ -308,19 +308,41 @@ def _key(kind: str, fraction: float | None = None, seed: int | None = None) -> s
     return kind if kind == "clean" else f"{kind}|{fraction!r}|{seed}"
 
 
+PAIRED_TEST = ("paired bootstrap over test examples and random seeds (2,000 replicates): 95% CI of "
+               "skill minus random accuracy; exact McNemar test of skill vs each random seed")
+
+
+def _correct(e: dict) -> list[int]:
+    return [int(c) for c in e["correct"]]
+
+
+def paired_comparison(skill: Sequence[int], randoms: Sequence[Sequence[int]], seed: int = 0) -> dict[str, Any]:
+    """Skill vs random perturbation on the same examples: bootstrap CI and McNemar p-values (see PAIRED_TEST)."""
+    from .stats import mcnemar_exact, paired_bootstrap
+
+    boot = paired_bootstrap(skill, randoms, seed=seed)
+    return {**boot, "mcnemar_p": [mcnemar_exact(skill, r)["p_value"] for r in randoms],
+            "skill_hurts_more": boot["ci_high"] < 0, "test": PAIRED_TEST}
+
+
 def _rows(mode: str, fractions: Sequence[float], seeds: Sequence[int], evals: dict[str, dict],
           counts: dict[float, list[int]]) -> list[dict[str, Any]]:
     clean = evals.get(_key("clean"), {}).get("accuracy")
     rows = []
     for f in fractions:
-        skill = evals.get(_key("skill", f, seeds[0]), {}).get("accuracy")
-        rand = [evals[_key("random", f, s)]["accuracy"] for s in seeds if _key("random", f, s) in evals]
+        skill_eval = evals.get(_key("skill", f, seeds[0]))
+        skill = skill_eval["accuracy"] if skill_eval else None
+        rand_evals = [evals[_key("random", f, s)] for s in seeds if _key("random", f, s) in evals]
+        rand = [e["accuracy"] for e in rand_evals]
+        paired = None
+        if skill_eval and len(rand_evals) == len(seeds):
+            paired = paired_comparison(_correct(skill_eval), [_correct(e) for e in rand_evals])
         rows.append({
             "mode": mode, "fraction": f, "n_neurons": int(sum(counts[f])), "layer_counts": counts[f],
             "clean_accuracy": clean, "skill_accuracy": skill,
             "random_accuracy": float(np.mean(rand)) if rand else None,
             "random_accuracy_std": float(np.std(rand)) if rand else None,
-            "random_accuracies": rand,
+            "random_accuracies": rand, "paired": paired,
         })
     return rows
 
@@ -386,6 +408,7 @@ def ablation_experiment(
     cap = max_examples if max_examples is not None else cfg.max_test_examples
     task = subsample(run.load_task(), {"test": cap}, seed=cfg.task_seed)
     n_test = len(task["test"])
+    labels = task.labels("test")
     majority = majority_accuracy(task, "test")
     device = compat.model_device(model)
     prompt = run.prompt.to(device)
@@ -418,7 +441,8 @@ def ablation_experiment(
             if clash:
                 raise AblationError(f"{path} holds an ablation with different {', '.join(clash)}; "
                                     "use another --out or delete it")
-            evals = {e["key"]: e for e in prev.get("evaluations", [])}
+            # evaluations saved without per-example results cannot enter the paired test: redo them
+            evals = {e["key"]: e for e in prev.get("evaluations", []) if "correct" in e}
             log.info("resuming %s: %d evaluations done", path, len(evals))
         out.mkdir(parents=True, exist_ok=True)
 
@@ -455,7 +479,9 @@ def ablation_experiment(
                            max_input_tokens=cfg.max_input_tokens, extra_hooks=hooks,
                            padding_side=cfg.padding_side)
             evals[_key(kind, f, s)] = {"key": _key(kind, f, s), "kind": kind, "fraction": f, "seed": s,
-                                       "accuracy": res["accuracy"], "seconds": time.perf_counter() - t0}
+                                       "accuracy": res["accuracy"], "seconds": time.perf_counter() - t0,
+                                       # per test example (in test-split order), 1 = correct: for the paired test
+                                       "correct": "".join("1" if c else "0" for c in res["predictions"] == labels)}
             if path is not None:
                 atomic_json(path, result("running"))
             bar.set_postfix(last=f"{kind} {'' if f is None else f'{f:g} '}{res['accuracy']:.3f}")

@@ -244,6 +244,12 @@ def _add_find(sub):
     p.add_argument("--max-eval-examples", type=POSITIVE, default=None)
     p.add_argument("--multiclass", default="ovr", choices=["ovr", "pairwise"])
     p.add_argument("--aggregate-runs", default="mean", choices=["mean", "min"])
+    p.add_argument("--confirm-split", default="auto", choices=["auto", "dev", "test", "none"],
+                   help="held-out split counted with the same baselines (auto: test when selecting on dev)")
+    p.add_argument("--control", default=None, choices=["shuffled"],
+                   help="also count with the evaluation labels shuffled, in the same pass")
+    p.add_argument("--control-seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_find)
@@ -261,16 +267,45 @@ def parse_layers(layers: str | Sequence[int] | None, n_layers: int | None = None
     return out
 
 
-def format_neurons_table(sn, top: int) -> str:
+def format_neurons_table(sn, top: int, q: float = 0.05) -> str:
+    st = sn.statistics(q=q, top=top)
+    held = "heldout_of_best" in st
     lines = [f"{sn.model} / {sn.task}: best predictivity {sn.best_predictivity:.4f}"
              + (f"  (prompt dev accuracy {sn.prompt_accuracy():.4f})" if sn.prompt_accuracy() is not None else "")]
-    lines.append(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'predictivity':>12} {'pos':>4} {'dir':>4}")
+    if held:
+        test_acc = sn.prompt_accuracy("test_accuracy")
+        lines.append(f"held out ({st['confirm_split']}, rule chosen on {sn.meta.get('split')}): best neuron "
+                     f"{st['heldout_of_best']:.4f}, best of the top 1% {st['heldout_best_of_selected']:.4f}, "
+                     f"top-1% mean {st['heldout_top1pct_mean']:.4f} (selection split {st['selection_top1pct_mean']:.4f})"
+                     + (f"; prompt test accuracy {test_acc:.4f}" if test_acc is not None else ""))
+    head = f"{'rank':>4} {'layer':>5} {'neuron':>6} {'predictivity':>12} {'pos':>4} {'dir':>4}"
+    lines.append(head + (f" {'q-value':>9} {'held out':>8}" if st else ""))
+    by_key = {(r["layer"], r["neuron"]): r for r in st.get("top", [])}
     for r, row in enumerate(sn.top(top), 1):
-        lines.append(f"{r:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>12.4f} "
-                     f"{row['position']:>4} {'+' if row['direction'] > 0 else '-':>4}")
+        line = (f"{r:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>12.4f} "
+                f"{row['position']:>4} {'+' if row['direction'] > 0 else '-':>4}")
+        s = by_key.get((row["layer"], row["neuron"]))
+        if s:
+            line += f" {s['q_value']:>9.2e} " + (f"{s['heldout_predictivity']:>8.4f}" if held else f"{'':>8}")
+        lines.append(line)
     frac = 0.01 if sn.d_mlp >= 100 else 0.1
     counts = sn.layer_counts(sn.select(fraction=frac, per_layer=False))
     lines.append(f"layers of the global top {frac:.0%}: " + " ".join(f"L{sn.layers[l]}:{c}" for l, c in enumerate(counts) if c))
+    if st:
+        per = " ".join(f"L{l}:{c}" for l, c in st["significant_per_layer"].items() if c)
+        lines.append(f"FDR-significant neurons (Benjamini-Hochberg, q <= {q:g}): {st['n_significant']} of "
+                     f"{sn.n_layers * sn.d_mlp}" + (f" ({per})" if per else ""))
+    if "control" in st:
+        c = st["control"]
+        lines.append(f"shuffled-label control: {c['n_significant']} significant, "
+                     f"{c['fraction_position_p_below_0.05']:.3f} of positions with p < 0.05, "
+                     f"best predictivity {c['best_predictivity']:.4f}")
+    if "stability" in st:
+        t = st["stability"]
+        lines.append(f"trial stability ({t['n_trials']} trials): Spearman {t['spearman_mean']:.3f}, "
+                     f"per-layer top-{t['fraction']:.0%} Jaccard {t['topk_jaccard_mean']:.3f} "
+                     f"(chance {t['topk_jaccard_chance']:.3f}), mean top-{t['fraction']:.0%} in every trial "
+                     f"{t['mean_topk_in_every_trial']:.3f} (chance {t['mean_topk_in_every_trial_chance']:.2g})")
     return "\n".join(lines)
 
 
@@ -289,9 +324,11 @@ def cmd_find(args):
         model, runs, split=args.split, layers=parse_layers(args.layers, model_spec(model).n_layers),
         positions=args.positions, batch_size=args.batch_size or 32,
         max_train_examples=args.max_train_examples or None, max_eval_examples=args.max_eval_examples,
-        multiclass=args.multiclass, aggregate_runs=args.aggregate_runs, progress=not args.quiet)
+        multiclass=args.multiclass, aggregate_runs=args.aggregate_runs, progress=not args.quiet,
+        confirm_split=None if args.confirm_split == "none" else args.confirm_split,
+        control=args.control, control_seed=args.control_seed)
     sn.save(args.out)
-    _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top) + f"\nsaved to {args.out}")
+    _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
 
 
 # -------------------------------------------------------------------------- ablate
@@ -335,10 +372,14 @@ def cmd_ablate(args):
         max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
     from .report import verdict
 
-    lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15}"]
+    lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} "
+             f"{'McNemar p':>12}"]
     for r in res["rows"]:
+        pr = r["paired"]
         lines.append(f"{r['fraction']:>8.0%} {r['clean_accuracy']:>7.3f} {r['skill_accuracy']:>7.3f} "
-                     f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f}")
+                     f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f} "
+                     f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
+                     f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}")
     lines.append(verdict(res["rows"]))
     _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 

@@ -29,7 +29,7 @@ from . import compat, distributed
 from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors
 from .models import model_spec
 from .prompt import SoftPrompt, layout_for
-from .record import MomentStats, Recorder, ThresholdStats, n_positions
+from .record import LabelSets, MomentStats, Recorder, ThresholdStats, n_positions
 from .tasks import Task, subsample
 from .tuning import Run, iterate_batches
 
@@ -77,25 +77,38 @@ def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask
     raise NeuronsError(f"unknown multi-class mode {mode!r}; choose 'ovr' or 'pairwise'")
 
 
-def accuracy_from_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
-                         baseline_index: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
-    """Dev accuracy of the rule "above baseline -> positive" for each subtask.
+def subtask_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
+                   baseline_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Per subtask: positives above baseline [S, l, t, d], negatives above, n_pos [S] and n_neg [S].
 
     `above[b, c]` counts class-c examples above baseline b; `count[c]` is the
     number of class-c examples.
     """
-    out = []
+    pos, neg, n_pos, n_neg = [], [], [], []
     for sub, b in zip(subtasks, baseline_index):
-        pos_above = above[b, list(sub.positive)].sum(0)
-        neg_above = above[b, list(sub.negative)].sum(0)
-        n_pos = int(count[list(sub.positive)].sum())
-        n_neg = int(count[list(sub.negative)].sum())
-        if n_pos == 0 or n_neg == 0:
-            raise NeuronsError(f"subtask {sub.name!r} has no {'positive' if n_pos == 0 else 'negative'} "
+        pos.append(above[b, list(sub.positive)].sum(0))
+        neg.append(above[b, list(sub.negative)].sum(0))
+        n_pos.append(int(count[list(sub.positive)].sum()))
+        n_neg.append(int(count[list(sub.negative)].sum()))
+        if n_pos[-1] == 0 or n_neg[-1] == 0:
+            raise NeuronsError(f"subtask {sub.name!r} has no {'positive' if n_pos[-1] == 0 else 'negative'} "
                                "examples in the evaluation split")
-        correct = pos_above + (n_neg - neg_above)
-        out.append(correct.double() / (n_pos + n_neg))
-    return torch.stack(out)
+    return torch.stack(pos), torch.stack(neg), n_pos, n_neg
+
+
+def accuracy_of_counts(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: Sequence[int],
+                       n_neg: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
+    """Accuracy of the rule "above baseline -> positive" from per-subtask counts (subtask axis -4)."""
+    shape = (-1,) + (1,) * 3
+    npos = torch.tensor(n_pos, dtype=torch.float64).reshape(shape)
+    nneg = torch.tensor(n_neg, dtype=torch.float64).reshape(shape)
+    return (pos_above.double() + nneg - neg_above.double()) / (npos + nneg)
+
+
+def accuracy_from_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
+                         baseline_index: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
+    """Accuracy of the rule "above baseline -> positive" for each subtask."""
+    return accuracy_of_counts(*subtask_counts(above, count, subtasks, baseline_index))
 
 
 def predictivity_of(acc: torch.Tensor) -> torch.Tensor:
@@ -113,20 +126,29 @@ class RunStats:
     n_train: int
     n_eval: int
     seconds: float
+    # {"eval"/"confirm"/"control": (pos_above [S, L, T, D], neg_above, n_pos [S], n_neg [S])}
+    counts: dict[str, tuple] = field(default_factory=dict)
 
 
 def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[Subtask],
                split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
                batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
-               padding_side: str | None = None, progress: bool = True, desc: str = "") -> RunStats:
-    """Baselines from train, then the above-baseline counts on `split`, in fixed memory."""
+               padding_side: str | None = None, progress: bool = True, desc: str = "",
+               confirm_split: str | None = None, control_seed: int | None = None) -> RunStats:
+    """Baselines from train, then the above-baseline counts on `split`, in fixed memory.
+
+    Args:
+        confirm_split: also count on this split (held-out confirmation, the same baselines).
+        control_seed: also count with the labels of `split` permuted by this seed, in the
+            same pass (the shuffled-label control).
+    """
     t0 = time.perf_counter()
     spec = model_spec(model)
     layer_list = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
     P = prompt.length if prompt is not None else (prompt_length or 0)
     T = n_positions(positions, P)
     k = task.spec.n_classes
-    for which in ("train", split):  # refuse before recording, not after
+    for which in ("train", split) + ((confirm_split,) if confirm_split else ()):  # refuse before recording
         present = set(task.labels(which).tolist())
         for sub in subtasks:
             if not present & set(sub.positive) or not present & set(sub.negative):
@@ -135,12 +157,14 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
     device = compat.model_device(model)
     layout = layout_for(model, P, max_input_tokens, padding_side)
 
-    def run_pass(stats, which: str):
+    def run_pass(stats, which: str, shuffled: np.ndarray | None = None):
         rec = Recorder(model, stats, layer_list, positions)
         n = len(task[which])
         bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
         with rec.attached():
             for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
+                if shuffled is not None:  # labels [batch, 2]: true, then permuted by global example id
+                    batch.labels = torch.stack([batch.labels, torch.as_tensor(shuffled[idx])], 1)
                 rec.run(batch.to(device), prompt)
                 bar.update(len(idx))
         bar.close()
@@ -156,13 +180,25 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
             keys.append(key)
             thresholds.append(moments.mean(key))
         baseline_index.append(keys.index(key))
-    counts = run_pass(ThresholdStats(torch.stack(thresholds), k), split)
-    acc = accuracy_from_counts(counts.above, counts.count, subtasks, baseline_index)
+    thresholds = torch.stack(thresholds)
+    found: dict[str, tuple] = {}
+    if control_seed is None:
+        counts = run_pass(ThresholdStats(thresholds, k), split)
+    else:
+        labels = task.labels(split)
+        shuffled = labels[np.random.default_rng([int(control_seed), 7]).permutation(len(labels))]
+        counts, control = run_pass(LabelSets([ThresholdStats(thresholds, k), ThresholdStats(thresholds, k)]),
+                                   split, shuffled).stats
+        found["control"] = subtask_counts(control.above.cpu(), control.count.cpu(), subtasks, baseline_index)
+    found["eval"] = subtask_counts(counts.above.cpu(), counts.count.cpu(), subtasks, baseline_index)
+    if confirm_split:
+        held = run_pass(ThresholdStats(thresholds, k), confirm_split)
+        found["confirm"] = subtask_counts(held.above.cpu(), held.count.cpu(), subtasks, baseline_index)
     return RunStats(
-        accuracy=acc.cpu(), baseline=moments.mean().cpu(), std=moments.std().float().cpu(),
+        accuracy=accuracy_of_counts(*found["eval"]), baseline=moments.mean().cpu(), std=moments.std().float().cpu(),
         constant=(moments.constant() & counts.min.eq(counts.max) & counts.min.eq(moments.min)).cpu(),
         n_train=int(moments.count.sum()), n_eval=int(counts.count.sum()),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, counts=found,
     )
 
 
@@ -186,6 +222,136 @@ class SkillNeurons:
     aggregate_runs: str = "mean"
     aggregate_subtasks: str = "max"
     meta: dict[str, Any] = field(default_factory=dict)
+    # Recorded counts per pass ("eval": the selection split, "confirm": held out, "control":
+    # shuffled labels): counts["eval.pos_above"] [R, S, L, T, D] and class_counts["eval"] =
+    # {"n_pos": [S], "n_neg": [S]}. Empty for results saved before the statistics existed.
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    # --- statistics (SPEC §3b; see tl_skill.stats) ---------------------------
+    def has_counts(self, which: str = "eval") -> bool:
+        return f"{which}.pos_above" in self.counts
+
+    def _need(self, which: str) -> None:
+        if not self.has_counts(which):
+            what = {"eval": "the evaluation counts (found before this version: run find again)",
+                    "confirm": "a held-out split (find with confirm_split='test')",
+                    "control": "the shuffled-label control (find with control='shuffled')"}[which]
+            raise NeuronsError(f"these skill neurons lack {what}")
+
+    def position_p_values(self, which: str = "eval", alternative: str = "two-sided") -> torch.Tensor:
+        """Exact p-value of every (run, subtask, layer, position, neuron) [R, S, L, T, D]."""
+        from .stats import hypergeom_p_values
+
+        self._need(which)
+        pos, neg = self.counts[f"{which}.pos_above"], self.counts[f"{which}.neg_above"]
+        cc = self.class_counts[which]
+        return torch.stack([hypergeom_p_values(pos[:, j], neg[:, j], cc["n_pos"][j], cc["n_neg"][j], alternative)
+                            for j in range(pos.shape[1])], 1)
+
+    def p_value(self, which: str = "eval") -> Float[torch.Tensor, "l d"]:
+        """Per neuron: Bonferroni over subtasks and positions of the smallest p, then the largest over runs."""
+        p = self.position_p_values(which)
+        R, S, L, T, D = p.shape
+        per_run = (p.amin(dim=(1, 3)) * (S * T)).clamp(max=1.0)
+        return per_run.amax(0)
+
+    def q_value(self, method: str = "bh", which: str = "eval") -> Float[torch.Tensor, "l d"]:
+        from .stats import benjamini_hochberg
+
+        return benjamini_hochberg(self.p_value(which), method)
+
+    def significant(self, q: float = 0.05, method: str = "bh") -> torch.Tensor:
+        """Boolean mask [L, D] of neurons whose FDR q-value is at most `q`."""
+        return self.q_value(method) <= q
+
+    def _confirm_rule(self):
+        """Per run, the (subtask, position) and direction each neuron's rule takes on the selection split."""
+        acc = einops.rearrange(self.accuracy, "r s l t d -> r l d (s t)")
+        best = predictivity_of(acc).argmax(-1, keepdim=True)
+        up = torch.gather(acc, 3, best)[..., 0] >= 0.5
+        return best, up
+
+    def heldout_predictivity(self) -> Float[torch.Tensor, "l d"]:
+        """Accuracy on the held-out split of each neuron's rule as chosen on the selection split.
+
+        Position, subtask and direction are taken from the selection split (per run), so the
+        held-out figure is not inflated by choosing on the data it is measured on; mean (or min)
+        over runs as for `predictivity`.
+        """
+        self._need("confirm")
+        cc = self.class_counts["confirm"]
+        held = accuracy_of_counts(self.counts["confirm.pos_above"], self.counts["confirm.neg_above"],
+                                  cc["n_pos"], cc["n_neg"])
+        best, up = self._confirm_rule()
+        chosen = torch.gather(einops.rearrange(held, "r s l t d -> r l d (s t)"), 3, best)[..., 0]
+        return self._runs_agg(torch.where(up, chosen, 1 - chosen))
+
+    def heldout_p_value(self) -> Float[torch.Tensor, "l d"]:
+        """One-sided exact p-value on the held-out split of each neuron's selected rule (largest over runs)."""
+        greater = einops.rearrange(self.position_p_values("confirm", "greater"), "r s l t d -> r l d (s t)")
+        less = einops.rearrange(self.position_p_values("confirm", "less"), "r s l t d -> r l d (s t)")
+        best, up = self._confirm_rule()
+        p = torch.where(up, torch.gather(greater, 3, best)[..., 0], torch.gather(less, 3, best)[..., 0])
+        return p.amax(0)
+
+    def control_summary(self, q: float = 0.05) -> dict[str, Any]:
+        """The shuffled-label control: what chance alone gives with the same neurons and counts."""
+        from .stats import benjamini_hochberg
+
+        p_pos = self.position_p_values("control")
+        p = (p_pos.amin(dim=(1, 3)) * (p_pos.shape[1] * p_pos.shape[3])).clamp(max=1.0).amax(0)
+        cc = self.class_counts["control"]
+        acc = accuracy_of_counts(self.counts["control.pos_above"], self.counts["control.neg_above"],
+                                 cc["n_pos"], cc["n_neg"])
+        pred = self._runs_agg(predictivity_of(acc).amax(3).amax(1))
+        return {"kind": "shuffled", "seed": self.meta.get("control_seed"),
+                "fraction_position_p_below_0.05": float((p_pos < 0.05).double().mean()),
+                "n_significant": int((benjamini_hochberg(p) <= q).sum()),
+                "best_predictivity": float(pred.max()), "mean_predictivity": float(pred.mean())}
+
+    def stability(self, fraction: float = 0.01) -> dict[str, Any]:
+        """Agreement between the trials (runs), see `stats.trial_stability`."""
+        from .stats import trial_stability
+
+        per_run = predictivity_of(self.accuracy).amax(3)  # [R, S, L, D]
+        per_run = per_run.amax(1) if self.aggregate_subtasks == "max" else per_run.mean(1)
+        return trial_stability(per_run, fraction)
+
+    def statistics(self, q: float = 0.05, top: int = 20) -> dict[str, Any]:
+        """Everything a reviewer asks for, as plain numbers (what neurons.json and the CLI show)."""
+        out: dict[str, Any] = {}
+        if not self.has_counts("eval"):
+            return out
+        sig = self.significant(q)
+        out["fdr_q"] = q
+        out["n_significant"] = int(sig.sum())
+        out["significant_per_layer"] = {str(l): int(c) for l, c in zip(self.layers, sig.sum(1).tolist())}
+        out["n_significant_by"] = int(self.significant(q, "by").sum())
+        pv, qv = self.p_value(), self.q_value()
+        held = self.heldout_predictivity() if self.has_counts("confirm") else None
+        held_p = self.heldout_p_value() if held is not None else None
+        rows = []
+        for row in self.top(top):
+            l, i = self.layers.index(row["layer"]), row["neuron"]
+            rows.append({"layer": row["layer"], "neuron": i, "predictivity": row["predictivity"],
+                         "p_value": float(pv[l, i]), "q_value": float(qv[l, i]),
+                         **({"heldout_predictivity": float(held[l, i]), "heldout_p_value": float(held_p[l, i])}
+                            if held is not None else {})})
+        out["top"] = rows
+        if held is not None:
+            out["confirm_split"] = self.meta.get("confirm_split")
+            mask = self._top1pct_mask()
+            out["heldout_best_of_selected"] = float(held[mask].max())
+            out["heldout_top1pct_mean"] = float(held[mask].mean())
+            out["selection_top1pct_mean"] = float(self.predictivity[mask].mean())
+            best = self.top(1)[0]
+            out["heldout_of_best"] = float(held[self.layers.index(best["layer"]), best["neuron"]])
+        if self.has_counts("control"):
+            out["control"] = self.control_summary(q)
+        if self.accuracy.shape[0] >= 2:
+            out["stability"] = self.stability()
+        return out
 
     # --- derived views -------------------------------------------------
     @property
@@ -321,8 +487,11 @@ class SkillNeurons:
         vals = [m.get(key) for m in self.run_metrics if m.get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
+    def _top1pct_mask(self) -> torch.Tensor:
+        return self.select(fraction=0.01) if self.d_mlp >= 100 else self.select(k=1)
+
     def summary(self, k: int = 10) -> dict[str, Any]:
-        mask = self.select(fraction=0.01) if self.d_mlp >= 100 else self.select(k=1)
+        mask = self._top1pct_mask()
         return {
             "model": self.model, "task": self.task, "runs": self.runs,
             "best_predictivity": self.best_predictivity,
@@ -333,6 +502,7 @@ class SkillNeurons:
             "layer_best": [float(x) for x in self.predictivity.amax(1)],
             "n_constant": int(self.constant[0].all(1).sum()),
             "top": self.top(k),
+            "statistics": self.statistics(top=k),
         }
 
     # --- persistence -----------------------------------------------------
@@ -352,6 +522,7 @@ class SkillNeurons:
             "baseline": self.baseline.double().contiguous(),
             "std": self.std.float().contiguous(),
             "constant": self.constant.to(torch.uint8).contiguous(),
+            **{f"counts.{k}": v.to(torch.int32).contiguous() for k, v in self.counts.items()},
         }
         tmp = path / (PREDICTIVITY_FILE + ".tmp")
         save_file(tensors, str(tmp))
@@ -362,7 +533,8 @@ class SkillNeurons:
             "subtasks": [s.to_dict() for s in self.subtasks], "layers": self.layers,
             "positions": self.positions, "aggregate_runs": self.aggregate_runs,
             "aggregate_subtasks": self.aggregate_subtasks, "run_metrics": self.run_metrics,
-            "meta": self.meta, **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
+            "meta": self.meta, "class_counts": self.class_counts,
+            **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
         }
         (path / NEURONS_JSON).write_text(json.dumps(info, indent=2))
         distributed.barrier()
@@ -407,6 +579,8 @@ class SkillNeurons:
             baseline=t["baseline"], std=t["std"], constant=t["constant"].bool(),
             run_metrics=info.get("run_metrics", []), aggregate_runs=info["aggregate_runs"],
             aggregate_subtasks=info["aggregate_subtasks"], meta=info.get("meta", {}),
+            counts={k[len("counts."):]: v.long() for k, v in t.items() if k.startswith("counts.")},
+            class_counts=info.get("class_counts", {}),
         )
 
 
@@ -470,12 +644,20 @@ def find_skill_neurons(
     model, runs: Sequence[Run | str | Path], split: str = "dev", layers: Sequence[int] | None = None,
     positions: str = "prompt", batch_size: int = 32, max_train_examples: int | None = 2000,
     max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
-    aggregate_subtasks: str = "max", progress: bool = True,
+    aggregate_subtasks: str = "max", progress: bool = True, confirm_split: str | None = "auto",
+    control: str | None = None, control_seed: int = 0,
 ) -> SkillNeurons:
     """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
 
     The baseline is the mean over (at most `max_train_examples` of) the train
     split; accuracy is measured on `split` (all of it unless `max_eval_examples`).
+
+    Args:
+        confirm_split: a held-out split counted with the same baselines, for
+            `heldout_predictivity` ("auto": test when selecting on dev; None: none).
+            At most `max_eval_examples` of it are used.
+        control: "shuffled" also counts with the selection split's labels permuted
+            (seed `control_seed`), in the same pass: `control_summary()`.
     """
     runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
     check_runs(runs)
@@ -484,9 +666,18 @@ def find_skill_neurons(
         raise NeuronsError(f"the runs were tuned on {runs[0].model_name!r} but the model is {spec.name!r}")
     if split not in ("dev", "test"):
         raise NeuronsError(f"split must be 'dev' or 'test', got {split!r}")
+    if confirm_split == "auto":
+        confirm_split = "test" if split == "dev" else None
+    if confirm_split is not None and (confirm_split not in ("dev", "test") or confirm_split == split):
+        raise NeuronsError(f"confirm_split must be the other of 'dev'/'test' or None, got {confirm_split!r}")
+    if control not in (None, "shuffled"):
+        raise NeuronsError(f"control must be None or 'shuffled', got {control!r}")
     task = runs[0].load_task()
-    task = subsample(task, {"train": max_train_examples, split: max_eval_examples}, seed=task.spec.seed)
-    for s in ("train", split):
+    caps = {"train": max_train_examples, split: max_eval_examples}
+    if confirm_split:
+        caps[confirm_split] = max_eval_examples
+    task = subsample(task, caps, seed=task.spec.seed)
+    for s in ("train", split) + ((confirm_split,) if confirm_split else ()):
         present = np.unique(task.labels(s))
         if len(present) < 2:
             raise NeuronsError(f"the {s!r} split of {task.name!r} has a single class; predictivity needs two")
@@ -497,7 +688,8 @@ def find_skill_neurons(
         stats.append(record_run(
             model, task, run.prompt.to(compat.model_device(model)), subtasks, split, layers, positions,
             batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
-            desc=f"[run {r + 1}/{len(runs)}] ",
+            desc=f"[run {r + 1}/{len(runs)}] ", confirm_split=confirm_split,
+            control_seed=control_seed if control else None,
         ))
         log.info("recorded run %s in %.1fs", run.path, stats[-1].seconds)
     return SkillNeurons(
@@ -511,7 +703,13 @@ def find_skill_neurons(
         aggregate_subtasks=aggregate_subtasks,
         meta={"split": split, "n_train": stats[0].n_train, "n_eval": stats[0].n_eval,
               "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
-              "max_train_examples": max_train_examples},
+              "max_train_examples": max_train_examples, "confirm_split": confirm_split,
+              "n_confirm": len(task[confirm_split]) if confirm_split else None,
+              "control": control, "control_seed": control_seed if control else None},
+        counts={f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
+                for which in stats[0].counts for j, name in ((0, "pos_above"), (1, "neg_above"))},
+        class_counts={which: {"n_pos": stats[0].counts[which][2], "n_neg": stats[0].counts[which][3]}
+                      for which in stats[0].counts},
     )
 
 

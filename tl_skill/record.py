@@ -178,6 +178,29 @@ class ThresholdStats(_Stats):
         self.max[layer] = torch.maximum(self.max[layer], x64.amax(0))
 
 
+class LabelSets(_Stats):
+    """Several statistics objects fed from one pass, each with its own column of labels.
+
+    A batch whose labels are [batch, n] (e.g. true and shuffled labels) gives
+    column j to `stats[j]`: the shuffled-label control costs no extra forward pass.
+    """
+
+    def __init__(self, stats: Sequence):
+        self.stats = list(stats)
+
+    def count_batch(self, labels: torch.Tensor) -> None:
+        for j, s in enumerate(self.stats):
+            s.count_batch(labels[:, j])
+
+    def update(self, layer: int, x: torch.Tensor, labels: torch.Tensor) -> None:
+        for j, s in enumerate(self.stats):
+            s.update(layer, x, labels[:, j])
+
+    def all_reduce(self, group=None) -> None:
+        for s in self.stats:
+            s.all_reduce(group)
+
+
 class Recorder:
     """Hooks on `blocks.{l}.mlp.hook_post` that feed a statistics object, batch by batch.
 

@@ -164,17 +164,31 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
+def _fmt_q(q) -> str:
+    return "n/a" if q is None else f"{q:.2g}"
+
+
 def _n_seeds(seeds) -> int | None:
     return len(seeds) if isinstance(seeds, (list, tuple)) else seeds
 
 
 def verdict(rows: list[dict]) -> str:
-    """Plain statement of whether perturbing skill neurons hurts more than random ones."""
+    """Plain statement of whether perturbing skill neurons hurts more than random ones.
+
+    The rule (the same everywhere): at a fraction, skill neurons hurt more when the 95% CI
+    of the paired bootstrap of skill minus random accuracy (test examples and random seeds
+    resampled together, `ablate.paired_comparison`) lies entirely below 0.
+    """
     if not rows:
         return "no perturbation results"
-    worse = [r for r in rows if r["skill_accuracy"] < r["random_accuracy"] - 2 * max(r["random_accuracy_std"], 0.005)]
-    detail = "; ".join(f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
-                       f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}" for r in rows)
+    if any(r.get("paired") is None for r in rows):
+        return "no paired test for these results (rerun the ablation to record per-example predictions)"
+    worse = [r for r in rows if r["paired"]["skill_hurts_more"]]
+    detail = "; ".join(
+        f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
+        f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}, difference {r['paired']['difference']:+.3f} "
+        f"[{r['paired']['ci_low']:+.3f}, {r['paired']['ci_high']:+.3f}], McNemar p "
+        + "/".join(f"{p:.2g}" for p in r["paired"]["mcnemar_p"]) for r in rows)
     if len(worse) == len(rows):
         head = "Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, at every fraction"
     elif worse:
@@ -183,7 +197,8 @@ def verdict(rows: list[dict]) -> str:
                 f"({which})")
     else:
         head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
-    return f"{head} (accuracy change from clean, {detail})."
+    return (f"{head} (95% CI of the paired skill minus random accuracy below 0; accuracy change from clean, "
+            f"paired difference [95% CI]: {detail}).")
 
 
 def write_report(out: str | Path) -> Path:
@@ -230,18 +245,39 @@ def write_report(out: str | Path) -> Path:
            f"Best neuron predictivity **{_fmt(sn.best_predictivity)}** against the prompt's own dev accuracy "
            f"**{_fmt(m.get('dev_accuracy'))}** (predictivity measured on {sn.meta.get('n_eval')} dev examples, "
            f"baseline from {sn.meta.get('n_train')} train examples).", "",
-           "| rank | layer | neuron | predictivity | prompt position | direction |", "|---|---|---|---|---|---|"]
+           ]
+    st = sn.statistics(top=10)
+    if st:
+        md += [f"**{st['n_significant']}** of {sn.n_layers * sn.d_mlp} neurons are significant at a false "
+               f"discovery rate of {st['fdr_q']:g} (exact hypergeometric p-values, Bonferroni over prompt "
+               f"positions, Benjamini-Hochberg over neurons; per layer: "
+               + (", ".join(f"L{l} {c}" for l, c in st["significant_per_layer"].items() if c) or "none") + ")."]
+        if "heldout_of_best" in st:
+            md += ["", f"Held out on {sn.meta.get('n_confirm')} {st['confirm_split']} examples (position and "
+                   f"direction chosen on dev, same baselines): the best neuron scores "
+                   f"**{_fmt(st['heldout_of_best'])}**, the best of the top 1% {_fmt(st['heldout_best_of_selected'])}, "
+                   f"against the prompt's test accuracy **{_fmt(m.get('test_accuracy'))}**."]
+        md.append("")
+    md += ["| rank | layer | neuron | predictivity | prompt position | direction | q-value | held out |",
+           "|---|---|---|---|---|---|---|---|"]
+    stats_of = {(r["layer"], r["neuron"]): r for r in st.get("top", [])}
     for r, row in enumerate(top[:10], 1):
+        s = stats_of.get((row["layer"], row["neuron"]), {})
         md.append(f"| {r} | {row['layer']} | {row['neuron']} | {_fmt(row['predictivity'], 4)} | {row['position']} | "
-                  f"{'higher for ' + sn.label_names[-1] if row['direction'] > 0 else 'lower for ' + sn.label_names[-1]} |")
+                  f"{'higher for ' + sn.label_names[-1] if row['direction'] > 0 else 'lower for ' + sn.label_names[-1]} | "
+                  f"{_fmt_q(s.get('q_value'))} | {_fmt(s.get('heldout_predictivity'), 4)} |")
     md += ["", "![best neuron](figures/best_neuron.png)", "", "![layers](figures/layers.png)", "",
            "## Perturbation", "",
            f"Mode `{abl.get('mode', rows[0]['mode'] if rows else '')}` on {abl.get('n_examples')} test examples; "
            f"random control: {_n_seeds(abl.get('seeds'))} seed(s), same count per layer.", "",
-           "| fraction | clean | skill neurons perturbed | random neurons perturbed (mean ± std) |", "|---|---|---|---|"]
+           "| fraction | clean | skill neurons perturbed | random neurons perturbed (mean ± std) | "
+           "skill − random [95% CI] | McNemar p (per seed) |", "|---|---|---|---|---|---|"]
     for r in rows:
+        pr = r.get("paired") or {}
+        ci = f"{pr['difference']:+.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}]" if pr else "n/a"
+        mc = " / ".join(f"{p:.2g}" for p in pr.get("mcnemar_p", [])) or "n/a"
         md.append(f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
-                  f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} |")
+                  f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} | {ci} | {mc} |")
     md += ["", f"**{verdict(rows)}**", ""]
     if "ablation" in figs:
         md += ["![ablation](ablation/ablation.png)", ""]
