@@ -28,7 +28,8 @@ import torch
 TIE_TOLERANCE = 1e-7  # outcomes whose probability is within this relative margin count as ties
 
 
-def _log_comb(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _log_comb(n, k) -> torch.Tensor:
+    n, k = torch.as_tensor(n, dtype=torch.float64), torch.as_tensor(k, dtype=torch.float64)
     return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
 
 
@@ -39,8 +40,8 @@ def hypergeom_log_pmf_table(N: int, n_pos: int) -> torch.Tensor:
     inside = (k <= A) & (A - k <= N - n_pos)
     n_neg = float(N - n_pos)
     kk, aa = torch.broadcast_tensors(k, A)
-    logp = (_log_comb(torch.tensor(float(n_pos)), kk) + _log_comb(torch.tensor(n_neg), (aa - kk).clamp(min=0))
-            - _log_comb(torch.tensor(float(N)), aa))
+    logp = (_log_comb(float(n_pos), kk) + _log_comb(n_neg, (aa - kk).clamp(min=0))
+            - _log_comb(float(N), aa))
     return torch.where(inside, logp, torch.tensor(-math.inf, dtype=torch.float64))
 
 
@@ -130,8 +131,7 @@ def jaccard_chance(D: int, k: int) -> float:
     if k == 0:
         return float("nan")
     x = torch.arange(0, k + 1, dtype=torch.float64)
-    logp = _log_comb(torch.tensor(float(k)), x) + _log_comb(torch.tensor(float(D - k)), k - x) \
-        - _log_comb(torch.tensor(float(D)), torch.tensor(float(k)))
+    logp = _log_comb(k, x) + _log_comb(D - k, k - x) - _log_comb(D, k)
     return float((logp.exp() * x / (2 * k - x)).sum())
 
 
