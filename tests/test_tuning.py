@@ -137,6 +137,80 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
     assert not (out / CHECKPOINT).exists()
 
 
+def _interrupted_then_resumed(tiny_gpt2, small_task, out, cfg, monkeypatch, target, attr, when):
+    """Run `tune` with `target.attr` raising KeyboardInterrupt on its `when`-th call, then rerun it."""
+    real = getattr(target, attr)
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+    monkeypatch.setattr(target, attr, real)
+    assert (out / CHECKPOINT).exists()
+    return tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+
+
+@pytest.mark.parametrize("where, when", [
+    ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
+    ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
+])
+def test_resume_is_exact_after_any_interrupt(tiny_gpt2, small_task, tmp_path, monkeypatch, where, when):
+    cfg = _cfg(steps=7, eval_every=2)
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
+    if where == "dev_evaluation":
+        target, attr = tuning, "evaluate"
+    else:  # the scheduler steps right after the optimiser, before the step is recorded
+        target, attr = torch.optim.lr_scheduler.LambdaLR, "step"
+        when += 1  # LambdaLR steps once at construction
+    resumed = _interrupted_then_resumed(tiny_gpt2, small_task, tmp_path / "resumed", cfg, monkeypatch,
+                                        target, attr, when)
+    assert resumed.info["history"] == full.info["history"]  # every dev evaluation kept, none repeated
+    assert [h["step"] for h in resumed.info["history"] if "dev_accuracy" in h] == [2, 4, 6, 7]
+    assert torch.equal(resumed.prompt.vectors, full.prompt.vectors)
+    assert resumed.metrics["best_step"] == full.metrics["best_step"]
+
+
+def test_pickle_checkpoints_are_never_loaded(tiny_gpt2, small_task, tmp_path):
+    import pickle
+
+    marker = tmp_path / "code_ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / tuning.LEGACY_CHECKPOINT).write_bytes(pickle.dumps({"x": Hostile()}))
+    run = tune(tiny_gpt2, small_task, out, _cfg(steps=2, eval_every=2), progress=False, evaluate_test=False)
+    assert not marker.exists() and run.metrics["steps_run"] == 2
+    with pytest.raises(RunError, match="checkpoint .*checkpoint.safetensors is not a readable"):
+        _garbage_resume(tiny_gpt2, small_task, tmp_path)  # a garbage checkpoint is refused by name
+    from pathlib import Path
+
+    package = Path(tuning.__file__).parent
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, source
+
+
+def _garbage_resume(model, task, tmp_path):
+    out = tmp_path / "garbage"
+    cfg = _cfg(steps=2, eval_every=2)
+    tune(model, task, out, cfg, progress=False, evaluate_test=False)
+    info = json.loads((out / RUN_JSON).read_text())
+    info["status"] = "running"
+    (out / RUN_JSON).write_text(json.dumps(info))
+    (out / CHECKPOINT).write_bytes(b"not a checkpoint")
+    tune(model, task, out, cfg, progress=False, evaluate_test=False)
+
+
 def test_run_directory_contents(tiny_gpt2, small_task, finished_run):
     run, _ = finished_run
     info = json.loads((run.path / RUN_JSON).read_text())

@@ -177,3 +177,61 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
                 (getattr(why, "strerror", None) or str(why)) if why else f"no answer within {timeout:g} s")
     _HUB_STATE["answer"] = answer
     return answer
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):  # keys keep their types (optimizer states are keyed by int)
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__tuple__" if isinstance(obj, tuple) else "__list__": [_encode(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__list__" in obj:
+            return [_decode(v, tensors) for v in obj["__list__"]]
+        raise FileFormatError(f"unknown entry {sorted(obj)} in a state file")
+    return obj
+
+
+def save_state(path: str | Path, obj: Any) -> None:
+    """Write nested dicts/lists of tensors and plain values (optimizer states, counters) without pickle.
+
+    One safetensors file: the tensors, and the structure as JSON in its metadata;
+    written to a temporary file and renamed, so a crash never leaves half a state.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(obj, tensors)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"tl_skill_state": json.dumps(structure)})
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path, what: str = "state file", device: str | torch.device = "cpu") -> Any:
+    """Read back what `save_state` wrote (no code is executed: tensors and JSON only)."""
+    from safetensors import safe_open
+
+    tensors = read_tensors(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        structure = json.loads(meta["tl_skill_state"])
+        return _decode(structure, {k: v.to(device) for k, v in tensors.items()})
+    except (KeyError, json.JSONDecodeError, TypeError) as exc:
+        raise FileFormatError(f"{what} {path} does not hold a tl_skill state ({exc})") from exc

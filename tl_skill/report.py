@@ -118,7 +118,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dty
     with _phase("finding skill neurons", cb) as ph:
         sn = load_or_find(model, [run], out / "neurons", max_train_examples=cfg.find_train_examples,
                           max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
-                          progress=progress)
+                          progress=progress, control="shuffled")
         best = sn.top(1)[0]
         ph.summary = f"best neuron L{best['layer']}.{best['neuron']} predictivity {best['predictivity']:.3f}"
     with _phase("tracing the best neurons", cb) as ph:
@@ -257,7 +257,12 @@ def write_report(out: str | Path) -> Path:
                    f"direction chosen on dev, same baselines): the best neuron scores "
                    f"**{_fmt(st['heldout_of_best'])}**, the best of the top 1% {_fmt(st['heldout_best_of_selected'])}, "
                    f"against the prompt's test accuracy **{_fmt(m.get('test_accuracy'))}**."]
-        md.append("")
+        if "control" in st:
+            c = st["control"]
+            md += ["", f"Shuffled-label control (dev labels permuted, same pass): {c['n_significant']} significant "
+                   f"neurons, {c['fraction_position_p_below_0.05']:.3f} of neuron positions with p < 0.05 "
+                   f"(chance: at most 0.05), best predictivity {_fmt(c['best_predictivity'])} by chance alone."]
+        md += ["", "See docs/statistics.md in the tl_skill repository for each statistic and its assumptions.", ""]
     md += ["| rank | layer | neuron | predictivity | prompt position | direction | q-value | held out |",
            "|---|---|---|---|---|---|---|---|"]
     stats_of = {(r["layer"], r["neuron"]): r for r in st.get("top", [])}

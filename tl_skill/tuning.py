@@ -3,16 +3,17 @@
 A run directory holds:
 - `prompt.safetensors`: tensor `prompt`, shape [P, d_model], the best prompt by dev accuracy;
 - `run.json`: model, task, seeds, label words, settings, metrics, timings;
-- `checkpoint.pt`: optimizer and data-order state, so an interrupted run resumes
-  and ends with the same prompt as an uninterrupted one.
+- `checkpoint.safetensors`: prompt, optimizer, scheduler and loop state (tensors, plus
+  JSON in the file's metadata; no pickle), so an interrupted run resumes and ends with
+  the same history and prompt as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import compat, distributed
-from .files import FileFormatError, atomic_json, check_output_dir, check_str_list, check_types, read_json
+from .files import (FileFormatError, atomic_json, check_output_dir, check_str_list, check_types, load_state,
+                    read_json, save_state)
 from .models import model_spec
 from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, layout_for
 from .tasks import Task, column, label_array, load_task, subsample
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 PROMPT_FILE = "prompt.safetensors"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle: never loaded
 
 
 class RunError(ValueError):
@@ -171,12 +174,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _atomic_torch(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -328,8 +325,14 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     state = {"step": 0, "best_dev": -1.0, "best_step": -1, "evals_since_best": 0,
              "history": [], "train_seconds": 0.0}
     best_vectors = prompt.vectors.detach().clone()
+    if (out / LEGACY_CHECKPOINT).exists():
+        log.warning("%s is a pickle checkpoint of an older tl_skill: not loaded (it could run code); "
+                    "tuning restarts from step 0", out / LEGACY_CHECKPOINT)
     if (out / CHECKPOINT).exists():
-        ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        try:
+            ck = load_state(out / CHECKPOINT, "checkpoint", device)
+        except FileFormatError as exc:
+            raise RunError(f"{exc}; delete it to restart the tuning") from None
         prompt.vectors.data.copy_(ck["prompt"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -346,13 +349,19 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(out / RUN_JSON, info)
 
-    def checkpoint():
-        if not distributed.is_main():
-            return
-        _atomic_torch(out / CHECKPOINT, {
-            "prompt": prompt.vectors.detach().clone(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "best_prompt": best_vectors, "state": state,
-        })
+    def current() -> dict[str, Any]:
+        return {"prompt": prompt.vectors.detach().clone(), "optimizer": copy.deepcopy(opt.state_dict()),
+                "scheduler": copy.deepcopy(sched.state_dict()), "best_prompt": best_vectors.detach().clone(),
+                "state": copy.deepcopy(state)}
+
+    def checkpoint(saved: dict[str, Any] | None = None):
+        if distributed.is_main():
+            save_state(out / CHECKPOINT, saved or current())
+
+    # An interrupt mid-step (inside the dev evaluation, between the optimiser step and the
+    # checkpoint) saves the state from the start of that step: the rerun redoes the whole step,
+    # so its history and prompt are those of an uninterrupted run.
+    step_start: dict[str, Any] | None = None
 
     def dev_eval() -> float:
         with torch.no_grad():
@@ -364,6 +373,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     stopped_early = False
     try:
         while state["step"] < cfg.steps:
+            step_start = current()
             t0 = time.perf_counter()
             step = state["step"]
             idx = _batch_indices(step, cfg.batch_size, n_train, cfg.seed)
@@ -398,19 +408,21 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
                     state["evals_since_best"] += 1
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dev=f"{acc:.3f}", best=f"{state['best_dev']:.3f}")
                 state["history"].append(entry)
+                step_start = None
                 checkpoint()
                 if cfg.patience and state["evals_since_best"] >= cfg.patience:
                     stopped_early = True
                     break
             else:
                 state["history"].append(entry)
+                step_start = None
                 best = {"best": f"{max(state['best_dev'], 0):.3f}"} if evaluate_dev else {}
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", **best)
                 if at_eval:  # without dev checks: still a resumable checkpoint
                     checkpoint()
             bar.update(1)
     except KeyboardInterrupt:
-        checkpoint()
+        checkpoint(step_start)
         log.warning("interrupted at step %d; rerun the same command to resume", state["step"])
         raise
     finally:
@@ -442,6 +454,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     if distributed.is_main():
         atomic_json(out / RUN_JSON, info)
         (out / CHECKPOINT).unlink(missing_ok=True)
+        (out / LEGACY_CHECKPOINT).unlink(missing_ok=True)
     distributed.barrier()  # the others read the run back once rank 0 has written it
     log.info("tuned %s on %s: dev %s test %s", spec.name, task.spec.name, metrics["dev_accuracy"],
              metrics.get("test_accuracy"))
