@@ -46,6 +46,38 @@ def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Pat
     return _save(fig, path)
 
 
+def plot_statistics(sn, path: str | Path, q: float = 0.05) -> Path:
+    """FDR-significant neurons per layer (left); selection-split vs held-out predictivity of the top 1% (right)."""
+    layers = np.asarray(sn.layers)
+    sig = sn.significant(q).sum(1).numpy()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.bar(layers, sig, color="tab:blue")
+    a.axhline(sn.d_mlp, color="k", ls=":", lw=1, label=f"all {sn.d_mlp} neurons of a layer")
+    a.set_xlabel("layer")
+    a.set_ylabel(f"neurons with q <= {q:g}")
+    a.set_title(f"FDR-significant neurons: {int(sig.sum())} of {sn.n_layers * sn.d_mlp}")
+    a.legend(fontsize=8, loc="upper left")
+    if sn.has_counts("confirm"):
+        mask = sn._top1pct_mask().numpy()
+        x, y = sn.predictivity.numpy()[mask], sn.heldout_predictivity().numpy()[mask]
+        b.scatter(x, y, s=6, alpha=0.5, label="top 1% of each layer")
+        lo, hi = min(x.min(), y.min()) - 0.01, max(x.max(), y.max()) + 0.01
+        b.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="held out = selection")
+        acc = sn.prompt_accuracy("test_accuracy")
+        if acc is not None:
+            b.axhline(acc, color="tab:red", ls="--", lw=1, label=f"prompt's test accuracy ({acc:.3f})")
+        if sn.has_counts("control"):
+            c = sn.control_summary(q)["best_predictivity"]
+            b.axvline(c, color="tab:gray", ls=":", lw=1, label=f"best under shuffled labels ({c:.3f})")
+        b.set_xlabel(f"predictivity on {sn.meta.get('split', 'dev')} (selection)")
+        b.set_ylabel(f"held-out accuracy on {sn.meta.get('confirm_split')}")
+        b.set_title("Held-out confirmation of the selected neurons")
+        b.legend(fontsize=8, loc="upper left")
+    else:
+        b.axis("off")
+    return _save(fig, path)
+
+
 def plot_activation_histogram(values: np.ndarray, labels: np.ndarray, baseline: float, path: str | Path,
                               title: str, label_names: Sequence[str]) -> Path:
     """Activation of one neuron on each example, by class, with its baseline (the paper's Figure 1)."""
