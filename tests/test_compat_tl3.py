@@ -329,3 +329,14 @@ def test_hooked_transformer_refuses_masked_lms():
         load_model("tiny-bert", device="cpu", kind="hooked")
     with pytest.raises(ValueError, match="model kind"):
         load_model("tiny-gpt2", device="cpu", kind="hooked-transformer")
+
+
+def test_prompt_room_check_on_a_hooked_transformer(hooked):
+    from tl_skill import SoftPrompt, layout_for
+
+    prompt = SoftPrompt.from_vocab(hooked, 3)
+    batch = layout_for(hooked, 3).encode(["a good film", "bad"])
+    with torch.no_grad(), prompt.applied(hooked):  # placeholders where the prompt goes: accepted
+        assert hooked(batch.input_ids, attention_mask=batch.attention_mask).shape[:2] == batch.input_ids.shape
+    with prompt.applied(hooked), pytest.raises(ValueError, match="not prompt placeholders"):
+        hooked(torch.tensor([[11, 12, 13, 14, 15]]))

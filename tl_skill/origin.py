@@ -729,8 +729,9 @@ def origin_study(
 
     if run is None:
         run = tune(model, task, out / "prompt", cfg, progress=progress)
+    # the controls compare selection-split predictivity: no held-out pass (as in the published runs)
     find_kw = dict(max_train_examples=find_train_examples, max_eval_examples=find_eval_examples,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, confirm_split=None)
     if given_neurons is not None:
         sn = given_neurons
         find_kw.update(max_train_examples=sn.meta.get("max_train_examples", find_train_examples),

@@ -689,7 +689,8 @@ def _neurons_for(model, runs: list[Run], path: Path, find_kwargs: dict, progress
             log.info("reusing skill neurons in %s", path)
             return SkillNeurons.load(path)
         log.info("runs or settings changed since %s was written; finding skill neurons again", path)
-    sn = find_skill_neurons(model, runs, progress=progress, **find_kwargs)
+    # The study compares tasks by their selection-split predictivity: no held-out pass is needed.
+    sn = find_skill_neurons(model, runs, progress=progress, **{"confirm_split": None, **find_kwargs})
     sn.save(path)
     _write_json(marker, want)
     return sn
