@@ -118,7 +118,7 @@ def test_verdict_statements():
     assert verdict([hurt]).startswith("Holds:")
     assert verdict([same]).startswith("Does not hold")
     assert verdict([hurt, same]).startswith("Holds partly")
-    assert "paired skill minus random accuracy below 0" in verdict([hurt])
+    assert "rule: the 95% CI of the paired skill minus random accuracy lies below 0" in verdict([hurt])
     assert verdict([row]).startswith("no paired test")
 
 

@@ -197,8 +197,8 @@ def verdict(rows: list[dict]) -> str:
                 f"({which})")
     else:
         head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
-    return (f"{head} (95% CI of the paired skill minus random accuracy below 0; accuracy change from clean, "
-            f"paired difference [95% CI]: {detail}).")
+    return (f"{head} (rule: the 95% CI of the paired skill minus random accuracy lies below 0; accuracy change "
+            f"from clean, paired difference [95% CI]: {detail}).")
 
 
 def write_report(out: str | Path) -> Path:
@@ -262,6 +262,11 @@ def write_report(out: str | Path) -> Path:
             md += ["", f"Shuffled-label control (dev labels permuted, same pass): {c['n_significant']} significant "
                    f"neurons, {c['fraction_position_p_below_0.05']:.3f} of neuron positions with p < 0.05 "
                    f"(chance: at most 0.05), best predictivity {_fmt(c['best_predictivity'])} by chance alone."]
+        if "stability" in st:
+            t = st["stability"]
+            md += ["", f"Trial stability ({t['n_trials']} prompts): Spearman of predictivity {t['spearman_mean']:.3f}, "
+                   f"per-layer top-1% Jaccard {t['topk_jaccard_mean']:.3f} (chance {t['topk_jaccard_chance']:.3f}), "
+                   f"{t['mean_topk_in_every_trial']:.3f} of the mean top 1% in every prompt's top 1%."]
         md += ["", "See docs/statistics.md in the tl_skill repository for each statistic and its assumptions.", ""]
     md += ["| rank | layer | neuron | predictivity | prompt position | direction | q-value | held out |",
            "|---|---|---|---|---|---|---|---|"]
