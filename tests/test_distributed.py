@@ -55,6 +55,18 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+def _noisy_eval(model, run, batch_size: int):
+    """Test predictions with strong noise on a quarter of the neurons of every layer (seed 3)."""
+    from tl_skill import evaluate
+    from tl_skill.ablate import Perturbation
+
+    mask = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.bool)
+    mask[:, ::4] = True
+    pert = Perturbation(model, mask, "noise", std=3.0, seed=3)
+    return evaluate(model, _eval_task(run), "test", run.verbalizer(model), run.prompt, batch_size=batch_size,
+                    extra_hooks=pert.fwd_hooks())
+
+
 # --------------------------------------------------------------------------- the worker
 def _worker(run_dir: str, out_dir: str) -> None:
     from tl_skill import TuneConfig, cli, distributed, evaluate, find_skill_neurons, load_model, tune
@@ -78,10 +90,12 @@ def _worker(run_dir: str, out_dir: str) -> None:
     sn = find_skill_neurons(model, [run], progress=False, **FIND_KW)
     sn.save(out / "neurons")
     res = evaluate(model, _eval_task(run), "test", run.verbalizer(model), run.prompt, batch_size=16)
+    noisy = _noisy_eval(model, run, batch_size=16)
     ddp_run = tune(model, _tune_task(), out / "ddp_run", TuneConfig(**TUNE_KW), progress=False)
     torch.save({
         "baseline": sn.baseline, "accuracy": sn.accuracy, "std": sn.std, "constant": sn.constant,
         "predictions": torch.from_numpy(res["predictions"]), "eval_accuracy": res["accuracy"],
+        "noisy_predictions": torch.from_numpy(noisy["predictions"]),
         "prompt": ddp_run.prompt.vectors.detach().clone(), "history": ddp_run.info["history"],
         "metrics": ddp_run.metrics,
     }, out / f"rank{r}.pt")
@@ -118,6 +132,7 @@ def launched(tmp_path_factory, tiny_gpt2):
         ref_eval = evaluate(tiny_gpt2, _eval_task(run), "test", run.verbalizer(tiny_gpt2), run.prompt,
                             batch_size=16)
         ref_run = tune(tiny_gpt2, _tune_task(), base / "ref_run", TuneConfig(**TUNE_KW), progress=False)
+        ref_noisy = {bs: _noisy_eval(tiny_gpt2, run, bs)["predictions"] for bs in (16, 7)}
     try:
         log, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -126,7 +141,8 @@ def launched(tmp_path_factory, tiny_gpt2):
         pytest.fail("torchrun workers timed out:\n" + log[-4000:])
     assert proc.returncode == 0, "torchrun workers failed:\n" + log[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"run": run, "out": out, "ranks": ranks, "sn": ref_sn, "eval": ref_eval, "tuned": ref_run}
+    return {"run": run, "out": out, "ranks": ranks, "sn": ref_sn, "eval": ref_eval, "tuned": ref_run,
+            "noisy": ref_noisy}
 
 
 def test_recording_equals_one_process(launched):
@@ -164,6 +180,14 @@ def test_evaluate_equals_one_process(launched):
     for got in launched["ranks"]:
         assert np.array_equal(got["predictions"].numpy(), ref["predictions"])
         assert got["eval_accuracy"] == ref["accuracy"]
+
+
+def test_noise_perturbation_is_the_same_for_any_world_size_and_batch_size(launched):
+    ref = launched["noisy"]
+    assert np.array_equal(ref[16], ref[7])  # batch size
+    assert not np.array_equal(ref[16], launched["eval"]["predictions"])  # the noise does change predictions
+    for got in launched["ranks"]:  # two gloo processes, each with its own batches
+        assert np.array_equal(got["noisy_predictions"].numpy(), ref[16])
 
 
 def test_ddp_prompt_tuning_matches_one_process(launched, tiny_gpt2):

@@ -18,9 +18,10 @@ since the perturbation was made (or `reset`). Its noise is a fixed function of
 `(seed, j)`: a standard normal [n_layers, d_mlp] from
 `numpy.random.default_rng([seed, j])`, of which each chosen neuron takes its
 entry. So the draws do not depend on batch size or on which other neurons are
-chosen, only on the order in which examples are seen. `tuning.evaluate`
-always visits a split in the same order (sorted by length, whatever the batch
-size), which makes the accuracies reproducible per seed.
+chosen. `tuning.evaluate` visits a split in one fixed order (sorted by length,
+whatever the batch size) and resets the numbering at every batch to the
+batch's global position in that order, so `j` is the example's global number
+under `torchrun` too: accuracies are the same for any number of processes.
 
     with perturb(model, mask, mode="noise", std=0.1, seed=0):
         logits = model(tokens)
@@ -274,8 +275,16 @@ class Perturbation:
         return hook
 
     def fwd_hooks(self) -> list[tuple[str, Callable]]:
-        """`(hook name, function)` pairs, for `model.hooks(fwd_hooks=...)` or `extra_hooks=`."""
-        return [(compat.mlp_post_hook(l), self._hook_for(l)) for l in sorted(self.index)]
+        """`(hook name, function)` pairs, for `model.hooks(fwd_hooks=...)` or `extra_hooks=`.
+
+        The first hook carries `start_batch(n)` (= `reset`): `tuning.evaluate` calls it with
+        each batch's global example number, so noise is a function of (seed, example) under
+        any batch size and any number of processes.
+        """
+        hooks = [(compat.mlp_post_hook(l), self._hook_for(l)) for l in sorted(self.index)]
+        if hooks:
+            hooks[0][1].start_batch = self.reset
+        return hooks
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["Perturbation"]:

@@ -80,13 +80,16 @@ class Batch:
     labels: Int[torch.Tensor, "batch"] | None = None
     input_start: Int[torch.Tensor, "batch"] | None = None  # first input token
     input_end: Int[torch.Tensor, "batch"] | None = None  # one past the last input token
+    # Global number of the first row in the split's fixed example order (`iterate_batches`),
+    # the same whatever the batch size or number of processes: noise draws are keyed by it.
+    first_example: int = 0
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.pred_pos.to(device),
             self.prompt_start.to(device), self.prompt_length, move(self.labels),
-            move(self.input_start), move(self.input_end),
+            move(self.input_start), move(self.input_end), self.first_example,
         )
 
     @property

@@ -121,7 +121,9 @@ def iterate_batches(layout: Layout, task: Task, split: str, batch_size: int, sor
     starts = range(0, len(order), batch_size)
     for start in distributed.shard(starts) if shard else starts:
         idx = order[start:start + batch_size]
-        yield idx, layout.collate([tokens[i] for i in idx], labels[idx])
+        batch = layout.collate([tokens[i] for i in idx], labels[idx])
+        batch.first_example = int(start)
+        yield idx, batch
 
 
 @torch.no_grad()
@@ -136,8 +138,13 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
     n = len(task[split])
     preds = np.zeros(n, dtype=np.int64)
     bar = tqdm(total=n, desc=desc or f"eval {split}", disable=not progress, leave=False, unit="ex")
+    # Hooks that number examples (noise perturbations) hear each batch's global position, so
+    # their draws do not depend on batch size or on how processes share the batches.
+    starters = [fn.start_batch for _, fn in extra_hooks if callable(getattr(fn, "start_batch", None))]
     for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
         batch = batch.to(device)
+        for start_batch in starters:
+            start_batch(batch.first_example)
         logits = class_logits(model, batch, verbalizer, prompt, extra_hooks)
         preds[idx] = logits.argmax(-1).cpu().numpy()
         bar.update(len(idx))
