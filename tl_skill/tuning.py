@@ -206,6 +206,7 @@ class Run:
                                                  "label_words": list, "config": dict})
             check_str_list(info, "label_words", f"run file {where}")
             if "task_spec" in info:
+                check_types(info, {"task_spec": dict}, f"run file {where}")
                 check_types(info["task_spec"], {"label_names": list, "label_words": list},
                             f"run file {where}: task_spec")
         except FileFormatError as exc:
