@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from tl_skill import SoftPrompt, compat, distributed, layout_for, load_model, load_task, model_spec, subsample  # noqa: E402
 from tl_skill.neurons import make_subtasks, record_run  # noqa: E402
-from tl_skill.tuning import iterate_batches  # noqa: E402
+from tl_skill.prompt import iterate_batches  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from tl_skill import SoftPrompt, compat, layout_for, load_model, load_task, model_spec, subsample  # noqa: E402
 from tl_skill.record import MomentStats, Recorder  # noqa: E402
-from tl_skill.tuning import iterate_batches  # noqa: E402
+from tl_skill.prompt import iterate_batches  # noqa: E402
 
 MODES = ("forward", "recorder", "cache")
 

@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     plain = layout_for(model, 0, args.max_input_tokens).encode(texts).to(device)
     # PEFT gets a plain Hugging Face copy of the same weights (no bridge wrappers around
     # its modules), as a user of PEFT alone would have.
-    from tl_skill.origin import clean_hf_copy
+    from tl_skill.variants import clean_hf_copy
 
     plain_hf = clean_hf_copy(model)
     plain_hf.config._attn_implementation = hf.config._attn_implementation

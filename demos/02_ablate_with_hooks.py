@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 import tl_skill
-from tl_skill.ablate import Perturbation
+from tl_skill.perturb import Perturbation
 from tl_skill.neurons import random_mask_like
 from tl_skill.tuning import TuneConfig
 

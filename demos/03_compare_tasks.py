@@ -9,7 +9,7 @@ import itertools
 import tempfile
 
 import tl_skill
-from tl_skill.transfer import neuron_similarity, prompt_similarity
+from tl_skill.indicators import neuron_similarity, prompt_similarity
 from tl_skill.tuning import TuneConfig
 
 parser = argparse.ArgumentParser()

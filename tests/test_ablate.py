@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from tl_skill import ablate
-from tl_skill.ablate import AblationError, Perturbation, ablation_experiment, neuron_index, perturb
+from tl_skill.experiments import runner
+from tl_skill.experiments.ablation import AblationError, ablation_experiment
+from tl_skill.files import OutputDirError
+from tl_skill.perturb import Perturbation, PerturbationError, neuron_index, perturb
 from tl_skill.compat import mlp_post_hook
 from tl_skill.models import model_spec
-from tl_skill.neurons import SkillNeurons, Subtask, find_skill_neurons, random_mask_like
+from tl_skill.neurons import SkillNeurons, Subtask, random_mask_like
+from tl_skill.find import find_skill_neurons
 from tl_skill.tasks import load_task, subsample
 from tl_skill.tuning import TuneConfig, evaluate, tune
 
@@ -241,7 +244,7 @@ def test_three_neuron_formats_agree(tiny_llama):
         with pert.attached(), torch.no_grad():
             outs.append(tiny_llama(ids, attention_mask=am, return_type="logits"))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    with pytest.raises(AblationError, match="skill="):
+    with pytest.raises(PerturbationError, match="skill="):
         Perturbation(tiny_llama, sel, "zero")  # a 2-row selection without its layer map
 
 
@@ -281,15 +284,15 @@ def test_composes_with_an_unrelated_hook_and_never_leaks(tiny_gpt2):
 def test_bad_arguments(tiny_gpt2):
     spec = model_spec(tiny_gpt2)
     mask = some_mask(tiny_gpt2)
-    with pytest.raises(AblationError, match="unknown perturbation mode"):
+    with pytest.raises(PerturbationError, match="unknown perturbation mode"):
         Perturbation(tiny_gpt2, mask, "shuffle")
-    with pytest.raises(AblationError, match="out of range"):
+    with pytest.raises(PerturbationError, match="out of range"):
         Perturbation(tiny_gpt2, [(0, spec.d_mlp)], "zero")
-    with pytest.raises(AblationError, match="shape"):
+    with pytest.raises(PerturbationError, match="shape"):
         Perturbation(tiny_gpt2, torch.zeros(spec.n_layers, 3, dtype=torch.bool), "zero")
-    with pytest.raises(AblationError, match="baseline"):
+    with pytest.raises(PerturbationError, match="baseline"):
         Perturbation(tiny_gpt2, mask, "mean")
-    with pytest.raises(AblationError, match="std"):
+    with pytest.raises(PerturbationError, match="std"):
         Perturbation(tiny_gpt2, mask, "noise", relative=True)
     assert neuron_index([], spec.n_layers, spec.d_mlp) == {}
 
@@ -333,15 +336,14 @@ def test_ablation_experiment_rows_plot_and_resume(tiny_gpt2, tiny_run, tmp_path,
     kw = dict(mode="noise", fractions=(0.2, 0.05), seeds=2, batch_size=16, progress=False)
     out = tmp_path / "abl"
     # interrupted after 3 evaluations: the json keeps them
-    monkeypatch.setattr(ablate, "evaluate", _Counter(fail_after=3))
+    monkeypatch.setattr(runner, "evaluate", _Counter(fail_after=3))
     with pytest.raises(KeyboardInterrupt):
         ablation_experiment(tiny_gpt2, run, sn, out, **kw)
-    partial = json.loads((out / "ablation.json").read_text())
-    assert len(partial["evaluations"]) == 3 and partial["status"] == "running"
-    assert not (out / "ablation.png").exists()
+    assert len(list((out / "conditions").glob("*.json"))) == 3  # each finished condition, atomically
+    assert not (out / "ablation.json").exists() and not (out / "ablation.png").exists()
     # the rerun does only the rest
     counter = _Counter()
-    monkeypatch.setattr(ablate, "evaluate", counter)
+    monkeypatch.setattr(runner, "evaluate", counter)
     res = ablation_experiment(tiny_gpt2, run, sn, out, **kw)
     assert counter.calls == 1 + 2 * (1 + 2) - 3
     saved = json.loads((out / "ablation.json").read_text())
@@ -381,7 +383,7 @@ def test_ablation_experiment_rows_plot_and_resume(tiny_gpt2, tiny_run, tmp_path,
     more = ablation_experiment(tiny_gpt2, run, sn, out, **{**kw, "fractions": (0.2,), "seeds": 3})
     assert counter.calls == 5
     assert more["rows"][0]["random_accuracies"][:2] == row["random_accuracies"]
-    with pytest.raises(AblationError, match="different std"):
+    with pytest.raises(OutputDirError, match=r"other settings: std \(0.1 there, 0.5 here\)"):
         ablation_experiment(tiny_gpt2, run, sn, out, **{**kw, "std": 0.5})
     assert counter.calls == 5
 
@@ -392,7 +394,7 @@ def test_ablation_experiment_validates_before_work(tiny_gpt2, tiny_run, tmp_path
     def never(*a, **k):
         raise AssertionError("evaluate must not run on bad input")
 
-    monkeypatch.setattr(ablate, "evaluate", never)
+    monkeypatch.setattr(runner, "evaluate", never)
     other_task = SkillNeurons(**{**sn.__dict__, "task": "bbc_news"})
     with pytest.raises(AblationError, match="task mismatch"):
         ablation_experiment(tiny_gpt2, run, other_task, tmp_path, progress=False)
@@ -409,7 +411,7 @@ def test_ablation_experiment_validates_before_work(tiny_gpt2, tiny_run, tmp_path
 def test_ablation_experiment_zero_mode_and_layers(tiny_gpt2, tiny_run, monkeypatch):
     run, sn = tiny_run
     counter = _Counter()
-    monkeypatch.setattr(ablate, "evaluate", counter)
+    monkeypatch.setattr(runner, "evaluate", counter)
     res = ablation_experiment(tiny_gpt2, run, sn, None, mode="zero", fractions=(1.0,), seeds=1, layers=[1],
                               progress=False)
     row = res["rows"][0]

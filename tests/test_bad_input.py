@@ -12,10 +12,12 @@ import torch
 
 from tl_skill import SoftPrompt, TuneConfig, layout_for, load_task, subsample, tune
 from tl_skill import files
-from tl_skill.ablate import AblationError, Perturbation
+from tl_skill.experiments.ablation import AblationError
+from tl_skill.perturb import Perturbation, PerturbationError
 from tl_skill.cli import main
 from tl_skill.models import ModelLoadError, load_model
-from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, find_skill_neurons
+from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons
+from tl_skill.find import find_skill_neurons
 from tl_skill.prompt import Layout
 from tl_skill.prune import prune
 from tl_skill.record import MomentStats, Recorder, RecordingError
@@ -111,7 +113,8 @@ def test_prune_max_examples_zero_means_the_test_set(tiny_run, tiny_neurons, tmp_
 
 
 def test_refused_prune_leaves_nothing(tiny_gpt2, tiny_run, tiny_neurons, tmp_path):
-    from tl_skill.prune import PruneError, prune_experiment
+    from tl_skill.prune import PruneError
+    from tl_skill.experiments.pruning import prune_experiment
 
     out = tmp_path / "p"
     with pytest.raises(PruneError, match="max_examples"):
@@ -304,7 +307,7 @@ def test_hook_width_is_checked(tiny_gpt2, tiny_neurons, tiny_run):
         rec.run(batch, tiny_run.prompt)
     pert = Perturbation(pruned, [(1, 3)], "zero")
     with torch.no_grad(), pert.attached(), tiny_run.prompt.applied(pruned, batch), \
-            pytest.raises(AblationError, match="width 25, but 256"):
+            pytest.raises(PerturbationError, match="width 25, but 256"):
         pruned(batch.input_ids, attention_mask=batch.attention_mask)
     assert not pruned.hook_dict["blocks.1.mlp.hook_post"].fwd_hooks  # nothing left behind
 

@@ -250,7 +250,7 @@ def test_prompt_tuning_trains_the_prompt_only(hooked, trained_run, small_task):
 
 
 def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked, hf_gpt2, small_task):
-    from tl_skill.ablate import perturb
+    from tl_skill.perturb import perturb
     from tl_skill.prompt import SoftPrompt, Verbalizer, class_logits, layout_for
 
     verbalizer = Verbalizer(hooked.tokenizer, small_task.spec.label_words)
@@ -272,7 +272,7 @@ def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked
 
 def test_predictivity_matches_the_hf_reference_and_the_bridge(hooked, hf_gpt2, trained_run, request):
     """Done-when of the compatibility issue: the same ranking on a HookedTransformer and a bridge."""
-    from tl_skill.neurons import find_skill_neurons
+    from tl_skill.find import find_skill_neurons
     from tl_skill.prompt import layout_for
     from tl_skill.tasks import subsample
 
@@ -313,7 +313,7 @@ def _assert_same_ranking(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def test_pruning_is_bridge_only(hooked, trained_run):
-    from tl_skill.neurons import find_skill_neurons
+    from tl_skill.find import find_skill_neurons
     from tl_skill.prune import PruneError, prune
 
     found = find_skill_neurons(hooked, [trained_run], progress=False, max_train_examples=32,

@@ -58,7 +58,7 @@ def _threads(n: int):
 def _noisy_eval(model, run, batch_size: int):
     """Test predictions with strong noise on a quarter of the neurons of every layer (seed 3)."""
     from tl_skill import evaluate
-    from tl_skill.ablate import Perturbation
+    from tl_skill.perturb import Perturbation
 
     mask = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.bool)
     mask[:, ::4] = True
@@ -278,7 +278,7 @@ def _merged(parts):
 
 def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, tiny_gpt2, small_task):
     from tl_skill import MomentStats, Recorder, SoftPrompt, distributed, layout_for, subsample
-    from tl_skill.tuning import iterate_batches
+    from tl_skill.prompt import iterate_batches
 
     task = subsample(small_task, {"train": 72})
     prompt = SoftPrompt.from_vocab(tiny_gpt2, 3, seed=1)
@@ -311,7 +311,7 @@ def test_bfloat16_activations_are_summed_exactly(tiny_gpt2, small_task):
     """bf16 model: float64/int64 statistics equal an exact reference over the same bf16 activations."""
     from tl_skill import MomentStats, Recorder, SoftPrompt, ThresholdStats, compat, layout_for, load_model
     from tl_skill.record import exact_parts, exact_total
-    from tl_skill.tuning import iterate_batches
+    from tl_skill.prompt import iterate_batches
 
     model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
     assert compat.model_dtype(model) == torch.bfloat16

@@ -23,17 +23,8 @@ from datasets import DatasetDict
 from tl_skill import compat, load_model, load_task, subsample
 from tl_skill.cli import main as cli_main
 from tl_skill.models import model_spec
-from tl_skill.neurons import (
-    NEURONS_JSON,
-    PREDICTIVITY_FILE,
-    NeuronsError,
-    SkillNeurons,
-    find_skill_neurons,
-    make_subtasks,
-    random_mask_like,
-    record_run,
-    trace_activations,
-)
+from tl_skill.find import find_skill_neurons, record_run, trace_activations
+from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, make_subtasks, random_mask_like
 from tl_skill.prompt import SoftPrompt, layout_for
 from tl_skill.record import MomentStats, Recorder
 from tl_skill.tasks import Task

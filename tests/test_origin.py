@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-import tl_skill.neurons
-from tl_skill import TuneConfig, compat, model_spec, subsample
-from tl_skill import origin
-from tl_skill.ablate import Perturbation
-from tl_skill.origin import (
-    BITFIT_BIASES, BITFIT_NORMS, ORIGIN_JSON, PARTS, FinetuneConfig, OriginError, add_lora, bitfit_parameters,
-    clean_hf_copy, compare_predictivity, copy_model, finetune, origin_study,
-    perturbation_rows, perturbation_verdict, random_weights_model,
-)
+import tl_skill.find
+import tl_skill.train
+from tl_skill import TuneConfig, compat, model_spec, subsample, variants
+from tl_skill.experiments import origin
+from tl_skill.experiments.ablation import verdict
+from tl_skill.files import OutputDirError
+from tl_skill.train import TrainingError
+from tl_skill.perturb import Perturbation
+from tl_skill.experiments.origin import ORIGIN_JSON, PARTS, OriginError, compare_predictivity, origin_study
+from tl_skill.variants import (BITFIT_BIASES, BITFIT_NORMS, FinetuneConfig, VariantError, add_lora,
+                               bitfit_parameters, clean_hf_copy, copy_model, finetune, random_weights_model)
 from tl_skill.prompt import Verbalizer
 from tl_skill.tuning import evaluate
 
@@ -92,7 +94,7 @@ def test_random_weights_control(name, tiny_gpt2, tiny_llama):
 
 def test_random_control_refuses_the_sources_own_initialisation(tiny_gpt2):
     # The tiny models are themselves random initialisations with seed 0.
-    with pytest.raises(OriginError, match="choose another seed"):
+    with pytest.raises(VariantError, match="choose another seed"):
         random_weights_model(tiny_gpt2, seed=0)
 
 
@@ -120,7 +122,7 @@ def test_lora_trains_only_attention_adapters(name, tiny_gpt2, tiny_llama, tiny_t
     assert any(".lora_B." in n for n in changed)
     assert _raw_mlp(tuned).keys() == _raw_mlp(model).keys()
     assert all(torch.equal(_raw_mlp(tuned)[n], p) for n, p in _raw_mlp(model).items())
-    assert origin.mlp_unchanged(tuned, model)
+    assert variants.mlp_unchanged(tuned, model)
     assert not any(p.requires_grad for p in tuned.parameters())
     assert info["n_trainable_parameters"] == sum(p.numel() for p in params.values())
     assert not torch.equal(_logits(tuned, batch), _logits(model, batch))
@@ -204,7 +206,7 @@ def test_bitfit_trains_only_biases_outside_the_mlp(tiny_gpt2, tiny_task):
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.endswith(".bias") and ".mlp." not in n for n in changed)
     assert all(torch.equal(_raw_mlp(tuned)[n], p) for n, p in _raw_mlp(tiny_gpt2).items())
-    assert origin.mlp_unchanged(tuned, tiny_gpt2)
+    assert variants.mlp_unchanged(tuned, tiny_gpt2)
     verbalizer = Verbalizer(tuned.tokenizer, tiny_task.spec.label_words)
     dev = evaluate(tuned, tiny_task, "dev", verbalizer, None)["accuracy"]
     assert dev == info["dev_accuracy"] == max(h["dev_accuracy"] for h in info["history"] if "dev_accuracy" in h)
@@ -219,7 +221,7 @@ def test_finetune_keeps_the_best_dev_parameters(tiny_gpt2, tiny_task, monkeypatc
         seen.append({n: p.detach().clone() for n, p in params.items()})
         return {"accuracy": next(scores)}
 
-    monkeypatch.setattr(origin, "evaluate", scripted_dev)
+    monkeypatch.setattr(tl_skill.train, "evaluate", scripted_dev)
     info = finetune(tuned, tiny_task, params, FinetuneConfig(steps=6, lr=5e-2, batch_size=8, eval_every=2),
                     progress=False)
     assert len(seen) == 3 and info["best_step"] == 4 and info["dev_accuracy"] == 0.9
@@ -245,12 +247,12 @@ def test_bitfit_on_llama_falls_back_to_norm_weights(tiny_llama, tiny_task):
 
 
 def test_finetune_refuses_foreign_or_no_parameters(tiny_gpt2, tiny_task):
-    with pytest.raises(OriginError, match="no parameters"):
+    with pytest.raises(TrainingError, match="no parameters"):
         finetune(tiny_gpt2, tiny_task, {}, progress=False)
     stranger = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(OriginError, match="do not belong"):
+    with pytest.raises(TrainingError, match="belong neither to the model"):
         finetune(tiny_gpt2, tiny_task, {"x": stranger}, progress=False)
-    with pytest.raises(OriginError, match=r"invalid fine-tuning setting\(s\): steps=0, batch_size=0"):
+    with pytest.raises(VariantError, match=r"invalid fine-tuning setting\(s\): steps=0, batch_size=0"):
         FinetuneConfig(steps=0, batch_size=0)
 
 
@@ -270,23 +272,6 @@ def test_compare_predictivity_against_hand_and_scipy():
     assert compare_predictivity(x, y)["spearman"] == pytest.approx(want, abs=1e-12)
     with pytest.raises(OriginError, match="shapes"):
         compare_predictivity(x, y[:2])
-
-
-def test_perturbation_rows_and_verdict():
-    evals = {"clean": {"accuracy": 0.8}}
-    for f, skill, rand in ((0.1, 0.7, [0.79, 0.77]), (0.2, 0.55, [0.75, 0.73])):
-        evals[f"skill|{f!r}|0"] = {"accuracy": skill}
-        for s, r in enumerate(rand):
-            evals[f"random|{f!r}|{s}"] = {"accuracy": r}
-    rows = perturbation_rows(evals, [0.1, 0.2], [0, 1], {0.1: [1, 1], 0.2: [2, 2]}, "noise")
-    assert [r["random_accuracy"] for r in rows] == pytest.approx([0.78, 0.74])
-    assert rows[1]["random_accuracy_std"] == pytest.approx(0.01)
-    assert rows[1]["n_neurons"] == 4 and rows[0]["clean_accuracy"] == 0.8
-    holds, conclusive, gap = perturbation_verdict(rows, 0.8, 0.5)
-    assert holds and conclusive and gap == pytest.approx(((0.78 - 0.7) + (0.74 - 0.55)) / 2)
-    assert perturbation_verdict(rows, 0.5, 0.5)[:2] == (False, False)  # no better than majority: inconclusive
-    swapped = [{**r, "skill_accuracy": r["random_accuracy"] + 0.01} for r in rows]
-    assert perturbation_verdict(swapped, 0.8, 0.5)[0] is False
 
 
 # ----------------------------------------------------------------------------- the study
@@ -336,6 +321,12 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
         assert all(r["skill_accuracy"] is not None and r["random_accuracy"] is not None for r in sec["rows"])
         assert len(sec["evaluations"]) == 1 + 2 * 2
     assert saved["bitfit"]["trained"] == BITFIT_BIASES and saved["bitfit"]["fallback"] is False
+    for part in ("lora", "bitfit"):  # the one verdict rule of the ablation experiment, on the saved rows
+        sec = saved[part]
+        want = verdict(sec["rows"], sec["majority_accuracy"])
+        assert sec["verdict"] == want.status and sec["claim_holds"] == want.holds
+        assert want.sentence in sec["statement"]
+        assert all(r["paired"] is not None for r in sec["rows"])
     lw = saved["label_words"]
     assert lw["alternative"] == [" bad", " good"] and lw["original"] == [" negative", " positive"]
     assert -1 <= lw["spearman"] <= 1 and 0 <= lw["top_overlap"] <= 1
@@ -345,7 +336,7 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     # The saved LoRA weights reproduce the reported accuracies.
     tuned = copy_model(tiny_gpt2, "lora")
     params = add_lora(tuned, seed=0)
-    origin.load_trained(params, out / "lora" / origin.TRAINED_FILE)
+    variants.load_trained(params, out / "lora" / variants.TRAINED_FILE)
     from tl_skill.neurons import SkillNeurons
     from tl_skill.tasks import load_task
 
@@ -364,14 +355,14 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     reuse = {k: v for k, v in STUDY.items() if k != "tune_config"}
     other = origin_study("tiny-gpt2", None, tmp_path / "reuse", model=tiny_gpt2, run_dir=out / "prompt",
                          neurons_dir=out / "neurons", parts=["label_words"], **reuse)
-    assert other["status"] == "partial" and [p for p in PARTS if p in other] == ["label_words"]
+    assert other["status"] == "partial" and list(other.parts()) == ["label_words"]
     assert other["source"]["run"] == str(out / "prompt") and not (tmp_path / "reuse" / "prompt").exists()
     assert other["label_words"]["spearman"] == saved["label_words"]["spearman"]
     with pytest.raises(OriginError, match="tuned on"):
         origin_study("tiny-llama", None, tmp_path / "x", run_dir=out / "prompt")
 
     # A rerun skips every finished part (the source prompt is only read back) ...
-    real_tune, real_curve = origin.tune, origin.perturbation_curve
+    real_tune, real_runner = origin.tune, origin.run_conditions
 
     def tune_finished_only(model, task, run_dir, *a, **k):
         assert json.loads((run_dir / "run.json").read_text())["status"] == "done", "a prompt was re-tuned"
@@ -381,23 +372,23 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
         raise AssertionError("a finished part was redone")
 
     monkeypatch.setattr(origin, "tune", tune_finished_only)
-    for fn in ("finetune", "perturbation_curve", "random_weights_model"):
+    for fn in ("finetune", "run_conditions", "random_weights_model"):
         monkeypatch.setattr(origin, fn, boom)
-    monkeypatch.setattr(tl_skill.neurons, "find_skill_neurons", boom)  # reached through load_or_find
+    monkeypatch.setattr(tl_skill.find, "find_skill_neurons", boom)  # reached through load_or_find
     again = origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **STUDY)
     assert {p: again[p] for p in PARTS} == {p: saved[p] for p in PARTS}
     # ... and redoes only an unfinished one.
     partial = {k: v for k, v in saved.items() if k != "bitfit"}
     (out / ORIGIN_JSON).write_text(json.dumps(partial))
-    (out / "bitfit" / origin.TRAINED_FILE).unlink()
+    (out / "bitfit" / variants.TRAINED_FILE).unlink()
     calls = []
     monkeypatch.setattr(origin, "finetune", lambda *a, **k: calls.append(1) or finetune(*a, **k))
-    monkeypatch.setattr(origin, "perturbation_curve", real_curve)
+    monkeypatch.setattr(origin, "run_conditions", real_runner)
     redo = origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **STUDY)
     assert calls == [1] and redo["bitfit"]["status"] == "done"
     assert redo["bitfit"]["rows"] == saved["bitfit"]["rows"]  # deterministic training and noise
     assert {p: redo[p] for p in PARTS if p != "bitfit"} == {p: saved[p] for p in PARTS if p != "bitfit"}
-    with pytest.raises(OriginError, match="different steps"):
+    with pytest.raises(OutputDirError, match=r"other settings: steps \(6 there, 7 here\)"):
         origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **{**STUDY, "steps": 7})
 
 
@@ -408,7 +399,8 @@ def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
 
     def fake(model, task, out, **kw):
         seen.append((model, task, str(out), kw))
-        return {"random_weights": {"claim_holds": True, "statement": "stated"}}
+        return origin.OriginResult(model=model, task=task, status="partial", settings={}, source={},
+                                   random_weights={"claim_holds": True, "statement": "stated"})
 
     monkeypatch.setattr(origin, "origin_study", fake)
     main(["origin", "--model", "tiny-gpt2", "--out", str(tmp_path), "-q"])

@@ -10,10 +10,9 @@ import torch
 
 from tl_skill import SoftPrompt, Subtask, SkillNeurons, TuneConfig, evaluate, layout_for, load_model, model_spec, tune
 from tl_skill import compat
-from tl_skill.prune import (
-    PRUNE_JSON, PruneError, count_parameters, default_layers, load_pruned, prune, prune_experiment, pruning_of,
-    save_pruned, unwrapped,
-)
+from tl_skill.compat import unwrapped
+from tl_skill.experiments.pruning import PruneResult, prune_experiment
+from tl_skill.prune import PRUNE_JSON, PruneError, count_parameters, default_layers, load_pruned, prune, pruning_of, save_pruned
 
 TEXTS = ["a fine, moving film", "dull and far too long", "ok", "the best thing this year, by far"]
 
@@ -86,7 +85,7 @@ def test_pruned_equals_neurons_frozen_at_baseline(model):
     # freezing really changed something: the test would catch a missing bias fold
     assert (prompted_logits(model, prompt) - want).abs().max() > 1e-2
     try:
-        from tl_skill.ablate import perturb
+        from tl_skill.perturb import perturb
     except ImportError:
         return
     removed = ~sn.select(fraction=0.1, per_layer=True)
@@ -234,7 +233,7 @@ def test_prune_experiment(tiny_gpt2, small_task, tmp_path):
     res = prune_experiment(tiny_gpt2, run.path, tmp_path / "neurons", tmp_path / "out", keep=0.1,
                            retune_steps=2, max_examples=30, batch_size=8, progress=False, timing_repeats=2)
     saved = json.loads((tmp_path / "out" / PRUNE_JSON).read_text())
-    assert saved == json.loads(json.dumps(res))
+    assert saved == json.loads(json.dumps(res.to_dict())) and PruneResult.load(tmp_path / "out") == res
     assert res["kept_fraction"] == 0.1 and res["layers"] == [1] and res["n_test"] == 30
     pruned = load_pruned(tmp_path / "out", device="cpu")
     assert res["params_before"] == count_parameters(tiny_gpt2)

@@ -22,7 +22,8 @@ from datasets import DatasetDict
 
 from tl_skill import compat
 from tl_skill.models import model_spec
-from tl_skill.neurons import make_subtasks, record_run
+from tl_skill.neurons import make_subtasks
+from tl_skill.find import record_run
 from tl_skill.prompt import SoftPrompt, layout_for
 from tl_skill.record import (
     MomentStats,

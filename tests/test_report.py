@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tl_skill import cli
-from tl_skill.report import DemoConfig, run_demo, verdict
+from tl_skill.experiments.demo import DemoConfig, run_demo
+from tl_skill.experiments.ablation import verdict
 from tl_skill.tuning import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +83,17 @@ def test_report_numbers_equal_json(demo_dir):
     for got, ref in zip(table, abl["rows"]):
         assert got == (f"{ref['fraction'] * 100:.0f}", f"{ref['clean_accuracy']:.3f}", f"{ref['skill_accuracy']:.3f}",
                        f"{ref['random_accuracy']:.3f}", f"{ref['random_accuracy_std']:.3f}")
-    assert verdict(abl["rows"]) in md
+    assert verdict(abl["rows"]).sentence in md
 
 
 def test_rerun_continues_without_redoing(demo_dir, monkeypatch):
-    import tl_skill.neurons
+    import tl_skill.find
     import tl_skill.tuning
 
     def boom(*a, **k):
         raise AssertionError("finished work was redone")
 
-    monkeypatch.setattr(tl_skill.neurons, "record_run", boom)
+    monkeypatch.setattr(tl_skill.find, "record_run", boom)
     monkeypatch.setattr(tl_skill.tuning.torch.optim, "AdamW", boom)
     before = (demo_dir / "ablation" / "ablation.json").read_text()
     run_demo(demo_dir, tiny_demo_config(), device="cpu", progress=False)
@@ -107,7 +108,7 @@ def test_demo_refuses_other_settings(demo_dir):
 
 
 def test_verdict_statements():
-    from tl_skill.ablate import paired_comparison
+    from tl_skill.experiments.ablation import paired_comparison
 
     rand = [[1] * 80 + [0] * 20, [1] * 78 + [0] * 22]  # two random seeds, 100 test examples
     worse = [1] * 60 + [0] * 40  # correct on a subset of what the random controls get right
@@ -115,11 +116,11 @@ def test_verdict_statements():
     hurt = {**row, "skill_accuracy": 0.6, "paired": paired_comparison(worse, rand)}
     same = {**row, "skill_accuracy": 0.79, "paired": paired_comparison(rand[0], rand)}
     assert hurt["paired"]["ci_high"] < 0 <= same["paired"]["ci_high"]
-    assert verdict([hurt]).startswith("Holds:")
-    assert verdict([same]).startswith("Does not hold")
-    assert verdict([hurt, same]).startswith("Holds partly")
-    assert "rule: the 95% CI of the paired skill minus random accuracy lies below 0" in verdict([hurt])
-    assert verdict([row]).startswith("no paired test")
+    assert verdict([hurt]).sentence.startswith("Holds:")
+    assert verdict([same]).sentence.startswith("Does not hold")
+    assert verdict([hurt, same]).sentence.startswith("Holds partly")
+    assert "rule: the 95% CI of the paired skill minus random accuracy lies below 0" in verdict([hurt]).sentence
+    assert verdict([row]).sentence.startswith("no paired test")
 
 
 def test_every_subcommand_has_help_with_examples(capsys):
@@ -141,8 +142,9 @@ def test_demo_scripts_run_fast(script):
 
 
 def test_cli_demo_prints_phases_once_on_the_main_process(monkeypatch, tmp_path, capsys):
-    from tl_skill import distributed, report
+    from tl_skill import distributed
     from tl_skill.cli import main
+    from tl_skill.experiments import demo as report
 
     def fake_run_demo(out, cfg, on_phase=None, **kw):
         assert cfg.model == "tiny-gpt2" and cfg.task == "word_sentiment"

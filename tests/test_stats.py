@@ -11,7 +11,7 @@ from scipy import stats as sps
 
 from tl_skill import TuneConfig, find_skill_neurons, load_task, tune
 from tl_skill import stats
-from tl_skill.ablate import paired_comparison
+from tl_skill.experiments.ablation import paired_comparison
 from tl_skill.neurons import SkillNeurons
 from tl_skill.tasks import subsample
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tl_skill import transfer as tr
+from tl_skill import indicators as tr
+from tl_skill.experiments import transfer as xt
 from tl_skill.neurons import SkillNeurons, Subtask
 from tl_skill.prompt import SoftPrompt
-from tl_skill.transfer import TransferError
+from tl_skill.indicators import TransferError
 
 
 def make_neurons(pred: list[list[float]], model: str = "tiny-gpt2", task: str = "t") -> SkillNeurons:
@@ -190,7 +191,7 @@ FIND = {"max_train_examples": 24, "max_eval_examples": 16}
 @pytest.fixture(scope="module")
 def study_dir(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    info = tr.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
+    info = xt.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
                     transfer_steps=1, progress=False)
     return out, info
 
@@ -279,9 +280,9 @@ def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
         calls["find"] += 1
         raise AssertionError("a rerun must not find skill neurons again")
 
-    monkeypatch.setattr("tl_skill.tuning.class_logits", no_forward)
-    monkeypatch.setattr("tl_skill.transfer.find_skill_neurons", no_find)
-    again = tr.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
+    monkeypatch.setattr("tl_skill.train.class_logits", no_forward)
+    monkeypatch.setattr("tl_skill.find.find_skill_neurons", no_find)
+    again = xt.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
                      transfer_steps=1, progress=False, figures=False)
     assert calls == {"train_or_eval": 0, "find": 0}
     after = json.loads((out / "transfer.json").read_text())
@@ -292,7 +293,7 @@ def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
 def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
     out, _ = study_dir
     neurons = [out / "neurons" / tr.task_slug(t) for t in TASKS]
-    got = tr.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0,
+    got = xt.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0,
                                 figures=False, progress=False)
     study = json.loads((out / "transfer.json").read_text())
     assert set(got["transfer"]) == {"zero_shot", "zero_shot_relative"}
@@ -306,7 +307,7 @@ def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
         assert np.allclose(as_np(got["indicators"][name]), as_np(m), equal_nan=True), name
     # explicit run directories, in any order, give the same tasks
     runs = sorted((out / "runs").glob("*/seed*"))
-    again = tr.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0,
+    again = xt.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0,
                                   figures=False, progress=False)
     assert again["tasks"] == TASKS
 
@@ -316,29 +317,31 @@ def test_mismatched_models_are_refused(study_dir, tiny_gpt2, tmp_path, monkeypat
     other = make_neurons(PA, model="tiny-llama", task="x")
     other.save(tmp_path / "other")
     with pytest.raises(TransferError, match="different models"):
-        tr.transfer_from_dirs(tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None,
+        xt.transfer_from_dirs(tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None,
                               tmp_path / "t", figures=False, progress=False)
     # a study over a directory holding another model's runs stops before tuning anything
     monkeypatch.setattr("tl_skill.tuning.tune", lambda *a, **k: pytest.fail("tuned despite the mismatch"))
     bad = tmp_path / "s" / "runs" / "subjectivity" / "seed0"
     bad.mkdir(parents=True)
     (bad / "run.json").write_text(json.dumps({"model": "tiny-llama"}))
-    with pytest.raises(TransferError, match="tiny-llama"):
-        tr.study(tiny_gpt2, TASKS, tmp_path / "s", seeds=(0,), tune_config=_tune_config(), progress=False)
+    from tl_skill.files import OutputDirError
+
+    with pytest.raises(OutputDirError, match="holds no tl_skill study"):
+        xt.study(tiny_gpt2, TASKS, tmp_path / "s", seeds=(0,), tune_config=_tune_config(), progress=False)
     # runs of a model other than the one given
     with pytest.raises(TransferError, match="tuned on 'tiny-gpt2'"):
-        tr.transfer_from_dirs("tiny-llama", [out / "neurons" / t for t in TASKS], None, tmp_path / "t3")
+        xt.transfer_from_dirs("tiny-llama", [out / "neurons" / t for t in TASKS], None, tmp_path / "t3")
 
 
 def test_study_refuses_bad_input_early(tiny_gpt2, tmp_path):
     with pytest.raises(TransferError, match="at least two"):
-        tr.study(tiny_gpt2, ["word_sentiment"], tmp_path, progress=False)
+        xt.study(tiny_gpt2, ["word_sentiment"], tmp_path, progress=False)
     with pytest.raises(TransferError, match="repeat"):
-        tr.study(tiny_gpt2, ["word_sentiment", "word_sentiment"], tmp_path, progress=False)
+        xt.study(tiny_gpt2, ["word_sentiment", "word_sentiment"], tmp_path, progress=False)
     from tl_skill.tasks import TaskError
 
     with pytest.raises(TaskError):
-        tr.study(tiny_gpt2, ["word_sentiment", "no_such_task"], tmp_path, progress=False)
+        xt.study(tiny_gpt2, ["word_sentiment", "no_such_task"], tmp_path, progress=False)
     assert not (tmp_path / "runs").exists()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tl_skill import SoftPrompt, TuneConfig, Verbalizer, compat, evaluate, tune
-from tl_skill import tuning
+from tl_skill import train, tuning
 from tl_skill.cli import main
 from tl_skill.tuning import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
 
@@ -107,7 +107,7 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
     cfg = _cfg(steps=7, eval_every=3)
     full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
 
-    real = tuning._batch_indices
+    real = train.train_batch_indices
     calls = []
 
     def interrupting(step, *args, **kwargs):
@@ -116,7 +116,7 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
             raise KeyboardInterrupt
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(tuning, "_batch_indices", interrupting)
+    monkeypatch.setattr(train, "train_batch_indices", interrupting)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
@@ -125,9 +125,9 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
     with pytest.raises(RunError, match="not a finished run"):
         Run.load(out)
 
-    monkeypatch.setattr(tuning, "_batch_indices", real)
+    monkeypatch.setattr(train, "train_batch_indices", real)
     seen = []
-    monkeypatch.setattr(tuning, "_batch_indices", lambda step, *a, **k: seen.append(step) or real(step, *a, **k))
+    monkeypatch.setattr(train, "train_batch_indices", lambda step, *a, **k: seen.append(step) or real(step, *a, **k))
     resumed = tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
     assert seen == list(range(interrupt_at, 7))  # no step repeated, none skipped
     assert torch.equal(resumed.prompt.vectors, full.prompt.vectors)
@@ -164,7 +164,7 @@ def test_resume_is_exact_after_any_interrupt(tiny_gpt2, small_task, tmp_path, mo
     cfg = _cfg(steps=7, eval_every=2)
     full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
     if where == "dev_evaluation":
-        target, attr = tuning, "evaluate"
+        target, attr = train, "evaluate"
     else:  # the scheduler steps right after the optimiser, before the step is recorded
         target, attr = torch.optim.lr_scheduler.LambdaLR, "step"
         when += 1  # LambdaLR steps once at construction
@@ -185,8 +185,12 @@ def test_pickle_checkpoints_are_never_loaded(tiny_gpt2, small_task, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
+    # an interrupted run of an older tl_skill: run.json (status running) and a pickle checkpoint
+    cfg = _cfg(steps=2, eval_every=2)
+    first = tune(tiny_gpt2, small_task, tmp_path / "first", cfg, progress=False, evaluate_test=False)
     out = tmp_path / "run"
     out.mkdir()
+    (out / RUN_JSON).write_text(json.dumps({**first.info, "status": "running"}))
     (out / tuning.LEGACY_CHECKPOINT).write_bytes(pickle.dumps({"x": Hostile()}))
     run = tune(tiny_gpt2, small_task, out, _cfg(steps=2, eval_every=2), progress=False, evaluate_test=False)
     assert not marker.exists() and run.metrics["steps_run"] == 2
@@ -195,7 +199,7 @@ def test_pickle_checkpoints_are_never_loaded(tiny_gpt2, small_task, tmp_path):
     from pathlib import Path
 
     package = Path(tuning.__file__).parent
-    for source in package.glob("*.py"):
+    for source in package.rglob("*.py"):
         text = source.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, source
 
@@ -254,8 +258,8 @@ def test_finished_run_returns_at_once(tiny_gpt2, small_task, finished_run, monke
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(tuning, "_batch_indices", no_training)
-    monkeypatch.setattr(tuning, "evaluate", no_training)
+    monkeypatch.setattr(train, "train_batch_indices", no_training)
+    monkeypatch.setattr(train, "evaluate", no_training)
     t0 = time.perf_counter()
     again = tune(tiny_gpt2, small_task, run.path, _cfg(), progress=False)
     assert time.perf_counter() - t0 < 2.0

@@ -174,10 +174,9 @@ def _add_tune(sub):
 
 def cmd_tune(args):
     from .tasks import load_task
-    from .tuning import TuneConfig, tune
+    from .tuning import TuneConfig, claim_run_dir, tune
 
     task = load_task(args.task, seed=args.task_seed, label_words=args.label_words)
-    check_output_dir(args.out)
     cfg = dict(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                patience=args.patience, task_seed=args.task_seed, padding_side=args.padding_side,
                max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
@@ -185,11 +184,13 @@ def cmd_tune(args):
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
     seeds = args.seeds or [args.seed]
+    outs = {s: Path(args.out) / f"seed{s}" if args.seeds else Path(args.out) for s in seeds}
+    for s in seeds:  # every directory is checked before the model loads
+        claim_run_dir(outs[s], args.model, task, TuneConfig(seed=s, **cfg), write=False)
     model = _load(args, args.model)
     results = {}
     for s in seeds:
-        out = Path(args.out) / f"seed{s}" if args.seeds else Path(args.out)
-
+        out = outs[s]
         run = tune(model, task, out, TuneConfig(seed=s, **cfg), progress=not args.quiet)
         results[str(out)] = run.metrics
     lines = [f"{out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -309,25 +310,23 @@ def format_neurons_table(sn, top: int, q: float = 0.05) -> str:
     return "\n".join(lines)
 
 
+def _n_layers(run) -> int | None:
+    return (run.info.get("model_spec") or {}).get("n_layers")
+
+
 def cmd_find(args):
-    from .models import model_spec
-    from .neurons import find_skill_neurons
+    from .find import load_or_find
     from .tuning import Run
 
-    from .neurons import check_runs
-
     runs = [Run.load(d) for d in args.run_dirs]
-    check_runs(runs)
-    check_output_dir(args.out)
-    model = _load(args, runs[0].model_name)
-    sn = find_skill_neurons(
-        model, runs, split=args.split, layers=parse_layers(args.layers, model_spec(model).n_layers),
-        positions=args.positions, batch_size=args.batch_size or 32,
-        max_train_examples=args.max_train_examples or None, max_eval_examples=args.max_eval_examples,
-        multiclass=args.multiclass, aggregate_runs=args.aggregate_runs, progress=not args.quiet,
-        confirm_split=None if args.confirm_split == "none" else args.confirm_split,
+    # the directory is claimed before the model loads: other runs or settings are refused at once
+    sn = load_or_find(
+        lambda: _load(args, runs[0].model_name), runs, args.out, split=args.split,
+        layers=parse_layers(args.layers, _n_layers(runs[0])), positions=args.positions,
+        batch_size=args.batch_size or 32, max_train_examples=args.max_train_examples or None,
+        max_eval_examples=args.max_eval_examples, multiclass=args.multiclass, aggregate_runs=args.aggregate_runs,
+        progress=not args.quiet, confirm_split=None if args.confirm_split == "none" else args.confirm_split,
         control=args.control, control_seed=args.control_seed)
-    sn.save(args.out)
     _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
 
 
@@ -357,20 +356,16 @@ def _add_ablate(sub):
 
 
 def cmd_ablate(args):
-    from .ablate import ablation_experiment
-    from .models import model_spec
+    from .experiments.ablation import ablation_experiment
     from .neurons import SkillNeurons
     from .tuning import Run
 
     run = Run.load(args.run_dir)
     sn = SkillNeurons.load(args.neurons)
-    check_output_dir(args.out)
-    model = _load(args, run.model_name)
     res = ablation_experiment(
-        model, run, sn, args.out, mode=args.mode, fractions=args.fractions, seeds=args.seeds, std=args.std,
-        relative=args.relative, layers=parse_layers(args.layers, model_spec(model).n_layers),
+        lambda: _load(args, run.model_name), run, sn, args.out, mode=args.mode, fractions=args.fractions,
+        seeds=args.seeds, std=args.std, relative=args.relative, layers=parse_layers(args.layers, _n_layers(run)),
         max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
-    from .report import verdict
 
     lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} "
              f"{'McNemar p':>12}"]
@@ -380,8 +375,8 @@ def cmd_ablate(args):
                      f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f} "
                      f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
                      f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}")
-    lines.append(verdict(res["rows"]))
-    _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+    lines.append(res.verdict().sentence)
+    _emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
 # --------------------------------------------------------------------------- prune
@@ -405,19 +400,14 @@ def _add_prune(sub):
 
 
 def cmd_prune(args):
-    from .models import model_spec
-    from .prune import prune_experiment
+    from .experiments.pruning import prune_experiment
+    from .neurons import SkillNeurons
     from .tuning import Run
-
-    from .neurons import SkillNeurons, check_neurons_for_run
 
     run = Run.load(args.run_dir)
     sn = SkillNeurons.load(args.neurons)
-    check_neurons_for_run(run, sn)
-    check_output_dir(args.out)
-    model = _load(args, run.model_name)
-    res = prune_experiment(model, run, sn, args.out, keep=args.keep,
-                           layers=parse_layers(args.layers, model_spec(model).n_layers),
+    res = prune_experiment(lambda: _load(args, run.model_name), run, sn, args.out, keep=args.keep,
+                           layers=parse_layers(args.layers, _n_layers(run)),
                            retune_steps=args.retune_steps, max_examples=args.max_examples or None,
                            batch_size=args.batch_size or 32, progress=not args.quiet,
                            timing_repeats=args.timing_repeats)
@@ -426,7 +416,7 @@ def cmd_prune(args):
             f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
             + (f" (re-tuned {res['accuracy_retuned']:.4f})" if res.get("accuracy_retuned") is not None else "")
             + f"\nsaved to {args.out}")
-    _emit(res, args.json, text)
+    _emit(res.to_dict(), args.json, text)
 
 
 # ------------------------------------------------------------------ transfer, study
@@ -472,14 +462,13 @@ def _correlation_table(res) -> str:
 
 
 def cmd_transfer(args):
-    from .transfer import transfer_from_dirs
+    from .experiments.transfer import transfer_from_dirs
 
-    check_output_dir(args.out)
     res = transfer_from_dirs(None, args.neurons_dirs, args.runs or None, args.out, device=args.device,
                              dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
                              top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
                              batch_size=args.batch_size, figures=not args.no_figures, progress=not args.quiet)
-    _emit(res, args.json, _correlation_table(res) + f"\nsaved to {args.out}")
+    _emit(res.to_dict(), args.json, _correlation_table(res) + f"\nsaved to {args.out}")
 
 
 def _add_study(sub):
@@ -507,11 +496,10 @@ def _add_study(sub):
 
 
 def cmd_study(args):
-    from .transfer import study
+    from .experiments.transfer import study
     from .tuning import TuneConfig
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    check_output_dir(args.out)
     cfg = TuneConfig(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr,
                      eval_every=max(1, args.steps // 2), max_dev_examples=args.max_dev_examples,
                      max_test_examples=args.max_test_examples,
@@ -521,7 +509,7 @@ def cmd_study(args):
                              "max_eval_examples": args.find_eval_examples},
                 transfer_steps=args.transfer_steps, progress=not args.quiet, device=args.device, dtype=args.dtype,
                 max_eval_examples=args.max_eval_examples)
-    _emit(res, args.json, _correlation_table(res.get("transfer", res)) + f"\nsaved to {args.out}")
+    _emit(res.to_dict(), args.json, _correlation_table(res) + f"\nsaved to {args.out}")
 
 
 # -------------------------------------------------------------------------- origin
@@ -559,9 +547,8 @@ def _add_origin(sub):
 
 
 def cmd_origin(args):
-    from .origin import origin_study
+    from .experiments.origin import origin_study
 
-    check_output_dir(args.out)
     res = origin_study(
         args.model, args.task, args.out, run_dir=args.run, neurons_dir=args.neurons,
         parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()), steps=args.steps,
@@ -574,8 +561,8 @@ def cmd_origin(args):
         find_eval_examples=args.find_eval_examples, batch_size=args.batch_size or 32,
         device=args.device, dtype=args.dtype, progress=not args.quiet)
     lines = [f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"
-             for part, sec in res.items() if isinstance(sec, dict) and "statement" in sec]
-    _emit(res, args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+             for part, sec in res.parts().items() if "statement" in sec]
+    _emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -599,13 +586,12 @@ def cmd_demo(args):
     from tqdm.auto import tqdm
 
     from . import distributed
-    from .report import DemoConfig, run_demo
+    from .experiments.demo import DemoConfig, run_demo
 
     kw = dict(model=args.model, task=args.task)
     if args.batch_size:
         kw["batch_size"] = args.batch_size
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
-    check_output_dir(args.out)
     t0 = time.perf_counter()
 
     def on_phase(name, seconds, summary):
@@ -655,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "transformer_lens", "datasets", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from .ablate import AblationError
+    from .perturb import PerturbationError
     from .models import ModelLoadError
     from .neurons import NeuronsError
     from .prompt import VerbalizerError
@@ -666,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (AblationError, PruneError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
+    except (PerturbationError, PruneError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
             ValueError, OSError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)
         return 2

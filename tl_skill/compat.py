@@ -261,3 +261,108 @@ def unembedding(model: HookedRootModule) -> tuple[torch.Tensor, torch.Tensor | N
         out = hf.get_output_embeddings()
         return out.weight, getattr(out, "bias", None)
     return model.W_U.T, getattr(model, "b_U", None)
+
+
+# ----------------------------------------------------------------------------- bridge internals
+# A TransformerBridge swaps the Hugging Face model's submodules for components that
+# hold the originals as `_original_component`; its blocks name their children
+# `attn.{q,k,v,o,qkv}`, `mlp.{gate,in,out}`, `ln1`/`ln2`, and the model
+# `embed_ln`/`ln_final`. Everything that relies on those names is here.
+WRAPPER = "_original_component"
+ATTN_PROJECTIONS = ("q", "k", "v", "o")
+MLP_PROJECTIONS = ("gate", "in", "out")
+
+
+def hf_param_name(name: str) -> str:
+    """A bridge parameter path without its wrapper segments (`a._original_component.b` -> `a.b`)."""
+    return ".".join(p for p in name.split(".") if p != WRAPPER)
+
+
+def hf_module(component: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face module a bridge component wraps (the module itself when it wraps none)."""
+    return getattr(component, WRAPPER, component)
+
+
+def named_hf_parameters(prefix: str, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """`module`'s parameters as `{prefix}.{name without wrapper segments}`."""
+    return {f"{prefix}.{hf_param_name(n)}": p for n, p in module.named_parameters()}
+
+
+def mlp_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A bridge block's MLP projections `{gate, in, out}` that exist; {} if the MLP has no such children.
+
+    For BERT the bridge's MLP component wraps the entire layer, attention included: only its
+    projections hold the neurons' weights.
+    """
+    kids = block.mlp._modules
+    return {c: kids[c] for c in MLP_PROJECTIONS if kids.get(c) is not None}
+
+
+def attention_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A bridge block's attention projections (`q`, `k`, `v`, `o`, or a fused `qkv` plus `o`)."""
+    kids = block.attn._modules
+    names = [c for c in ATTN_PROJECTIONS if kids.get(c) is not None]
+    if not any(c in names for c in ("q", "k", "v")) and kids.get("qkv") is not None:
+        names = ["qkv"] + names
+    if not names:
+        raise UnsupportedModelError(
+            "the attention has no q/k/v/o projection (children: "
+            f"{sorted(k for k in kids if not k.startswith('hook'))})")
+    return {c: kids[c] for c in names}
+
+
+def block_norms(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """A bridge block's normalisation components (`ln1`, `ln2`) that exist, by child name."""
+    return [(ln, block._modules[ln]) for ln in ("ln1", "ln2") if block._modules.get(ln) is not None]
+
+
+def model_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """A bridge's normalisation components outside the blocks (`embed_ln`, `ln_final`) that exist."""
+    return [(top, model._modules[top]) for top in ("embed_ln", "ln_final") if model._modules.get(top) is not None]
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with every bridge wrapper replaced, in place, by the Hugging Face module it wraps.
+
+    Building a bridge also gives a bias-free unembedding a zero `bias` buffer; that is undone too.
+    """
+    while WRAPPER in module._modules:
+        module = module._modules[WRAPPER]
+    if isinstance(module, torch.nn.Linear) and "bias" in module._buffers:
+        del module._buffers["bias"]
+        module.register_parameter("bias", None)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = unwrapped(child)
+    return module
+
+
+def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
+    """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
+    import copy
+
+    # Copy the module tree with the tensors shared, then (if asked) clone only the
+    # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
+    memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    # The bridge caches tensors of the last forward pass on its modules (e.g. the
+    # attention pattern); after a pass with grad they are graph nodes, which
+    # deepcopy refuses. They are caches: copy them detached.
+    for module in hf.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
+    clean = unwrapped(copy.deepcopy(hf, memo))
+    if share_tensors:
+        return clean
+    clones: dict[int, torch.Tensor] = {}  # by identity, so tied weights stay tied
+    for module in clean.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in clones:
+                    c = t.detach().clone()
+                    clones[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(
+                        t, torch.nn.Parameter) else c
+                store[key] = clones[id(t)]
+    return clean

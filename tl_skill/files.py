@@ -61,6 +61,99 @@ def atomic_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` with numpy scalars, tuples and paths made plain JSON values; non-finite floats become None."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (np.floating, np.integer)):
+        return jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short content hash of a tensor's float32 values (prompts, predictivity maps, masks)."""
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+EXPERIMENT_JSON = "experiment.json"
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    return [] if old == new else [f"{where or 'value'} ({_short(old)} there, {_short(new)} here)"]
+
+
+def _short(x: Any) -> str:
+    text = json.dumps(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def claim_dir(out: str | Path, kind: str, identity: Mapping[str, Any], *, option: str = "--out",
+              legacy: Any = None, write: bool = True) -> Path:
+    """Make `out` the directory of one `kind` of result with these settings, or refuse it, before any work.
+
+    The one rule of every writing command: `out/experiment.json` records the kind and
+    the identity (every setting that decides the results). A directory holding
+    another kind, or the same kind with other settings, is refused with the
+    differing settings named; the same settings resume. A non-empty directory
+    without `experiment.json` is refused too, unless `legacy(out)` (results written
+    by an older tl_skill) returns their identity, which must then agree on the
+    settings it has. Hidden files are ignored.
+    """
+    from . import distributed
+
+    path = check_output_dir(out, option)
+    if not distributed.is_main():  # rank 0 decides (and raises, ending the process group)
+        return path
+    want = json.loads(json.dumps(jsonable(dict(identity))))
+    record = path / EXPERIMENT_JSON
+    if record.exists():
+        prev = read_json(record, "experiment file", {"kind": str, "identity": dict})
+        if prev["kind"] != kind:
+            raise OutputDirError(f"{option} {path} holds a {prev['kind']} result, not a {kind}: "
+                                 "use another directory or delete it")
+        diff = _differences(prev["identity"], want)
+        if diff:
+            raise OutputDirError(f"{option} {path} holds a {kind} with other settings: "
+                                 f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. "
+                                 "Use another directory or delete it")
+        return path
+    if path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir()):
+        old = legacy(path) if legacy is not None else None
+        if old is None:
+            raise OutputDirError(f"{option} {path} is not empty and holds no tl_skill {kind} "
+                                 f"(no {EXPERIMENT_JSON}): use a new or empty directory")
+        old = json.loads(json.dumps(jsonable(dict(old))))
+        diff = _differences({k: v for k, v in old.items() if k in want}, {k: want[k] for k in old if k in want})
+        if diff:
+            raise OutputDirError(f"{option} {path} holds a {kind} of an older tl_skill with other settings: "
+                                 f"{'; '.join(diff[:4])}. Use another directory or delete it")
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+        from . import __version__
+
+        atomic_json(record, {"kind": kind, "identity": want, "tl_skill": __version__})
+    return path
+
+
 def read_json(path: str | Path, what: str = "file", required: Mapping[str, type | tuple[type, ...]] | None = None
               ) -> dict[str, Any]:
     """A JSON object from `path`; `required` maps keys to the type(s) their values must have."""

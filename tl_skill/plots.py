@@ -128,18 +128,19 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str) -> Pa
     return _save(fig, path)
 
 
-def plot_ablation(result: dict | str | Path, path: str | Path) -> Path:
+def plot_ablation(result, path: str | Path) -> Path:
     """Test accuracy against the fraction of neurons perturbed: skill neurons, random neurons
     (mean ± std over seeds, as a band) and the unperturbed model (a horizontal line).
 
-    `result` is what `ablate.ablation_experiment` returns, or its `ablation.json` (or folder).
+    `result` is an `AblationResult` (or a dict of its fields: the origin study's sections), or
+    the directory / `ablation.json` it was saved in.
     """
-    import json
     from matplotlib.ticker import NullFormatter
 
-    if not isinstance(result, dict):
-        src = Path(result)
-        result = json.loads((src / "ablation.json" if src.is_dir() else src).read_text())
+    if isinstance(result, (str, Path)):
+        from .experiments.ablation import AblationResult
+
+        result = AblationResult.load(result)
     nan = float("nan")
     val = lambda v: nan if v is None else float(v)  # noqa: E731
     rows = result["rows"]

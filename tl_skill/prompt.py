@@ -206,6 +206,46 @@ def layout_for(model, prompt_length: int, max_input_tokens: int = 128, padding_s
     return Layout(model.tokenizer, model_spec(model).family, prompt_length, max_input_tokens, padding_side)
 
 
+def iterate_batches(layout: Layout, task, split: str, batch_size: int, sort: bool = True,
+                    shard: bool = False) -> Iterator[tuple[np.ndarray, Batch]]:
+    """Yield (indices, Batch) over a split of a `Task`, sorted by length so padding stays small.
+
+    The order is fixed by the split alone (a stable sort by token count), whatever the
+    batch size; `Batch.first_example` is the batch's first global position in it. With
+    `shard` under torch.distributed, only this process's batches (every world-th one):
+    each batch is the one a single process would see.
+    """
+    from . import distributed
+    from .tasks import column, label_array
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    ds = task[split]
+    tb = column(ds, "text_b") if "text_b" in ds.column_names else None
+    tokens = layout.tokenize(column(ds, "text"), tb)
+    labels = label_array(ds)
+    order = np.argsort([len(t) for t in tokens], kind="stable") if sort else np.arange(len(tokens))
+    starts = range(0, len(order), batch_size)
+    for start in distributed.shard(starts) if shard else starts:
+        idx = order[start:start + batch_size]
+        batch = layout.collate([tokens[i] for i in idx], labels[idx])
+        batch.first_example = int(start)
+        yield idx, batch
+
+
+def train_batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Indices of training batch `step`: a stream of per-epoch permutations, so resume is exact."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out)
+
+
 class SoftPrompt(nn.Module):
     """P trainable vectors of width d_model, written over the prompt positions' embeddings."""
 

@@ -23,34 +23,26 @@ the unpruned layers only; `pruning_of(model)` gives the kept neurons.
 A pruned-model directory holds `pruned.safetensors` (the whole Hugging Face
 state dict), `kept_neurons.json` (kept indices per layer, model spec, dtype),
 `config.json` and, for models that are not bundled, `tokenizer/`;
-`load_pruned(dir)` rebuilds the model from them. `prune_experiment` adds
-`prune.json` (sizes, accuracies, timings).
+`load_pruned(dir)` rebuilds the model from them. `experiments.pruning.prune_experiment`
+adds `prune.json` (sizes, accuracies, timings).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
-import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import compat
+from .files import atomic_json
 from .models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
-from .neurons import SkillNeurons, check_neurons_for_run
-from .prompt import SoftPrompt, Verbalizer, class_logits, layout_for
-from .tasks import Task, subsample
-from .files import atomic_json, check_output_dir
-from .tuning import Run, TuneConfig, iterate_batches, tune
+from .neurons import SkillNeurons
 
 log = logging.getLogger(__name__)
 
@@ -94,52 +86,6 @@ def pruning_of(model) -> Pruning | None:
 
 
 # ----------------------------------------------------------------------------- HF module surgery
-def unwrapped(module: nn.Module) -> nn.Module:
-    """`module` with every bridge wrapper replaced, in place, by the Hugging Face module it wraps.
-
-    Building a `TransformerBridge` swaps the Hugging Face model's submodules for
-    bridge components that hold the originals as `_original_component`, and
-    gives a bias-free unembedding a zero `bias` buffer; both are undone here.
-    """
-    while "_original_component" in module._modules:
-        module = module._modules["_original_component"]
-    if isinstance(module, nn.Linear) and "bias" in module._buffers:
-        del module._buffers["bias"]
-        module.register_parameter("bias", None)
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = unwrapped(child)
-    return module
-
-
-def _clean_copy(hf: nn.Module, share_tensors: bool) -> nn.Module:
-    """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
-    # Copy the module tree with the tensors shared, then (if asked) clone only the
-    # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
-    memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
-    # The bridge caches tensors of the last forward pass on its modules (e.g. the
-    # attention pattern); after a pass with grad they are graph nodes, which
-    # deepcopy refuses. They are caches: copy them detached.
-    for module in hf.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach()
-    clean = unwrapped(copy.deepcopy(hf, memo))
-    if share_tensors:
-        return clean
-    clones: dict[int, torch.Tensor] = {}  # by identity, so tied weights stay tied
-    for module in clean.modules():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is None:
-                    continue
-                if id(t) not in clones:
-                    c = t.detach().clone()
-                    clones[id(t)] = nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c
-                store[key] = clones[id(t)]
-    return clean
-
-
 def _get(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -259,7 +205,7 @@ def count_parameters(model) -> int:
     Counted on the unwrapped model: some bridge components (GPT-2's joint QKV
     attention) hold split copies of weights that the model itself does not have.
     """
-    return sum(p.numel() for p in _clean_copy(compat.hf_model_of(model), share_tensors=True).parameters())
+    return sum(p.numel() for p in compat.plain_hf_copy(compat.hf_model_of(model), share_tensors=True).parameters())
 
 
 # ----------------------------------------------------------------------------- prune
@@ -270,7 +216,7 @@ def default_layers(layers: Sequence[int], fraction: float = DEFAULT_LAYER_FRACTI
     return layers[len(layers) - n:]
 
 
-def _check_arguments(model, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None) -> list[int]:
+def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None) -> list[int]:
     if not compat.is_bridge(model):
         raise PruneError(
             f"pruning edits the Hugging Face model under a TransformerBridge; {type(model).__name__} has "
@@ -321,12 +267,12 @@ def prune(model, neurons: SkillNeurons | str | Path, keep: float = 0.02,
     """
     if not isinstance(neurons, SkillNeurons):
         neurons = SkillNeurons.load(neurons)
-    chosen = _check_arguments(model, neurons, keep, layers)
+    chosen = check_prune_arguments(model, neurons, keep, layers)
     spec = model_spec(model)
     hf_orig = compat.hf_model_of(model)
     mask = neurons.select(fraction=keep, per_layer=True)  # rows follow neurons.layers
     baseline = neurons.baseline.double().mean(dim=(0, 2))  # [rows, d_mlp]
-    hf = _clean_copy(hf_orig, share_tensors=False)
+    hf = compat.plain_hf_copy(hf_orig, share_tensors=False)
     kept: dict[int, tuple[int, ...]] = {}
     for layer in chosen:
         row = neurons.layers.index(layer)
@@ -368,7 +314,7 @@ def save_pruned(model, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
-    hf = _clean_copy(compat.hf_model_of(model), share_tensors=True)
+    hf = compat.plain_hf_copy(compat.hf_model_of(model), share_tensors=True)
     tmp = out / (PRUNED_WEIGHTS + ".tmp")
     save_model(hf, str(tmp))
     tmp.replace(out / PRUNED_WEIGHTS)
@@ -417,7 +363,7 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     dev = resolve_device(device)
     if info.get("bundled") and spec.name in KNOWN_MODELS:
         base = load_model(spec.name, device="cpu", dtype=info.get("dtype"), kind="bridge")
-        hf, tokenizer = unwrapped(compat.hf_model_of(base)), base.tokenizer
+        hf, tokenizer = compat.unwrapped(compat.hf_model_of(base)), base.tokenizer
         del base
     else:
         hf, tokenizer = _fresh_hf(path, info)
@@ -431,136 +377,3 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     model = _bridge(hf, tokenizer, spec, dev)
     model._tl_skill_pruning = pruning
     return model
-
-
-# ----------------------------------------------------------------------------- experiment
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _inference(model, batches, verbalizer: Verbalizer, prompt: SoftPrompt | None, n: int,
-               device: torch.device) -> tuple[np.ndarray, float]:
-    """Predictions over prepared batches, and the seconds it took."""
-    preds = np.zeros(n, dtype=np.int64)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = [(idx, class_logits(model, batch, verbalizer, prompt).argmax(-1)) for idx, batch in batches]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    for idx, p in out:
-        preds[idx] = p.cpu().numpy()
-    return preds, seconds
-
-
-def time_inference(models: dict[str, Any], batches, verbalizer: Verbalizer, prompt: SoftPrompt | None,
-                   n: int, repeats: int = 5, progress: bool = False) -> tuple[dict, dict]:
-    """Predictions of each model and `repeats` timings each, interleaved over the same batches.
-
-    One untimed pass per model first (warm-up; its predictions are returned).
-    The order alternates between repetitions so drifts in machine load fall on
-    every model alike.
-    """
-    device = compat.model_device(next(iter(models.values())))
-    preds = {k: _inference(m, batches, verbalizer, prompt, n, device)[0] for k, m in models.items()}
-    seconds: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
-    for r in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            seconds[k].append(_inference(models[k], batches, verbalizer, prompt, n, device)[1])
-    return preds, seconds
-
-
-def _test_data(run: Run, max_examples: int | None) -> Task:
-    cfg = run.config
-    caps = [c for c in (cfg.max_test_examples, max_examples) if c is not None]
-    return subsample(run.load_task(), {"test": min(caps) if caps else None}, seed=cfg.task_seed)
-
-
-def prune_experiment(model, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path,
-                     keep: float = 0.02, layers: Sequence[int] | None = None, retune_steps: int = 0,
-                     max_examples: int | None = None, batch_size: int = 32, progress: bool = True,
-                     timing_repeats: int = 5) -> dict[str, Any]:
-    """Prune `model` to the skill neurons of `neurons`, compare it with the original on the run's test split.
-
-    Measures parameter counts, test accuracy of the run's prompt on both models,
-    and inference time (same batches, `timing_repeats` interleaved repetitions,
-    medians); with `retune_steps > 0` re-tunes the prompt on the pruned model
-    starting from the run's prompt (the paper's setting; run in `out/retuned`).
-    Writes the pruned model (see `save_pruned`) and `prune.json` to `out`.
-
-    Returns:
-        The contents of `prune.json`.
-    """
-    run = run if isinstance(run, Run) else Run.load(run)
-    neurons_path = None if isinstance(neurons, SkillNeurons) else str(neurons)
-    if not isinstance(neurons, SkillNeurons):
-        neurons = SkillNeurons.load(neurons)
-    spec = model_spec(model)
-    check_neurons_for_run(run, neurons, spec.name, PruneError)
-    _check_arguments(model, neurons, keep, layers)
-    if retune_steps < 0:
-        raise PruneError(f"retune_steps must be >= 0, got {retune_steps}")
-    if timing_repeats < 1:
-        raise PruneError(f"timing_repeats must be >= 1, got {timing_repeats}")
-    if batch_size < 1:
-        raise PruneError(f"batch_size must be >= 1, got {batch_size}")
-    if max_examples is not None and max_examples < 1:
-        raise PruneError(f"max_examples must be >= 1 (or None: the run's test set), got {max_examples}")
-    out = check_output_dir(Path(out))
-    device = compat.model_device(model)
-    cfg = run.config
-    data = _test_data(run, max_examples)  # refuses bad data before the pruning work
-
-    t0 = time.perf_counter()
-    pruned = prune(model, neurons, keep, layers)
-    prune_seconds = time.perf_counter() - t0
-    pruning = pruning_of(pruned)
-
-    verbalizer = run.verbalizer(model)
-    prompt = run.prompt.to(device)
-    layout = layout_for(model, prompt.length, cfg.max_input_tokens, cfg.padding_side)
-    batches = [(idx, batch.to(device)) for idx, batch in iterate_batches(layout, data, "test", batch_size)]
-    labels = data.labels("test")
-    t0 = time.perf_counter()
-    preds, seconds = time_inference({"before": model, "after": pruned}, batches, verbalizer, prompt,
-                                    len(labels), timing_repeats, progress)
-    timing_seconds = time.perf_counter() - t0
-    before, after = statistics.median(seconds["before"]), statistics.median(seconds["after"])
-    params_before, params_after = count_parameters(model), count_parameters(pruned)
-    result: dict[str, Any] = {
-        "model": spec.name, "task": run.task_name, "run": str(run.path),
-        "neurons": neurons_path, "neuron_runs": list(neurons.runs), "device": str(device),
-        "kept_fraction": float(keep), "layers": pruning.layers,
-        "kept_per_layer": {str(l): len(pruning.kept[l]) for l in pruning.layers},
-        "d_mlp": spec.d_mlp,
-        "params_before": params_before, "params_after": params_after,
-        "params_fraction": params_after / params_before,
-        "n_test": len(labels),
-        "accuracy_before": float((preds["before"] == labels).mean()),
-        "accuracy_after": float((preds["after"] == labels).mean()),
-        "run_test_accuracy": run.metrics.get("test_accuracy"),
-        "speedup": before / after if after > 0 else float("nan"),
-        "median_seconds_before": before, "median_seconds_after": after,
-        "seconds_before": seconds["before"], "seconds_after": seconds["after"],
-        "timing_repeats": timing_repeats, "batch_size": batch_size,
-        "prune_seconds": prune_seconds, "timing_seconds": timing_seconds,
-        "retune_steps": retune_steps,
-    }
-    if retune_steps > 0:
-        retune_cfg = TuneConfig.from_dict({**asdict(cfg), "steps": retune_steps,
-                                           "eval_every": min(cfg.eval_every, retune_steps)})
-        t0 = time.perf_counter()
-        retuned = tune(pruned, run.load_task(), out / "retuned", retune_cfg, progress=progress,
-                       evaluate_test=False, init_prompt=run.prompt)
-        retuned_preds, _ = _inference(pruned, batches, verbalizer, retuned.prompt.to(device), len(labels), device)
-        result.update(accuracy_retuned=float((retuned_preds == labels).mean()),
-                      retuned_dev_accuracy=retuned.metrics.get("dev_accuracy"),
-                      retuned_run=str(retuned.path), retune_seconds=time.perf_counter() - t0)
-    save_pruned(pruned, out)  # with prune.json last: a directory with prune.json is complete
-    atomic_json(out / PRUNE_JSON, result)
-    log.info("pruned %s/%s: %.1f%% of parameters, accuracy %.3f -> %.3f, speedup %.2fx", spec.name,
-             run.task_name, 100 * result["params_fraction"], result["accuracy_before"],
-             result["accuracy_after"], result["speedup"])
-    return result

@@ -1,154 +1,25 @@
-"""The main job: tune -> find -> trace -> perturb -> a self-contained report.
+"""The demo's self-contained report (`report.md`, `report.html`), written from saved results only.
 
-Every phase writes its result to the output directory before the next one
-starts, and a rerun skips finished phases (and resumes an interrupted tuning
-or perturbation run), so Ctrl-C never loses more than the phase in progress.
+It reads the run, the skill neurons, the trace and the `AblationResult` the
+demo (`experiments.demo`) saved; it never runs the model.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
 from . import plots
-from .models import load_model
-from .neurons import SkillNeurons, load_or_find, trace_activations
-from .tasks import load_task, subsample
-from .tuning import Run, TuneConfig, tune
+from .experiments.ablation import AblationResult
+from .experiments.demo import DemoResult
+from .neurons import SkillNeurons
+from .tuning import Run
 
 log = logging.getLogger(__name__)
-
-PhaseCallback = Callable[[str, float, str], None]
-
-
-@dataclass
-class DemoConfig:
-    """Settings of `tl-skill demo`; `quick()` is the ~3-minute variant."""
-
-    model: str = "smollm2-135m"
-    task: str = "rotten_tomatoes"
-    quick: bool = False
-    tune: TuneConfig = field(default_factory=lambda: TuneConfig(
-        prompt_length=8, steps=120, eval_every=40, max_dev_examples=200, max_test_examples=500))
-    find_train_examples: int = 1000
-    find_dev_examples: int | None = 500
-    ablation_mode: str = "noise"
-    ablation_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2)
-    ablation_seeds: int = 2
-    ablation_examples: int = 300
-    top: int = 10
-    batch_size: int = 32
-
-    @classmethod
-    def quick_config(cls, **kw) -> "DemoConfig":
-        return cls(quick=True, tune=TuneConfig(prompt_length=8, steps=30, eval_every=15, max_train_examples=480,
-                                               max_dev_examples=100, max_test_examples=200),
-                   find_train_examples=300, find_dev_examples=200, ablation_fractions=(0.02, 0.2),
-                   ablation_seeds=1, ablation_examples=150, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ablation_fractions"] = list(self.ablation_fractions)
-        return d
-
-
-def _phase(name: str, on_phase: PhaseCallback | None):
-    class _Timer:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            self.summary = ""
-            return self
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is None:
-                seconds = time.perf_counter() - self.t0
-                log.info("%s: %s (%.1fs)", name, self.summary, seconds)
-                if on_phase:
-                    on_phase(name, seconds, self.summary)
-            return False
-
-    return _Timer()
-
-
-def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dtype=None,
-             progress: bool = True, on_phase: PhaseCallback | None = None) -> Path:
-    """Run the whole skill-neuron pipeline and write `report.html` and `report.md` into `out`."""
-    from .ablate import ablation_experiment
-
-    cfg = config or DemoConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    task = load_task(cfg.task)  # validates the task before any long work
-    timings: dict[str, float] = {}
-    prev = out / "demo.json"
-    if prev.exists():
-        old = json.loads(prev.read_text())
-        if old.get("config") != cfg.to_dict():
-            raise ValueError(f"{out} holds a demo with other settings; use another --out or delete it")
-        timings = old.get("timings", {})
-
-    def save_state():
-        (out / "demo.json").write_text(json.dumps({"config": cfg.to_dict(), "timings": timings}, indent=2))
-
-    def record(name, seconds):
-        timings[name] = timings.get(name, 0.0) + seconds
-        save_state()
-
-    def cb(name, seconds, summary):
-        record(name, seconds)
-        if on_phase:
-            on_phase(name, seconds, summary)
-
-    with _phase("load model", cb) as ph:
-        model = load_model(cfg.model, device=device, dtype=dtype)
-        ph.summary = f"{cfg.model} on {next(model.parameters()).device}"
-    with _phase("prompt tuning", cb) as ph:
-        run = tune(model, task, out / "run", cfg.tune, progress=progress)
-        m = run.metrics
-        ph.summary = (f"dev {m['dev_accuracy']:.3f}, test {m['test_accuracy']:.3f} "
-                      f"(zero-shot {m['zero_shot_accuracy']:.3f}, majority {m['majority_accuracy']:.3f})")
-    with _phase("finding skill neurons", cb) as ph:
-        sn = load_or_find(model, [run], out / "neurons", max_train_examples=cfg.find_train_examples,
-                          max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
-                          progress=progress, control="shuffled")
-        best = sn.top(1)[0]
-        ph.summary = f"best neuron L{best['layer']}.{best['neuron']} predictivity {best['predictivity']:.3f}"
-    with _phase("tracing the best neurons", cb) as ph:
-        trace_file = out / "trace.npz"
-        top3 = sn.top(3)
-        if not trace_file.exists():
-            dev = subsample(run.load_task(), {"dev": cfg.find_dev_examples}, seed=run.info["task_seed"])
-            layer_slot = {l: s for s, l in enumerate(sn.layers)}
-            values, labels = trace_activations(
-                model, dev, "dev", run.prompt.to(next(model.parameters()).device),
-                [(r["layer"], r["neuron"]) for r in top3], batch_size=cfg.batch_size, progress=progress,
-                max_input_tokens=run.config.max_input_tokens)
-            picked = np.stack([values[:, j, r["position"]].numpy() for j, r in enumerate(top3)], 1)
-            baselines = np.asarray([float(sn.baseline[0, layer_slot[r["layer"]], r["position"], r["neuron"]])
-                                    for r in top3])
-            np.savez(trace_file, values=picked, labels=labels.numpy(), baselines=baselines)
-        ph.summary = f"{len(top3)} neurons traced on the dev split"
-    with _phase("perturbation", cb) as ph:
-        abl = ablation_experiment(model, run, sn, out / "ablation", mode=cfg.ablation_mode,
-                                  fractions=cfg.ablation_fractions, seeds=cfg.ablation_seeds,
-                                  max_examples=cfg.ablation_examples, batch_size=cfg.batch_size,
-                                  progress=progress)
-        last = abl["rows"][-1]
-        ph.summary = (f"at {last['fraction']:.0%}: skill {last['skill_accuracy']:.3f} vs random "
-                      f"{last['random_accuracy']:.3f} (clean {last['clean_accuracy']:.3f})")
-    with _phase("report", cb) as ph:
-        path = write_report(out)
-        ph.summary = str(path)
-    return path
-
 
 # ----------------------------------------------------------------------------- report
 def _img(path: Path) -> str:
@@ -172,42 +43,13 @@ def _n_seeds(seeds) -> int | None:
     return len(seeds) if isinstance(seeds, (list, tuple)) else seeds
 
 
-def verdict(rows: list[dict]) -> str:
-    """Plain statement of whether perturbing skill neurons hurts more than random ones.
-
-    The rule (the same everywhere): at a fraction, skill neurons hurt more when the 95% CI
-    of the paired bootstrap of skill minus random accuracy (test examples and random seeds
-    resampled together, `ablate.paired_comparison`) lies entirely below 0.
-    """
-    if not rows:
-        return "no perturbation results"
-    if any(r.get("paired") is None for r in rows):
-        return "no paired test for these results (rerun the ablation to record per-example predictions)"
-    worse = [r for r in rows if r["paired"]["skill_hurts_more"]]
-    detail = "; ".join(
-        f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
-        f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}, difference {r['paired']['difference']:+.3f} "
-        f"[{r['paired']['ci_low']:+.3f}, {r['paired']['ci_high']:+.3f}], McNemar p "
-        + "/".join(f"{p:.2g}" for p in r["paired"]["mcnemar_p"]) for r in rows)
-    if len(worse) == len(rows):
-        head = "Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, at every fraction"
-    elif worse:
-        which = ", ".join(f"{r['fraction']:.0%}" for r in worse)
-        head = (f"Holds partly: skill neurons hurt more than random ones at {len(worse)} of {len(rows)} fractions "
-                f"({which})")
-    else:
-        head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
-    return (f"{head} (rule: the 95% CI of the paired skill minus random accuracy lies below 0; accuracy change "
-            f"from clean, paired difference [95% CI]: {detail}).")
-
-
 def write_report(out: str | Path) -> Path:
     """report.md and report.html (figures embedded) from the JSON results in `out`."""
     out = Path(out)
     run = Run.load(out / "run")
     sn = SkillNeurons.load(out / "neurons")
-    abl = json.loads((out / "ablation" / "ablation.json").read_text())
-    demo = json.loads((out / "demo.json").read_text()) if (out / "demo.json").exists() else {}
+    abl = AblationResult.load(out / "ablation")
+    demo = DemoResult.load(out) if (out / DemoResult.FILE).exists() else None
     fig = out / "figures"
     figs = {
         "training": plots.plot_training_curve(run.info["history"], fig / "training.png",
@@ -225,7 +67,7 @@ def write_report(out: str | Path) -> Path:
     if ab_png.exists():
         figs["ablation"] = ab_png
     m = run.metrics
-    cfg = demo.get("config", {})
+    cfg = demo.config if demo is not None else {}
     quick = cfg.get("quick", False)
     rows = abl["rows"]
     md: list[str] = [f"# Skill neurons: {run.model_name} on {run.task_name}", ""]
@@ -288,12 +130,12 @@ def write_report(out: str | Path) -> Path:
         mc = " / ".join(f"{p:.2g}" for p in pr.get("mcnemar_p", [])) or "n/a"
         md.append(f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
                   f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} | {ci} | {mc} |")
-    md += ["", f"**{verdict(rows)}**", ""]
+    md += ["", f"**{abl.verdict().sentence}**", ""]
     if "ablation" in figs:
         md += ["![ablation](ablation/ablation.png)", ""]
-    if demo.get("timings"):
+    if demo is not None and demo.timings:
         md += ["## Timings", "", "| phase | seconds |", "|---|---|"]
-        md += [f"| {k} | {v:.1f} |" for k, v in demo["timings"].items()]
+        md += [f"| {k} | {v:.1f} |" for k, v in demo.timings.items()]
         md.append("")
     text = "\n".join(md)
     (out / "report.md").write_text(text)

@@ -1,0 +1,297 @@
+"""The skill-vs-random ablation experiment (SPEC §6), and the one verdict rule.
+
+For each fraction f the top `int(f * d_mlp)` skill neurons of each layer are
+perturbed; the control perturbs as many random neurons per layer, once per
+seed (mask seed s, noise seed s); the skill neurons' noise uses the first
+seed. Every condition is evaluated on the same examples (`runner`), so the
+paired test compares predictions example by example.
+
+The verdict rule, used by `tl-skill ablate`, the demo report and the origin
+study alike (`verdict`): at a fraction, perturbing skill neurons hurts more
+than perturbing random ones when the 95% CI of the paired bootstrap of skill
+minus random accuracy (test examples and random seeds resampled together)
+lies entirely below 0. It holds when that is so at every fraction, partly at
+some; it is inconclusive when the unperturbed model does not beat the
+majority class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..files import claim_dir, tensor_digest
+from ..models import model_spec
+from ..neurons import SkillNeurons, check_neurons_for_run, random_mask_like
+from ..perturb import MODES, PerturbationError, Perturbation, PerturbFn
+from ..stats import mcnemar_exact, paired_bootstrap
+from ..train import majority_accuracy
+from ..tuning import Run
+from .results import Result
+from .runner import Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model, run_conditions
+
+log = logging.getLogger(__name__)
+
+ABLATION_JSON = "ablation.json"
+ABLATION_PNG = "ablation.png"
+DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
+PAIRED_TEST = ("paired bootstrap over test examples and random seeds (2,000 replicates): 95% CI of "
+               "skill minus random accuracy; exact McNemar test of skill vs each random seed")
+RULE = "the 95% CI of the paired skill minus random accuracy lies below 0"
+
+
+class AblationError(PerturbationError):
+    """Bad ablation-experiment arguments, or an ablation directory that does not match."""
+
+
+# ----------------------------------------------------------------------------- conditions and rows
+def mode_name(mode) -> str:
+    return mode if isinstance(mode, str) else f"fn:{getattr(mode, '__qualname__', type(mode).__name__)}"
+
+
+def condition_name(kind: str, fraction: float | None = None, seed: int | None = None) -> str:
+    return kind if kind == "clean" else f"{kind}|{fraction!r}|{seed}"
+
+
+def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence[int], mode, *, std: float,
+                            relative: bool, skill: SkillNeurons, prompt=None, variant: str = "model",
+                            eval_set: str = "test") -> list[Condition]:
+    """Clean, then per fraction: skill neurons (seed `seeds[0]`) and random neurons once per seed."""
+    noise = mode == "noise"
+
+    def cond(kind: str, f: float | None, s: int | None) -> Condition:
+        if kind == "clean":
+            return Condition("clean", {"perturbation": None}, prompt, None, variant, eval_set)
+        mask = masks[f] if kind == "skill" else random_mask_like(masks[f], s)
+
+        def hooks(model, mask=mask, s=s):
+            return Perturbation(model, mask, mode, std=std, relative=relative, seed=s, skill=skill).fwd_hooks()
+
+        definition = {"perturbation": {"kind": kind, "fraction": f, "seed": s, "mode": mode_name(mode),
+                                       "std": std if noise else None, "relative": relative if noise else None,
+                                       "neurons": tensor_digest(mask), "rows": list(skill.layers)}}
+        return Condition(condition_name(kind, f, s), definition, prompt, hooks, variant, eval_set)
+
+    out = [cond("clean", None, None)]
+    for f in masks:
+        out += [cond("skill", f, seeds[0])] + [cond("random", f, s) for s in seeds]
+    return out
+
+
+def paired_comparison(skill: Sequence[int], randoms: Sequence[Sequence[int]], seed: int = 0) -> dict[str, Any]:
+    """Skill vs random perturbation on the same examples: bootstrap CI and McNemar p-values (see PAIRED_TEST)."""
+    boot = paired_bootstrap(skill, randoms, seed=seed)
+    return {**boot, "mcnemar_p": [mcnemar_exact(skill, r)["p_value"] for r in randoms],
+            "skill_hurts_more": boot["ci_high"] < 0, "test": PAIRED_TEST}
+
+
+def _correct(e: ConditionResult | Mapping) -> list[int]:
+    bits = e.correct if isinstance(e, ConditionResult) else e["correct"]
+    return [int(c) for c in bits]
+
+
+def perturbation_rows(results: Mapping[str, ConditionResult], fractions: Sequence[float], seeds: Sequence[int],
+                      counts: Mapping[float, list[int]], mode: str) -> list[dict[str, Any]]:
+    """One row per fraction: clean, skill and random accuracies and the paired test."""
+    clean = results["clean"].accuracy if "clean" in results else None
+    rows = []
+    for f in fractions:
+        skill = results.get(condition_name("skill", f, seeds[0]))
+        rand = [results[k] for k in (condition_name("random", f, s) for s in seeds) if k in results]
+        accs = [r.accuracy for r in rand]
+        paired = None
+        if skill is not None and len(rand) == len(seeds):
+            paired = paired_comparison(_correct(skill), [_correct(r) for r in rand])
+        rows.append({
+            "mode": mode, "fraction": f, "n_neurons": int(sum(counts[f])), "layer_counts": list(counts[f]),
+            "clean_accuracy": clean, "skill_accuracy": skill.accuracy if skill is not None else None,
+            "random_accuracy": float(np.mean(accs)) if accs else None,
+            "random_accuracy_std": float(np.std(accs)) if accs else None,
+            "random_accuracies": accs, "paired": paired,
+        })
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What `verdict` concludes: `status` is holds / partly / does not hold / inconclusive / no paired test."""
+
+    status: str
+    fractions: list[float]  # where skill neurons hurt more
+    sentence: str
+
+    @property
+    def holds(self) -> bool:
+        return self.status == "holds"
+
+
+def verdict(rows: Sequence[Mapping], majority: float | None = None) -> Verdict:
+    """Whether perturbing skill neurons hurts more than random ones (the module docstring's rule)."""
+    if not rows:
+        return Verdict("no paired test", [], "no perturbation results")
+    if any(r.get("paired") is None for r in rows):
+        return Verdict("no paired test", [], "no paired test for these results (rerun the experiment to "
+                                             "record per-example predictions)")
+    clean = rows[0].get("clean_accuracy")
+    if majority is not None and clean is not None and clean <= majority:
+        return Verdict("inconclusive", [], f"Inconclusive: the unperturbed accuracy {clean:.3f} does not beat "
+                                           f"the majority class ({majority:.3f}).")
+    worse = [r for r in rows if r["paired"]["skill_hurts_more"]]
+    detail = "; ".join(
+        f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
+        f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}, difference {r['paired']['difference']:+.3f} "
+        f"[{r['paired']['ci_low']:+.3f}, {r['paired']['ci_high']:+.3f}], McNemar p "
+        + "/".join(f"{p:.2g}" for p in r["paired"]["mcnemar_p"]) for r in rows)
+    if len(worse) == len(rows):
+        status = "holds"
+        head = ("Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, "
+                "at every fraction")
+    elif worse:
+        status = "partly"
+        which = ", ".join(f"{r['fraction']:.0%}" for r in worse)
+        head = (f"Holds partly: skill neurons hurt more than random ones at {len(worse)} of {len(rows)} fractions "
+                f"({which})")
+    else:
+        status = "does not hold"
+        head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
+    sentence = (f"{head} (rule: {RULE}; accuracy change from clean, paired difference [95% CI]: {detail}).")
+    return Verdict(status, [r["fraction"] for r in worse], sentence)
+
+
+# ----------------------------------------------------------------------------- the experiment
+@dataclasses.dataclass(frozen=True)
+class AblationResult(Result):
+    """What `ablation_experiment` measured; saved as `ablation.json`."""
+
+    FILE = ABLATION_JSON
+
+    model: str
+    task: str
+    run: str
+    mode: str
+    fractions: list[float]
+    seeds: list[int]
+    n_examples: int
+    rows: list[dict[str, Any]]
+    neurons_runs: list[str] = dataclasses.field(default_factory=list)
+    split: str = "test"
+    run_test_accuracy: float | None = None
+    majority_accuracy: float | None = None
+    per_layer: bool = True
+    status: str = "done"
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wall_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def verdict(self) -> Verdict:
+        return verdict(self.rows, self.majority_accuracy)
+
+
+def check_fractions_seeds(fractions: Iterable[float], seeds: int | Sequence[int], error=AblationError):
+    fractions = [float(f) for f in fractions]
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise error(f"fractions must be in (0, 1], got {fractions}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise error(f"need at least one seed and no repeats, got {seeds!r}")
+    return sorted(set(fractions)), seed_list
+
+
+def ablation_experiment(
+    model: ModelOrLoader, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path | None = None,
+    mode: str | PerturbFn = "noise", fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 3,
+    std: float = 0.1, relative: bool = False, layers: Iterable[int] | None = None,
+    max_examples: int | None = None, batch_size: int = 32, per_layer: bool = True, progress: bool = True,
+) -> AblationResult:
+    """Test accuracy of the prompted model with skill neurons vs random neurons perturbed (module docstring).
+
+    Args:
+        model: the model, or a function returning it (called once `out` has been accepted).
+        run: the prompt-tuning run whose prompt and task are used.
+        neurons: skill neurons of the same model and task.
+        out: directory for `ablation.json`, `ablation.png` and each finished condition
+            (`conditions/`); a rerun with the same settings skips what is done (more fractions
+            or seeds add conditions), other settings are refused before any work.
+        seeds: number of random-control seeds (0..n-1), or the seeds themselves.
+        max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
+    """
+    t_start = time.perf_counter()
+    run = run if isinstance(run, Run) else Run.load(run)
+    neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
+    # --- validate everything before any evaluation
+    check_neurons_for_run(run, neurons, None, AblationError)
+    if not callable(mode) and mode not in MODES:
+        raise AblationError(f"unknown perturbation mode {mode!r}; choose one of {MODES} or pass a function")
+    fractions, seed_list = check_fractions_seeds(fractions, seeds)
+    if mode == "noise" and not (np.isfinite(std) and std > 0):
+        raise AblationError(f"noise std must be > 0, got {std}")
+    if batch_size < 1:
+        raise AblationError(f"batch_size must be >= 1, got {batch_size}")
+    if max_examples is not None and max_examples < 1:
+        raise AblationError(f"max_examples must be >= 1, got {max_examples}")
+    layer_list = list(neurons.layers) if layers is None else sorted(set(int(l) for l in layers))
+    bad = [l for l in layer_list if l not in neurons.layers]
+    if bad:
+        raise AblationError(f"layers {bad} hold no skill neurons: the skill neurons cover layers {neurons.layers}")
+    cfg = run.config
+    name = mode_name(mode)
+    noise = mode == "noise"
+    identity = {
+        "model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
+        "neurons": tensor_digest(neurons.predictivity), "neuron_layers": list(neurons.layers), "mode": name,
+        "std": float(std) if noise else None, "relative": bool(relative) if noise else None,
+        "layers": layer_list, "per_layer": per_layer, "test_examples": max_examples, "task_seed": cfg.task_seed,
+        "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
+    }
+    if out is not None:
+        out = claim_dir(out, "ablation", identity, legacy=_legacy_identity)
+    model = resolve_model(model)
+    spec = model_spec(model)
+    check_neurons_for_run(run, neurons, spec.name, AblationError)
+    if neurons.d_mlp != spec.d_mlp:
+        raise AblationError(f"skill neurons have d_mlp={neurons.d_mlp} but the model has {spec.d_mlp}")
+
+    task = run.load_task()
+    es = EvalSet.of_run(run, model, max_examples, task)
+    row_keep = torch.tensor([l in layer_list for l in neurons.layers])
+    masks = {f: neurons.select(fraction=f, per_layer=per_layer) & row_keep[:, None] for f in fractions}
+    counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
+    for f, m in masks.items():
+        if not m.any():
+            log.warning("fraction %g selects no neuron (d_mlp=%d): skill and random equal clean", f, spec.d_mlp)
+    conditions = perturbation_conditions(masks, seed_list, mode, std=std, relative=relative, skill=neurons,
+                                         prompt=run.prompt)
+    results = run_conditions(conditions, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
+                             batch_size=batch_size, progress=progress, desc=f"ablate {run.task_name} ({name})")
+    result = AblationResult(
+        model=spec.name, task=run.task_name, run=str(run.path), mode=name, fractions=fractions, seeds=seed_list,
+        n_examples=len(es.task["test"]), rows=perturbation_rows(results, fractions, seed_list, counts, name),
+        neurons_runs=list(neurons.runs), run_test_accuracy=run.metrics.get("test_accuracy"),
+        majority_accuracy=majority_accuracy(es.task, "test"), per_layer=per_layer,
+        settings={**identity, "batch_size": batch_size}, wall_seconds=time.perf_counter() - t_start,
+        eval_seconds=sum(r.seconds for r in results.values()),
+        evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "correct": r.correct,
+                      "file": r.key} for r in results.values()])
+    if out is not None:
+        result.save(out)
+        from ..plots import plot_ablation
+
+        plot_ablation(result, out / ABLATION_PNG)
+    return result
+
+
+def _legacy_identity(out: Path) -> dict[str, Any] | None:
+    """An ablation.json of an older tl_skill: its settings, without the fractions and seeds it did not record."""
+    from ..files import read_json
+
+    if not (out / ABLATION_JSON).exists():
+        return None
+    settings = read_json(out / ABLATION_JSON, "ablation file").get("settings") or {}
+    return {k: v for k, v in settings.items() if k != "batch_size"}

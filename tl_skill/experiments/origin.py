@@ -1,0 +1,520 @@
+"""Where skill neurons come from (SPEC §9): pre-training controls and other tuning methods.
+
+`origin_study` runs four parts on one model and task and writes `origin.json`
+(one section per part, each with its numbers, a `claim_holds` boolean and a
+one-line `statement`) and figures:
+
+- `random_weights`: the same architecture with randomly initialised weights
+  (same shapes, same tokenizer) is prompt-tuned and probed like the
+  pretrained model. The paper's claim: its neurons are far less predictive.
+- `lora` and `bitfit`: the model is tuned without a prompt (input, prediction
+  at the last position, cross-entropy over the verbalizer logits) by methods
+  that keep every MLP weight frozen, and the prompt-tuning skill neurons are
+  then perturbed in the tuned model, against random neurons. The claim: the
+  skill neurons found with prompt tuning matter for these models too.
+  LoRA adapts the attention projections (q, k, v, o) only. BitFit trains the
+  bias terms outside the MLP (attention and normalisation); the MLP biases
+  are neuron weights and stay frozen, unlike the original BitFit. Where the
+  architecture has no such biases (Llama, SmolLM2) the normalisation weights
+  are trained instead, and the section says so.
+- `label_words`: a second prompt tuned with other label words (" bad"/" good"
+  instead of " negative"/" positive"); its predictivity is compared with the
+  original's over all neurons. The claim: skill neurons do not depend on the
+  label words.
+
+The model variants (random copy, LoRA, BitFit) are built by `tl_skill.variants`
+and trained by the same loop as prompts (`train.train_loop`); the model passed
+in is never changed. The perturbations are conditions of the runner and the
+LoRA/BitFit verdicts use the one rule of `experiments.ablation.verdict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .. import distributed
+from ..files import claim_dir, jsonable, read_json, tensor_digest
+from ..models import load_model, model_spec
+from ..neurons import SkillNeurons
+from ..find import load_or_find
+from ..perturb import MODES
+from ..prompt import Verbalizer
+from ..tasks import Task, load_task, subsample
+from ..indicators import spearman
+from ..train import majority_accuracy
+from ..tuning import Run, TuneConfig, tune
+from ..variants import (BITFIT_NORMS, TRAINED_FILE, FinetuneConfig, add_lora, bitfit_parameters, copy_model,
+                        finetune, load_trained, mlp_unchanged, random_weights_model, save_trained)
+from .ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
+from .results import Result
+from .runner import Condition, EvalSet, run_conditions
+
+log = logging.getLogger(__name__)
+
+PARTS = ("random_weights", "lora", "bitfit", "label_words")
+ORIGIN_JSON = "origin.json"
+FIG_RANDOM = "predictivity_random_vs_pretrained.png"
+FIG_LABEL_WORDS = "predictivity_label_words.png"
+DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.2)
+_ALT_WORDS = {"negative": "bad", "positive": "good", "bad": "negative", "good": "positive",
+              "objective": "fact", "subjective": "opinion", "no": "false", "yes": "true"}
+
+
+class OriginError(ValueError):
+    """Bad origin-study arguments, or an output directory that holds another study."""
+
+
+# ----------------------------------------------------------------------------- comparisons
+def _top_k(d_mlp: int, fraction: float) -> int:
+    return max(1, int(fraction * d_mlp))
+
+
+def predictivity_summary(sn: SkillNeurons, fraction: float = 0.01) -> dict[str, Any]:
+    """Best neuron, mean of the per-layer top `fraction` (at least one per layer), mean of all."""
+    pred = sn.predictivity
+    mask = sn.select(k=_top_k(sn.d_mlp, fraction), per_layer=True)
+    return {"best_predictivity": float(pred.max()), "top_mean_predictivity": float(pred[mask].mean()),
+            "top_fraction": fraction, "top_per_layer": _top_k(sn.d_mlp, fraction),
+            "mean_predictivity": float(pred.mean()), "runs": len(sn.runs),
+            "prompt_dev_accuracy": sn.prompt_accuracy("dev_accuracy"),
+            "prompt_test_accuracy": sn.prompt_accuracy("test_accuracy")}
+
+
+def compare_predictivity(a: SkillNeurons | torch.Tensor, b: SkillNeurons | torch.Tensor,
+                         fraction: float = 0.01) -> dict[str, Any]:
+    """Spearman correlation of two predictivity maps over all neurons, and the overlap of their skill neurons.
+
+    The skill neurons are the top `max(1, int(fraction * d_mlp))` of each layer;
+    `top_overlap` = |A and B| / |A|, `chance_overlap` its expectation for two
+    random sets of that size.
+    """
+    pa = a.predictivity if isinstance(a, SkillNeurons) else torch.as_tensor(a)
+    pb = b.predictivity if isinstance(b, SkillNeurons) else torch.as_tensor(b)
+    if pa.shape != pb.shape or pa.ndim != 2:
+        raise OriginError(f"predictivity maps of shapes {tuple(pa.shape)} and {tuple(pb.shape)} cannot be compared")
+    k = _top_k(pa.shape[1], fraction)
+    ma, mb = _top_mask(pa, k), _top_mask(pb, k)
+    return {"spearman": spearman(pa.reshape(-1).numpy(), pb.reshape(-1).numpy()),
+            "top_overlap": float((ma & mb).sum()) / float(ma.sum()), "chance_overlap": k / pa.shape[1],
+            "top_fraction": fraction, "top_per_layer": k, "n_neurons": int(pa.numel())}
+
+
+def _top_mask(pred: torch.Tensor, k: int) -> torch.Tensor:
+    """Top k of each row; ties broken by index (as `SkillNeurons.select`)."""
+    mask = torch.zeros(pred.shape, dtype=torch.bool)
+    for l in range(pred.shape[0]):
+        order = torch.sort(-pred[l].double(), stable=True).indices[:k]
+        mask[l, order] = True
+    return mask
+
+
+def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
+    """Other label words for the label-word control: " bad"/" good" for " negative"/" positive", ..."""
+    plain = [w.strip().lower() for w in label_words]
+    if all(w in _ALT_WORDS for w in plain):
+        return [" " + _ALT_WORDS[w] for w in plain]
+    if len(plain) == 2:
+        return [" no", " yes"]
+    raise OriginError(f"no default alternative for the label words {list(label_words)}; "
+                      "give alt_label_words (one word per class)")
+
+
+# ----------------------------------------------------------------------------- the study
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def _free_memory() -> None:
+    """Give back the memory of a model copy the caller has just dropped."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def origin_study(
+    model_name: str, task_name: str | None, out: str | Path, *, run_dir: str | Path | None = None,
+    neurons_dir: str | Path | None = None, parts: Iterable[str] = PARTS, model=None,
+    tune_config: TuneConfig | None = None, steps: int = 200, lora_lr: float = 1e-3, bitfit_lr: float = 1e-3,
+    lora_rank: int = 8, lora_alpha: float = 16.0, train_batch_size: int = 16, eval_every: int = 50,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 2, mode: str = "noise",
+    std: float = 0.1, relative: bool = False, max_test_examples: int | None = 300,
+    prompt_steps: int | None = 150, alt_label_words: Sequence[str] | str | None = None, random_seed: int = 1,
+    find_train_examples: int | None = 2000, find_eval_examples: int | None = None, top_fraction: float = 0.01,
+    min_spearman: float = 0.5, min_overlap: float = 0.3, batch_size: int = 32,
+    device: str | None = None, dtype: str | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Where skill neurons come from: the four parts of SPEC §9 on one model and task (module docstring).
+
+    Args:
+        model_name, task_name: what to study; with `run_dir`, they must match the run
+            (`task_name=None` takes the run's task).
+        out: output directory. `origin.json` is rewritten after every part (and
+            every perturbation evaluation); a rerun with the same settings skips
+            finished parts and evaluations, and resumes interrupted prompt tuning.
+        run_dir: an existing prompt-tuning run (its prompt, task split and config are
+            reused); default: tune one in `out/prompt` with `tune_config`.
+        neurons_dir: its skill neurons; default: found in `out/neurons`. Without
+            `run_dir`, the first run they were found from is used.
+        parts: any of `PARTS`.
+        model: an already loaded model named `model_name` (not changed).
+        tune_config: prompt tuning when the study tunes (default `TuneConfig()`); the
+            random-weights and label-word prompts use the source run's config, except
+            `prompt_steps` and the test cap.
+        prompt_steps: tuning steps of the random-weights and label-word prompts (None: the
+            source run's). The default, 150, keeps the study within an hour on 2 CPU cores.
+        steps, lora_lr, bitfit_lr, lora_rank, lora_alpha, train_batch_size, eval_every:
+            LoRA and BitFit training (`FinetuneConfig`); the train/dev/test caps are the run's.
+        fractions, seeds, mode, std, relative: the perturbation (as `ablate.ablation_experiment`),
+            on at most `max_test_examples` test examples (None: the run's cap); the extra
+            prompts are tested on as many.
+        alt_label_words: the label-word control's words (default `default_alt_label_words`).
+        random_seed: initialisation seed of the random-weights model.
+        find_train_examples, find_eval_examples: `find_skill_neurons` caps for the neurons the
+            study finds itself (given neurons keep their own).
+        top_fraction: the per-layer top fraction compared (at least one neuron per layer).
+        min_spearman, min_overlap: the label-word claim holds when Spearman >= min_spearman
+            and the top overlap >= min_overlap.
+
+    Returns:
+        An `OriginResult` (saved as `origin.json`).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    parts = list(dict.fromkeys(parts))
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise OriginError(f"unknown part(s) {bad}; choose from {list(PARTS)}" if bad else "no part to run")
+    fractions = sorted({float(f) for f in fractions})
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise OriginError(f"fractions must be in (0, 1], got {fractions}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise OriginError(f"need at least one seed and no repeats, got {seeds!r}")
+    if mode not in MODES:
+        raise OriginError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    if mode == "noise" and not (math.isfinite(std) and std > 0):
+        raise OriginError(f"noise std must be > 0, got {std}")
+    if not 0 < top_fraction <= 1:
+        raise OriginError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    if max_test_examples is not None and max_test_examples < 1:
+        raise OriginError(f"max_test_examples must be >= 1, got {max_test_examples}")
+    if prompt_steps is not None and prompt_steps < 1:
+        raise OriginError(f"prompt_steps must be >= 1, got {prompt_steps}")
+    ft = {"lora": FinetuneConfig(steps=steps, lr=lora_lr, batch_size=train_batch_size, eval_every=eval_every,
+                                 eval_batch_size=batch_size),
+          "bitfit": FinetuneConfig(steps=steps, lr=bitfit_lr, batch_size=train_batch_size, eval_every=eval_every,
+                                   eval_batch_size=batch_size)}
+    if "lora" in parts and lora_rank < 1:
+        raise OriginError(f"LoRA rank must be >= 1, got {lora_rank}")
+
+    # --- the source run and its skill neurons (validated before anything long)
+    given_neurons = SkillNeurons.load(neurons_dir) if neurons_dir is not None else None
+    if run_dir is None and given_neurons is not None:
+        run_dir = given_neurons.runs[0]
+    run = Run.load(run_dir) if run_dir is not None else None
+    if run is not None:
+        if run.model_name != model_name:
+            raise OriginError(f"the run {run.path} was tuned on {run.model_name!r}, not {model_name!r}")
+        if task_name is not None and run.task_name != task_name:
+            raise OriginError(f"the run {run.path} is for task {run.task_name!r}, not {task_name!r}")
+        task_name = run.task_name
+    if task_name is None:
+        raise OriginError("give a task name (or a run directory)")
+    if given_neurons is not None:
+        if given_neurons.model != model_name or given_neurons.task != task_name:
+            raise OriginError(f"the skill neurons in {neurons_dir} are for {given_neurons.model!r} / "
+                              f"{given_neurons.task!r}, not {model_name!r} / {task_name!r}")
+        if run is not None and list(given_neurons.label_words) != list(run.info["label_words"]):
+            raise OriginError(f"label words differ: run {run.info['label_words']}, "
+                              f"skill neurons {given_neurons.label_words}")
+    if run is not None:
+        task = run.load_task()
+    else:
+        task = load_task(task_name, seed=(tune_config or TuneConfig()).task_seed)
+    alt_words = None
+    if isinstance(alt_label_words, str):
+        alt_label_words = alt_label_words.split(",")
+    if alt_label_words:
+        alt_words = [w if w.startswith(" ") else " " + w for w in alt_label_words]
+    elif "label_words" in parts:
+        alt_words = default_alt_label_words(task.spec.label_words)
+    else:  # not used by this call; recorded so that a later call with the part agrees
+        try:
+            alt_words = default_alt_label_words(task.spec.label_words)
+        except OriginError:
+            alt_words = None
+    if alt_words is not None:
+        if len(alt_words) != task.spec.n_classes:
+            raise OriginError(f"{len(alt_words)} alternative label words {alt_words} for "
+                              f"{task.spec.n_classes} classes")
+        if [w.strip().lower() for w in alt_words] == [w.strip().lower() for w in task.spec.label_words]:
+            raise OriginError(f"the alternative label words {alt_words} are the task's own")
+    cfg = run.config if run is not None else (tune_config or TuneConfig())
+    test_cap = max_test_examples if max_test_examples is not None else cfg.max_test_examples
+    if test_cap is not None and cfg.max_test_examples is not None:
+        test_cap = min(test_cap, cfg.max_test_examples)
+    control_steps = prompt_steps or cfg.steps
+    control_cfg = dataclasses.replace(cfg, steps=control_steps, eval_every=min(cfg.eval_every, control_steps),
+                                      max_test_examples=test_cap)
+    settings = jsonable({
+        "model": model_name, "task": task_name, "task_seed": task.spec.seed,
+        "label_words": list(task.spec.label_words), "steps": steps,
+        "lora_lr": lora_lr, "bitfit_lr": bitfit_lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+        "train_batch_size": train_batch_size, "eval_every": eval_every, "fractions": fractions,
+        "seeds": seed_list, "mode": mode, "std": std if mode == "noise" else None,
+        "relative": relative if mode == "noise" else None, "test_examples": test_cap,
+        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": random_seed,
+        "top_fraction": top_fraction, "min_spearman": min_spearman, "min_overlap": min_overlap,
+    })
+    identity = {**settings,
+                "run_prompt": tensor_digest(run.prompt.vectors) if run is not None else None,
+                "neurons": tensor_digest(given_neurons.predictivity) if given_neurons is not None else None,
+                "tune_config": asdict(cfg) if run is None else None}
+    claim_dir(out, "origin", identity, legacy=_legacy_identity)  # before any long work
+    path = out / ORIGIN_JSON
+    prev = read_json(path, "origin file") if path.exists() else {}
+
+    if model is None:
+        model = load_model(model_name, device=device, dtype=dtype)
+    elif model_spec(model).name != model_name:
+        raise OriginError(f"the model given is {model_spec(model).name!r}, not {model_name!r}")
+    if alt_words is not None:
+        Verbalizer(model.tokenizer, alt_words)  # refuses words whose first tokens clash
+
+    if run is None:
+        run = tune(model, task, out / "prompt", cfg, progress=progress)
+    # the controls compare selection-split predictivity: no held-out pass (as in the published runs)
+    find_kw = dict(max_train_examples=find_train_examples, max_eval_examples=find_eval_examples,
+                   batch_size=batch_size, progress=progress, confirm_split=None)
+    if given_neurons is not None:
+        sn = given_neurons
+        find_kw.update(max_train_examples=sn.meta.get("max_train_examples", find_train_examples),
+                       max_eval_examples=sn.meta.get("n_eval", find_eval_examples),
+                       multiclass=sn.meta.get("multiclass", "ovr"))
+    else:
+        sn = load_or_find(model, [run], out / "neurons", **find_kw)
+    # fine-tuning sees the run's train/dev examples; evaluation the runner's subset of its test set
+    data = subsample(task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": test_cap},
+                     seed=cfg.task_seed)
+    settings.update(run_prompt=tensor_digest(run.prompt.vectors), neurons=tensor_digest(sn.predictivity))
+    state: dict[str, Any] = {p: prev[p] for p in PARTS if p in prev}
+
+    pretrained = predictivity_summary(sn, top_fraction)
+
+    def save(status: str = "running") -> dict[str, Any]:
+        result = {
+            "model": model_name, "task": task_name, "status": status, "settings": settings,
+            "source": {"run": str(run.path), "neurons_dir": str(neurons_dir or out / "neurons"),
+                       "neurons_runs": sn.runs,
+                       "prompt_test_accuracy": run.metrics.get("test_accuracy"),
+                       "zero_shot_accuracy": run.metrics.get("zero_shot_accuracy"),
+                       "majority_accuracy": majority_accuracy(data, "test"), **pretrained},
+            **{p: state[p] for p in PARTS if p in state},
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        result = OriginResult(**jsonable(result))
+        if distributed.is_main():
+            result.save(out)
+        return result
+
+    save()
+    for part in parts:
+        if state.get(part, {}).get("status") == "done":
+            log.info("origin study: %s already done; skipping", part)
+            continue
+        t0 = time.perf_counter()
+        if part == "random_weights":
+            state[part] = _random_weights_part(model, task, run, control_cfg, sn, out, pretrained, random_seed,
+                                               top_fraction, find_kw, progress)
+        elif part == "label_words":
+            state[part] = _label_words_part(model, task_name, run, control_cfg, sn, out, alt_words, top_fraction,
+                                            min_spearman, min_overlap, find_kw, progress)
+        else:
+            def on_update(section, part=part):
+                state[part] = section
+                save()
+
+            state[part] = _tuning_part(part, model, data, run, sn, out, ft[part], lora_rank, lora_alpha,
+                                       fractions, seed_list, mode, std, relative, batch_size,
+                                       state.get(part, {}), on_update, progress)
+        state[part]["seconds"] = state[part].get("seconds", 0.0) + time.perf_counter() - t0
+        save()
+        log.info("origin study: %s: %s", part, state[part]["statement"])
+    return save("done" if all(state.get(p, {}).get("status") == "done" for p in PARTS) else "partial")
+
+
+def _random_weights_part(model, task, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path, pretrained: dict,
+                         seed: int, top_fraction: float, find_kw: dict, progress: bool) -> dict[str, Any]:
+    rand_model = random_weights_model(model, seed)
+    rand_run = tune(rand_model, task, out / "random_weights" / "run", cfg, progress=progress)
+    ndir = out / "random_weights" / "neurons"
+    rand_sn = load_or_find(rand_model, [rand_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
+    del rand_model
+    _free_memory()
+    random = predictivity_summary(rand_sn, top_fraction)
+    holds = (pretrained["best_predictivity"] > random["best_predictivity"]
+             and pretrained["top_mean_predictivity"] > random["top_mean_predictivity"])
+    if distributed.is_main():
+        from ..plots import plot_predictivity_histogram
+
+        plot_predictivity_histogram(
+            {"pretrained": sn.predictivity.reshape(-1).numpy(),
+             "random weights": rand_sn.predictivity.reshape(-1).numpy()},
+            out / FIG_RANDOM, f"{sn.model} / {sn.task}: neuron predictivity, pretrained vs random weights")
+    verb = "more" if holds else "not more"
+    statement = (f"Pretrained neurons are {verb} predictive than those of the same architecture with random weights: "
+                 f"best {_fmt(pretrained['best_predictivity'])} vs {_fmt(random['best_predictivity'])}, "
+                 f"top-{top_fraction:.0%} mean {_fmt(pretrained['top_mean_predictivity'])} vs "
+                 f"{_fmt(random['top_mean_predictivity'])} (prompt test accuracy "
+                 f"{_fmt(pretrained['prompt_test_accuracy'])} vs {_fmt(random['prompt_test_accuracy'])}).")
+    return {"status": "done", "pretrained": pretrained, "random": random,
+            "best_gap": pretrained["best_predictivity"] - random["best_predictivity"],
+            "top_mean_gap": pretrained["top_mean_predictivity"] - random["top_mean_predictivity"],
+            "random_seed": seed, "run": str(rand_run.path), "neurons_dir": str(ndir), "figure": FIG_RANDOM,
+            "claim_holds": bool(holds), "statement": statement}
+
+
+def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path,
+                      alt_words: list[str], top_fraction: float, min_spearman: float, min_overlap: float,
+                      find_kw: dict, progress: bool) -> dict[str, Any]:
+    alt_task = load_task(task_name, seed=run.info["task_seed"], label_words=alt_words)
+    base = out / "label_words"
+    alt_run = tune(model, alt_task, base / "run", cfg, progress=progress)
+    ndir = base / "neurons"
+    alt_sn = load_or_find(model, [alt_run], ndir, layers=sn.layers, positions=sn.positions, **find_kw)
+    cmp = compare_predictivity(sn, alt_sn, top_fraction)
+    rho, overlap = cmp["spearman"], cmp["top_overlap"]
+    holds = bool(math.isfinite(rho) and rho >= min_spearman and overlap >= min_overlap)
+    fig = None
+    if distributed.is_main():
+        from ..plots import plot_predictivity_scatter
+
+        k = cmp["top_per_layer"]
+        fig = plot_predictivity_scatter(
+            sn.predictivity.reshape(-1).numpy(), alt_sn.predictivity.reshape(-1).numpy(), out / FIG_LABEL_WORDS,
+            xlabel=f"predictivity with {'/'.join(w.strip() for w in sn.label_words)}",
+            ylabel=f"predictivity with {'/'.join(w.strip() for w in alt_words)}",
+            title=f"{sn.model} / {sn.task}: label words\n(Spearman {_fmt(rho)}, top overlap {_fmt(overlap)})",
+            highlight=(_top_mask(sn.predictivity, k) | _top_mask(alt_sn.predictivity, k)).reshape(-1).numpy()).name
+    statement = (f"With label words {'/'.join(w.strip() for w in alt_words)} instead of "
+                 f"{'/'.join(w.strip() for w in sn.label_words)}, neuron predictivity has Spearman {_fmt(rho)} "
+                 f"with the original and {overlap:.0%} of the top-{top_fraction:.0%} skill neurons are shared "
+                 f"(chance {cmp['chance_overlap']:.0%}): skill neurons are "
+                 f"{'insensitive' if holds else 'not shown to be insensitive'} to the label words "
+                 f"(criterion: Spearman >= {min_spearman:g} and overlap >= {min_overlap:.0%}).")
+    return {"status": "done", "original": list(sn.label_words), "alternative": list(alt_words), **cmp,
+            "original_summary": predictivity_summary(sn, top_fraction),
+            "alternative_summary": predictivity_summary(alt_sn, top_fraction),
+            "run": str(alt_run.path), "neurons_dir": str(ndir), "figure": fig,
+            "claim_holds": holds, "statement": statement}
+
+
+def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out: Path, ft: FinetuneConfig,
+                 lora_rank: int, lora_alpha: float, fractions: list[float], seeds: list[int], mode: str,
+                 std: float, relative: bool, batch_size: int, prev: dict, on_update: Callable[[dict], None],
+                 progress: bool) -> dict[str, Any]:
+    cfg = run.config
+    ft = dataclasses.replace(ft, max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)
+    base = out / method
+    tuned = copy_model(model, method)
+    if method == "lora":
+        params = add_lora(tuned, rank=lora_rank, alpha=lora_alpha, seed=ft.seed)
+        trained = f"LoRA (rank {lora_rank}, alpha {lora_alpha:g}) on the attention projections q, k, v, o"
+    else:
+        params, trained = bitfit_parameters(tuned)
+    es = EvalSet(data, Verbalizer(tuned.tokenizer, data.spec.label_words), "test", cfg.max_input_tokens,
+                 cfg.padding_side)
+    section = dict(prev) if prev.get("training") else {}
+    if section and (base / TRAINED_FILE).exists():
+        load_trained(params, base / TRAINED_FILE)
+    else:
+        before = run_conditions([Condition("untrained", {}, None, None, "tuned")], {"tuned": tuned}, {"test": es},
+                                batch_size=batch_size, progress=False)["untrained"].accuracy
+        info = finetune(tuned, data, params, ft, progress=progress, desc=f"{method} {data.name}", out=base)
+        if distributed.is_main():
+            save_trained(params, base / TRAINED_FILE)
+        section = {"status": "trained", "trained": trained, "fallback": trained == BITFIT_NORMS,
+                   "trainable_parameters": sorted(params), "training": {**info, "config": asdict(ft)},
+                   "zero_shot_accuracy": before}
+    unchanged = mlp_unchanged(tuned, model)
+    if not unchanged:  # cannot happen unless the bridge shares storage in an unexpected way
+        raise OriginError(f"{method} changed MLP weights; the comparison would be meaningless")
+    masks = {f: sn.select(fraction=f) for f in fractions}
+    counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
+    majority = majority_accuracy(data, "test")
+    conditions = perturbation_conditions(masks, seeds, mode, std=std, relative=relative, skill=sn, variant="tuned")
+    variant = f"{sn.model}+{method} " + tensor_digest(torch.cat([p.detach().float().flatten() for p in params.values()]))
+    done: dict[str, Any] = {}
+
+    def fill(status: str) -> dict[str, Any]:
+        rows = perturbation_rows(done, fractions, seeds, counts, mode)
+        section.update(status=status, mlp_weights_unchanged=unchanged,
+                       clean_accuracy=done["clean"].accuracy if "clean" in done else None,
+                       majority_accuracy=majority, prompt_test_accuracy=run.metrics.get("test_accuracy"),
+                       n_examples=len(data["test"]), rows=rows,
+                       evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "file": r.key}
+                                    for r in done.values()])
+        return section
+
+    def on_result(r):
+        done[r.name] = r
+        on_update(fill("trained"))
+
+    done.update(run_conditions(conditions, {"tuned": tuned}, {"test": es}, out=base, variants={"tuned": variant},
+                               batch_size=batch_size, progress=progress, desc=f"perturb {method}",
+                               on_result=on_result))
+    del tuned
+    _free_memory()
+    fill("done")
+    what = "LoRA" if method == "lora" else f"BitFit ({'normalisation weights' if section['fallback'] else 'biases'})"
+    v = verdict(section["rows"], majority)
+    statement = f"In the {what}-tuned model (test accuracy {_fmt(section['clean_accuracy'])}): {v.sentence}"
+    figure = f"perturbation_{method}.png"
+    if distributed.is_main():
+        from ..plots import plot_ablation
+
+        plot_ablation({"rows": section["rows"], "model": f"{sn.model} ({what})", "task": sn.task,
+                       "seeds": seeds, "n_examples": section["n_examples"], "majority_accuracy": majority,
+                       "settings": {"std": std if mode == "noise" else None, "relative": relative, "per_layer": True}},
+                      out / figure)
+    section.update(conclusive=v.status != "inconclusive", verdict=v.status, fractions_holding=v.fractions,
+                   figure=figure, claim_holds=v.holds, statement=statement)
+    return section
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginResult(Result):
+    """What `origin_study` found; saved as `origin.json`, one section per part (each with `claim_holds`)."""
+
+    FILE = ORIGIN_JSON
+
+    model: str
+    task: str
+    status: str
+    settings: dict[str, Any]
+    source: dict[str, Any]
+    random_weights: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    bitfit: dict[str, Any] | None = None
+    label_words: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+
+def _legacy_identity(out: Path) -> dict[str, Any] | None:
+    """An origin.json of an older tl_skill: its settings (the digests it recorded after tuning dropped)."""
+    if not (out / ORIGIN_JSON).exists():
+        return None
+    settings = read_json(out / ORIGIN_JSON, "origin file").get("settings") or {}
+    return {k: v for k, v in settings.items() if k not in ("run_prompt", "neurons")}

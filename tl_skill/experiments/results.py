@@ -1,0 +1,79 @@
+"""Result objects: frozen dataclasses with `save(dir)` / `load(path)`.
+
+JSON for every plain field (`<FILE>`), safetensors for tensor fields
+(`<stem>.safetensors`, written first, so a directory with the JSON is
+complete). Plots, verdict sentences and the report read these objects; they
+never run the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..files import FileFormatError, atomic_json, jsonable, read_json, read_tensors
+
+R = TypeVar("R", bound="Result")
+
+
+class Result:
+    """Base of the result dataclasses; subclasses set `FILE` (the JSON file's name)."""
+
+    FILE: ClassVar[str] = "result.json"
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain (JSON) fields."""
+        skip = set(self._tensor_fields())
+        return jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip})
+
+    def __getitem__(self, key: str) -> Any:  # results read like the JSON they are saved as
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in {f.name for f in dataclasses.fields(self)}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def save(self, path: str | Path) -> Path:
+        """Write into directory `path`; returns the JSON file's path."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._tensor_fields()}
+        if tensors:
+            from safetensors.torch import save_file
+
+            target = path / (Path(self.FILE).stem + ".safetensors")
+            tmp = target.with_name(target.name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, target)
+        atomic_json(path / self.FILE, self.to_dict())
+        return path / self.FILE
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        """Read a result saved by `save` (a directory, or its JSON file); fields it lacks take their defaults."""
+        path = Path(path)
+        file = path / cls.FILE if path.is_dir() or not path.suffix else path
+        data = read_json(file, f"{cls.__name__} file")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in names.items() if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        tensor_file = file.with_name(file.stem + ".safetensors")
+        tensors = read_tensors(tensor_file, f"{cls.__name__} tensors") if tensor_file.exists() else {}
+        lacking = [n for n in required if n not in data and n not in tensors]
+        if lacking:
+            raise FileFormatError(f"{cls.__name__} file {file} lacks {', '.join(lacking)}")
+        return cls(**{n: (tensors[n] if n in tensors else data[n]) for n in names if n in data or n in tensors})

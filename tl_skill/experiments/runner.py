@@ -1,0 +1,219 @@
+"""The evaluation runner: an experiment is a plan of keyed conditions, run over one fixed example order.
+
+A `Condition` is a prompt (or none), a set of hooks (a perturbation, or none)
+and a model variant, evaluated on a named `EvalSet` (a task split with its
+verbalizer and layout settings). `run_conditions` evaluates each condition
+with `train.evaluate`, which visits the split in one order fixed by the split
+alone and tells numbering hooks each batch's global position: noise draws are
+a function of `(seed, global example id)`, so accuracies do not depend on the
+batch size or the number of processes.
+
+Each finished condition is written atomically to
+`out/conditions/<name>-<hash>.json`, the hash taken over its full definition
+(the condition's own fields, its prompt's digest, its variant and its eval
+set's identity); a rerun skips the conditions already there. Which directory
+may hold which experiment is decided by `files.claim_dir`, before any work.
+
+Evaluation subsets follow one rule (`evaluation_task`): an experiment on a
+run evaluates on that run's test examples, or on the first `n` of them in the
+task seed's random order, `subsample(task, {"test": min(n, run cap)}, seed)`:
+always a subset of the run's own test set, the same for every experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..files import atomic_json, jsonable, read_json, tensor_digest, FileFormatError
+from ..prompt import SoftPrompt, Verbalizer
+from ..tasks import Task, subsample
+from ..train import evaluate
+from ..tuning import Run
+
+log = logging.getLogger(__name__)
+
+CONDITIONS_DIR = "conditions"
+ModelOrLoader = Any  # a model, or a function of no arguments returning one
+
+
+def resolve_model(model: ModelOrLoader):
+    """`model` itself, or what the loader returns: experiments check their directory before loading."""
+    if isinstance(model, torch.nn.Module) or not callable(model):
+        return model
+    return model()
+
+
+def evaluation_task(run: Run, max_examples: int | None = None, task: Task | None = None) -> Task:
+    """The examples an experiment on `run` evaluates on (the module docstring's rule).
+
+    Args:
+        max_examples: at most this many of the run's test examples (None: all of them).
+        task: the run's task, when already loaded (`run.load_task()` otherwise).
+    """
+    cfg = run.config
+    caps = [c for c in (cfg.max_test_examples, max_examples) if c is not None]
+    full = task if task is not None else run.load_task()
+    return subsample(full, {"test": min(caps) if caps else None}, seed=cfg.task_seed)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One split of a task, as a condition is evaluated on it."""
+
+    task: Task
+    verbalizer: Verbalizer
+    split: str = "test"
+    max_input_tokens: int = 96
+    padding_side: str | None = None
+
+    @classmethod
+    def of_run(cls, run: Run, model, max_examples: int | None = None, task: Task | None = None) -> "EvalSet":
+        """The run's test examples by `evaluation_task`, with the run's label words and layout."""
+        cfg = run.config
+        return cls(evaluation_task(run, max_examples, task), run.verbalizer(model), "test",
+                   cfg.max_input_tokens, cfg.padding_side)
+
+    def identity(self) -> dict[str, Any]:
+        ds = self.task[self.split]
+        examples = hashlib.sha1(json.dumps([self.task.texts(self.split),
+                                            self.task.labels(self.split).tolist()]).encode()).hexdigest()[:16]
+        return {"task": self.task.name, "split": self.split, "n": len(ds), "examples": examples,
+                "label_words": list(self.task.spec.label_words), "max_input_tokens": self.max_input_tokens,
+                "padding_side": self.padding_side}
+
+
+HookFactory = Callable[[Any], list]  # model -> [(hook name, fn)]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One evaluation: `prompt` (None: zero-shot) on model `variant` with `hooks(model)` active.
+
+    `definition` holds every JSON-able fact that decides the result beyond the prompt, variant
+    and eval set (e.g. the perturbation's mode, std, seed and neuron set digest).
+    """
+
+    name: str
+    definition: Mapping[str, Any] = field(default_factory=dict)
+    prompt: SoftPrompt | None = None
+    hooks: HookFactory | None = None
+    variant: str = "model"
+    eval_set: str = "test"
+
+
+@dataclass(frozen=True)
+class ConditionResult:
+    """A finished condition: accuracy and per-example correctness in the eval set's order."""
+
+    key: str
+    name: str
+    definition: dict[str, Any]
+    accuracy: float
+    n: int
+    correct: str  # "0"/"1" per example, in the eval set's split order: for paired tests
+    predictions: list[int]
+    seconds: float
+
+    def correct_array(self) -> np.ndarray:
+        return np.frombuffer(self.correct.encode(), dtype=np.uint8) - ord("0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "definition": self.definition, "accuracy": self.accuracy,
+                "n": self.n, "correct": self.correct, "predictions": self.predictions, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ConditionResult":
+        return cls(**{k: d[k] for k in ("key", "name", "definition", "accuracy", "n", "correct", "predictions",
+                                        "seconds")})
+
+
+def full_definition(cond: Condition, eval_sets: Mapping[str, EvalSet], variants: Mapping[str, str]) -> dict:
+    """Everything that decides `cond`'s result, as JSON: the key is its hash."""
+    return jsonable({"name": cond.name, **dict(cond.definition),
+                     "prompt": None if cond.prompt is None else tensor_digest(cond.prompt.vectors),
+                     "prompt_length": None if cond.prompt is None else cond.prompt.length,
+                     "variant": variants.get(cond.variant, cond.variant),
+                     "eval": eval_sets[cond.eval_set].identity()})
+
+
+def condition_key(definition: Mapping[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(definition["name"])).strip("_")[:60]
+    return f"{slug}-{digest}"
+
+
+def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], eval_sets: Mapping[str, EvalSet], *,
+                   out: Path | None = None, variants: Mapping[str, str] | None = None, batch_size: int = 32,
+                   progress: bool = True, desc: str = "evaluate",
+                   on_result: Callable[[ConditionResult], None] | None = None) -> dict[str, ConditionResult]:
+    """Evaluate every condition (skipping those finished in `out/conditions/`); results by condition name.
+
+    Args:
+        models: the model of each variant name.
+        variants: an identity string per variant (e.g. a model name and a weights digest) for the keys;
+            default the variant's name.
+    """
+    variants = dict(variants or {})
+    names = [c.name for c in conditions]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"conditions repeat names: {dup}")
+    missing = sorted({c.variant for c in conditions} - set(models)) + sorted(
+        {c.eval_set for c in conditions} - set(eval_sets))
+    if missing:
+        raise ValueError(f"conditions name models or eval sets that were not given: {missing}")
+    store = out / CONDITIONS_DIR if out is not None else None
+    results: dict[str, ConditionResult] = {}
+    todo = []
+    for cond in conditions:
+        definition = full_definition(cond, eval_sets, variants)
+        key = condition_key(definition)
+        path = store / f"{key}.json" if store is not None else None
+        if path is not None and path.exists():
+            try:
+                done = ConditionResult.from_dict(read_json(path, "condition result"))
+            except (FileFormatError, KeyError, TypeError) as exc:
+                log.warning("%s is unreadable (%s): evaluating it again", path, exc)
+            else:
+                if done.definition == definition:
+                    results[cond.name] = done
+                    continue
+        todo.append((cond, definition, key, path))
+    bar = tqdm(total=len(conditions), initial=len(conditions) - len(todo), desc=desc, disable=not progress,
+               unit="eval")
+    try:
+        for cond, definition, key, path in todo:
+            t0 = time.perf_counter()
+            model = models[cond.variant]
+            es = eval_sets[cond.eval_set]
+            hooks = cond.hooks(model) if cond.hooks is not None else []
+            prompt = cond.prompt.to(next(model.parameters()).device) if cond.prompt is not None else None
+            res = evaluate(model, es.task, es.split, es.verbalizer, prompt, batch_size=batch_size,
+                           max_input_tokens=es.max_input_tokens, extra_hooks=hooks, padding_side=es.padding_side)
+            correct = res["predictions"] == es.task.labels(es.split)
+            done = ConditionResult(key, cond.name, definition, res["accuracy"], res["n"],
+                                   "".join("1" if c else "0" for c in correct), [int(p) for p in res["predictions"]],
+                                   time.perf_counter() - t0)
+            results[cond.name] = done
+            if path is not None and distributed.is_main():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_json(path, done.to_dict())
+            if on_result is not None:
+                on_result(done)
+            bar.set_postfix(last=f"{cond.name} {done.accuracy:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
+    return {c.name: results[c.name] for c in conditions}

@@ -1,0 +1,310 @@
+"""Finding skill neurons (SPEC §2-§3): record a run's activations, reduce them to predictivity.
+
+`find_skill_neurons` records every run (prompt) of a task with `record_run`
+(baselines from train, above-baseline counts on the selection split, and
+optionally a held-out split and a shuffled-label control in the same passes)
+and returns `SkillNeurons`. `load_or_find` does the same into a directory
+under the one output-directory rule (`files.claim_dir`): the same runs and
+settings load what is there, others are refused before any recording.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import compat, distributed
+from .files import claim_dir, read_json, tensor_digest
+from .models import model_spec
+from .neurons import (NEURONS_JSON, NeuronsError, SkillNeurons, Subtask, accuracy_of_counts, make_subtasks,
+                      subtask_counts)
+from .prompt import SoftPrompt, iterate_batches, layout_for
+from .record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
+from .tasks import Task, subsample
+from .tuning import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """What one run's two recording passes give."""
+
+    accuracy: torch.Tensor  # [S, L, T, D] float64
+    baseline: torch.Tensor  # [L, T, D] float64, over all train examples
+    std: torch.Tensor  # [L, T, D]
+    constant: torch.Tensor  # [L, T, D] bool, constant on train and dev
+    n_train: int
+    n_eval: int
+    seconds: float
+    # {"eval"/"confirm"/"control": (pos_above [S, L, T, D], neg_above, n_pos [S], n_neg [S])}
+    counts: dict[str, tuple] = field(default_factory=dict)
+
+
+def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[Subtask],
+               split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
+               batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
+               padding_side: str | None = None, progress: bool = True, desc: str = "",
+               confirm_split: str | None = None, control_seed: int | None = None) -> RunStats:
+    """Baselines from train, then the above-baseline counts on `split`, in fixed memory.
+
+    Args:
+        confirm_split: also count on this split (held-out confirmation, the same baselines).
+        control_seed: also count with the labels of `split` permuted by this seed, in the
+            same pass (the shuffled-label control).
+    """
+    t0 = time.perf_counter()
+    spec = model_spec(model)
+    layer_list = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
+    P = prompt.length if prompt is not None else (prompt_length or 0)
+    T = n_positions(positions, P)
+    k = task.spec.n_classes
+    for which in ("train", split) + ((confirm_split,) if confirm_split else ()):  # refuse before recording
+        present = set(task.labels(which).tolist())
+        for sub in subtasks:
+            if not present & set(sub.positive) or not present & set(sub.negative):
+                raise NeuronsError(f"the {which!r} split of {task.name!r} has only classes {sorted(present)}: "
+                                   f"subtask {sub.name!r} needs examples of both sides")
+    device = compat.model_device(model)
+    layout = layout_for(model, P, max_input_tokens, padding_side)
+
+    def run_pass(stats, which: str, shuffled: np.ndarray | None = None):
+        rec = Recorder(model, stats, layer_list, positions)
+        n = len(task[which])
+        bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
+        with rec.attached():
+            for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
+                if shuffled is not None:  # labels [batch, 2]: true, then permuted by global example id
+                    batch.labels = torch.stack([batch.labels, torch.as_tensor(shuffled[idx])], 1)
+                rec.run(batch.to(device), prompt)
+                bar.update(len(idx))
+        bar.close()
+        distributed.reduce_stats(stats)  # exact sums and counts: the same result for any world size
+        return stats
+
+    moments = run_pass(MomentStats(k, len(layer_list), T, spec.d_mlp, device), "train")
+    # One baseline per distinct class set: one-vs-rest subtasks all share the global mean.
+    keys, baseline_index, thresholds = [], [], []
+    for sub in subtasks:
+        key = sub.classes if len(sub.classes) < k else None
+        if key not in keys:
+            keys.append(key)
+            thresholds.append(moments.mean(key))
+        baseline_index.append(keys.index(key))
+    thresholds = torch.stack(thresholds)
+    found: dict[str, tuple] = {}
+    if control_seed is None:
+        counts = run_pass(ThresholdStats(thresholds, k), split)
+    else:
+        labels = task.labels(split)
+        shuffled = labels[np.random.default_rng([int(control_seed), 7]).permutation(len(labels))]
+        counts, control = run_pass(LabelSets([ThresholdStats(thresholds, k), ThresholdStats(thresholds, k)]),
+                                   split, shuffled).stats
+        found["control"] = subtask_counts(control.above.cpu(), control.count.cpu(), subtasks, baseline_index)
+    found["eval"] = subtask_counts(counts.above.cpu(), counts.count.cpu(), subtasks, baseline_index)
+    if confirm_split:
+        held = run_pass(ThresholdStats(thresholds, k), confirm_split)
+        found["confirm"] = subtask_counts(held.above.cpu(), held.count.cpu(), subtasks, baseline_index)
+    return RunStats(
+        accuracy=accuracy_of_counts(*found["eval"]), baseline=moments.mean().cpu(), std=moments.std().float().cpu(),
+        constant=(moments.constant() & counts.min.eq(counts.max) & counts.min.eq(moments.min)).cpu(),
+        n_train=int(moments.count.sum()), n_eval=int(counts.count.sum()),
+        seconds=time.perf_counter() - t0, counts=found,
+    )
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Refuse to mix runs that would be probed differently, or the same run twice.
+
+    All runs are probed with one layout, so they must agree in model, task,
+    split seed, label words, prompt length, input truncation and padding side.
+    """
+    if not runs:
+        raise NeuronsError("no runs given")
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        key = Path(run.path).resolve()
+        if key in seen:
+            raise NeuronsError(f"the same run is given twice ({seen[key]} and {run.path}); "
+                               "trials must be different runs")
+        seen[key] = run.path
+    first = runs[0]
+    for run in runs[1:]:
+        for key, a, b in (
+            ("model", first.model_name, run.model_name),
+            ("task", first.task_name, run.task_name),
+            ("task seed", first.info["task_seed"], run.info["task_seed"]),
+            ("label words", first.info["label_words"], run.info["label_words"]),
+            ("prompt length", first.prompt.length, run.prompt.length),
+            ("max_input_tokens", first.config.max_input_tokens, run.config.max_input_tokens),
+            ("padding_side", first.config.padding_side, run.config.padding_side),
+        ):
+            if a != b:
+                raise NeuronsError(f"runs differ in {key}: {first.path} has {a!r}, {run.path} has {b!r}")
+
+
+def find_skill_neurons(
+    model, runs: Sequence[Run | str | Path], split: str = "dev", layers: Sequence[int] | None = None,
+    positions: str = "prompt", batch_size: int = 32, max_train_examples: int | None = 2000,
+    max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
+    aggregate_subtasks: str = "max", progress: bool = True, confirm_split: str | None = "auto",
+    control: str | None = None, control_seed: int = 0,
+) -> SkillNeurons:
+    """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
+
+    The baseline is the mean over (at most `max_train_examples` of) the train
+    split; accuracy is measured on `split` (all of it unless `max_eval_examples`).
+
+    Args:
+        confirm_split: a held-out split counted with the same baselines, for
+            `heldout_predictivity` ("auto": test when selecting on dev; None: none).
+            At most `max_eval_examples` of it are used.
+        control: "shuffled" also counts with the selection split's labels permuted
+            (seed `control_seed`), in the same pass: `control_summary()`.
+    """
+    runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
+    check_runs(runs)
+    spec = model_spec(model)
+    if runs[0].model_name != spec.name:
+        raise NeuronsError(f"the runs were tuned on {runs[0].model_name!r} but the model is {spec.name!r}")
+    if split not in ("dev", "test"):
+        raise NeuronsError(f"split must be 'dev' or 'test', got {split!r}")
+    if confirm_split == "auto":
+        confirm_split = "test" if split == "dev" else None
+    if confirm_split is not None and (confirm_split not in ("dev", "test") or confirm_split == split):
+        raise NeuronsError(f"confirm_split must be the other of 'dev'/'test' or None, got {confirm_split!r}")
+    if control not in (None, "shuffled"):
+        raise NeuronsError(f"control must be None or 'shuffled', got {control!r}")
+    task = runs[0].load_task()
+    caps = {"train": max_train_examples, split: max_eval_examples}
+    if confirm_split:
+        caps[confirm_split] = max_eval_examples
+    task = subsample(task, caps, seed=task.spec.seed)
+    for s in ("train", split) + ((confirm_split,) if confirm_split else ()):
+        present = np.unique(task.labels(s))
+        if len(present) < 2:
+            raise NeuronsError(f"the {s!r} split of {task.name!r} has a single class; predictivity needs two")
+    subtasks = make_subtasks(task.spec.label_names, multiclass)
+    cfg = runs[0].config
+    stats = []
+    for r, run in enumerate(runs):
+        stats.append(record_run(
+            model, task, run.prompt.to(compat.model_device(model)), subtasks, split, layers, positions,
+            batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
+            desc=f"[run {r + 1}/{len(runs)}] ", confirm_split=confirm_split,
+            control_seed=control_seed if control else None,
+        ))
+        log.info("recorded run %s in %.1fs", run.path, stats[-1].seconds)
+    return SkillNeurons(
+        model=spec.name, task=task.name, runs=[str(r.path) for r in runs],
+        label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),
+        subtasks=subtasks, layers=list(range(spec.n_layers)) if layers is None else sorted(set(layers)),
+        positions=positions,
+        accuracy=torch.stack([s.accuracy for s in stats]), baseline=torch.stack([s.baseline for s in stats]),
+        std=torch.stack([s.std for s in stats]), constant=torch.stack([s.constant for s in stats]),
+        run_metrics=[dict(r.metrics) for r in runs], aggregate_runs=aggregate_runs,
+        aggregate_subtasks=aggregate_subtasks,
+        meta={"split": split, "n_train": stats[0].n_train, "n_eval": stats[0].n_eval,
+              "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
+              "max_train_examples": max_train_examples, "confirm_split": confirm_split,
+              "n_confirm": len(task[confirm_split]) if confirm_split else None,
+              "control": control, "control_seed": control_seed if control else None},
+        counts={f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
+                for which in stats[0].counts for j, name in ((0, "pos_above"), (1, "neg_above"))},
+        class_counts={which: {"n_pos": stats[0].counts[which][2], "n_neg": stats[0].counts[which][3]}
+                      for which in stats[0].counts},
+    )
+
+
+# settings that do not change the result, left out of a neurons directory's identity
+_NOT_IDENTITY = ("model", "runs", "progress", "batch_size")
+
+
+def find_identity(runs: Sequence[Run], **kwargs) -> dict[str, Any]:
+    """What decides `find_skill_neurons(model, runs, **kwargs)`: the runs (paths, prompts) and every setting."""
+    bound = _FIND_SIGNATURE.bind_partial(None, list(runs), **kwargs)
+    bound.apply_defaults()
+    settings = {k: v for k, v in bound.arguments.items() if k not in _NOT_IDENTITY}
+    if settings.get("layers") is not None:
+        settings["layers"] = sorted(set(int(l) for l in settings["layers"]))
+    return {"model": runs[0].model_name, "task": runs[0].task_name,
+            "runs": [str(Path(r.path).resolve()) for r in runs],
+            "prompts": [tensor_digest(r.prompt.vectors) for r in runs], **settings}
+
+
+def _legacy_identity(path: Path) -> dict[str, Any] | None:
+    """A neurons directory of an older tl_skill: the model, task and runs its neurons.json records."""
+    if not (path / NEURONS_JSON).exists():
+        return None
+    info = read_json(path / NEURONS_JSON, "skill-neuron file")
+    return {"model": info.get("model"), "task": info.get("task"),
+            "runs": [str(Path(p).resolve()) for p in info.get("runs", [])]}
+
+
+def load_or_find(model, runs: Sequence[Run | str | Path], path: str | Path, **kwargs) -> SkillNeurons:
+    """`find_skill_neurons(model, runs, **kwargs)` saved in `path`, or what is there from the same call.
+
+    `path` is claimed first (`files.claim_dir`): a directory holding neurons of other runs or
+    settings, or anything else, is refused before any recording. `model` may be a function
+    returning the model, called only when recording is needed. Every process calls it:
+    `save` writes on rank 0 and holds the others at a barrier.
+    """
+    runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
+    check_runs(runs)
+    path = claim_dir(path, "find", find_identity(runs, **kwargs), legacy=_legacy_identity)
+    if (path / NEURONS_JSON).exists():
+        log.info("reusing the skill neurons in %s", path)
+        return SkillNeurons.load(path)
+    if not isinstance(model, torch.nn.Module) and callable(model):
+        model = model()
+    sn = find_skill_neurons(model, runs, **kwargs)
+    sn.save(path)
+    return sn
+
+
+_FIND_SIGNATURE = inspect.signature(find_skill_neurons)
+
+
+def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,
+                      neurons: Sequence[tuple[int, int]], positions: str = "prompt", batch_size: int = 32,
+                      max_input_tokens: int = 96, padding_side: str | None = None,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations of a few neurons on every example of `split`: (values [N, n, T], labels [N]).
+
+    Memory is O(N x len(neurons) x T): meant for inspecting a handful of neurons
+    (histograms), not for whole layers. The forward pass stops after the
+    deepest traced layer.
+    """
+    if not neurons:
+        raise NeuronsError("no neurons to trace")
+    spec = model_spec(model)
+    for l, i in neurons:
+        if not (0 <= l < spec.n_layers and 0 <= i < spec.d_mlp):
+            raise NeuronsError(f"neuron ({l}, {i}) does not exist in {spec.name} "
+                               f"({spec.n_layers} layers x {spec.d_mlp} neurons)")
+    layers = sorted({l for l, _ in neurons})
+    P = prompt.length if prompt is not None else 0
+    layout = layout_for(model, P, max_input_tokens, padding_side)
+    stats = TraceStats(neurons, layers)
+    rec = Recorder(model, stats, layers, positions)
+    device = compat.model_device(model)
+    order = []
+    bar = tqdm(total=len(task[split]), desc=f"trace {split}", disable=not progress, leave=False, unit="ex")
+    with rec.attached():
+        for idx, batch in iterate_batches(layout, task, split, batch_size):
+            rec.run(batch.to(device), prompt)
+            order.append(torch.as_tensor(idx))
+            bar.update(len(idx))
+    bar.close()
+    values, labels = stats.result()
+    inverse = torch.empty(len(labels), dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(len(labels))
+    return values[inverse], labels[inverse]
