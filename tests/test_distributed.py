@@ -70,6 +70,7 @@ def _noisy_eval(model, run, batch_size: int):
 # --------------------------------------------------------------------------- the worker
 def _worker(run_dir: str, out_dir: str) -> None:
     from tl_skill import TuneConfig, cli, distributed, evaluate, find_skill_neurons, load_model, tune
+    from tl_skill.files import save_state
     from tl_skill.tuning import Run
 
     out = Path(out_dir)
@@ -92,13 +93,32 @@ def _worker(run_dir: str, out_dir: str) -> None:
     res = evaluate(model, _eval_task(run), "test", run.verbalizer(model), run.prompt, batch_size=16)
     noisy = _noisy_eval(model, run, batch_size=16)
     ddp_run = tune(model, _tune_task(), out / "ddp_run", TuneConfig(**TUNE_KW), progress=False)
-    torch.save({
+    ablation, zero_shot = _noisy_experiments(model, run, sn, out / "ablation", batch_size=16)
+    save_state(out / f"rank{r}.safetensors", {
         "baseline": sn.baseline, "accuracy": sn.accuracy, "std": sn.std, "constant": sn.constant,
         "predictions": torch.from_numpy(res["predictions"]), "eval_accuracy": res["accuracy"],
         "noisy_predictions": torch.from_numpy(noisy["predictions"]),
         "prompt": ddp_run.prompt.vectors.detach().clone(), "history": ddp_run.info["history"],
-        "metrics": ddp_run.metrics,
-    }, out / f"rank{r}.pt")
+        "metrics": ddp_run.metrics, "ablation": ablation, "zero_shot": zero_shot,
+    })
+
+
+def _noisy_experiments(model, run, sn, out, batch_size: int) -> tuple[dict, dict]:
+    """Per-example correctness of every condition of two noise experiments through the runner.
+
+    The ablation experiment (prompted), and the origin study's kind of plan: the same
+    perturbation conditions without a prompt.
+    """
+    from tl_skill.experiments.ablation import ablation_experiment, perturbation_conditions
+    from tl_skill.experiments.runner import EvalSet, run_conditions
+
+    kw = dict(mode="noise", std=3.0, fractions=(0.25,), seeds=2)
+    abl = ablation_experiment(model, run, sn, out, batch_size=batch_size, progress=False, **kw)
+    masks = {0.25: sn.select(fraction=0.25)}
+    conds = perturbation_conditions(masks, [0, 1], "noise", std=3.0, relative=False, skill=sn)
+    es = EvalSet(_eval_task(run), run.verbalizer(model), "test", run.config.max_input_tokens)
+    zero = run_conditions(conds, {"model": model}, {"test": es}, batch_size=batch_size, progress=False)
+    return ({e["key"]: e["correct"] for e in abl.evaluations}, {k: r.correct for k, r in zero.items()})
 
 
 # --------------------------------------------------------------------------- the launch
@@ -133,6 +153,7 @@ def launched(tmp_path_factory, tiny_gpt2):
                             batch_size=16)
         ref_run = tune(tiny_gpt2, _tune_task(), base / "ref_run", TuneConfig(**TUNE_KW), progress=False)
         ref_noisy = {bs: _noisy_eval(tiny_gpt2, run, bs)["predictions"] for bs in (16, 7)}
+        ref_experiments = _noisy_experiments(tiny_gpt2, run, ref_sn, base / "ref_ablation", batch_size=7)
     try:
         log, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -140,9 +161,11 @@ def launched(tmp_path_factory, tiny_gpt2):
         log, _ = proc.communicate()
         pytest.fail("torchrun workers timed out:\n" + log[-4000:])
     assert proc.returncode == 0, "torchrun workers failed:\n" + log[-6000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from tl_skill.files import load_state
+
+    ranks = [load_state(out / f"rank{r}.safetensors") for r in range(WORLD)]
     return {"run": run, "out": out, "ranks": ranks, "sn": ref_sn, "eval": ref_eval, "tuned": ref_run,
-            "noisy": ref_noisy}
+            "noisy": ref_noisy, "experiments": ref_experiments}
 
 
 def test_recording_equals_one_process(launched):
@@ -188,6 +211,19 @@ def test_noise_perturbation_is_the_same_for_any_world_size_and_batch_size(launch
     assert not np.array_equal(ref[16], launched["eval"]["predictions"])  # the noise does change predictions
     for got in launched["ranks"]:  # two gloo processes, each with its own batches
         assert np.array_equal(got["noisy_predictions"].numpy(), ref[16])
+
+
+def test_noise_experiments_are_the_same_for_any_world_size_and_batch_size(launched):
+    """Every experiment with noise goes through the runner: 2 processes at batch 16 = 1 process at batch 7."""
+    ref_ablation, ref_zero = launched["experiments"]
+    assert len(ref_ablation) == 1 + 1 + 2 and len(ref_zero) == 4
+    assert len(set(ref_ablation.values())) > 1  # the noise changes which examples are right
+    for got in launched["ranks"]:
+        assert got["ablation"] == ref_ablation and got["zero_shot"] == ref_zero
+    from tl_skill.experiments.ablation import AblationResult
+
+    saved = AblationResult.load(launched["out"] / "ablation")  # written by rank 0
+    assert {e["key"]: e["correct"] for e in saved.evaluations} == ref_ablation
 
 
 def test_ddp_prompt_tuning_matches_one_process(launched, tiny_gpt2):

@@ -23,6 +23,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,7 +49,7 @@ class TrainingError(ValueError):
 def check_training_settings(cfg, error: type[Exception] = ValueError, what: str = "tuning", **more: bool) -> None:
     """Refuse impossible training settings of a config, naming each bad field.
 
-    Shared by `TuneConfig` and `variants.FinetuneConfig`; `more` adds {field: is it valid}.
+    Used by `LoopConfig` (and so `TuneConfig`, `variants.FinetuneConfig`); `more` adds {field: is it valid}.
     """
     checks = {
         **more,
@@ -63,6 +64,28 @@ def check_training_settings(cfg, error: type[Exception] = ValueError, what: str 
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise error(f"invalid {what} setting(s): " + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in bad))
+
+
+@dataclass
+class LoopConfig:
+    """The settings of `train_loop` that prompt tuning and fine-tuning share (their configs extend it)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
+    seed: int = 0  # initialisation and data order
+    max_input_tokens: int = 96
+    padding_side: str | None = None
+    eval_batch_size: int = 32
+
+    def _check(self, error: type[Exception], what: str, **more: bool) -> None:
+        check_training_settings(self, error, what, patience=self.patience >= 0,
+                                eval_batch_size=self.eval_batch_size >= 1, **more)
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ from .files import (FileFormatError, OutputDirError, atomic_json, check_str_list
 from .models import model_spec
 from .prompt import SoftPrompt, Verbalizer, layout_for
 from .tasks import Task, load_task, subsample
-from .train import (CHECKPOINT, LEGACY_CHECKPOINT, TrainingError, check_training_settings, evaluate,
-                    majority_accuracy, remove_checkpoint, train_loop)
+from .train import (CHECKPOINT, LEGACY_CHECKPOINT, LoopConfig, TrainingError, evaluate, majority_accuracy,  # noqa: F401
+                    remove_checkpoint, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +40,22 @@ class RunError(ValueError):
 
 
 @dataclass
-class TuneConfig:
-    """Prompt-tuning settings. Defaults are those measured on SmolLM2-135M (see README)."""
+class TuneConfig(LoopConfig):
+    """Prompt-tuning settings (the loop's, plus the prompt and the data). Defaults measured on SmolLM2-135M."""
 
     prompt_length: int = 16
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    max_grad_norm: float = 1.0
-    eval_every: int = 50
-    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never stop early
-    seed: int = 0  # prompt initialisation and data order
     task_seed: int = 0  # train/dev/test split
-    max_input_tokens: int = 96
-    padding_side: str | None = None
     max_train_examples: int | None = None
     max_dev_examples: int | None = 300
     max_test_examples: int | None = 1000
-    eval_batch_size: int = 32
     init_text: str | None = None
 
     def __post_init__(self):
         optional = lambda v: v is None or v >= 1
-        check_training_settings(
-            self, prompt_length=self.prompt_length >= 1, patience=self.patience >= 0,
-            task_seed=self.task_seed >= 0, eval_batch_size=self.eval_batch_size >= 1,
-            max_train_examples=optional(self.max_train_examples), max_dev_examples=optional(self.max_dev_examples),
-            max_test_examples=optional(self.max_test_examples))
+        self._check(ValueError, "tuning", prompt_length=self.prompt_length >= 1, task_seed=self.task_seed >= 0,
+                    max_train_examples=optional(self.max_train_examples),
+                    max_dev_examples=optional(self.max_dev_examples),
+                    max_test_examples=optional(self.max_test_examples))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":

@@ -28,7 +28,7 @@ from . import compat
 from .models import model_spec
 from .prompt import Verbalizer
 from .tasks import Task
-from .train import check_training_settings, remove_checkpoint, train_loop
+from .train import LoopConfig, remove_checkpoint, train_loop
 
 TRAINED_FILE = "trained.safetensors"
 BITFIT_BIASES = "bias terms outside the MLP (attention and normalisation biases)"
@@ -245,23 +245,14 @@ def mlp_unchanged(model, reference) -> bool:
 
 # ----------------------------------------------------------------------------- training
 @dataclass
-class FinetuneConfig:
-    """Settings for tuning chosen parameters without a prompt (LoRA, BitFit)."""
+class FinetuneConfig(LoopConfig):
+    """Settings for tuning chosen parameters without a prompt (LoRA, BitFit): the loop's, other defaults."""
 
     steps: int = 200
     lr: float = 1e-3
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    max_grad_norm: float = 1.0
-    eval_every: int = 50
-    seed: int = 0
-    max_input_tokens: int = 96
-    padding_side: str | None = None
-    eval_batch_size: int = 32
 
     def __post_init__(self):
-        check_training_settings(self, VariantError, "fine-tuning")
+        self._check(VariantError, "fine-tuning")
 
 
 def finetune(model, task: Task, params: dict[str, torch.nn.Parameter], config: FinetuneConfig | None = None,

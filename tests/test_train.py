@@ -1,0 +1,108 @@
+"""The one trainer (train.py): fine-tuning resumes exactly like prompt tuning, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_skill import TuneConfig, train, tune
+from tl_skill.train import CHECKPOINT, TrainingError
+from tl_skill.variants import FinetuneConfig, bitfit_parameters, copy_model, finetune
+
+CFG = FinetuneConfig(steps=7, lr=5e-2, batch_size=8, eval_every=2, max_input_tokens=24, eval_batch_size=24)
+
+
+@pytest.fixture(scope="module")
+def tiny_task(small_task):
+    from tl_skill import subsample
+
+    return subsample(small_task, {"train": 64, "dev": 24, "test": 24})
+
+
+def _bitfit(model):
+    tuned = copy_model(model, "bitfit")
+    params, _ = bitfit_parameters(tuned)
+    return tuned, params
+
+
+def _values(params):
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("where, when", [
+    ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
+    ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
+    ("between_steps", 3),  # at the start of step 3's batch
+])
+def test_finetune_resumes_exactly_after_any_interrupt(tiny_gpt2, tiny_task, tmp_path, monkeypatch, where, when):
+    full_model, full_params = _bitfit(tiny_gpt2)
+    full = finetune(full_model, tiny_task, full_params, CFG, progress=False, out=tmp_path / "full")
+    assert not (tmp_path / "full" / CHECKPOINT).exists()  # removed once finished
+
+    if where == "dev_evaluation":
+        target, attr = train, "evaluate"
+    elif where == "after_optimizer_step":  # the scheduler steps right after the optimiser
+        target, attr = torch.optim.lr_scheduler.LambdaLR, "step"
+        when += 1  # LambdaLR steps once at construction
+    else:
+        target, attr = train, "train_batch_indices"
+        when += 1  # steps count from 0
+    real = getattr(target, attr)
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resumed"
+    model, params = _bitfit(tiny_gpt2)
+    monkeypatch.setattr(target, attr, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, tiny_task, params, CFG, progress=False, out=out)
+    monkeypatch.setattr(target, attr, real)
+    assert (out / CHECKPOINT).exists()
+    assert all(not p.requires_grad for p in model.parameters())  # frozen again after the interrupt
+    # a fresh copy, as a rerun of the origin study builds it: everything comes from the checkpoint
+    model, params = _bitfit(tiny_gpt2)
+    resumed = finetune(model, tiny_task, params, CFG, progress=False, out=out)
+    assert resumed["history"] == full["history"]
+    assert [h["step"] for h in resumed["history"] if "dev_accuracy" in h] == [2, 4, 6, 7]
+    assert resumed["best_step"] == full["best_step"] and resumed["dev_accuracy"] == full["dev_accuracy"]
+    got, want = _values(params), _values(full_params)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_checkpoint_of_other_parameters_is_refused(tiny_gpt2, tiny_task, tmp_path, monkeypatch):
+    model, params = _bitfit(tiny_gpt2)
+    real = train.train_batch_indices
+    monkeypatch.setattr(train, "train_batch_indices",
+                        lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else real(step, *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, tiny_task, params, CFG, progress=False, out=tmp_path / "ft")
+    monkeypatch.setattr(train, "train_batch_indices", real)
+    fewer = dict(list(params.items())[:2])
+    with pytest.raises(TrainingError, match="holds other parameters"):
+        finetune(model, tiny_task, fewer, CFG, progress=False, out=tmp_path / "ft")
+
+
+def test_tuning_freezes_a_trainable_model_and_restores_it(tiny_gpt2, small_task, tmp_path):
+    """A model whose parameters require grad (a freshly booted bridge) is tuned frozen and given back as it was."""
+    cfg = TuneConfig(prompt_length=4, steps=3, eval_every=3, batch_size=8, max_train_examples=32,
+                     max_dev_examples=16, max_test_examples=16, max_input_tokens=24)
+    ref = tune(tiny_gpt2, small_task, tmp_path / "frozen", cfg, progress=False, evaluate_test=False)
+    before = {n: p.detach().clone() for n, p in tiny_gpt2.named_parameters()}
+    flags = {n: p.requires_grad for n, p in tiny_gpt2.named_parameters()}
+    try:
+        for i, p in enumerate(tiny_gpt2.parameters()):
+            p.requires_grad_(i % 2 == 0)  # a mix, to see that each flag comes back
+        mixed = {n: p.requires_grad for n, p in tiny_gpt2.named_parameters()}
+        run = tune(tiny_gpt2, small_task, tmp_path / "trainable", cfg, progress=False, evaluate_test=False)
+        assert {n: p.requires_grad for n, p in tiny_gpt2.named_parameters()} == mixed
+        assert all(p.grad is None for p in tiny_gpt2.parameters())
+    finally:
+        for n, p in tiny_gpt2.named_parameters():
+            p.requires_grad_(flags[n])
+    assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.named_parameters())  # weights untouched
+    assert torch.equal(run.prompt.vectors, ref.prompt.vectors)  # and the same prompt as a frozen model gives
