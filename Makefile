@@ -21,7 +21,7 @@ BIN_TL3 := $(VENV_TL3)/bin
 # pyproject's dependencies less transformer-lens (TL3 brings it and the transformers it needs)
 TL3_DEPS := tokenizers einops datasets jaxtyping matplotlib safetensors tqdm numpy pandas gguf "pytest>=7"
 
-.PHONY: setup setup-tl3 demo test test-tl3 test-fast clean
+.PHONY: setup setup-tl3 demo test test-tl3 test-fast check-dashboard clean
 
 setup: $(VENV)/.tl_skill_ready
 
@@ -58,6 +58,11 @@ test-tl3: setup-tl3
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# Opens a dashboard in headless Chromium (skipped, with a message, where Chromium is missing);
+# ARGS="DIR --screenshots OUT" checks an existing dashboard, else one is built from the quick tiny demo.
+check-dashboard: setup
+	$(BIN)/python tests/browser/check_dashboard.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_TL3) build *.egg-info

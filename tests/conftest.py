@@ -54,3 +54,27 @@ def small_multiclass_task():
     from tl_skill import load_task, subsample
 
     return subsample(load_task("bbc_news"), {"train": 150, "dev": 60, "test": 60})
+
+
+def interrupted(monkeypatch, target, attr: str, when: int, fn, *args, **kwargs):
+    """Call `fn(*args, **kwargs)` with `target.attr` raising KeyboardInterrupt on its `when`-th call.
+
+    Asserts that the interrupt reached the caller; `target.attr` is restored afterwards.
+    """
+    import pytest
+
+    real = getattr(target, attr)
+    calls = []
+
+    def interrupting(*a, **k):
+        calls.append(1)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, attr, interrupting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fn(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(target, attr, real)

@@ -36,8 +36,21 @@ def demo_dir(tmp_path_factory):
     run_demo(out, tiny_demo_config(), device="cpu", progress=False,
              on_phase=lambda name, s, summary: phases.append(name))
     assert phases == ["load model", "prompt tuning", "finding skill neurons", "tracing the best neurons",
-                      "perturbation", "report"]
+                      "perturbation", "dashboards", "report"]
     return out
+
+
+def test_demo_writes_the_dashboards_and_links_them(demo_dir):
+    from tl_skill.experiments.dashboard import DashboardResult
+
+    dash = DashboardResult.load(demo_dir / "dashboard")
+    assert len(dash.neurons) == tiny_demo_config().dashboard_top
+    pages = sorted(p.name for p in (demo_dir / "dashboard").glob("neuron_L*.html"))
+    assert len(pages) == len(dash.neurons) and (demo_dir / "dashboard" / "index.html").exists()
+    assert 'href="dashboard/index.html"' in (demo_dir / "report.html").read_text()
+    # the group effect is the demo's own ablation experiment
+    abl = json.loads((demo_dir / "ablation" / "ablation.json").read_text())
+    assert [g["fraction"] for g in dash.group_effect] == [r["fraction"] for r in abl["rows"]]
 
 
 def _png_ok(path: Path) -> None:

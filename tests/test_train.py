@@ -9,6 +9,8 @@ from tl_skill import TuneConfig, train, tune
 from tl_skill.train import CHECKPOINT, TrainingError
 from tl_skill.variants import FinetuneConfig, bitfit_parameters, copy_model, finetune
 
+from conftest import interrupted
+
 CFG = FinetuneConfig(steps=7, lr=5e-2, batch_size=8, eval_every=2, max_input_tokens=24, eval_batch_size=24)
 
 
@@ -47,21 +49,9 @@ def test_finetune_resumes_exactly_after_any_interrupt(tiny_gpt2, tiny_task, tmp_
     else:
         target, attr = train, "train_batch_indices"
         when += 1  # steps count from 0
-    real = getattr(target, attr)
-    calls = []
-
-    def interrupting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == when:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed"
     model, params = _bitfit(tiny_gpt2)
-    monkeypatch.setattr(target, attr, interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(model, tiny_task, params, CFG, progress=False, out=out)
-    monkeypatch.setattr(target, attr, real)
+    interrupted(monkeypatch, target, attr, when, finetune, model, tiny_task, params, CFG, progress=False, out=out)
     assert (out / CHECKPOINT).exists()
     assert all(not p.requires_grad for p in model.parameters())  # frozen again after the interrupt
     # a fresh copy, as a rerun of the origin study builds it: everything comes from the checkpoint

@@ -14,6 +14,8 @@ import torch
 from tl_skill import SoftPrompt, TuneConfig, Verbalizer, compat, evaluate, tune
 from tl_skill import train, tuning
 from tl_skill.cli import main
+
+from conftest import interrupted
 from tl_skill.tuning import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
 
 SMALL = dict(prompt_length=4, steps=6, eval_every=3, batch_size=8, max_train_examples=64,
@@ -139,19 +141,8 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
 
 def _interrupted_then_resumed(tiny_gpt2, small_task, out, cfg, monkeypatch, target, attr, when):
     """Run `tune` with `target.attr` raising KeyboardInterrupt on its `when`-th call, then rerun it."""
-    real = getattr(target, attr)
-    calls = []
-
-    def interrupting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == when:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(target, attr, interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
-    monkeypatch.setattr(target, attr, real)
+    interrupted(monkeypatch, target, attr, when, tune, tiny_gpt2, small_task, out, cfg, progress=False,
+                evaluate_test=False)
     assert (out / CHECKPOINT).exists()
     return tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
 

@@ -399,6 +399,74 @@ def cmd_origin(args):
     _emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
+# ----------------------------------------------------------------------- dashboards
+def _add_dashboard(sub):
+    p = _parser("dashboard", sub, "one static HTML page per top skill neuron, and an index", """
+        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt
+        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt --top 40 --ablation ablation/rt
+    """)
+    _dashboard_options(p)
+    p.add_argument("--ablation", default=None, help="an ablation directory of the same run: its group effect")
+    p.set_defaults(func=cmd_dashboard)
+
+
+def _dashboard_options(p) -> None:
+    p.add_argument("neurons_dir", help="directory written by `tl-skill find`")
+    p.add_argument("--run", required=True, help="the run whose prompt and test examples are used")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top", type=POSITIVE, default=20, help="neurons, best predictivity first")
+    p.add_argument("--max-examples", type=NON_NEGATIVE, default=200, help="test examples (0: the run's test set)")
+    p.add_argument("--examples", type=POSITIVE, default=10, help="top and bottom examples shown per neuron")
+    p.add_argument("--ablation-mode", default="mean", choices=["mean", "zero"],
+                   help="how the single-neuron ablation removes the neuron")
+    _common(p)
+
+
+def _dashboard(args, out):
+    from .experiments.dashboard import dashboard_data
+    from .neurons import SkillNeurons
+    from .tuning import Run
+
+    run = Run.load(args.run)
+    return dashboard_data(lambda: _load(args, run.model_name), run, SkillNeurons.load(args.neurons_dir), out,
+                          top=args.top, max_examples=args.max_examples or None, n_examples=args.examples,
+                          ablation_mode=args.ablation_mode, ablation=getattr(args, "ablation", None),
+                          batch_size=args.batch_size or 32, progress=not args.quiet)
+
+
+def cmd_dashboard(args):
+    from .dashboard_html import write_dashboard
+
+    res = _dashboard(args, args.out)
+    index = write_dashboard(res, args.out)
+    lines = [f"{'neuron':>10} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
+    lines += [f"{'L%d.%d' % (r['layer'], r['neuron']):>10} {r['predictivity']:>12.4f} "
+              f"{(r['heldout_predictivity'] if r['heldout_predictivity'] is not None else float('nan')):>9.4f} "
+              f"{r['ablation_delta']:>+7.3f}" for r in res.neurons]
+    _emit({"index": str(index), "neurons": len(res.neurons)}, False, "\n".join(lines) + f"\nopen {index}")
+
+
+def _add_export(sub):
+    p = _parser("export", sub, "export skill neurons for other tools (neuronpedia: its export layout)", """
+        tl-skill export neuronpedia neurons/rt --run runs/rt/seed0 --out np_export/
+    """)
+    p.add_argument("format", choices=["neuronpedia"])
+    _dashboard_options(p)
+    p.add_argument("--model-id", default=None, help="Neuronpedia's id of the model (default: tl_skill's name)")
+    p.add_argument("--source-set", default="tlskill-mlp", help="Neuronpedia source set name (layer is prepended)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    from .neuronpedia import claim_export_dir, export_neuronpedia
+    from .tuning import Run
+
+    claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
+    res = _dashboard(args, Path(args.out) / "dashboard")  # the data, saved (and resumable) beside the export
+    files = export_neuronpedia(res, args.out, model_id=args.model_id, source_set=args.source_set)
+    _emit({"files": [str(f) for f in files]}, False, "\n".join(str(f) for f in files))
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
@@ -440,7 +508,8 @@ def cmd_demo(args):
 
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin]
+ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin,
+          _add_dashboard, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -366,3 +366,36 @@ def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
                         t, torch.nn.Parameter) else c
                 store[key] = clones[id(t)]
     return clean
+
+
+# ----------------------------------------------------------------------------- weights read directly
+def mlp_out_vectors(model: HookedRootModule, layer: int) -> torch.Tensor:
+    """W_out of one layer as [d_mlp, d_model]: neuron i adds `activation_i * row i` to the residual stream."""
+    if not is_bridge(model):
+        return model.blocks[layer].mlp.W_out.detach()
+    out = hf_module(mlp_projections(model.blocks[layer])["out"])
+    if type(out).__name__ == "Conv1D":  # GPT-2 stores [d_mlp, d_model]
+        return out.weight.detach()
+    return out.weight.detach().T
+
+
+def final_norm(model: HookedRootModule) -> tuple[bool, torch.Tensor, float]:
+    """(centres?, gain [d_model], eps) of the final normalisation: LayerNorm centres, RMSNorm does not.
+
+    The normalised stream is `(x - centre) / sqrt(mean((x - centre)^2) + eps) * gain (+ bias)`.
+    Gemma's RMSNorm multiplies by `1 + weight`.
+    """
+    if not is_bridge(model):
+        kind = getattr(model.cfg, "normalization_type", "LN") or "LN"
+        if kind not in ("LN", "RMS"):
+            raise UnsupportedModelError(f"final normalisation {kind!r} (weights folded in) is not supported here")
+        ln = model.ln_final
+        return kind == "LN", ln.w.detach(), float(model.cfg.eps)
+    ln = hf_module(model.ln_final)
+    weight = ln.weight.detach()
+    eps = float(getattr(ln, "eps", getattr(ln, "variance_epsilon", 1e-5)))
+    if isinstance(ln, torch.nn.LayerNorm):
+        return True, weight, eps
+    if "gemma" in type(ln).__name__.lower():
+        return False, 1.0 + weight, eps
+    return False, weight, eps

@@ -133,6 +133,11 @@ def write_report(out: str | Path) -> Path:
     md += ["", f"**{abl.verdict().sentence}**", ""]
     if "ablation" in figs:
         md += ["![ablation](ablation/ablation.png)", ""]
+    if (out / "dashboard" / "index.html").exists():
+        md += ["## Neuron dashboards", "",
+               "What each top neuron does: activations by class, top and bottom examples with token-level "
+               "activations, direct effect on the label words, accuracy without it: "
+               "[dashboard/index.html](dashboard/index.html).", ""]
     if demo is not None and demo.timings:
         md += ["## Timings", "", "| phase | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in demo.timings.items()]
@@ -188,4 +193,5 @@ def _inline(s: str) -> str:
 
     s = html.escape(s)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"\[([^\]]+?)\]\(([^)\s]+?)\)", r'<a href="\2">\1</a>', s)  # relative links (the dashboard)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)

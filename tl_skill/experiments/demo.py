@@ -22,7 +22,9 @@ from ..find import load_or_find, trace_activations
 from ..models import load_model
 from ..tasks import load_task, subsample
 from ..tuning import TuneConfig, tune
+from ..dashboard_html import write_dashboard
 from .ablation import ablation_experiment
+from .dashboard import dashboard_data
 from .results import Result
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class DemoConfig:
     ablation_seeds: int = 2
     ablation_examples: int = 300
     top: int = 10
+    dashboard_top: int = 10
+    dashboard_examples: int = 100
     batch_size: int = 32
 
     @classmethod
@@ -72,7 +76,7 @@ class DemoConfig:
         return cls(quick=True, tune=TuneConfig(prompt_length=8, steps=30, eval_every=15, max_train_examples=480,
                                                max_dev_examples=100, max_test_examples=200),
                    find_train_examples=300, find_dev_examples=200, ablation_fractions=(0.02, 0.2),
-                   ablation_seeds=1, ablation_examples=150, **kw)
+                   ablation_seeds=1, ablation_examples=150, dashboard_top=5, dashboard_examples=60, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,6 +161,14 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dty
         last = abl.rows[-1]
         ph.summary = (f"at {last['fraction']:.0%}: skill {last['skill_accuracy']:.3f} vs random "
                       f"{last['random_accuracy']:.3f} (clean {last['clean_accuracy']:.3f})")
+    with _phase("dashboards", cb) as ph:
+        dash = dashboard_data(model, run, sn, out / "dashboard", top=cfg.dashboard_top,
+                              max_examples=cfg.dashboard_examples, ablation=abl, batch_size=cfg.batch_size,
+                              progress=progress)
+        index = write_dashboard(dash, out / "dashboard")
+        worst = min(dash.neurons, key=lambda r: r["ablation_delta"])
+        ph.summary = (f"{len(dash.neurons)} neuron pages in {index.parent.name}/; alone, L{worst['layer']}."
+                      f"{worst['neuron']} costs the most ({worst['ablation_delta']:+.3f})")
     with _phase("report", cb) as ph:
         path = write_report(out)
         ph.summary = str(path)

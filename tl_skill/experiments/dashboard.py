@@ -1,0 +1,299 @@
+"""Neuron dashboards: what each selected skill neuron does (the data; `tl_skill.dashboard_html` draws it).
+
+For the top skill neurons of a task, on the run's test examples (the runner's
+`evaluation_task`), `dashboard_data` measures in one pass over the examples:
+
+- each neuron's activation at its best prompt position on every example, by
+  class, with its baseline, predictivity, p/q-values and held-out predictivity;
+- the top- and bottom-activating examples with their label and the prompted
+  model's prediction, and the neuron's activation at every position of those
+  examples (input tokens and prompt positions);
+- its direct effect on the label words: its output direction `W_out[i]`
+  through the final normalisation with the scale frozen at each example's
+  prediction position (TransformerLens' direct-logit-attribution convention:
+  LayerNorm centres the direction, RMSNorm does not) onto the label words'
+  unembedding rows: the logit of each label word per unit of activation at the
+  prediction position, averaged over examples, and the mean contribution there;
+- the accuracy change when this neuron alone is mean-ablated (or zeroed): one
+  runner condition per neuron, beside the group effect of the ablation experiment.
+
+`DashboardResult` holds all of it (`save`/`load`); the HTML is only drawn from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import compat
+from ..files import claim_dir, tensor_digest
+from ..models import model_spec
+from ..neurons import SkillNeurons, check_neurons_for_run
+from ..perturb import Perturbation
+from ..prompt import class_logits, iterate_batches, layout_for
+from ..tuning import Run
+from .ablation import AblationResult
+from .results import Result
+from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
+
+log = logging.getLogger(__name__)
+
+DASHBOARD_JSON = "dashboard.json"
+ABLATION_MODES = ("mean", "zero")
+
+
+class DashboardError(ValueError):
+    """Bad dashboard arguments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardResult(Result):
+    """Everything a neuron dashboard shows; saved as `dashboard.json` + `dashboard.safetensors`.
+
+    `activations[e, k]` is neuron k's activation at its best prompt position on example e
+    (the eval set's order), `labels[e]` / `predictions[e]` its class and the prompted model's.
+    """
+
+    FILE = DASHBOARD_JSON
+
+    model: str
+    task: str
+    run: str
+    label_names: list[str]
+    label_words: list[str]
+    neurons: list[dict[str, Any]]
+    activations: torch.Tensor
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    clean_accuracy: float
+    ablation_mode: str = "mean"
+    n_examples: int = 0
+    group_effect: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, DashboardResult):
+            return NotImplemented
+        return self.to_dict() == other.to_dict() and all(
+            torch.equal(getattr(self, n), getattr(other, n)) for n in ("activations", "labels", "predictions"))
+
+
+def _tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([int(t)]) for t in ids]
+
+
+def direct_effect_per_unit(model, verbalizer, layer: int, neuron: int,
+                           scales: torch.Tensor) -> torch.Tensor:
+    """Logit of each label word per unit of the neuron's activation at the prediction position, per example.
+
+    Args:
+        scales: the final normalisation's scale at each example's prediction position [N].
+
+    Returns:
+        [N, n_classes] (float64).
+    """
+    centre, gain, _ = compat.final_norm(model)
+    v = compat.mlp_out_vectors(model, layer)[neuron].double().cpu()
+    if centre:
+        v = v - v.mean()
+    W, _ = compat.unembedding(model)
+    rows = W[verbalizer.token_ids.to(W.device)].detach().double().cpu()  # [C, d_model]
+    per_unit = rows @ (v * gain.detach().double().cpu())  # [C]: before dividing by the scale
+    return per_unit[None, :] / scales.double().cpu()[:, None]
+
+
+def logit_lens(model, layer: int, neuron: int, k: int = 10, bins: int = 30) -> dict[str, Any]:
+    """The tokens the neuron's output direction promotes and suppresses most (through the final norm's gain).
+
+    Values are logits per unit of activation before the norm's scale (which divides them all alike).
+    """
+    centre, gain, _ = compat.final_norm(model)
+    v = compat.mlp_out_vectors(model, layer)[neuron].float()
+    if centre:
+        v = v - v.mean()
+    W, _ = compat.unembedding(model)
+    logits = (W.detach().float() @ (v * gain.float()).to(W.device)).cpu()
+    order = torch.sort(logits, stable=True).indices
+    pos, neg = order.flip(0)[:k].tolist(), order[:k].tolist()
+    heights, edges = np.histogram(logits.numpy(), bins)
+    return {"pos_str": _tokens(model.tokenizer, pos), "pos_values": [float(logits[i]) for i in pos],
+            "neg_str": _tokens(model.tokenizer, neg), "neg_values": [float(logits[i]) for i in neg],
+            "hist_heights": heights.tolist(), "hist_values": ((edges[:-1] + edges[1:]) / 2).tolist()}
+
+
+def _norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
+    x = x.double()
+    if centre:
+        x = x - x.mean(-1, keepdim=True)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+
+@torch.no_grad()
+def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size: int, progress: bool):
+    """One pass: every chosen neuron's activation at every position, prediction-position scales, predictions."""
+    spec = model_spec(model)
+    layout = layout_for(model, prompt.length, es.max_input_tokens, es.padding_side)
+    centre, _, eps = compat.final_norm(model)
+    n = len(es.task[es.split])
+    by_layer: dict[int, list[int]] = {}
+    for k, (l, i) in enumerate(chosen):
+        by_layer.setdefault(l, []).append(k)
+    seqs: list[dict] = [None] * n  # per example: token ids, prompt mask, [T, K] activations
+    scales = torch.zeros(n, dtype=torch.float64)
+    preds = np.zeros(n, dtype=np.int64)
+    device = compat.model_device(model)
+    grabbed: dict[str, torch.Tensor] = {}
+
+    def grab_layer(l):
+        idx = torch.tensor([chosen[k][1] for k in by_layer[l]], device=device)
+
+        def hook(act, hook):
+            compat.check_hook_width(act, spec.d_mlp, compat.mlp_post_hook(l), DashboardError)
+            grabbed[f"mlp{l}"] = act[..., idx].detach().float().cpu()
+
+        return hook
+
+    def grab_norm(x, hook):
+        grabbed["norm_in"] = x.detach()
+
+    hooks = [(compat.mlp_post_hook(l), grab_layer(l)) for l in sorted(by_layer)]
+    norm_hook = "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else \
+        f"blocks.{spec.n_layers - 1}.hook_resid_post"
+    hooks.append((norm_hook, grab_norm))
+    bar = tqdm(total=n, desc="dashboard: trace", disable=not progress, leave=False, unit="ex")
+    for idx, batch in iterate_batches(layout, es.task, es.split, batch_size):
+        batch = batch.to(device)
+        logits = class_logits(model, batch, es.verbalizer, prompt.to(device), hooks)
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+        rows = torch.arange(len(idx), device=batch.pred_pos.device)
+        scales[torch.as_tensor(idx)] = _norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
+        acts = torch.zeros(*batch.input_ids.shape, len(chosen))
+        for l, ks in by_layer.items():
+            acts[..., ks] = grabbed[f"mlp{l}"]
+        is_prompt = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        is_prompt[torch.arange(len(idx))[:, None], batch.prompt_positions().cpu()] = True
+        mask = batch.attention_mask.bool().cpu()
+        for r, e in enumerate(idx):
+            keep = mask[r]
+            seqs[int(e)] = {"ids": batch.input_ids[r].cpu()[keep].tolist(), "prompt": is_prompt[r][keep].tolist(),
+                            "acts": acts[r][keep],  # padding dropped: positions of the real sequence
+                            "pred_pos": int(batch.pred_pos[r]) - int((~keep[:int(batch.pred_pos[r])]).sum())}
+        bar.update(len(idx))
+    bar.close()
+    return seqs, scales, preds
+
+
+def dashboard_data(
+    model: ModelOrLoader, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path | None = None,
+    top: int = 20, max_examples: int | None = 200, n_examples: int = 10, ablation_mode: str = "mean",
+    ablation: AblationResult | str | Path | None = None, batch_size: int = 32, progress: bool = True,
+) -> DashboardResult:
+    """The data of the top `top` skill neurons' dashboards (module docstring).
+
+    Args:
+        model: the model, or a function returning it (called once `out` has been accepted).
+        out: directory for `dashboard.json`/`.safetensors` and the single-neuron ablations
+            (`conditions/`); refused before any work if it holds anything else.
+        max_examples: test examples of the run (`runner.evaluation_task`).
+        n_examples: top- and bottom-activating examples shown per neuron.
+        ablation_mode: "mean" (the neuron's baseline) or "zero".
+        ablation: the ablation experiment of the same run and neurons, for the group effect.
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
+    check_neurons_for_run(run, neurons, None, DashboardError)
+    if top < 1 or n_examples < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
+        raise DashboardError(f"top, n_examples, batch_size and max_examples must be >= 1 "
+                             f"(got {top}, {n_examples}, {batch_size}, {max_examples})")
+    if ablation_mode not in ABLATION_MODES:
+        raise DashboardError(f"ablation_mode must be one of {ABLATION_MODES}, got {ablation_mode!r}")
+    if ablation is not None and not isinstance(ablation, AblationResult):
+        ablation = AblationResult.load(ablation)
+    if ablation is not None and (ablation.run != str(run.path) or ablation.task != run.task_name):
+        log.warning("the ablation result %s is of run %s; its group effect is shown as it is", ablation.run, run.path)
+    identity = {"model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
+                "neurons": tensor_digest(neurons.predictivity), "top": top, "test_examples": max_examples,
+                "n_examples": n_examples, "ablation_mode": ablation_mode}
+    if out is not None:
+        out = claim_dir(out, "dashboard", identity)
+    model = resolve_model(model)
+    spec = model_spec(model)
+    check_neurons_for_run(run, neurons, spec.name, DashboardError)
+    es = EvalSet.of_run(run, model, max_examples)
+    labels = es.task.labels("test")
+    chosen_rows = neurons.top(top)
+    chosen = [(r["layer"], r["neuron"]) for r in chosen_rows]
+    seqs, scales, preds = _trace(model, es, run.prompt, chosen, batch_size, progress)
+    n = len(seqs)
+    # activation at the best prompt position: the prompt positions of each example, in order
+    best = torch.zeros(n, len(chosen))
+    for e, s in enumerate(seqs):
+        where = [t for t, p in enumerate(s["prompt"]) if p]
+        for k, r in enumerate(chosen_rows):
+            best[e, k] = s["acts"][where[r["position"]], k]
+
+    # single-neuron ablations (and the clean condition) through the runner
+    conds = [Condition("clean", {"perturbation": None}, run.prompt)]
+    for l, i in chosen:
+        def hooks(m, l=l, i=i):
+            return Perturbation(m, [(l, i)], ablation_mode, skill=neurons).fwd_hooks()
+
+        conds.append(Condition(f"L{l}.{i}", {"perturbation": {"mode": ablation_mode, "neuron": [l, i]}},
+                               run.prompt, hooks))
+    results = run_conditions(conds, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
+                             batch_size=batch_size, progress=progress, desc="dashboard: single-neuron ablations")
+    clean = results["clean"]
+
+    p = neurons.p_value() if neurons.has_counts() else None
+    q = neurons.q_value() if neurons.has_counts() else None
+    held = neurons.heldout_predictivity() if neurons.has_counts("confirm") else None
+    slot = {l: s for s, l in enumerate(neurons.layers)}
+    rows_out = []
+    for k, (r, (l, i)) in enumerate(zip(chosen_rows, chosen)):
+        order = torch.sort(best[:, k].double(), stable=True).indices
+        picks = {"top": order.flip(0)[:n_examples].tolist(), "bottom": order[:n_examples].tolist()}
+        effect = direct_effect_per_unit(model, es.verbalizer, l, i, scales)  # [N, C]
+        at_pred = torch.tensor([float(s["acts"][s["pred_pos"], k]) for s in seqs], dtype=torch.float64)
+        abl = results[f"L{l}.{i}"]
+        rows_out.append({
+            **r, "baseline": float(neurons.baseline[:, slot[l], r["position"], i].double().mean()),
+            "p_value": None if p is None else float(p[slot[l], i]),
+            "q_value": None if q is None else float(q[slot[l], i]),
+            "heldout_predictivity": None if held is None else float(held[slot[l], i]),
+            "hook_name": compat.mlp_post_hook(l),
+            "direct_effect_per_unit": effect.mean(0).tolist(),
+            "direct_effect_mean": (effect * at_pred[:, None]).mean(0).tolist(),
+            "activation_at_prediction_mean": float(at_pred.mean()),
+            "logit_lens": logit_lens(model, l, i),
+            "ablated_accuracy": abl.accuracy, "ablation_delta": abl.accuracy - clean.accuracy,
+            "ablation_changed": int(sum(a != b for a, b in zip(abl.correct, clean.correct))),
+            "examples": {side: [{"index": int(e), "label": int(labels[e]), "prediction": int(preds[e]),
+                                 "value": float(best[e, k]),
+                                 "tokens": _tokens(model.tokenizer, seqs[e]["ids"]),
+                                 "is_prompt": seqs[e]["prompt"],
+                                 "values": [float(v) for v in seqs[e]["acts"][:, k]]}
+                                for e in idx] for side, idx in picks.items()},
+        })
+    group = []
+    if ablation is not None:
+        group = [{"fraction": row["fraction"], "n_neurons": row["n_neurons"],
+                  "delta": None if row["skill_accuracy"] is None else row["skill_accuracy"] - row["clean_accuracy"],
+                  "random_delta": None if row["random_accuracy"] is None
+                  else row["random_accuracy"] - row["clean_accuracy"]} for row in ablation.rows]
+    result = DashboardResult(
+        model=spec.name, task=run.task_name, run=str(run.path), label_names=list(neurons.label_names),
+        label_words=list(neurons.label_words), neurons=rows_out, activations=best,
+        labels=torch.tensor(np.asarray(labels), dtype=torch.long), predictions=torch.tensor(preds, dtype=torch.long),
+        clean_accuracy=clean.accuracy, ablation_mode=ablation_mode, n_examples=n, group_effect=group,
+        settings={**identity, "batch_size": batch_size})
+    result = DashboardResult(**{**result.to_dict(), "activations": best, "labels": result.labels,
+                                "predictions": result.predictions})
+    if out is not None:
+        result.save(out)
+    return result

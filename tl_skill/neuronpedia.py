@@ -1,0 +1,122 @@
+"""Neuronpedia export of skill neurons: the layout of Neuronpedia's own exporter, for a self-hosted instance.
+
+`export_neuronpedia(dashboard, out)` writes, for each layer holding selected
+neurons, `out/<model>/<layer>-<source set>/features/batch-0.jsonl.gz` and
+`activations/batch-0.jsonl.gz`: one JSON object per line with the fields
+Neuronpedia's `Feature` and `Activation` records have (those its
+convert-to-export utility writes). The mapping:
+
+- a feature is one MLP neuron: `layer` = the source id `<layer>-<source set>`,
+  `index` = the neuron's index, `hookName` = `blocks.<l>.mlp.hook_post`;
+- `freq_hist_data_bar_*`: the histogram of the neuron's activation at its best
+  prompt position over the dashboard's test examples; `frac_nonzero`: the
+  share of those examples above the neuron's baseline (skill neurons are dense:
+  this replaces an SAE latent's firing rate);
+- `pos_str`/`neg_str` and `logits_hist_data_bar_*`: the logit lens of the
+  neuron's output direction through the final norm's gain (per unit activation);
+- an activation record per top and bottom example: its tokens (prompt positions
+  written `⟨P1⟩`...), the neuron's value at every position, `maxValue`,
+  `maxValueTokenIndex`, `minValue`; `qualifyingTokenIndex` is the best prompt
+  position, where predictivity is measured.
+
+Limits: no steering vector (`hasVector` false), no correlated neurons, no
+explanations; Neuronpedia expects a model id it knows (pass `model_id`);
+`creatorId` is a placeholder to be replaced by the importing instance's user.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import claim_dir
+
+FEATURE_FIELDS = (
+    "modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector", "vectorLabel",
+    "vectorDefaultSteerStrength", "hookName", "topkCosSimIndices", "topkCosSimValues", "neuron_alignment_indices",
+    "neuron_alignment_values", "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_pearson",
+    "correlated_neurons_l1", "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1",
+    "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_heights",
+    "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+    "decoder_weights_dist")
+ACTIVATION_FIELDS = (
+    "id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId",
+    "dataSource", "dataIndex", "dfaValues", "dfaTargetIndex", "dfaMaxValue", "createdAt", "lossValues",
+    "logitContributions", "binMin", "binMax", "binContains", "qualifyingTokenIndex")
+
+
+def _write_gz_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), compresslevel=5))
+    tmp.replace(path)
+    return path
+
+
+def claim_export_dir(out: str | Path, model_id: str, source_set: str) -> Path:
+    """Accept `out` for this export (new, empty, or the same export) or refuse it, before any work."""
+    return claim_dir(out, "neuronpedia-export", {"model_id": model_id, "source_set": source_set})
+
+
+def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, source_set: str = "tlskill-mlp",
+                       creator_id: str = "tl-skill-export", bins: int = 30) -> list[Path]:
+    """Write `dashboard`'s neurons (a `DashboardResult`) in Neuronpedia's export layout; returns the files."""
+    model_id = model_id or dashboard.model
+    out = claim_export_dir(out, model_id, source_set)
+    created = datetime.now(timezone.utc).isoformat()
+    by_layer: dict[int, tuple[list, list]] = {}
+    for k, row in enumerate(dashboard.neurons):
+        source = f"{row['layer']}-{source_set}"
+        values = dashboard.activations[:, k].numpy().astype(float)
+        heights, edges = np.histogram(values, bins)
+        examples = row["examples"]["top"] + row["examples"]["bottom"]
+        lens = row["logit_lens"]
+        feature = {
+            "modelId": model_id, "layer": source, "index": str(row["neuron"]), "creatorId": creator_id,
+            "createdAt": created, "maxActApprox": float(values.max()), "hasVector": False, "vector": [],
+            "vectorLabel": None, "vectorDefaultSteerStrength": None, "hookName": row["hook_name"],
+            "topkCosSimIndices": [], "topkCosSimValues": [], "neuron_alignment_indices": [],
+            "neuron_alignment_values": [], "neuron_alignment_l1": [], "correlated_neurons_indices": [],
+            "correlated_neurons_pearson": [], "correlated_neurons_l1": [], "correlated_features_indices": [],
+            "correlated_features_pearson": [], "correlated_features_l1": [],
+            "neg_str": lens["neg_str"], "neg_values": lens["neg_values"],
+            "pos_str": lens["pos_str"], "pos_values": lens["pos_values"],
+            "frac_nonzero": float((values > row["baseline"]).mean()),
+            "freq_hist_data_bar_heights": heights.astype(float).tolist(),
+            "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
+            "logits_hist_data_bar_heights": [float(h) for h in lens["hist_heights"]],
+            "logits_hist_data_bar_values": lens["hist_values"], "decoder_weights_dist": [],
+        }
+        acts = []
+        for ex in examples:
+            vals = ex["values"]
+            p, tokens = 0, []
+            for tok, is_prompt in zip(ex["tokens"], ex["is_prompt"]):
+                if is_prompt:
+                    p += 1
+                tokens.append(f"⟨P{p}⟩" if is_prompt else tok)
+            prompt_at = [t for t, is_prompt in enumerate(ex["is_prompt"]) if is_prompt]
+            acts.append({
+                "id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{source}/{row['neuron']}/{ex['index']}").hex,
+                "tokens": tokens, "index": str(row["neuron"]), "layer": source, "modelId": model_id,
+                "maxValue": float(max(vals)), "maxValueTokenIndex": int(np.argmax(vals)), "minValue": float(min(vals)),
+                "values": [float(v) for v in vals], "creatorId": creator_id, "dataSource": dashboard.task,
+                "dataIndex": str(ex["index"]), "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None,
+                "createdAt": created, "lossValues": [], "logitContributions": None, "binMin": None, "binMax": None,
+                "binContains": None, "qualifyingTokenIndex": prompt_at[row["position"]],
+            })
+        feats, activations = by_layer.setdefault(row["layer"], ([], []))
+        feats.append(feature)
+        activations.extend(acts)
+    files = []
+    for layer, (feats, activations) in sorted(by_layer.items()):
+        base = out / model_id / f"{layer}-{source_set}"
+        files.append(_write_gz_jsonl(base / "features" / "batch-0.jsonl.gz", feats))
+        files.append(_write_gz_jsonl(base / "activations" / "batch-0.jsonl.gz", activations))
+    return files
