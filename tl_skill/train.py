@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import compat, distributed
 from .files import FileFormatError, load_state, save_state
-from .prompt import Layout, SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
+from .prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
 from .tasks import Task, column, label_array
 
 log = logging.getLogger(__name__)

@@ -193,12 +193,7 @@ def origin_study(
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise OriginError(f"unknown part(s) {bad}; choose from {list(PARTS)}" if bad else "no part to run")
-    fractions = sorted({float(f) for f in fractions})
-    if not fractions or any(not 0 < f <= 1 for f in fractions):
-        raise OriginError(f"fractions must be in (0, 1], got {fractions}")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list or len(set(seed_list)) != len(seed_list):
-        raise OriginError(f"need at least one seed and no repeats, got {seeds!r}")
+    fractions, seed_list = check_fractions_seeds(fractions, seeds, OriginError)
     if mode not in MODES:
         raise OriginError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
     if mode == "noise" and not (math.isfinite(std) and std > 0):

@@ -22,6 +22,7 @@ always a subset of the run's own test set, the same for every experiment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..files import atomic_json, jsonable, read_json, tensor_digest, FileFormatError
+from .. import compat, distributed
+from ..files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
 from ..prompt import SoftPrompt, Verbalizer
 from ..tasks import Task, subsample
 from ..train import evaluate
@@ -85,13 +86,18 @@ class EvalSet:
         return cls(evaluation_task(run, max_examples, task), run.verbalizer(model), "test",
                    cfg.max_input_tokens, cfg.padding_side)
 
-    def identity(self) -> dict[str, Any]:
+    @functools.cached_property
+    def _identity(self) -> dict[str, Any]:
         ds = self.task[self.split]
         examples = hashlib.sha1(json.dumps([self.task.texts(self.split),
                                             self.task.labels(self.split).tolist()]).encode()).hexdigest()[:16]
         return {"task": self.task.name, "split": self.split, "n": len(ds), "examples": examples,
                 "label_words": list(self.task.spec.label_words), "max_input_tokens": self.max_input_tokens,
                 "padding_side": self.padding_side}
+
+    def identity(self) -> dict[str, Any]:
+        """The examples' task, split, count and content hash, with the layout settings."""
+        return dict(self._identity)
 
 
 HookFactory = Callable[[Any], list]  # model -> [(hook name, fn)]
@@ -199,7 +205,7 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
             model = models[cond.variant]
             es = eval_sets[cond.eval_set]
             hooks = cond.hooks(model) if cond.hooks is not None else []
-            prompt = cond.prompt.to(next(model.parameters()).device) if cond.prompt is not None else None
+            prompt = cond.prompt.to(compat.model_device(model)) if cond.prompt is not None else None
             res = evaluate(model, es.task, es.split, es.verbalizer, prompt, batch_size=batch_size,
                            max_input_tokens=es.max_input_tokens, extra_hooks=hooks, padding_side=es.padding_side)
             correct = res["predictions"] == es.task.labels(es.split)
