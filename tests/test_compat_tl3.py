@@ -340,3 +340,32 @@ def test_prompt_room_check_on_a_hooked_transformer(hooked):
         assert hooked(batch.input_ids, attention_mask=batch.attention_mask).shape[:2] == batch.input_ids.shape
     with prompt.applied(hooked), pytest.raises(ValueError, match="not prompt placeholders"):
         hooked(torch.tensor([[11, 12, 13, 14, 15]]))
+
+
+def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, tmp_path):
+    """A HookedTransformer built from a config (trainable, not from load_model) is tuned, probed and
+    perturbed; its weights and requires_grad flags are what they were."""
+    from transformers import AutoTokenizer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tl_skill import TuneConfig, evaluate, subsample, tune
+    from tl_skill.find import find_skill_neurons
+    from tl_skill.models import tiny_tokenizer_dir
+    from tl_skill.perturb import Perturbation
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=128, d_vocab=4096, n_ctx=128,
+                                  act_fn="gelu", normalization_type="LN")
+    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
+    assert all(p.requires_grad for p in model.parameters())  # as a user builds it
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = subsample(small_task, {"train": 48, "dev": 24, "test": 24})
+    run = tune(model, task, tmp_path / "run", TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=48,
+                                                          max_dev_examples=24, max_test_examples=24), progress=False)
+    sn = find_skill_neurons(model, [run], max_train_examples=48, max_eval_examples=24, progress=False)
+    assert sn.predictivity.shape == (2, 128) and 0.5 <= sn.best_predictivity <= 1
+    pert = Perturbation(model, sn.select(fraction=0.5), "zero", skill=sn)
+    acc = evaluate(model, run.load_task(), "test", run.verbalizer(model), run.prompt, extra_hooks=pert.fwd_hooks())
+    assert 0 <= acc["accuracy"] <= 1
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -96,3 +96,27 @@ def test_tuning_freezes_a_trainable_model_and_restores_it(tiny_gpt2, small_task,
             p.requires_grad_(flags[n])
     assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.named_parameters())  # weights untouched
     assert torch.equal(run.prompt.vectors, ref.prompt.vectors)  # and the same prompt as a frozen model gives
+
+
+def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, tmp_path):
+    """A TransformerBridge the user booted (parameters require grad) works without load_model."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from tl_skill import compat, subsample
+    from tl_skill.find import find_skill_neurons
+    from tl_skill.models import tiny_tokenizer_dir
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+    bridge = compat.build_bridge(hf, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()), "gpt2", device="cpu")
+    assert all(p.requires_grad for p in bridge.parameters())
+    before = {n: p.detach().clone() for n, p in bridge.named_parameters()}
+    task = subsample(small_task, {"train": 48, "dev": 24, "test": 24})
+    run = tune(bridge, task, tmp_path / "run", TuneConfig(prompt_length=4, steps=2, eval_every=2,
+                                                          max_train_examples=48, max_dev_examples=24,
+                                                          max_test_examples=24), progress=False)
+    sn = find_skill_neurons(bridge, [run], max_train_examples=48, max_eval_examples=24, progress=False)
+    assert sn.model == run.model_name and sn.predictivity.shape == (2, 128)
+    assert all(p.requires_grad for p in bridge.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in bridge.named_parameters())

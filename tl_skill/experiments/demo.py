@@ -76,7 +76,7 @@ class DemoConfig:
         return cls(quick=True, tune=TuneConfig(prompt_length=8, steps=30, eval_every=15, max_train_examples=480,
                                                max_dev_examples=100, max_test_examples=200),
                    find_train_examples=300, find_dev_examples=200, ablation_fractions=(0.02, 0.2),
-                   ablation_seeds=1, ablation_examples=150, dashboard_top=5, dashboard_examples=60, **kw)
+                   ablation_seeds=1, ablation_examples=150, dashboard_top=3, dashboard_examples=40, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
