@@ -120,3 +120,4 @@ def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, t
     assert sn.model == run.model_name and sn.predictivity.shape == (2, 128)
     assert all(p.requires_grad for p in bridge.parameters())
     assert all(torch.equal(p, before[n]) for n, p in bridge.named_parameters())
+    assert not hasattr(bridge, "_tl_skill_spec")  # nothing of tl_skill's left on the user's model

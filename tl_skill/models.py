@@ -370,8 +370,7 @@ def model_spec(model) -> ModelSpec:
             architecture=str(getattr(cfg, "original_architecture", None) or "HookedTransformer"),
             gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
         )
-    model._tl_skill_spec = spec
-    return spec
+    return spec  # not cached on the model: a user's model is left as it was
 
 
 def spec_json(spec: ModelSpec) -> str:
