@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from tl_skill import SoftPrompt, Verbalizer, class_logits, compat, layout_for, load_model, load_task  # noqa: E402
 from tl_skill import model_spec  # noqa: E402
+from tl_skill.prefix import class_logits_cached  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,6 +117,18 @@ def main(argv=None) -> dict:
         ours_opt.step()
         return loss.item()
 
+    # tl_skill with the prefix cache: the input once without grad, the prompt against its keys/values
+    cached_prompt = SoftPrompt.from_vocab(model, P, seed=0).to(device)
+    cached_opt = torch.optim.AdamW(cached_prompt.parameters(), lr=args.lr)
+
+    def cached_step() -> float:
+        logits = class_logits_cached(model, ours_batch, verbalizer, cached_prompt)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        cached_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        cached_opt.step()
+        return loss.item()
+
     # PEFT: prompt + input, the same input tokens, left-padded the same way
     plain = layout_for(model, 0, args.max_input_tokens).encode(texts).to(device)
     # PEFT gets a plain Hugging Face copy of the same weights (no bridge wrappers around
@@ -159,17 +172,20 @@ def main(argv=None) -> dict:
 
     for _ in range(args.warmup):
         ours_step()
+        cached_step()
         peft_step()
-    ours_t, peft_t, ours_loss, peft_loss = [], [], [], []
+    ours_t, peft_t, cached_t, ours_loss, peft_loss, cached_loss = [], [], [], [], [], []
     for _ in range(args.steps):
         t, l = _timed(ours_step, device)
         ours_t.append(t), ours_loss.append(l)
+        t, l = _timed(cached_step, device)
+        cached_t.append(t), cached_loss.append(l)
         t, l = _timed(peft_step, device)
         peft_t.append(t), peft_loss.append(l)
     # the hooks of class_logits are gone and the backbone is untouched by either side
     assert all(p.grad is None for p in hf.parameters()) and all(p.grad is None for p in plain_hf.parameters())
 
-    ours_med, peft_med = statistics.median(ours_t), statistics.median(peft_t)
+    ours_med, peft_med, cached_med = statistics.median(ours_t), statistics.median(peft_t), statistics.median(cached_t)
     result = {
         "model": args.model, "device": str(device), "dtype": str(compat.model_dtype(model)),
         "batch_size": B, "prompt_length": P, "sequence_length": seq_ours, "steps": args.steps,
@@ -177,6 +193,10 @@ def main(argv=None) -> dict:
         "tl_skill_step_seconds": ours_t, "peft_step_seconds": peft_t,
         "tl_skill_median_seconds": ours_med, "peft_median_seconds": peft_med,
         "ratio_tl_skill_over_peft": ours_med / peft_med,
+        "cached_step_seconds": cached_t, "cached_median_seconds": cached_med,
+        "ratio_cached_vs_peft": cached_med / peft_med, "ratio_cached_vs_uncached": cached_med / ours_med,
+        # the same start and the same batch: the two tl_skill sides follow the same losses
+        "cached_loss_max_abs_difference": max(abs(a - b) for a, b in zip(ours_loss, cached_loss)),
         "tl_skill_loss_first_last": [ours_loss[0], ours_loss[-1]],
         "peft_loss_first_last": [peft_loss[0], peft_loss[-1]],
         "versions": {k: _version(k) for k in ("torch", "transformers", "transformer-lens", "peft")},
@@ -185,9 +205,11 @@ def main(argv=None) -> dict:
     }
     print()
     print(f"{'':<10} {'median s/step':>14} {'min':>9} {'max':>9}")
-    for name, ts in (("tl_skill", ours_t), ("peft", peft_t)):
+    for name, ts in (("tl_skill", ours_t), ("cached", cached_t), ("peft", peft_t)):
         print(f"{name:<10} {statistics.median(ts):>14.4f} {min(ts):>9.4f} {max(ts):>9.4f}")
-    print(f"ratio tl_skill / PEFT: {result['ratio_tl_skill_over_peft']:.3f}")
+    print(f"ratio tl_skill / PEFT: {result['ratio_tl_skill_over_peft']:.3f}; cached / PEFT: "
+          f"{result['ratio_cached_vs_peft']:.3f}; cached / uncached: {result['ratio_cached_vs_uncached']:.3f} "
+          f"(prompt length {P})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

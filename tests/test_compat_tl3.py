@@ -369,3 +369,15 @@ def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, 
     assert 0 <= acc["accuracy"] <= 1
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_hooked_transformer_keeps_the_full_pass_for_the_prefix_cache(hooked, small_task):
+    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for
+    from tl_skill.prefix import class_logits_cached
+
+    assert not compat.prefix_cache_supported(hooked)
+    batch = layout_for(hooked, 4, 24).encode(small_task.texts("train")[:5], small_task.labels("train")[:5])
+    v = Verbalizer(hooked.tokenizer, small_task.spec.label_words)
+    prompt = SoftPrompt.from_vocab(hooked, 4, seed=0)
+    with torch.no_grad():
+        assert torch.equal(class_logits_cached(hooked, batch, v, prompt), class_logits(hooked, batch, v, prompt))

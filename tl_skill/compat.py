@@ -399,3 +399,31 @@ def final_norm(model: HookedRootModule) -> tuple[bool, torch.Tensor, float]:
     if "gemma" in type(ln).__name__.lower():
         return False, 1.0 + weight, eps
     return False, weight, eps
+
+
+# ----------------------------------------------------------------------------- key/value cache
+def prefix_cache_supported(model: HookedRootModule) -> bool:
+    """Whether `model` can run a causal prefix once and continue from its keys/values (a bridge over a
+    causal LM whose attention components update a Hugging Face cache); HookedTransformer is not (yet)."""
+    if not is_bridge(model) or _is_masked_lm(hf_model_of(model)):
+        return False
+    attn = getattr(model.blocks[0], "attn", None)
+    return callable(getattr(attn, "_update_kv_cache", None))
+
+
+def new_kv_cache():
+    """An empty Hugging Face key/value cache."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache):
+    """`forward` that reads and extends `cache` (attention over the cached positions, then the new ones).
+
+    The cache is handed over under both names bridge attention components read it by: on
+    transformers 5.x the model passes it down as `cache`, which TransformerLens 4.3's
+    components do not look for, and `layer_past`, which they do.
+    """
+    return model(input_ids, attention_mask=attention_mask, past_key_values=cache, layer_past=cache,
+                 return_type="logits")

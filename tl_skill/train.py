@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import compat, distributed
 from .files import FileFormatError, load_state, save_state
+from .prefix import class_logits_cached
 from .prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
 from .tasks import Task, column, label_array
 
@@ -142,7 +143,8 @@ def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, torch.nn.Parameter], cfg, *,
                prompt: SoftPrompt | None = None, out: Path | None = None, evaluate_dev: bool = True,
-               progress: bool = True, desc: str = "train", ddp: Callable | None = None) -> dict[str, Any]:
+               progress: bool = True, desc: str = "train", ddp: Callable | None = None,
+               prefix_cache: bool = False) -> dict[str, Any]:
     """Train `params` of `model` on `data`'s train split, selecting by dev accuracy (module docstring).
 
     Args:
@@ -156,6 +158,10 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
         evaluate_dev: without dev evaluations the last step's parameters are kept.
         ddp: under torchrun, a callable `(batch, global batch size) -> loss` that averages the
             gradient over processes (`distributed.prompt_data_parallel`).
+        prefix_cache: run each batch's input once without grad and only the prompt positions
+            with grad against its cached keys/values (`prefix.class_logits_cached`; causal
+            bridges with a prompt, one process; elsewhere the full pass). The same loss and
+            gradient: it is not part of any run's identity.
 
     Returns:
         The loop state: `history` (one entry per step, with `dev_accuracy` at evaluations),
@@ -237,7 +243,8 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
             idx = train_batch_indices(step, cfg.batch_size, len(train_tokens), cfg.seed)
             if ddp is None:
                 batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
-                logits = class_logits(model, batch, verbalizer, prompt)
+                forward = class_logits_cached if prefix_cache else class_logits
+                logits = forward(model, batch, verbalizer, prompt)
                 loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
                 batch_loss = loss.detach()
             else:  # this process's part of the global batch; the logged loss is the global mean

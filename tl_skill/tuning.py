@@ -188,7 +188,7 @@ def claim_run_dir(out: str | Path, model_name: str, task: Task, cfg: TuneConfig,
 
 def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
          progress: bool = True, evaluate_test: bool = True,
-         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True) -> Run:
+         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True, prefix_cache: bool = False) -> Run:
     """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
 
     Any `HookedRootModule` works, also one whose parameters require grad (a
@@ -201,6 +201,9 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     saved prompt is the last step's and `dev_accuracy` is None. Short tunings
     whose only dev check would be at their last step (the transfer study's)
     get the same prompt for less work.
+
+    `prefix_cache=True` computes each step's input positions once without grad and only the
+    prompt positions with grad (`train.train_loop`); the same loss and gradient, to float rounding.
 
     Reruns with the same directory resume from the last checkpoint, or return
     the finished run at once; a directory holding anything else is refused
@@ -239,7 +242,8 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         atomic_json(out / RUN_JSON, info)
     try:
         state = train_loop(model, data, verbalizer, {"prompt": prompt.vectors}, cfg, prompt=prompt, out=out,
-                           evaluate_dev=evaluate_dev, progress=progress, desc=f"tune {task.spec.name}", ddp=ddp)
+                           evaluate_dev=evaluate_dev, progress=progress, desc=f"tune {task.spec.name}", ddp=ddp,
+                           prefix_cache=prefix_cache)
     except TrainingError as exc:
         raise RunError(str(exc)) from None
     if distributed.is_main():

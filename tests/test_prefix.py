@@ -1,0 +1,85 @@
+"""Prefix-cached logits (prefix.py): the input run once, the prompt against its keys/values, the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_skill import SoftPrompt, TuneConfig, Verbalizer, class_logits, layout_for, tune
+from tl_skill import compat
+from tl_skill.perturb import Perturbation
+from tl_skill.prefix import class_logits_cached
+
+TOL = dict(rtol=1e-5, atol=1e-6)  # float32, relative to the values compared
+
+
+def _batch(model, task, side, n=7, P=4):
+    layout = layout_for(model, P, 24, side)
+    return layout.encode(task.texts("train")[:n], task.labels("train")[:n])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_logits_and_prompt_gradient_equal_the_full_pass(name, side, small_task):
+    from tl_skill import load_model
+
+    model = load_model(name, device="cpu")
+    v = Verbalizer(model.tokenizer, small_task.spec.label_words)
+    batch = _batch(model, small_task, side)
+    assert compat.prefix_cache_supported(model)
+    full_p = SoftPrompt.from_vocab(model, 4, seed=1)
+    cached_p = SoftPrompt(full_p.vectors.detach().clone())
+    full = class_logits(model, batch, v, full_p)
+    cached = class_logits_cached(model, batch, v, cached_p)
+    torch.testing.assert_close(cached, full, **TOL)
+    full.logsumexp(-1).sum().backward()
+    cached.logsumexp(-1).sum().backward()
+    scale = full_p.vectors.grad.abs().max()
+    torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, **TOL)
+    # the input really is cached: the prompt pass sees P positions only, the input pass the rest
+    seen = []
+    with model.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: seen.append(a.shape[1]))]):
+        class_logits_cached(model, batch, v, cached_p)
+    assert seen[1] == 4 and seen[0] == int((batch.input_end - batch.input_start).max())
+
+
+@pytest.mark.parametrize("mode", ["zero", "noise"])
+def test_a_perturbation_applies_at_every_position_of_both_passes(tiny_llama, small_task, mode):
+    v = Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words)
+    batch = _batch(tiny_llama, small_task, "left")
+    batch.first_example = 5
+    prompt = SoftPrompt.from_vocab(tiny_llama, 4, seed=2)
+    mask = torch.zeros(3, 192, dtype=torch.bool)
+    mask[:, ::3] = True
+
+    def logits(fn):
+        pert = Perturbation(tiny_llama, mask, mode, std=2.0, seed=4)
+        hooks = pert.fwd_hooks()
+        hooks[0][1].start_batch(batch.first_example)  # as evaluate does before each batch
+        with torch.no_grad():
+            return fn(tiny_llama, batch, v, prompt, hooks)
+
+    full, cached = logits(class_logits), logits(class_logits_cached)
+    torch.testing.assert_close(cached, full, **TOL)
+    with torch.no_grad():
+        assert not torch.allclose(class_logits(tiny_llama, batch, v, prompt), full)  # the hooks did something
+
+
+def test_tuning_with_the_prefix_cache_gives_the_same_prompt(tiny_gpt2, small_task, tmp_path):
+    cfg = TuneConfig(prompt_length=4, steps=4, eval_every=2, batch_size=8, max_train_examples=48,
+                     max_dev_examples=24, max_test_examples=24, max_input_tokens=24)
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
+    cached = tune(tiny_gpt2, small_task, tmp_path / "cached", cfg, progress=False, evaluate_test=False,
+                  prefix_cache=True)
+    torch.testing.assert_close(cached.prompt.vectors, full.prompt.vectors, rtol=1e-4, atol=1e-6)
+    assert [h["loss"] for h in cached.info["history"]] == pytest.approx([h["loss"] for h in full.info["history"]],
+                                                                        rel=1e-5)
+
+
+def test_masked_lms_keep_the_full_pass(tiny_bert, small_task):
+    assert not compat.prefix_cache_supported(tiny_bert)
+    v = Verbalizer(tiny_bert.tokenizer, small_task.spec.label_words)
+    batch = _batch(tiny_bert, small_task, "right")
+    prompt = SoftPrompt.from_vocab(tiny_bert, 4, seed=0)
+    with torch.no_grad():
+        assert torch.equal(class_logits_cached(tiny_bert, batch, v, prompt), class_logits(tiny_bert, batch, v, prompt))
