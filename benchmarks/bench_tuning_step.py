@@ -106,28 +106,24 @@ def main(argv=None) -> dict:
 
     # tl_skill: input + prompt, left padding (the tuning default)
     ours_batch = layout_for(model, P, args.max_input_tokens).encode(texts, labels.tolist()).to(device)
-    prompt = SoftPrompt.from_vocab(model, P, seed=0).to(device)
-    ours_opt = torch.optim.AdamW(prompt.parameters(), lr=args.lr)
+    def prompt_step(forward):
+        """One AdamW step of a fresh prompt (the same start for every side) through `forward`."""
+        prompt = SoftPrompt.from_vocab(model, P, seed=0).to(device)
+        opt = torch.optim.AdamW(prompt.parameters(), lr=args.lr)
 
-    def ours_step() -> float:
-        logits = class_logits(model, ours_batch, verbalizer, prompt)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        return loss.item()
+        def step() -> float:
+            logits = forward(model, ours_batch, verbalizer, prompt)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
 
-    # tl_skill with the prefix cache: the input once without grad, the prompt against its keys/values
-    cached_prompt = SoftPrompt.from_vocab(model, P, seed=0).to(device)
-    cached_opt = torch.optim.AdamW(cached_prompt.parameters(), lr=args.lr)
+        return step
 
-    def cached_step() -> float:
-        logits = class_logits_cached(model, ours_batch, verbalizer, cached_prompt)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        cached_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        cached_opt.step()
-        return loss.item()
+    ours_step = prompt_step(class_logits)
+    # with the prefix cache: the input once without grad, the prompt against its keys/values
+    cached_step = prompt_step(class_logits_cached)
 
     # PEFT: prompt + input, the same input tokens, left-padded the same way
     plain = layout_for(model, 0, args.max_input_tokens).encode(texts).to(device)
