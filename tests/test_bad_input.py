@@ -50,12 +50,12 @@ def _copy(src, dst):
 
 def _no_work(monkeypatch):
     """Make any model loading fail the test: refusals must come before the work."""
-    import tl_skill.cli as cli
+    import tl_skill.models
 
     def boom(*a, **k):
         raise AssertionError("the command started working before refusing its input")
 
-    monkeypatch.setattr(cli, "_load", boom)
+    monkeypatch.setattr(tl_skill.models, "load_model", boom)
 
 
 # ------------------------------------------------------------- crashes after the work

@@ -3,56 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli_args import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT,
-                       correlation_table, device_spec, format_neurons_table, layer_spec, list_of, parse_layers)
+from .cli_args import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, common_options, emit, load_model_for,
+                       subparser, correlation_table, format_neurons_table, layer_spec, list_of, parse_layers)
+from .cli_views import _add_dashboard, _add_demo, _add_export
 
 COMMANDS: dict[str, Callable] = {}
 
 
-def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
-    g = p.add_argument_group("device and precision (the same for every command)")
-    g.add_argument("--device", default=None, type=device_spec,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (statistics stay float64/int64 whatever this is)")
-    g.add_argument("--batch-size", type=POSITIVE, default=None, help="examples per forward pass")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-
-
-def _parser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help,
-                       epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    return p
-
-
-def _emit(obj, as_json: bool, text: str) -> None:
-    from .distributed import is_main
-
-    if not is_main():  # under torchrun only rank 0 prints
-        return
-    if as_json:
-        print(json.dumps(obj, indent=2, default=str))
-    else:
-        print(text)
-
-
-def _load(args, name: str):
-    from .models import load_model
-
-    return load_model(name, device=args.device, dtype=args.dtype)
-
-
 # --------------------------------------------------------------------------- tune
 def _add_tune(sub):
-    p = _parser("tune", sub, "prompt-tune a frozen model on a task (SPEC §1)", """
+    p = subparser("tune", sub, "prompt-tune a frozen model on a task (SPEC §1)", """
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt/seed0
         tl-skill tune --model tiny-gpt2 --task csv:my.csv --label-words bad,good --out runs/my --steps 50
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt --seeds 0,1,2
@@ -77,7 +42,7 @@ def _add_tune(sub):
     p.add_argument("--max-test-examples", type=POSITIVE, default=1000)
     p.add_argument("--max-input-tokens", type=POSITIVE, default=96)
     p.add_argument("--json", action="store_true", help="print run.json's metrics as JSON")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_tune)
 
 
@@ -96,7 +61,7 @@ def cmd_tune(args):
     outs = {s: Path(args.out) / f"seed{s}" if args.seeds else Path(args.out) for s in seeds}
     for s in seeds:  # every directory is checked before the model loads
         claim_run_dir(outs[s], args.model, task, TuneConfig(seed=s, **cfg), write=False)
-    model = _load(args, args.model)
+    model = load_model_for(args, args.model)
     results = {}
     for s in seeds:
         out = outs[s]
@@ -104,12 +69,12 @@ def cmd_tune(args):
         results[str(out)] = run.metrics
     lines = [f"{out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in m.items()) for out, m in results.items()]
-    _emit(results, args.json, "\n".join(lines))
+    emit(results, args.json, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------ evaluate
 def _add_evaluate(sub):
-    p = _parser("evaluate", sub, "accuracy of a tuned prompt on a split", """
+    p = subparser("evaluate", sub, "accuracy of a tuned prompt on a split", """
         tl-skill evaluate runs/rt/seed0 --split test
         tl-skill evaluate runs/rt/seed0 --split dev --json
     """)
@@ -117,7 +82,7 @@ def _add_evaluate(sub):
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--max-examples", type=POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -126,7 +91,7 @@ def cmd_evaluate(args):
     from .tuning import Run, evaluate, majority_accuracy
 
     run = Run.load(args.run_dir)
-    model = _load(args, run.model_name)
+    model = load_model_for(args, run.model_name)
     task = subsample(run.load_task(), {args.split: args.max_examples}, seed=run.info["task_seed"])
     cfg = run.config
     res = evaluate(model, task, args.split, run.verbalizer(model), run.prompt.to(next(model.parameters()).device),
@@ -134,13 +99,13 @@ def cmd_evaluate(args):
                    padding_side=cfg.padding_side, progress=not args.quiet)
     out = {"run": args.run_dir, "split": args.split, "accuracy": res["accuracy"], "n": res["n"],
            "majority_accuracy": majority_accuracy(task, args.split)}
-    _emit(out, args.json, f"{args.split} accuracy {res['accuracy']:.4f} on {res['n']} examples "
+    emit(out, args.json, f"{args.split} accuracy {res['accuracy']:.4f} on {res['n']} examples "
                           f"(majority {out['majority_accuracy']:.4f})")
 
 
 # ---------------------------------------------------------------------------- find
 def _add_find(sub):
-    p = _parser("find", sub, "find skill neurons: predictivity of every neuron (SPEC §2-§5)", """
+    p = subparser("find", sub, "find skill neurons: predictivity of every neuron (SPEC §2-§5)", """
         tl-skill find runs/rt/seed0 --out neurons/rt
         tl-skill find runs/rt/seed0 runs/rt/seed1 --out neurons/rt --top 20 --json
     """)
@@ -161,7 +126,7 @@ def _add_find(sub):
     p.add_argument("--control-seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_find)
 
 
@@ -176,18 +141,18 @@ def cmd_find(args):
     runs = [Run.load(d) for d in args.run_dirs]
     # the directory is claimed before the model loads: other runs or settings are refused at once
     sn = load_or_find(
-        lambda: _load(args, runs[0].model_name), runs, args.out, split=args.split,
+        lambda: load_model_for(args, runs[0].model_name), runs, args.out, split=args.split,
         layers=parse_layers(args.layers, _n_layers(runs[0])), positions=args.positions,
         batch_size=args.batch_size or 32, max_train_examples=args.max_train_examples or None,
         max_eval_examples=args.max_eval_examples, multiclass=args.multiclass, aggregate_runs=args.aggregate_runs,
         progress=not args.quiet, confirm_split=None if args.confirm_split == "none" else args.confirm_split,
         control=args.control, control_seed=args.control_seed)
-    _emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
+    emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
 
 
 # -------------------------------------------------------------------------- ablate
 def _add_ablate(sub):
-    p = _parser("ablate", sub, "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)", """
+    p = subparser("ablate", sub, "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)", """
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-zero --mode zero --fractions 0.01,0.1
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-rel --relative --std 1.0
@@ -206,7 +171,7 @@ def _add_ablate(sub):
     p.add_argument("--max-examples", type=NON_NEGATIVE, default=300,
                    help="test examples (0: the run's whole test set)")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_ablate)
 
 
@@ -218,7 +183,7 @@ def cmd_ablate(args):
     run = Run.load(args.run_dir)
     sn = SkillNeurons.load(args.neurons)
     res = ablation_experiment(
-        lambda: _load(args, run.model_name), run, sn, args.out, mode=args.mode, fractions=args.fractions,
+        lambda: load_model_for(args, run.model_name), run, sn, args.out, mode=args.mode, fractions=args.fractions,
         seeds=args.seeds, std=args.std, relative=args.relative, layers=parse_layers(args.layers, _n_layers(run)),
         max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
 
@@ -231,12 +196,12 @@ def cmd_ablate(args):
                      f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
                      f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}")
     lines.append(res.verdict().sentence)
-    _emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+    emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
 # --------------------------------------------------------------------------- prune
 def _add_prune(sub):
-    p = _parser("prune", sub, "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)", """
+    p = subparser("prune", sub, "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)", """
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt --keep 0.05 --layers 8-29 --retune-steps 100
     """)
@@ -250,7 +215,7 @@ def _add_prune(sub):
                    help="test examples (default, or 0: the run's test set)")
     p.add_argument("--timing-repeats", type=POSITIVE, default=5)
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -261,7 +226,7 @@ def cmd_prune(args):
 
     run = Run.load(args.run_dir)
     sn = SkillNeurons.load(args.neurons)
-    res = prune_experiment(lambda: _load(args, run.model_name), run, sn, args.out, keep=args.keep,
+    res = prune_experiment(lambda: load_model_for(args, run.model_name), run, sn, args.out, keep=args.keep,
                            layers=parse_layers(args.layers, _n_layers(run)),
                            retune_steps=args.retune_steps, max_examples=args.max_examples or None,
                            batch_size=args.batch_size or 32, progress=not args.quiet,
@@ -271,12 +236,12 @@ def cmd_prune(args):
             f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
             + (f" (re-tuned {res['accuracy_retuned']:.4f})" if res.get("accuracy_retuned") is not None else "")
             + f"\nsaved to {args.out}")
-    _emit(res.to_dict(), args.json, text)
+    emit(res.to_dict(), args.json, text)
 
 
 # ------------------------------------------------------------------ transfer, study
 def _add_transfer(sub):
-    p = _parser("transfer", sub, "task similarity and prompt transferability from skill neurons (SPEC §8)", """
+    p = subparser("transfer", sub, "task similarity and prompt transferability from skill neurons (SPEC §8)", """
         tl-skill transfer neurons/rt neurons/ws neurons/bbc --out transfer/
         tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --out transfer/ --transfer-steps 0
     """)
@@ -291,7 +256,7 @@ def _add_transfer(sub):
     p.add_argument("--max-eval-examples", type=POSITIVE, default=300)
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_transfer)
 
 
@@ -302,11 +267,11 @@ def cmd_transfer(args):
                              dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
                              top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
                              batch_size=args.batch_size, figures=not args.no_figures, progress=not args.quiet)
-    _emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
+    emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
 
 
 def _add_study(sub):
-    p = _parser("study", sub, "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)", """
+    p = subparser("study", sub, "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)", """
         tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business,bbc_news:tech-vs-politics --out study/
         tl-skill study --model tiny-gpt2 --tasks rotten_tomatoes,word_sentiment --seeds 2 --steps 20 --out tiny_study/
     """)
@@ -325,7 +290,7 @@ def _add_study(sub):
                    help="K steps of tuning from the source prompt (0: skip)")
     p.add_argument("--max-eval-examples", type=POSITIVE, default=200, help="test examples per transfer evaluation")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_study)
 
 
@@ -343,12 +308,12 @@ def cmd_study(args):
                              "max_eval_examples": args.find_eval_examples},
                 transfer_steps=args.transfer_steps, progress=not args.quiet, device=args.device, dtype=args.dtype,
                 max_eval_examples=args.max_eval_examples)
-    _emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
+    emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
 
 
 # -------------------------------------------------------------------------- origin
 def _add_origin(sub):
-    p = _parser("origin", sub, "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)", """
+    p = subparser("origin", sub, "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)", """
         tl-skill origin --model smollm2-135m --task rotten_tomatoes --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
         tl-skill origin --model tiny-gpt2 --task rotten_tomatoes --out origin/tiny --steps 20 --parts lora,bitfit
     """)
@@ -376,7 +341,7 @@ def _add_origin(sub):
     p.add_argument("--find-train-examples", type=POSITIVE, default=2000)
     p.add_argument("--find-eval-examples", type=POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_origin)
 
 
@@ -396,120 +361,12 @@ def cmd_origin(args):
         device=args.device, dtype=args.dtype, progress=not args.quiet)
     lines = [f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"
              for part, sec in res.parts().items() if "statement" in sec]
-    _emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
-
-
-# ----------------------------------------------------------------------- dashboards
-def _add_dashboard(sub):
-    p = _parser("dashboard", sub, "one static HTML page per top skill neuron, and an index", """
-        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt
-        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt --top 40 --ablation ablation/rt
-    """)
-    _dashboard_options(p)
-    p.add_argument("--ablation", default=None, help="an ablation directory of the same run: its group effect")
-    p.set_defaults(func=cmd_dashboard)
-
-
-def _dashboard_options(p) -> None:
-    p.add_argument("neurons_dir", help="directory written by `tl-skill find`")
-    p.add_argument("--run", required=True, help="the run whose prompt and test examples are used")
-    p.add_argument("--out", required=True)
-    p.add_argument("--top", type=POSITIVE, default=20, help="neurons, best predictivity first")
-    p.add_argument("--max-examples", type=NON_NEGATIVE, default=200, help="test examples (0: the run's test set)")
-    p.add_argument("--examples", type=POSITIVE, default=10, help="top and bottom examples shown per neuron")
-    p.add_argument("--ablation-mode", default="mean", choices=["mean", "zero"],
-                   help="how the single-neuron ablation removes the neuron")
-    _common(p)
-
-
-def _dashboard(args, out):
-    from .experiments.dashboard import dashboard_data
-    from .neurons import SkillNeurons
-    from .tuning import Run
-
-    run = Run.load(args.run)
-    return dashboard_data(lambda: _load(args, run.model_name), run, SkillNeurons.load(args.neurons_dir), out,
-                          top=args.top, max_examples=args.max_examples or None, n_examples=args.examples,
-                          ablation_mode=args.ablation_mode, ablation=getattr(args, "ablation", None),
-                          batch_size=args.batch_size or 32, progress=not args.quiet)
-
-
-def cmd_dashboard(args):
-    from .dashboard_html import write_dashboard
-
-    res = _dashboard(args, args.out)
-    index = write_dashboard(res, args.out)
-    lines = [f"{'neuron':>10} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
-    lines += [f"{'L%d.%d' % (r['layer'], r['neuron']):>10} {r['predictivity']:>12.4f} "
-              f"{(r['heldout_predictivity'] if r['heldout_predictivity'] is not None else float('nan')):>9.4f} "
-              f"{r['ablation_delta']:>+7.3f}" for r in res.neurons]
-    _emit({"index": str(index), "neurons": len(res.neurons)}, False, "\n".join(lines) + f"\nopen {index}")
-
-
-def _add_export(sub):
-    p = _parser("export", sub, "export skill neurons for other tools (neuronpedia: its export layout)", """
-        tl-skill export neuronpedia neurons/rt --run runs/rt/seed0 --out np_export/
-    """)
-    p.add_argument("format", choices=["neuronpedia"])
-    _dashboard_options(p)
-    p.add_argument("--model-id", default=None, help="Neuronpedia's id of the model (default: tl_skill's name)")
-    p.add_argument("--source-set", default="tlskill-mlp", help="Neuronpedia source set name (layer is prepended)")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args):
-    from .neuronpedia import claim_export_dir, export_neuronpedia
-    from .tuning import Run
-
-    claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
-    res = _dashboard(args, Path(args.out) / "dashboard")  # the data, saved (and resumable) beside the export
-    files = export_neuronpedia(res, args.out, model_id=args.model_id, source_set=args.source_set)
-    _emit({"files": [str(f) for f in files]}, False, "\n".join(str(f) for f in files))
-
-
-# ---------------------------------------------------------------------------- demo
-def _add_demo(sub):
-    p = _parser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
-        tl-skill demo                       # SmolLM2-135M on rotten_tomatoes, ~12 min on 2 CPU cores
-        tl-skill demo --quick --out quick   # ~3 min, small subsets
-        tl-skill demo --model tiny-gpt2 --task bbc_news:sport-vs-business --out tiny
-    """)
-    p.add_argument("--out", default="tl_skill_demo", help="output directory (rerun to continue after Ctrl-C)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="rotten_tomatoes")
-    p.add_argument("--quick", action="store_true", help="small subsets and a short tuning run (~3 min)")
-    _common(p)
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args):
-    import time
-
-    from tqdm.auto import tqdm
-
-    from . import distributed
-    from .experiments.demo import DemoConfig, run_demo
-
-    kw = dict(model=args.model, task=args.task)
-    if args.batch_size:
-        kw["batch_size"] = args.batch_size
-    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
-    t0 = time.perf_counter()
-
-    def on_phase(name, seconds, summary):
-        if distributed.is_main():  # one line per phase, not one per torchrun process
-            # tqdm.write: on its own line even while a progress bar is drawn
-            tqdm.write(f"[{time.perf_counter() - t0:6.0f}s] {name:<26} {seconds:6.1f}s  {summary}")
-
-    path = run_demo(args.out, cfg, device=args.device, dtype=args.dtype, progress=not args.quiet,
-                    on_phase=on_phase)
-    if distributed.is_main():
-        print(f"report: {path}")
+    emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
 # ---------------------------------------------------------------------------- main
 ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin,
-          _add_dashboard, _add_export]
+          _add_dashboard, _add_export]  # demo, dashboard and export: cli_views
 
 
 def build_parser() -> argparse.ArgumentParser:

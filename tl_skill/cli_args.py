@@ -8,7 +8,9 @@ Every numeric option is checked by argparse, which then names it: "argument
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import textwrap
 from typing import Any, Callable, Sequence
 
 
@@ -174,3 +176,36 @@ def correlation_table(res) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ shared by the commands
+def common_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    g = p.add_argument_group("device and precision (the same for every command)")
+    g.add_argument("--device", default=None, type=device_spec,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (statistics stay float64/int64 whatever this is)")
+    g.add_argument("--batch-size", type=POSITIVE, default=None, help="examples per forward pass")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def subparser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help,
+                       epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def emit(obj, as_json: bool, text: str) -> None:
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun only rank 0 prints
+        return
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(text)
+
+
+def load_model_for(args, name: str):
+    from .models import load_model
+
+    return load_model(name, device=args.device, dtype=args.dtype)
