@@ -68,7 +68,7 @@ class DemoConfig:
     ablation_examples: int = 300
     top: int = 10
     dashboard_top: int = 10
-    dashboard_examples: int = 100
+    dashboard_examples: int = 60
     batch_size: int = 32
 
     @classmethod
