@@ -83,3 +83,25 @@ def test_masked_lms_keep_the_full_pass(tiny_bert, small_task):
     prompt = SoftPrompt.from_vocab(tiny_bert, 4, seed=0)
     with torch.no_grad():
         assert torch.equal(class_logits_cached(tiny_bert, batch, v, prompt), class_logits(tiny_bert, batch, v, prompt))
+
+
+def test_several_prompts_share_one_input_pass_and_match_evaluate(tiny_llama, small_task):
+    from tl_skill import evaluate
+    from tl_skill.prefix import class_logits_many
+    from tl_skill.train import evaluate_prompts
+
+    v = Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words)
+    prompts = [SoftPrompt.from_vocab(tiny_llama, 4, seed=s) for s in range(3)]
+    batch = _batch(tiny_llama, small_task, "left")
+    with torch.no_grad():
+        many = class_logits_many(tiny_llama, batch, v, prompts)
+        for k, p in enumerate(prompts):
+            torch.testing.assert_close(many[k], class_logits(tiny_llama, batch, v, p), **TOL)
+    seen = []
+    with tiny_llama.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: seen.append(a.shape[1]))]):
+        class_logits_many(tiny_llama, batch, v, prompts)
+    assert seen[1:] == [4, 4, 4] and len(seen) == 4  # one input pass, then one pass of P positions per prompt
+    got = evaluate_prompts(tiny_llama, small_task, "dev", v, prompts, batch_size=16, max_input_tokens=24)
+    for k, p in enumerate(prompts):
+        want = evaluate(tiny_llama, small_task, "dev", v, p, batch_size=16, max_input_tokens=24)
+        assert (got[k]["predictions"] == want["predictions"]).all() and got[k]["accuracy"] == want["accuracy"]

@@ -427,3 +427,10 @@ def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attenti
     """
     return model(input_ids, attention_mask=attention_mask, past_key_values=cache, layer_past=cache,
                  return_type="logits")
+
+
+def copy_kv_cache(cache):
+    """An independent copy of a key/value cache (to continue it several ways)."""
+    import copy
+
+    return copy.deepcopy(cache)

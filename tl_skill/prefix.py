@@ -89,3 +89,54 @@ def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: Sof
     h = grabbed["h"]
     out = h @ W[rows].to(h.dtype).T
     return out + b[rows].to(h.dtype) if b is not None else out
+
+
+@torch.no_grad()
+def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequence[SoftPrompt],
+                      extra_hooks: Sequence = ()) -> Float[torch.Tensor, "prompts batch n_classes"]:
+    """Verbalizer logits of `batch` under each of `prompts`: one input pass, then one prompt pass each.
+
+    Every prompt continues its own copy of the input's cache; the numbers are those of
+    `class_logits` with that prompt (the full pass wherever the cache cannot be used, or the
+    prompts' lengths differ from the batch's layout).
+    """
+    if (not prompts or any(p.length != batch.prompt_length for p in prompts) or not compat.prefix_cache_supported(model)
+            or batch.input_start is None or compat.UNEMBED_IN_HOOK not in model.hook_dict):
+        return torch.stack([class_logits(model, batch, verbalizer, p, extra_hooks) for p in prompts])
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    ids, mask, chunk = split_batch(batch, pad)
+    hooks = list(extra_hooks)
+    starters = [fn.start_batch for _, fn in hooks if callable(getattr(fn, "start_batch", None))]
+    cache = compat.new_kv_cache()
+    for start in starters:
+        start(batch.first_example)
+
+    def stop(resid, hook):
+        raise compat.StopForward
+
+    with model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, stop)]):
+        try:
+            compat.forward_with_cache(model, ids, mask, cache)
+        except compat.StopForward:
+            pass
+    W, b = compat.unembedding(model)
+    rows = verbalizer.token_ids.to(W.device)
+    out = []
+    for prompt in prompts:
+        grabbed: dict[str, torch.Tensor] = {}
+
+        def take(resid, hook):
+            grabbed["h"] = resid[:, -1]
+            raise compat.StopForward
+
+        for start in starters:
+            start(batch.first_example)
+        with prompt.applied(model, chunk), model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, take)]):
+            try:
+                compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, compat.copy_kv_cache(cache))
+            except compat.StopForward:
+                pass
+        h = grabbed["h"]
+        logits = h @ W[rows].to(h.dtype).T
+        out.append(logits + b[rows].to(h.dtype) if b is not None else logits)
+    return torch.stack(out)

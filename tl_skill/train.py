@@ -311,3 +311,30 @@ def remove_checkpoint(out: Path) -> None:
     if distributed.is_main():
         (out / CHECKPOINT).unlink(missing_ok=True)
         (out / LEGACY_CHECKPOINT).unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def evaluate_prompts(model, task: Task, split: str, verbalizer: Verbalizer, prompts: Sequence[SoftPrompt],
+                     batch_size: int = 32, max_input_tokens: int = 96, extra_hooks: Sequence = (),
+                     padding_side: str | None = None) -> list[dict[str, Any]]:
+    """`evaluate` of several prompts (one length) on the same examples, sharing each batch's input pass.
+
+    With the prefix cache (`prefix.class_logits_many`) K prompts cost one input pass plus K
+    prompt passes; the results are `evaluate`'s for each prompt.
+    """
+    from .prefix import class_logits_many
+
+    lengths = {p.length for p in prompts}
+    if len(lengths) != 1:
+        raise TrainingError(f"evaluate_prompts needs prompts of one length, got lengths {sorted(lengths)}")
+    layout = layout_for(model, lengths.pop(), max_input_tokens, padding_side)
+    device = compat.model_device(model)
+    n = len(task[split])
+    preds = np.zeros((len(prompts), n), dtype=np.int64)
+    prompts = [p.to(device) for p in prompts]
+    for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
+        batch = batch.to(device)
+        preds[:, idx] = class_logits_many(model, batch, verbalizer, prompts, extra_hooks).argmax(-1).cpu().numpy()
+    preds = distributed.all_reduce_sum(preds)
+    labels = task.labels(split)
+    return [{"accuracy": float((p == labels).mean()), "n": n, "predictions": p} for p in preds]
