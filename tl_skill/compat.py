@@ -434,3 +434,27 @@ def copy_kv_cache(cache):
     import copy
 
     return copy.deepcopy(cache)
+
+
+def final_logit_softcap(model: HookedRootModule) -> float | None:
+    """The cap of a family's final-logit soft-capping (`cap * tanh(logits / cap)`, Gemma 2), or None."""
+    if is_bridge(model):
+        cap = getattr(hf_model_of(model).config, "final_logit_softcapping", None)
+    else:
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
+def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of `token_ids` from the unembedding's input `h` [batch, d_model]: the full logits' columns.
+
+    Projects onto those rows only (and their bias), then applies the family's final-logit
+    soft-capping where it has one, as the full forward pass does.
+    """
+    W, b = unembedding(model)
+    rows = token_ids.to(W.device)
+    out = h @ W[rows].to(h.dtype).T
+    if b is not None:
+        out = out + b[rows].to(h.dtype)
+    cap = final_logit_softcap(model)
+    return out if cap is None else cap * torch.tanh(out / cap)

@@ -84,11 +84,7 @@ def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: Sof
             compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, cache)
         except compat.StopForward:
             pass
-    W, b = compat.unembedding(model)
-    rows = verbalizer.token_ids.to(W.device)
-    h = grabbed["h"]
-    out = h @ W[rows].to(h.dtype).T
-    return out + b[rows].to(h.dtype) if b is not None else out
+    return compat.label_logits(model, grabbed["h"], verbalizer.token_ids)
 
 
 @torch.no_grad()
@@ -119,8 +115,6 @@ def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequ
             compat.forward_with_cache(model, ids, mask, cache)
         except compat.StopForward:
             pass
-    W, b = compat.unembedding(model)
-    rows = verbalizer.token_ids.to(W.device)
     out = []
     for prompt in prompts:
         grabbed: dict[str, torch.Tensor] = {}
@@ -136,7 +130,5 @@ def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequ
                 compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, compat.copy_kv_cache(cache))
             except compat.StopForward:
                 pass
-        h = grabbed["h"]
-        logits = h @ W[rows].to(h.dtype).T
-        out.append(logits + b[rows].to(h.dtype) if b is not None else logits)
+        out.append(compat.label_logits(model, grabbed["h"], verbalizer.token_ids))
     return torch.stack(out)

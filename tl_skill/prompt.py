@@ -386,8 +386,9 @@ def class_logits(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt
 
     Only the label words' logits at the prediction position are needed, so the
     forward pass stops at the unembedding's input and projects that one
-    position onto the label-word rows: the same numbers as the full logits,
-    without a [batch, pos, d_vocab] product.
+    position onto the label-word rows (then soft-caps them where the family
+    does): the same numbers as the full logits, without a [batch, pos, d_vocab]
+    product.
     """
     grabbed: dict[str, torch.Tensor] = {}
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
@@ -407,10 +408,4 @@ def class_logits(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt
             pass
     if not fast:
         return verbalizer.class_logits(logits, batch.pred_pos)
-    W, b = compat.unembedding(model)
-    ids = verbalizer.token_ids.to(W.device)
-    h = grabbed["h"]
-    out = h @ W[ids].to(h.dtype).T
-    if b is not None:
-        out = out + b[ids].to(h.dtype)
-    return out
+    return compat.label_logits(model, grabbed["h"], verbalizer.token_ids)
