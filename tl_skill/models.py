@@ -155,7 +155,7 @@ def smollm2_dir() -> Path:
 
 
 def _training_text() -> list[str]:
-    from .tasks import rotten_tomatoes_frame
+    from .sources import rotten_tomatoes_frame
 
     frame = rotten_tomatoes_frame()
     return frame["text"].tolist()
