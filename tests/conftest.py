@@ -33,7 +33,7 @@ def tiny_bert():
     return load_model("tiny-bert", device="cpu")
 
 
-@pytest.fixture(scope="session", params=["tiny-gpt2", "tiny-llama", "tiny-bert"])
+@pytest.fixture(scope="session", params=["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-gemma3", "tiny-gemma2"])
 def tiny_model(request):
     from tl_skill import load_model
 

@@ -419,3 +419,40 @@ def test_ablation_experiment_zero_mode_and_layers(tiny_gpt2, tiny_run, monkeypat
     # every neuron of layer 1: the random control is the same set, and zero mode draws nothing
     assert row["skill_accuracy"] == row["random_accuracy"] and row["random_accuracy_std"] == 0
     assert counter.calls == 3
+
+
+def test_prompts_in_memory_give_what_their_run_directories_give(tiny_gpt2, tiny_run):
+    """find_skill_neurons(model, task, prompts=[...]) and ablation_experiment(model, prompt, neurons, task=...)
+    equal the same prompts probed through run directories."""
+    from tl_skill import Run, SoftPrompt
+    from tl_skill.experiments import ablation_experiment
+    from tl_skill.neurons import NeuronsError
+
+    run, sn = tiny_run
+    task = run.load_task()
+    cfg = run.config
+    prompt = SoftPrompt(run.prompt.vectors.detach().clone())
+    mem = Run.in_memory(prompt, task, run.model_name, cfg)
+    other = SoftPrompt.from_vocab(tiny_gpt2, 4, seed=7)
+    from_memory = find_skill_neurons(tiny_gpt2, [mem, Run.in_memory(other, task, run.model_name, cfg, name="b")],
+                                     max_train_examples=32, max_eval_examples=24, progress=False)
+    assert torch.equal(from_memory.accuracy[0], sn.accuracy[0])  # the run's prompt: the same numbers
+    assert not torch.equal(from_memory.accuracy[1], sn.accuracy[0])  # another prompt: others
+    # the short form takes TuneConfig()'s layout: the same as the run's here but for the input cap
+    short = find_skill_neurons(tiny_gpt2, task, prompts=[prompt], max_train_examples=32, max_eval_examples=24,
+                               progress=False)
+    assert short.runs == ["<in-memory prompt 0>"] and short.predictivity.shape == sn.predictivity.shape
+    with pytest.raises(NeuronsError, match="prompts"):
+        find_skill_neurons(tiny_gpt2, task)
+    with pytest.raises(NeuronsError, match="Task"):
+        find_skill_neurons(tiny_gpt2, [run], prompts=[prompt])
+
+    kw = dict(mode="zero", fractions=[0.1], seeds=1, max_examples=20, progress=False)
+    want = ablation_experiment(tiny_gpt2, run, sn, **kw)
+    got = ablation_experiment(tiny_gpt2, mem, sn, **kw)
+    keys = ("clean_accuracy", "skill_accuracy", "random_accuracy")
+    assert [[r[k] for k in keys] for r in got.rows] == [[r[k] for k in keys] for r in want.rows]
+    got_short = ablation_experiment(tiny_gpt2, prompt, sn, task=task, **kw)
+    assert len(got_short.rows) == len(want.rows)
+    with pytest.raises(AblationError, match="task"):
+        ablation_experiment(tiny_gpt2, prompt, sn, **kw)

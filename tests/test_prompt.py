@@ -332,30 +332,3 @@ def test_gradient_reaches_only_the_prompt(model):
     assert torch.isfinite(prompt.vectors.grad).all()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is None for p in compat.hf_model_of(model).parameters())
-
-
-def test_fast_verbalizer_path_applies_final_logit_soft_capping():
-    """Gemma 2 soft-caps its final logits: the one-position projection must do the same as the full pass."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
-
-    from tl_skill import compat, layout_for
-    from tl_skill.models import tiny_tokenizer_dir
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
-    cfg = Gemma2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                       final_logit_softcapping=2.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                       attn_implementation="eager")
-    torch.manual_seed(0)
-    hf = Gemma2ForCausalLM(cfg).eval()
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    bridge = compat.build_bridge(hf, tok, "tiny-gemma2", device="cpu")
-    assert compat.final_logit_softcap(bridge) == 2.0
-    v = Verbalizer(tok, [" negative", " positive"])
-    batch = layout_for(bridge, 0, 24).encode(["a fine film", "dull and far too long"], [0, 1])
-    with torch.no_grad():
-        fast = class_logits(bridge, batch, v, None)
-        want = hf(batch.input_ids, attention_mask=batch.attention_mask).logits
-    rows = torch.arange(2)
-    torch.testing.assert_close(fast, want[rows, batch.pred_pos][:, v.token_ids], rtol=1e-4, atol=1e-5)

@@ -58,7 +58,7 @@ def baseline_hooks(model, neurons: SkillNeurons, kept: dict[int, tuple[int, ...]
     return hooks
 
 
-@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama", "tiny-bert"])
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-gemma3", "tiny-gemma2"])
 def model(request):
     return load_model(request.param, device="cpu")
 

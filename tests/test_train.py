@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from tl_skill import TuneConfig, train, tune
@@ -118,6 +119,14 @@ def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, t
                                                           max_test_examples=24), progress=False)
     sn = find_skill_neurons(bridge, [run], max_train_examples=48, max_eval_examples=24, progress=False)
     assert sn.model == run.model_name and sn.predictivity.shape == (2, 128)
+    from tl_skill import evaluate
+    from tl_skill.perturb import Perturbation
+
+    v = run.verbalizer(bridge)
+    clean = evaluate(bridge, run.load_task(), "test", v, run.prompt)
+    pert = Perturbation(bridge, torch.ones(2, 128, dtype=torch.bool), "zero")  # every neuron: the task breaks
+    broken = evaluate(bridge, run.load_task(), "test", v, run.prompt, extra_hooks=pert.fwd_hooks())
+    assert (np.asarray(clean["predictions"]) != np.asarray(broken["predictions"])).any()
     assert all(p.requires_grad for p in bridge.parameters())
     assert all(torch.equal(p, before[n]) for n, p in bridge.named_parameters())
     assert not hasattr(bridge, "_tl_skill_spec")  # nothing of tl_skill's left on the user's model

@@ -107,6 +107,13 @@ def build_model(hf_model: Any, tokenizer: Any, name: str, device: str | None = N
             causal only, so masked LMs get a bridge when the default is asked for.
     """
     check_kind(kind)
+    prefix = special_prefix(tokenizer)  # before TransformerLens switches BOS on
+    model = _build_model(hf_model, tokenizer, name, device, kind)
+    setattr(model, PREFIX_ATTR, tuple(prefix))
+    return model
+
+
+def _build_model(hf_model: Any, tokenizer: Any, name: str, device: str | None, kind: str | None):
     chosen = kind or DEFAULT_KIND
     if chosen == "hooked" and _is_masked_lm(hf_model):
         if kind == "hooked" or not HAS_BRIDGE:
@@ -184,6 +191,35 @@ def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = 
     )
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens `tokenizer` puts before a text (Gemma's `<bos>`; none for GPT-2 or SmolLM2).
+
+    Read off the tokenizer's behaviour (its `add_bos_token` setting or post-processor). Special
+    tokens it appends (an EOS) are left out: a causal layout puts the prompt after the input.
+    """
+    probe = "a b"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return [int(i) for i in full[:k]]
+    return []
+
+
+PREFIX_ATTR = "_tl_skill_prefix_ids"
+
+
+def model_prefix_ids(model: HookedRootModule) -> list[int]:
+    """The special tokens a causal layout puts first for `model`.
+
+    For a model from `load_model`: what its tokenizer adds as the model ships it (TransformerLens
+    turns BOS on for every tokenizer that has one when it boots a bridge, which SmolLM2 never saw
+    in front of a text). For a model you built yourself: what its tokenizer adds now.
+    """
+    stored = getattr(model, PREFIX_ATTR, None)
+    return list(stored) if stored is not None else special_prefix(model.tokenizer)
+
+
 @torch.no_grad()
 def embed_tokens(model: HookedRootModule, tokens: torch.Tensor) -> torch.Tensor:
     """What the word-embedding hook (`embed_hook`) sees for `tokens`, without running the model."""
@@ -208,6 +244,23 @@ def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Ex
             f"hook point {name} has width {act.shape[-1]}, but {expected} units (d_mlp) were expected: it "
             "does not hold one value per MLP neuron of this model (a pruned model, or an architecture whose "
             "mlp.hook_post is not the neuron axis, such as mixture-of-experts blocks)")
+
+
+def mixture_of_experts(model: HookedRootModule) -> bool:
+    """True when the MLP blocks route tokens to experts (Mixtral, Qwen-MoE, ...): `mlp.hook_post` is no
+    neuron axis there (bridges alias it to the block output)."""
+    names = [n for n in model.hook_dict if n.startswith("blocks.0.mlp.")]
+    return any(word in n for n in names for word in ("expert", "router"))
+
+
+def check_neuron_axis(model: HookedRootModule, error: type[Exception] = ValueError) -> None:
+    """Refuse, before any work, a model whose MLP hook point does not hold one value per neuron."""
+    if mixture_of_experts(model):
+        raise error(
+            f"{type(model).__name__} over {getattr(model.cfg, 'model_name', None) or 'this model'} has "
+            "mixture-of-experts MLP blocks: blocks.{l}.mlp.hook_post holds the block output (width "
+            f"{model.cfg.d_model}), not one value per neuron (d_mlp {model.cfg.d_mlp}), so MLP neurons cannot be "
+            "recorded, perturbed or pruned; prompt tuning and evaluation still work")
 
 
 def hf_model_of(model: HookedRootModule) -> torch.nn.Module:

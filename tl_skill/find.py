@@ -156,9 +156,13 @@ def find_skill_neurons(
     positions: str = "prompt", batch_size: int = 32, max_train_examples: int | None = 2000,
     max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
     aggregate_subtasks: str = "max", progress: bool = True, confirm_split: str | None = "auto",
-    control: str | None = None, control_seed: int = 0,
+    control: str | None = None, control_seed: int = 0, prompts: Sequence[SoftPrompt] | None = None,
 ) -> SkillNeurons:
     """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
+
+    `runs` are run directories (or `Run`s); or give the `Task` itself in their place and the
+    prompts in memory: `find_skill_neurons(model, task, prompts=[SoftPrompt, ...])` (layout
+    and caps of `TuneConfig()`; see `Run.in_memory` for other settings).
 
     The baseline is the mean over (at most `max_train_examples` of) the train
     split; accuracy is measured on `split` (all of it unless `max_eval_examples`).
@@ -170,9 +174,10 @@ def find_skill_neurons(
         control: "shuffled" also counts with the selection split's labels permuted
             (seed `control_seed`), in the same pass: `control_summary()`.
     """
-    runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
-    check_runs(runs)
     spec = model_spec(model)
+    compat.check_neuron_axis(model, NeuronsError)
+    runs = _runs_of(runs, prompts, spec.name)
+    check_runs(runs)
     if runs[0].model_name != spec.name:
         raise NeuronsError(f"the runs were tuned on {runs[0].model_name!r} but the model is {spec.name!r}")
     if split not in ("dev", "test"):
@@ -224,8 +229,20 @@ def find_skill_neurons(
     )
 
 
+def _runs_of(runs, prompts: Sequence[SoftPrompt] | None, model_name: str) -> list[Run]:
+    if prompts is None:
+        if isinstance(runs, Task):
+            raise NeuronsError("a Task was given in place of the runs: pass its prompts too (prompts=[...])")
+        return [r if isinstance(r, Run) else Run.load(r) for r in runs]
+    if not isinstance(runs, Task):
+        raise NeuronsError("with prompts=[...], give the Task they are for in place of the runs")
+    if isinstance(prompts, SoftPrompt) or not len(prompts):
+        raise NeuronsError("prompts must be a non-empty list of SoftPrompts")
+    return [Run.in_memory(p, runs, model_name, name=f"in-memory prompt {i}") for i, p in enumerate(prompts)]
+
+
 # settings that do not change the result, left out of a neurons directory's identity
-_NOT_IDENTITY = ("model", "runs", "progress", "batch_size")
+_NOT_IDENTITY = ("model", "runs", "progress", "batch_size", "prompts")
 
 
 def find_identity(runs: Sequence[Run], **kwargs) -> dict[str, Any]:

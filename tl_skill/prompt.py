@@ -105,10 +105,15 @@ class Batch:
 
 
 class Layout:
-    """Where input, prompt, padding and the prediction position go, for one model family."""
+    """Where input, prompt, padding and the prediction position go, for one model family.
+
+    Causal rows are `[specials] input prompt`, padded left by default: `specials` are `prefix_ids`,
+    by default what the tokenizer puts before a text (`compat.special_prefix`; Gemma's `<bos>`).
+    Masked rows are `[CLS] [MASK] prompt input [SEP]`, padded right.
+    """
 
     def __init__(self, tokenizer, family: str, prompt_length: int, max_input_tokens: int = 128,
-                 padding_side: str | None = None):
+                 padding_side: str | None = None, prefix_ids: Sequence[int] | None = None):
         if family not in ("causal", "masked"):
             raise ValueError(f"unknown model family {family!r}")
         if prompt_length < 0:
@@ -131,13 +136,14 @@ class Layout:
             self.sep = [int(sep)] if sep is not None else []
             self.mask_pos = len(self.head)
             self.offset = self.mask_pos + 1
-        else:
-            self.head, self.sep, self.offset = [], [], None
+        else:  # what the tokenizer puts first (Gemma's <bos>); nothing for SmolLM2 or GPT-2
+            head = compat.special_prefix(tokenizer) if prefix_ids is None else [int(i) for i in prefix_ids]
+            self.head, self.sep, self.offset = head, [], None
 
     @property
     def max_length(self) -> int:
         """The longest row this layout can make: input (at most `max_input_tokens`), prompt and specials."""
-        extra = len(self.head) + 1 + 2 * len(self.sep) if self.family == "masked" else 0
+        extra = len(self.head) + 1 + 2 * len(self.sep) if self.family == "masked" else len(self.head)
         return self.max_input_tokens + self.prompt_length + extra
 
     def check_fits(self, n_ctx: int | None) -> None:
@@ -168,12 +174,12 @@ class Layout:
         rows, starts, preds, in_start, in_end = [], [], [], [], []
         for ids in token_lists:
             if self.family == "causal":
-                if not ids and P == 0:
+                if not ids and P == 0 and not self.head:
                     raise ValueError("an empty input with no prompt has no prediction position")
-                row = list(ids) + [self.pad_id] * P
-                starts.append(len(ids))
+                row = self.head + list(ids) + [self.pad_id] * P
+                starts.append(len(self.head) + len(ids))
                 preds.append(len(row) - 1)
-                in_start.append(0)
+                in_start.append(len(self.head))
             else:
                 row = self.head + [self.tokenizer.mask_token_id] + [self.pad_id] * P + list(ids) + self.sep
                 starts.append(self.offset)
@@ -203,7 +209,8 @@ class Layout:
 
 
 def layout_for(model, prompt_length: int, max_input_tokens: int = 128, padding_side: str | None = None) -> Layout:
-    return Layout(model.tokenizer, model_spec(model).family, prompt_length, max_input_tokens, padding_side)
+    return Layout(model.tokenizer, model_spec(model).family, prompt_length, max_input_tokens, padding_side,
+                  prefix_ids=compat.model_prefix_ids(model))
 
 
 def iterate_batches(layout: Layout, task, split: str, batch_size: int, sort: bool = True,
@@ -267,7 +274,9 @@ class SoftPrompt(nn.Module):
         """Initialise from the embeddings of `length` real tokens sampled with `seed`.
 
         Tokens are drawn from ids [10, top_tokens): BPE vocabularies put their
-        most frequent merges early, and an all-zero start gives NaN gradients.
+        most frequent merges early, and an all-zero start gives NaN gradients. The vectors are
+        what the embedding hook sees for those tokens, so a family that scales its embeddings
+        (Gemma: by sqrt(d_model)) starts at the scale of real tokens.
         """
         W_E = _embedding_matrix(model)
         hi = min(top_tokens, W_E.shape[0])
@@ -275,7 +284,7 @@ class SoftPrompt(nn.Module):
         pool = [i for i in range(min(10, hi - 1), hi) if i not in special]
         rng = np.random.RandomState(seed)
         ids = rng.choice(pool, size=length, replace=len(pool) < length)
-        return cls(W_E[torch.as_tensor(ids)].detach().float().cpu())
+        return cls(_token_embeddings(model, ids))
 
     @classmethod
     def from_text(cls, model, text: str, length: int | None = None) -> "SoftPrompt":
@@ -285,7 +294,7 @@ class SoftPrompt(nn.Module):
             raise ValueError(f"prompt text {text!r} has no tokens")
         if length is not None:
             ids = [ids[i % len(ids)] for i in range(length)]
-        return cls(_embedding_matrix(model)[torch.as_tensor(ids)].detach().float().cpu())
+        return cls(_token_embeddings(model, ids))
 
     def hook(self, embed: Float[torch.Tensor, "batch pos d_model"], hook) -> torch.Tensor:
         P = self.length
@@ -362,6 +371,11 @@ class SoftPrompt(nn.Module):
             return cls(tensors["prompt"])
         except ValueError as exc:
             raise FileFormatError(f"prompt file {path}: {exc}") from None
+
+
+def _token_embeddings(model, ids) -> torch.Tensor:
+    """[len(ids), d_model]: what the word-embedding hook holds for these tokens (any embedding scale applied)."""
+    return compat.embed_tokens(model, torch.as_tensor(np.asarray(ids), dtype=torch.long)[None])[0].float().cpu()
 
 
 def _embedding_matrix(model) -> torch.Tensor:

@@ -222,6 +222,7 @@ def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Seq
             f"pruning edits the Hugging Face model under a TransformerBridge; {type(model).__name__} has "
             "none. On TransformerLens 3.x load the model with load_model(name, kind='bridge')"
         )
+    compat.check_neuron_axis(model, PruneError)
     spec = model_spec(model)
     if not isinstance(keep, (int, float)) or not 0 < keep <= 1 or not math.isfinite(keep):
         raise PruneError(f"keep must be a fraction in (0, 1], got {keep!r}")
@@ -279,20 +280,21 @@ def prune(model, neurons: SkillNeurons | str | Path, keep: float = 0.02,
         idx = torch.nonzero(mask[row]).flatten()
         _prune_layer(hf, layer, idx, baseline[row])
         kept[layer] = tuple(idx.tolist())
-    pruned = _bridge(hf, model.tokenizer, spec, compat.model_device(model))
+    pruned = _bridge(hf, model.tokenizer, spec, compat.model_device(model), compat.model_prefix_ids(model))
     pruned._tl_skill_pruning = Pruning(float(keep), spec.d_mlp, kept)
     log.info("pruned %s: layers %s keep %d of %d neurons each; %d -> %d parameters", spec.name, chosen,
              len(next(iter(kept.values()))), spec.d_mlp, count_parameters(model), count_parameters(pruned))
     return pruned
 
 
-def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device) -> Any:
-    """A frozen, eval-mode bridge over `hf` that keeps `hf`'s attention implementation."""
+def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device, prefix_ids) -> Any:
+    """A frozen, eval-mode bridge over `hf` that keeps `hf`'s attention implementation and layout prefix."""
     attn = getattr(hf.config, "_attn_implementation", None)
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
     bridge = compat.build_bridge(hf, tokenizer, spec.name, device=str(device))
+    setattr(bridge, compat.PREFIX_ATTR, tuple(prefix_ids))
     if attn is not None and getattr(hf.config, "_attn_implementation", None) != attn and hasattr(
             hf, "set_attn_implementation"):
         hf.set_attn_implementation(attn)  # the bridge forces eager on pre-loaded models
@@ -325,7 +327,7 @@ def save_pruned(model, out: str | Path) -> Path:
     atomic_json(out / KEPT_JSON, {
         **pruning.to_dict(), "model_spec": spec.to_dict(), "bundled": bundled,
         "dtype": str(compat.model_dtype(hf)).removeprefix("torch."),
-        "hf_class": type(hf).__name__,
+        "hf_class": type(hf).__name__, "prefix_ids": compat.model_prefix_ids(model),
     })
     return out
 
@@ -364,9 +366,12 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     if info.get("bundled") and spec.name in KNOWN_MODELS:
         base = load_model(spec.name, device="cpu", dtype=info.get("dtype"), kind="bridge")
         hf, tokenizer = compat.unwrapped(compat.hf_model_of(base)), base.tokenizer
+        prefix = compat.model_prefix_ids(base)
         del base
     else:
         hf, tokenizer = _fresh_hf(path, info)
+        # saved by 0.2.0 without it: the saved tokenizer is the bridge's (BOS on); 0.2.0 put no prefix
+        prefix = info.get("prefix_ids", [])
     for layer in pruning.layers:
         _prune_layer(hf, layer, torch.tensor(pruning.kept[layer], dtype=torch.long), None)
     try:
@@ -374,6 +379,6 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     except RuntimeError as exc:
         raise PruneError(f"the weights in {path / PRUNED_WEIGHTS} do not fit the rebuilt model: {exc}") from exc
     hf = hf.to(dev)
-    model = _bridge(hf, tokenizer, spec, dev)
+    model = _bridge(hf, tokenizer, spec, dev, prefix)
     model._tl_skill_pruning = pruning
     return model

@@ -219,6 +219,7 @@ class Recorder:
     def __init__(self, model, stats, layers: Sequence[int] | None = None, positions: str = "prompt",
                  stop_early: bool = True, check_finite: bool = True):
         spec = model_spec(model)
+        compat.check_neuron_axis(model, RecordingError)
         self.model = model
         self.layers = list(range(spec.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
         bad = [l for l in self.layers if not 0 <= l < spec.n_layers]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,11 +70,32 @@ def _pick(task: Task, cfg: TuneConfig) -> Task:
 
 @dataclass
 class Run:
-    """A prompt-tuning run read back from its directory."""
+    """A prompt-tuning run read back from its directory (or a prompt held in memory: `Run.in_memory`)."""
 
     path: Path
     info: dict[str, Any]
     prompt: SoftPrompt
+    task: Task | None = field(default=None, repr=False)  # in memory: the task itself
+
+    @classmethod
+    def in_memory(cls, prompt: SoftPrompt, task: Task, model_name: str, config: TuneConfig | None = None,
+                  name: str = "in-memory prompt") -> "Run":
+        """A prompt that lives in memory, probed like a run: no directory, `task` as given.
+
+        `config` supplies the layout (max input tokens, padding side) and the evaluation caps;
+        default `TuneConfig()` with the prompt's length.
+        """
+        if not isinstance(prompt, SoftPrompt):
+            raise RunError(f"expected a SoftPrompt, got {type(prompt).__name__}")
+        if not isinstance(task, Task):
+            raise RunError(f"an in-memory prompt needs the Task it is for, got {type(task).__name__}")
+        cfg = config or TuneConfig(prompt_length=prompt.length)
+        if cfg.prompt_length != prompt.length:
+            raise RunError(f"the config's prompt length {cfg.prompt_length} is not the prompt's {prompt.length}")
+        info = {"model": model_name, "task": task.name, "task_seed": task.spec.seed,
+                "label_words": list(task.spec.label_words), "config": asdict(cfg), "metrics": {},
+                "in_memory": True}
+        return cls(Path(f"<{name}>"), info, prompt, task)
 
     @classmethod
     def load(cls, path: str | Path) -> "Run":
@@ -130,6 +151,8 @@ class Run:
         sha256 and the file still has it; its path is logged, since run.json
         names it.
         """
+        if self.task is not None:
+            return self.task
         spec = self.info.get("task_spec") or {}
         words: Any = self.info["label_words"]
         if list(spec.get("label_words", [])) == list(words) and len(spec.get("label_names", [])) == len(words):

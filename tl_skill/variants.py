@@ -83,6 +83,7 @@ def _wrap(hf: torch.nn.Module, source, name: str):
     bridge.eval()
     _freeze(bridge)
     bridge._tl_skill_spec = dataclasses.replace(spec, name=name)
+    setattr(bridge, compat.PREFIX_ATTR, tuple(compat.model_prefix_ids(source)))
     return bridge
 
 

@@ -30,7 +30,9 @@ from ..files import claim_dir, tensor_digest
 from ..models import model_spec
 from ..neurons import SkillNeurons, check_neurons_for_run, random_mask_like
 from ..perturb import MODES, PerturbationError, Perturbation, PerturbFn
+from ..prompt import SoftPrompt
 from ..stats import mcnemar_exact, paired_bootstrap
+from ..tasks import Task
 from ..train import majority_accuracy
 from ..tuning import Run
 from .results import Result
@@ -209,12 +211,14 @@ def ablation_experiment(
     mode: str | PerturbFn = "noise", fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 3,
     std: float = 0.1, relative: bool = False, layers: Iterable[int] | None = None,
     max_examples: int | None = None, batch_size: int = 32, per_layer: bool = True, progress: bool = True,
+    task: Task | None = None,
 ) -> AblationResult:
     """Test accuracy of the prompted model with skill neurons vs random neurons perturbed (module docstring).
 
     Args:
         model: the model, or a function returning it (called once `out` has been accepted).
-        run: the prompt-tuning run whose prompt and task are used.
+        run: the prompt-tuning run whose prompt and task are used; or a `SoftPrompt` in memory,
+            with `task` (layout and test cap of `TuneConfig()`; `Run.in_memory` for others).
         neurons: skill neurons of the same model and task.
         out: directory for `ablation.json`, `ablation.png` and each finished condition
             (`conditions/`); a rerun with the same settings skips what is done (more fractions
@@ -223,8 +227,15 @@ def ablation_experiment(
         max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
     """
     t_start = time.perf_counter()
-    run = run if isinstance(run, Run) else Run.load(run)
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
+    if isinstance(run, SoftPrompt):
+        if task is None:
+            raise AblationError("a prompt in memory needs its task: ablation_experiment(model, prompt, neurons, "
+                                "task=task)")
+        run = Run.in_memory(run, task, neurons.model)
+    elif task is not None:
+        raise AblationError("task= goes with a prompt in memory; a run brings its own task")
+    run = run if isinstance(run, Run) else Run.load(run)
     # --- validate everything before any evaluation
     check_neurons_for_run(run, neurons, None, AblationError)
     if not callable(mode) and mode not in MODES:
