@@ -371,13 +371,42 @@ def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, 
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_hooked_transformer_keeps_the_full_pass_for_the_prefix_cache(hooked, small_task):
-    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for
-    from tl_skill.prefix import class_logits_cached
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_hooked_transformer_prefix_cache_equals_the_full_pass(name, side, small_task):
+    """HookedTransformer continues its own key/value cache: logits, prompt gradient and several prompts at
+    once equal the full pass, with a zero perturbation active in both passes."""
+    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for, load_model
+    from tl_skill.perturb import Perturbation
+    from tl_skill.prefix import class_logits_cached, class_logits_many
 
-    assert not compat.prefix_cache_supported(hooked)
-    batch = layout_for(hooked, 4, 24).encode(small_task.texts("train")[:5], small_task.labels("train")[:5])
-    v = Verbalizer(hooked.tokenizer, small_task.spec.label_words)
-    prompt = SoftPrompt.from_vocab(hooked, 4, seed=0)
+    model = load_model(name, device="cpu", seed=SEED)
+    if compat.DEFAULT_KIND == "bridge":
+        pytest.skip("TransformerLens 4.x has no HookedTransformer")
+    assert type(model).__name__ == "HookedTransformer" and compat.prefix_cache_supported(model)
+    batch = layout_for(model, 4, 24, side).encode(small_task.texts("train")[:6], small_task.labels("train")[:6])
+    v = Verbalizer(model.tokenizer, small_task.spec.label_words)
+    full_p = SoftPrompt.from_vocab(model, 4, seed=0)
+    cached_p = SoftPrompt(full_p.vectors.detach().clone())
+    mask = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.bool)
+    mask[:, ::3] = True
+    hooks = Perturbation(model, mask, "zero").fwd_hooks()
+    tol = dict(rtol=1e-5, atol=1e-6)
+    full = class_logits(model, batch, v, full_p, hooks)
+    cached = class_logits_cached(model, batch, v, cached_p, hooks)
+    torch.testing.assert_close(cached, full, **tol)
+    assert not torch.allclose(full, class_logits(model, batch, v, full_p), **tol)  # the perturbation matters
+    full.logsumexp(-1).sum().backward()
+    cached.logsumexp(-1).sum().backward()
+    scale = full_p.vectors.grad.abs().max()
+    torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, **tol)
+    other = SoftPrompt.from_vocab(model, 4, seed=5)
     with torch.no_grad():
-        assert torch.equal(class_logits_cached(hooked, batch, v, prompt), class_logits(hooked, batch, v, prompt))
+        many = class_logits_many(model, batch, v, [full_p, other])
+        torch.testing.assert_close(many[1], class_logits(model, batch, v, other), **tol)
+        torch.testing.assert_close(many[0], class_logits(model, batch, v, full_p), **tol)
+    seen = []
+    with model.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: seen.append(a.shape[1]))]):
+        with torch.no_grad():
+            class_logits_cached(model, batch, v, cached_p)
+    assert seen[1] == 4 and seen[0] == int((batch.input_end - batch.input_start).max())  # the input is cached

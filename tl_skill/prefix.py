@@ -7,8 +7,9 @@ tuning), attending to that cache. Position ids follow the attention mask, so
 left- and right-padded batches give the positions of the full pass; forward
 hooks see the input positions during the first pass and the prompt positions
 during the second (a perturbation "at every position" still applies
-everywhere). Where the model cannot continue from a cache (masked LMs,
-HookedTransformer), `class_logits_cached` is `class_logits`.
+everywhere). Bridges continue a Hugging Face cache, TransformerLens 3.x's
+HookedTransformer its `HookedTransformerKeyValueCache` (both behind `compat`);
+for masked LMs `class_logits_cached` is `class_logits`.
 """
 
 from __future__ import annotations
@@ -48,45 +49,68 @@ def split_batch(batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
     return ids, mask, chunk
 
 
-def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None,
-                        extra_hooks: Sequence = ()) -> Float[torch.Tensor, "batch n_classes"]:
-    """`prompt.class_logits` through a cached input pass (module docstring): the same numbers."""
-    if (prompt is None or not compat.prefix_cache_supported(model) or batch.input_start is None
-            or compat.UNEMBED_IN_HOOK not in model.hook_dict):
-        return class_logits(model, batch, verbalizer, prompt, extra_hooks)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    ids, mask, chunk = split_batch(batch, pad)
-    cache = compat.new_kv_cache()
-    hooks = list(extra_hooks)
+def _usable(model, batch: Batch) -> bool:
+    return compat.prefix_cache_supported(model) and batch.input_start is not None
+
+
+def _starters(hooks) -> list:
     # hooks that number examples (noise) hear the batch's position before each pass: both passes
     # of a batch get the same draws
-    starters = [fn.start_batch for _, fn in hooks if callable(getattr(fn, "start_batch", None))]
-    for start in starters:
-        start(batch.first_example)
+    return [fn.start_batch for _, fn in hooks if callable(getattr(fn, "start_batch", None))]
 
-    def stop(resid, hook):  # the input pass needs the keys/values of every layer, not the logits
+
+def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, first_example: int):
+    """Run the input part once (no grad) and return the cache of its keys/values; the logits are not needed."""
+    cache = compat.new_kv_cache(model, ids.shape[0])
+    for start in starters:
+        start(first_example)
+
+    def stop(resid, hook):
         raise compat.StopForward
 
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, stop)]):
+    stop_at = compat.final_resid_hook(model)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks) + ([(stop_at, stop)] if stop_at else [])):
         try:
             compat.forward_with_cache(model, ids, mask, cache)
         except compat.StopForward:
             pass
+    return cache
+
+
+def _prompt_pass(model, chunk: Batch, cache, prompt: SoftPrompt, verbalizer: Verbalizer, hooks, starters,
+                 first_example: int) -> torch.Tensor:
+    """The P prompt positions against `cache`: the label words' logits at the last one."""
+    for start in starters:
+        start(first_example)
+    fast = compat.UNEMBED_IN_HOOK in model.hook_dict
     grabbed: dict[str, torch.Tensor] = {}
 
     def take(resid, hook):
         grabbed["h"] = resid[:, -1]
         raise compat.StopForward
 
-    for start in starters:
-        start(batch.first_example)
-
-    with prompt.applied(model, chunk), model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, take)]):
+    logits = None
+    with prompt.applied(model, chunk), model.hooks(
+            fwd_hooks=list(hooks) + ([(compat.UNEMBED_IN_HOOK, take)] if fast else [])):
         try:
-            compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, cache)
+            logits = compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, cache)
         except compat.StopForward:
             pass
-    return compat.label_logits(model, grabbed["h"], verbalizer.token_ids)
+    if fast:
+        return compat.label_logits(model, grabbed["h"], verbalizer.token_ids)
+    return verbalizer.class_logits(logits, chunk.pred_pos)
+
+
+def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None,
+                        extra_hooks: Sequence = ()) -> Float[torch.Tensor, "batch n_classes"]:
+    """`prompt.class_logits` through a cached input pass (module docstring): the same numbers."""
+    if prompt is None or not _usable(model, batch):
+        return class_logits(model, batch, verbalizer, prompt, extra_hooks)
+    ids, mask, chunk = split_batch(batch, compat.pad_token_id(model))
+    hooks = list(extra_hooks)
+    starters = _starters(hooks)
+    cache = _input_pass(model, ids, mask, hooks, starters, batch.first_example)
+    return _prompt_pass(model, chunk, cache, prompt, verbalizer, hooks, starters, batch.first_example)
 
 
 @torch.no_grad()
@@ -98,39 +122,11 @@ def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequ
     `class_logits` with that prompt (the full pass wherever the cache cannot be used, or the
     prompts' lengths differ from the batch's layout).
     """
-    if (not prompts or any(p.length != batch.prompt_length for p in prompts) or not compat.prefix_cache_supported(model)
-            or batch.input_start is None or compat.UNEMBED_IN_HOOK not in model.hook_dict):
+    if not prompts or any(p.length != batch.prompt_length for p in prompts) or not _usable(model, batch):
         return torch.stack([class_logits(model, batch, verbalizer, p, extra_hooks) for p in prompts])
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    ids, mask, chunk = split_batch(batch, pad)
+    ids, mask, chunk = split_batch(batch, compat.pad_token_id(model))
     hooks = list(extra_hooks)
-    starters = [fn.start_batch for _, fn in hooks if callable(getattr(fn, "start_batch", None))]
-    cache = compat.new_kv_cache()
-    for start in starters:
-        start(batch.first_example)
-
-    def stop(resid, hook):
-        raise compat.StopForward
-
-    with model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, stop)]):
-        try:
-            compat.forward_with_cache(model, ids, mask, cache)
-        except compat.StopForward:
-            pass
-    out = []
-    for prompt in prompts:
-        grabbed: dict[str, torch.Tensor] = {}
-
-        def take(resid, hook):
-            grabbed["h"] = resid[:, -1]
-            raise compat.StopForward
-
-        for start in starters:
-            start(batch.first_example)
-        with prompt.applied(model, chunk), model.hooks(fwd_hooks=hooks + [(compat.UNEMBED_IN_HOOK, take)]):
-            try:
-                compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, compat.copy_kv_cache(cache))
-            except compat.StopForward:
-                pass
-        out.append(compat.label_logits(model, grabbed["h"], verbalizer.token_ids))
-    return torch.stack(out)
+    starters = _starters(hooks)
+    cache = _input_pass(model, ids, mask, hooks, starters, batch.first_example)
+    return torch.stack([_prompt_pass(model, chunk, compat.copy_kv_cache(cache), p, verbalizer, hooks, starters,
+                                     batch.first_example) for p in prompts])
