@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli_args import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, common_options, emit, load_model_for,
-                       subparser, correlation_table, format_neurons_table, layer_spec, list_of, parse_layers)
+                       subparser, correlation_table, format_neurons_table, layer_spec, list_of, parse_layers,
+                       units_spec)
 from .cli_views import _add_dashboard, _add_demo, _add_export
 
 COMMANDS: dict[str, Callable] = {}
@@ -125,6 +126,8 @@ def _add_find(sub):
                    help="also count with the evaluation labels shuffled, in the same pass")
     p.add_argument("--control-seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
+    p.add_argument("--units", type=units_spec, default="mlp",
+                   help="mlp (neurons, default), resid, attn (per-head dims) or sae:PATH (a SAELens directory)")
     p.add_argument("--json", action="store_true")
     common_options(p)
     p.set_defaults(func=cmd_find)
@@ -146,7 +149,8 @@ def cmd_find(args):
         batch_size=args.batch_size or 32, max_train_examples=args.max_train_examples or None,
         max_eval_examples=args.max_eval_examples, multiclass=args.multiclass, aggregate_runs=args.aggregate_runs,
         progress=not args.quiet, confirm_split=None if args.confirm_split == "none" else args.confirm_split,
-        control=args.control, control_seed=args.control_seed)
+        control=args.control, control_seed=args.control_seed,
+        **({} if args.units == "mlp" else {"units": args.units}))
     emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import textwrap
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -209,3 +210,18 @@ def load_model_for(args, name: str):
     from .models import load_model
 
     return load_model(name, device=args.device, dtype=args.dtype)
+
+
+def units_spec(text: str) -> str:
+    """`--units`: mlp, resid, attn or sae:PATH (a directory with cfg.json and sae_weights.safetensors)."""
+    from .units import BUILTIN, SAE_CONFIG, SAE_WEIGHTS
+
+    if text in BUILTIN:
+        return text
+    if text.startswith("sae:"):
+        path = Path(text[4:])
+        missing = [f for f in (SAE_CONFIG, SAE_WEIGHTS) if not (path / f).exists()]
+        if missing:
+            raise argparse.ArgumentTypeError(f"{path} is not a SAELens directory (missing {', '.join(missing)})")
+        return f"sae:{path.resolve()}"
+    raise argparse.ArgumentTypeError(f"unknown units {text!r}; choose one of {', '.join(BUILTIN)} or sae:PATH")

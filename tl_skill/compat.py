@@ -222,8 +222,15 @@ def model_prefix_ids(model: HookedRootModule) -> list[int]:
 
 @torch.no_grad()
 def embed_tokens(model: HookedRootModule, tokens: torch.Tensor) -> torch.Tensor:
-    """What the word-embedding hook (`embed_hook`) sees for `tokens`, without running the model."""
-    return model.embed(tokens.to(model_device(model)))
+    """What the word-embedding hook (`embed_hook`) sees for `tokens`, without running the model.
+
+    On a bridge this calls the Hugging Face embedding module under the wrapper (with any scale it
+    applies, as Gemma's does), so no hook point fires: the user's hooks see nothing.
+    """
+    module = model.embed
+    while WRAPPER in module._modules:
+        module = module._modules[WRAPPER]
+    return module(tokens.to(model_device(model)))
 
 
 def context_length(model: HookedRootModule) -> int | None:

@@ -30,6 +30,7 @@ from .prompt import SoftPrompt, iterate_batches, layout_for
 from .record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
 from .tasks import Task, subsample
 from .tuning import Run
+from .units import UnitSource, check_source, unit_source
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
                split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
                batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
                padding_side: str | None = None, progress: bool = True, desc: str = "",
-               confirm_split: str | None = None, control_seed: int | None = None) -> RunStats:
+               confirm_split: str | None = None, control_seed: int | None = None,
+               units: "str | UnitSource | None" = None) -> RunStats:
     """Baselines from train, then the above-baseline counts on `split`, in fixed memory.
 
     Args:
@@ -62,8 +64,8 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
             same pass (the shuffled-label control).
     """
     t0 = time.perf_counter()
-    spec = model_spec(model)
-    layer_list = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
+    source = unit_source(model, units)
+    layer_list = list(source.layers) if layers is None else sorted(set(layers))
     P = prompt.length if prompt is not None else (prompt_length or 0)
     T = n_positions(positions, P)
     k = task.spec.n_classes
@@ -77,7 +79,7 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
     layout = layout_for(model, P, max_input_tokens, padding_side)
 
     def run_pass(stats, which: str, shuffled: np.ndarray | None = None):
-        rec = Recorder(model, stats, layer_list, positions)
+        rec = Recorder(model, stats, layer_list, positions, units=source)
         n = len(task[which])
         bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
         with rec.attached():
@@ -90,7 +92,7 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
         distributed.reduce_stats(stats)  # exact sums and counts: the same result for any world size
         return stats
 
-    moments = run_pass(MomentStats(k, len(layer_list), T, spec.d_mlp, device), "train")
+    moments = run_pass(MomentStats(k, len(layer_list), T, source.width, device), "train")
     # One baseline per distinct class set: one-vs-rest subtasks all share the global mean.
     keys, baseline_index, thresholds = [], [], []
     for sub in subtasks:
@@ -157,6 +159,7 @@ def find_skill_neurons(
     max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
     aggregate_subtasks: str = "max", progress: bool = True, confirm_split: str | None = "auto",
     control: str | None = None, control_seed: int = 0, prompts: Sequence[SoftPrompt] | None = None,
+    units: "str | UnitSource | None" = "mlp",
 ) -> SkillNeurons:
     """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
 
@@ -173,9 +176,12 @@ def find_skill_neurons(
             At most `max_eval_examples` of it are used.
         control: "shuffled" also counts with the selection split's labels permuted
             (seed `control_seed`), in the same pass: `control_summary()`.
+        units: which units to score ("mlp" neurons, "resid", "attn", "sae:PATH" or a `UnitSource`;
+            see `tl_skill.units`); the result records it (`SkillNeurons.units`).
     """
     spec = model_spec(model)
-    compat.check_neuron_axis(model, NeuronsError)
+    source = unit_source(model, units)
+    check_source(model, source, NeuronsError)
     runs = _runs_of(runs, prompts, spec.name)
     check_runs(runs)
     if runs[0].model_name != spec.name:
@@ -205,13 +211,13 @@ def find_skill_neurons(
             model, task, run.prompt.to(compat.model_device(model)), subtasks, split, layers, positions,
             batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
             desc=f"[run {r + 1}/{len(runs)}] ", confirm_split=confirm_split,
-            control_seed=control_seed if control else None,
+            control_seed=control_seed if control else None, units=source,
         ))
         log.info("recorded run %s in %.1fs", run.path, stats[-1].seconds)
     return SkillNeurons(
         model=spec.name, task=task.name, runs=[str(r.path) for r in runs],
         label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),
-        subtasks=subtasks, layers=list(range(spec.n_layers)) if layers is None else sorted(set(layers)),
+        subtasks=subtasks, layers=list(source.layers) if layers is None else sorted(set(layers)),
         positions=positions,
         accuracy=torch.stack([s.accuracy for s in stats]), baseline=torch.stack([s.baseline for s in stats]),
         std=torch.stack([s.std for s in stats]), constant=torch.stack([s.constant for s in stats]),
@@ -221,7 +227,8 @@ def find_skill_neurons(
               "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
               "max_train_examples": max_train_examples, "confirm_split": confirm_split,
               "n_confirm": len(task[confirm_split]) if confirm_split else None,
-              "control": control, "control_seed": control_seed if control else None},
+              "control": control, "control_seed": control_seed if control else None,
+              **({} if source.name == "mlp" else {"units": source.name, "unit_hook": source.template})},
         counts={f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
                 for which in stats[0].counts for j, name in ((0, "pos_above"), (1, "neg_above"))},
         class_counts={which: {"n_pos": stats[0].counts[which][2], "n_neg": stats[0].counts[which][3]}
@@ -250,6 +257,10 @@ def find_identity(runs: Sequence[Run], **kwargs) -> dict[str, Any]:
     bound = _FIND_SIGNATURE.bind_partial(None, list(runs), **kwargs)
     bound.apply_defaults()
     settings = {k: v for k, v in bound.arguments.items() if k not in _NOT_IDENTITY}
+    if settings.get("units") in (None, "mlp"):  # as before units existed: earlier directories still match
+        settings.pop("units", None)
+    elif not isinstance(settings["units"], str):
+        settings["units"] = settings["units"].name if hasattr(settings["units"], "name") else repr(settings["units"])
     if settings.get("layers") is not None:
         settings["layers"] = sorted(set(int(l) for l in settings["layers"]))
     return {"model": runs[0].model_name, "task": runs[0].task_name,

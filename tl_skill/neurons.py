@@ -137,6 +137,11 @@ class SkillNeurons:
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
     class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
+    @property
+    def units(self) -> str:
+        """The unit source the activations were read from ("mlp", "resid", "attn", "sae:PATH"; units.py)."""
+        return self.meta.get("units", "mlp")
+
     # --- statistics (SPEC §3b; see tl_skill.stats) ---------------------------
     def has_counts(self, which: str = "eval") -> bool:
         return f"{which}.pos_above" in self.counts

@@ -43,6 +43,7 @@ from jaxtyping import Float
 from . import compat
 from .models import model_spec
 from .neurons import SkillNeurons
+from .units import UnitSource, check_source, unit_source
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +145,26 @@ class Perturbation:
     def __init__(self, model, neurons, mode: str | PerturbFn = "noise", *, std: float = 0.1,
                  relative: bool = False, seed: int = 0, layers: Iterable[int] | None = None,
                  skill: SkillNeurons | None = None, baseline: torch.Tensor | None = None,
-                 neuron_std: torch.Tensor | None = None):
+                 neuron_std: torch.Tensor | None = None, units: "str | UnitSource | None" = None):
         spec = model_spec(model)
-        compat.check_neuron_axis(model, PerturbationError)
+        self.units = unit_source(model, units if units is not None else (skill.units if skill is not None else None))
+        check_source(model, self.units, PerturbationError)
         self.model = model
-        self.n_layers, self.d_mlp = spec.n_layers, spec.d_mlp
+        self.n_layers, self.d_mlp = spec.n_layers, self.units.width
         if not callable(mode) and mode not in MODES:
             raise PerturbationError(f"unknown perturbation mode {mode!r}; choose one of {MODES} or pass a function")
         if mode == "noise" and not (np.isfinite(std) and std >= 0):
             raise PerturbationError(f"noise std must be finite and >= 0, got {std}")
-        if skill is not None and skill.d_mlp != spec.d_mlp:
-            raise PerturbationError(f"skill neurons have d_mlp={skill.d_mlp} but the model has {spec.d_mlp}")
+        if skill is not None and skill.d_mlp != self.d_mlp:
+            raise PerturbationError(f"skill neurons have {skill.d_mlp} units per layer but the {self.units.name!r} "
+                                    f"units of the model have {self.d_mlp}")
         self.mode = mode
         self.std = float(std)
         self.relative = bool(relative)
         self.seed = int(seed)
-        index = neuron_index(neurons, spec.n_layers, spec.d_mlp, skill.layers if skill is not None else None)
+        rows = skill.layers if skill is not None else (
+            list(self.units.layers) if len(self.units.layers) < spec.n_layers else None)  # an SAE's one layer
+        index = neuron_index(neurons, spec.n_layers, self.d_mlp, rows)
         if layers is not None:
             keep = sorted(set(int(l) for l in layers))
             bad = [l for l in keep if not 0 <= l < spec.n_layers]
@@ -177,9 +182,10 @@ class Perturbation:
                 self.scale = {l: self.std * s for l, s in sd.items()}
             else:
                 self.scale = {l: torch.full((len(idx),), self.std, dtype=torch.float64) for l, idx in index.items()}
-        missing = [n for n in (compat.mlp_post_hook(l) for l in index) if n not in model.hook_dict]
-        if missing:
-            raise PerturbationError(f"the model has no hook point {missing[0]!r}")
+        outside = [l for l in index if l not in self.units.layers]
+        if outside:
+            raise PerturbationError(f"layers {outside} have no {self.units.name!r} units "
+                                    f"(they exist at layers {list(self.units.layers)})")
         self._device_cache: dict[tuple, torch.Tensor] = {}
         self._noise: dict[int, torch.Tensor] = {}
         self._next_example = 0
@@ -240,28 +246,32 @@ class Perturbation:
     def _hook_for(self, layer: int) -> Callable:
         first = layer == min(self.index)
 
-        name = compat.mlp_post_hook(layer)
+        name = self.units.hook(layer)
 
         def hook(act: Float[torch.Tensor, "batch pos d_mlp"], hook) -> torch.Tensor:
-            compat.check_hook_width(act, self.d_mlp, name, PerturbationError)
+            if self.units.name == "mlp":
+                compat.check_hook_width(act, self.d_mlp, name, PerturbationError)
+            else:
+                self.units.check(act, name, PerturbationError)
             if first:
                 self._start_batch(act.shape[0])
             idx = self._on("idx", layer, act.device, torch.long)
-            out = act.clone()
             if self.mode == "zero":
-                out[..., idx] = 0
+                change = torch.zeros_like
             elif self.mode == "mean":
-                out[..., idx] = self._on("target", layer, act.device, act.dtype)
+                target = self._on("target", layer, act.device, act.dtype)
+                change = lambda u: target.expand_as(u)  # noqa: E731
             elif self.mode == "noise":
                 noise = self._noise[layer].to(device=act.device, dtype=act.dtype)
-                out[..., idx] = act[..., idx] + noise[:, None, :]
+                change = lambda u: u + noise[:, None, :]  # noqa: E731
             else:
-                new = self.mode(act[..., idx], layer, idx)
-                if tuple(new.shape) != tuple(act[..., idx].shape):
-                    raise PerturbationError(f"the perturbation function returned shape {tuple(new.shape)} "
-                                        f"for activations of shape {tuple(act[..., idx].shape)}")
-                out[..., idx] = new.to(act.dtype)
-            return out
+                def change(u):
+                    new = self.mode(u, layer, idx)
+                    if tuple(new.shape) != tuple(u.shape):
+                        raise PerturbationError(f"the perturbation function returned shape {tuple(new.shape)} "
+                                                f"for activations of shape {tuple(u.shape)}")
+                    return new
+            return self.units.apply(act, idx, change)
 
         return hook
 
@@ -272,7 +282,7 @@ class Perturbation:
         each batch's global example number, so noise is a function of (seed, example) under
         any batch size and any number of processes.
         """
-        hooks = [(compat.mlp_post_hook(l), self._hook_for(l)) for l in sorted(self.index)]
+        hooks = [(self.units.hook(l), self._hook_for(l)) for l in sorted(self.index)]
         if hooks:
             hooks[0][1].start_batch = self.reset
         return hooks

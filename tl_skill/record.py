@@ -27,6 +27,7 @@ from jaxtyping import Float
 from . import compat
 from .models import model_spec
 from .prompt import Batch, SoftPrompt, maybe_applied
+from .units import BUILTIN, UnitSource, check_source, unit_source
 
 POSITION_MODES = ("prompt", "last", "mean")
 _S1 = 2.0**24
@@ -202,7 +203,8 @@ class LabelSets(_Stats):
 
 
 class Recorder:
-    """Hooks on `blocks.{l}.mlp.hook_post` that feed a statistics object, batch by batch.
+    """Hooks on `blocks.{l}.mlp.hook_post` (or another unit source's hooks, `units=`; see `units.py`)
+    that feed a statistics object, batch by batch.
 
     Usable as a context manager over any `HookedRootModule`:
 
@@ -217,23 +219,26 @@ class Recorder:
     """
 
     def __init__(self, model, stats, layers: Sequence[int] | None = None, positions: str = "prompt",
-                 stop_early: bool = True, check_finite: bool = True):
+                 stop_early: bool = True, check_finite: bool = True, units: "str | UnitSource | None" = None):
         spec = model_spec(model)
-        compat.check_neuron_axis(model, RecordingError)
+        self.units = unit_source(model, units)
+        check_source(model, self.units, RecordingError)
         self.model = model
-        self.layers = list(range(spec.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-        bad = [l for l in self.layers if not 0 <= l < spec.n_layers]
+        self.layers = list(self.units.layers) if layers is None else sorted(set(int(l) for l in layers))
+        bad = [l for l in self.layers if l not in self.units.layers]
         if bad or not self.layers:
-            raise RecordingError(f"layers {bad or self.layers} out of range: the model has {spec.n_layers} layers")
+            where = (f"the model has {spec.n_layers} layers" if self.units.name in BUILTIN
+                     else f"units {self.units.name!r} exist at layers {list(self.units.layers)}")
+            raise RecordingError(f"layers {bad or self.layers} out of range: {where}")
         if positions not in POSITION_MODES:
             raise RecordingError(f"unknown position mode {positions!r}; choose one of {POSITION_MODES}")
         self.stats = stats
-        self.width = spec.d_mlp
+        self.width = self.units.width
         self.positions = positions
         self.stop_early = stop_early
         self.check_finite = check_finite
         self._batch: Batch | None = None
-        self.names = {compat.mlp_post_hook(l): i for i, l in enumerate(self.layers)}
+        self.names = {self.units.hook(l): i for i, l in enumerate(self.layers)}
         missing = [n for n in self.names if n not in model.hook_dict]
         if missing:
             raise RecordingError(f"the model has no hook point {missing[0]!r}")
@@ -243,9 +248,12 @@ class Recorder:
         last = slot == len(self.layers) - 1
 
         def hook(act, hook):
-            compat.check_hook_width(act, self.width, name, RecordingError)
+            if self.units.name == "mlp":
+                compat.check_hook_width(act, self.width, name, RecordingError)
+            else:
+                self.units.check(act, name, RecordingError)
             batch = self._batch
-            x = _positions(batch, self.positions, act.detach())
+            x = self.units.encode(_positions(batch, self.positions, self.units.flat(act.detach())))
             if self.check_finite:
                 if not torch.isfinite(x).all():
                     raise RecordingError(f"non-finite activation (NaN or inf) at {name}")

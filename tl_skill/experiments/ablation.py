@@ -35,6 +35,7 @@ from ..stats import mcnemar_exact, paired_bootstrap
 from ..tasks import Task
 from ..train import majority_accuracy
 from ..tuning import Run
+from ..units import unit_source
 from .results import Result
 from .runner import Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
@@ -260,14 +261,17 @@ def ablation_experiment(
         "std": float(std) if noise else None, "relative": bool(relative) if noise else None,
         "layers": layer_list, "per_layer": per_layer, "test_examples": max_examples, "task_seed": cfg.task_seed,
         "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
+        **({} if neurons.units == "mlp" else {"units": neurons.units}),
     }
     if out is not None:
         out = claim_dir(out, "ablation", identity, legacy=_legacy_identity)
     model = resolve_model(model)
     spec = model_spec(model)
     check_neurons_for_run(run, neurons, spec.name, AblationError)
-    if neurons.d_mlp != spec.d_mlp:
-        raise AblationError(f"skill neurons have d_mlp={neurons.d_mlp} but the model has {spec.d_mlp}")
+    width = unit_source(model, neurons.units).width
+    if neurons.d_mlp != width:
+        raise AblationError(f"skill neurons have {neurons.d_mlp} units per layer but the model's "
+                            f"{neurons.units!r} units are {width} wide")
 
     task = run.load_task()
     es = EvalSet.of_run(run, model, max_examples, task)
@@ -276,7 +280,7 @@ def ablation_experiment(
     counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
     for f, m in masks.items():
         if not m.any():
-            log.warning("fraction %g selects no neuron (d_mlp=%d): skill and random equal clean", f, spec.d_mlp)
+            log.warning("fraction %g selects no unit (%d per layer): skill and random equal clean", f, width)
     conditions = perturbation_conditions(masks, seed_list, mode, std=std, relative=relative, skill=neurons,
                                          prompt=run.prompt)
     results = run_conditions(conditions, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},

@@ -1,0 +1,233 @@
+"""Units beyond MLP neurons: where a unit's activation is read, how wide the axis is, how it is written.
+
+A `UnitSource` names a hook point per layer, the width of its unit axis, an optional encoder applied
+inside the hook, and how a change of some units is written back into the activation:
+
+- `mlp` (default): `blocks.{l}.mlp.hook_post`, d_mlp neurons;
+- `resid`: `blocks.{l}.hook_resid_post`, d_model directions (the standard basis);
+- `attn`: `blocks.{l}.attn.hook_z` [pos, head, d_head], flattened to n_heads x d_head units
+  (`head_scores` gives a head-level view: a head's score = max or mean over its dims);
+- `sae:PATH`: the latents of a sparse autoencoder in SAELens' directory format (`cfg.json` with
+  `hook_name`, `d_in`, `d_sae`, `architecture`; `sae_weights.safetensors` with `W_enc`, `b_enc`,
+  `W_dec`, `b_dec`, and `threshold` for JumpReLU), read without the `sae-lens` package, at the one
+  layer its hook belongs to. Latents are computed inside the hook; changing latents changes the
+  activation by the change of their decoder contribution, keeping the SAE's reconstruction error
+  (SAELens' error-term convention), so with no latent changed the model is unchanged.
+
+Every source checks the hook's width against its own when a hook runs, naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import compat
+from .models import model_spec
+
+BUILTIN = ("mlp", "resid", "attn")
+SAE_CONFIG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+SAE_ARCHITECTURES = ("standard", "relu", "jumprelu", "topk")
+
+
+class UnitError(ValueError):
+    """An unknown unit source, an unreadable SAE, or a hook whose width is not the source's."""
+
+
+@dataclass(frozen=True)
+class SAE:
+    """Encoder and decoder of a sparse autoencoder on one hook point (float32, CPU until used)."""
+
+    hook_name: str
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    b_enc: torch.Tensor  # [d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_in]
+    b_dec: torch.Tensor  # [d_in]
+    architecture: str = "standard"
+    threshold: torch.Tensor | None = None  # JumpReLU [d_sae]
+    k: int | None = None  # TopK
+    apply_b_dec_to_input: bool = True
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        W, b = self.W_enc.to(x), self.b_enc.to(x)
+        pre = (x - self.b_dec.to(x) if self.apply_b_dec_to_input else x) @ W + b
+        if self.architecture == "jumprelu":
+            return pre * (pre > self.threshold.to(x))
+        if self.architecture == "topk":
+            vals, idx = torch.relu(pre).topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, vals)
+        return torch.relu(pre)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec.to(z) + self.b_dec.to(z)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SAE":
+        """Read a SAELens-format directory (no `sae-lens` needed), refusing missing or mis-shaped parts."""
+        from .files import FileFormatError, read_tensors
+
+        path = Path(path)
+        if not (path / SAE_CONFIG).exists() or not (path / SAE_WEIGHTS).exists():
+            raise UnitError(f"{path} is not a SAELens directory: it needs {SAE_CONFIG} and {SAE_WEIGHTS}")
+        try:
+            cfg = json.loads((path / SAE_CONFIG).read_text())
+        except json.JSONDecodeError as exc:
+            raise UnitError(f"{path / SAE_CONFIG} is not JSON ({exc})") from None
+        missing = [k for k in ("hook_name", "d_in", "d_sae") if k not in cfg]
+        if missing:
+            raise UnitError(f"{path / SAE_CONFIG} lacks {', '.join(missing)}")
+        arch = str(cfg.get("architecture", "standard")).lower()
+        if arch not in SAE_ARCHITECTURES:
+            raise UnitError(f"{path / SAE_CONFIG}: architecture {arch!r} is not one of {SAE_ARCHITECTURES}")
+        try:
+            t = read_tensors(path / SAE_WEIGHTS, "SAE weights", ["W_enc", "b_enc", "W_dec", "b_dec"])
+        except FileFormatError as exc:
+            raise UnitError(str(exc)) from None
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        for name, shape in want.items():
+            if tuple(t[name].shape) != shape:
+                raise UnitError(f"{path / SAE_WEIGHTS}: {name} has shape {tuple(t[name].shape)}, but cfg.json's "
+                                f"d_in={d_in}, d_sae={d_sae} need {shape}")
+        threshold = t.get("threshold")
+        if arch == "jumprelu" and threshold is None:
+            raise UnitError(f"{path / SAE_WEIGHTS}: a JumpReLU SAE needs 'threshold'")
+        k = cfg.get("k") or (cfg.get("architecture_kwargs") or {}).get("k")
+        if arch == "topk" and not k:
+            raise UnitError(f"{path / SAE_CONFIG}: a TopK SAE needs 'k'")
+        return cls(str(cfg["hook_name"]), *(t[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec")),
+                   architecture="standard" if arch == "relu" else arch,
+                   threshold=None if threshold is None else threshold.float(), k=int(k) if k else None,
+                   apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
+
+    @classmethod
+    def from_sae_lens(cls, sae) -> "SAE":
+        """A `sae_lens.SAE` object (when that package is installed)."""
+        cfg = sae.cfg
+        arch = str(getattr(cfg, "architecture", lambda: "standard")() if callable(getattr(cfg, "architecture", None))
+                   else getattr(cfg, "architecture", "standard")).lower()
+        meta = getattr(cfg, "metadata", None)
+        hook = getattr(cfg, "hook_name", None) or getattr(meta, "hook_name", None)
+        threshold = getattr(sae, "threshold", None)
+        return cls(str(hook), sae.W_enc.detach().float().cpu(), sae.b_enc.detach().float().cpu(),
+                   sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu(),
+                   architecture="standard" if arch == "relu" else arch,
+                   threshold=None if threshold is None else threshold.detach().float().cpu(),
+                   k=getattr(cfg, "k", None), apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)))
+
+
+@dataclass(frozen=True)
+class UnitSource:
+    """One kind of unit on a model: its hook per layer, its width, its encoder and its write-back."""
+
+    name: str  # "mlp", "resid", "attn", "sae:PATH"
+    template: str  # hook name with {l}
+    width: int
+    layers: tuple[int, ...]  # the layers that have such units
+    shape: tuple[int, ...]  # trailing shape of the hook's activation
+    sae: SAE | None = field(default=None, repr=False)
+
+    def hook(self, layer: int) -> str:
+        return self.template.format(l=layer)
+
+    def check(self, act: torch.Tensor, name: str, error: type[Exception] = UnitError) -> None:
+        if tuple(act.shape[-len(self.shape):]) != self.shape:
+            raise error(
+                f"hook point {name} has trailing shape {tuple(act.shape[2:])}, but the {self.name!r} units expect "
+                f"{self.shape} ({self.width} units): it does not hold what this unit source reads (a pruned model, "
+                "a mixture-of-experts block, or an SAE trained for another hook or width)")
+
+    def flat(self, act: torch.Tensor) -> torch.Tensor:
+        """[batch, pos, *shape] -> [batch, pos, n] (attention heads merged)."""
+        return act.flatten(-2) if len(self.shape) == 2 else act
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit values of flattened activations (the SAE's latents; the activation itself otherwise)."""
+        return self.sae.encode(x.float()).to(x.dtype) if self.sae is not None else x
+
+    def apply(self, act: torch.Tensor, idx: torch.Tensor,
+              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`act` with units `idx` changed from `u` to `fn(u)` ([batch, pos, k] -> same)."""
+        if self.sae is None:
+            out = self.flat(act).clone()
+            out[..., idx] = fn(out[..., idx]).to(act.dtype)
+            return out.view(act.shape)
+        z = self.sae.encode(act.float())[..., idx]
+        delta = (fn(z.to(act.dtype)).float() - z) @ self.sae.W_dec[idx.cpu()].to(z)
+        return act + delta.to(act.dtype)  # the reconstruction error is kept: only the change is added
+
+    def to_dict(self) -> dict:
+        return {"units": self.name, "hook": self.template, "width": self.width, "layers": list(self.layers)}
+
+
+def _sae_layer(hook_name: str) -> int:
+    m = re.match(r"blocks\.(\d+)\.", hook_name)
+    if not m:
+        raise UnitError(f"the SAE's hook {hook_name!r} is not a per-layer hook (blocks.<layer>.…)")
+    return int(m.group(1))
+
+
+def unit_source(model, units: "str | UnitSource | SAE | None" = "mlp") -> UnitSource:
+    """The `UnitSource` called `units` on `model`: "mlp", "resid", "attn", "sae:PATH", an `SAE` or a `sae_lens.SAE`."""
+    if isinstance(units, UnitSource):
+        return units
+    spec = model_spec(model)
+    layers = tuple(range(spec.n_layers))
+    if units is None or units == "mlp":
+        return UnitSource("mlp", "blocks.{l}.mlp.hook_post", spec.d_mlp, layers, (spec.d_mlp,))
+    if units == "resid":
+        return UnitSource("resid", "blocks.{l}.hook_resid_post", spec.d_model, layers, (spec.d_model,))
+    if units == "attn":
+        h, d = int(model.cfg.n_heads), int(model.cfg.d_head)
+        return UnitSource("attn", "blocks.{l}.attn.hook_z", h * d, layers, (h, d))
+    if isinstance(units, str) and units.startswith("sae:"):
+        sae, name = SAE.load(units[4:]), units
+    elif isinstance(units, SAE):
+        sae, name = units, f"sae:{units.hook_name}"
+    elif type(units).__name__ == "SAE" and hasattr(units, "W_enc"):
+        sae = SAE.from_sae_lens(units)
+        name = f"sae:{sae.hook_name}"
+    else:
+        raise UnitError(f"unknown unit source {units!r}; choose one of {BUILTIN} or sae:PATH")
+    layer = _sae_layer(sae.hook_name)
+    if not 0 <= layer < spec.n_layers:
+        raise UnitError(f"the SAE's hook {sae.hook_name} is at layer {layer}, but the model has {spec.n_layers}")
+    if sae.hook_name not in model.hook_dict:
+        raise UnitError(f"the model has no hook point {sae.hook_name!r} (the SAE's hook_name)")
+    template = sae.hook_name.replace(f"blocks.{layer}.", "blocks.{l}.", 1)
+    return UnitSource(name, template, sae.d_sae, (layer,), (sae.d_in,), sae)
+
+
+def check_source(model, source: UnitSource, error: type[Exception] = UnitError) -> None:
+    """Refuse, before any work, a source the model cannot give (MoE blocks for `mlp`; missing hooks)."""
+    if source.name == "mlp":
+        compat.check_neuron_axis(model, error)
+    missing = [source.hook(l) for l in source.layers if source.hook(l) not in model.hook_dict]
+    if missing:
+        raise error(f"the model has no hook point {missing[0]!r} (units {source.name!r})")
+
+
+def head_scores(values: torch.Tensor, n_heads: int, how: str = "max") -> torch.Tensor:
+    """Head-level view of per-dimension attention-unit scores [..., n_heads * d_head] -> [..., n_heads]."""
+    if values.shape[-1] % n_heads:
+        raise UnitError(f"{values.shape[-1]} attention units do not split into {n_heads} heads")
+    v = values.reshape(*values.shape[:-1], n_heads, values.shape[-1] // n_heads)
+    if how == "max":
+        return v.max(-1).values
+    if how == "mean":
+        return v.mean(-1)
+    raise UnitError(f"head score must be 'max' or 'mean', got {how!r}")
