@@ -240,3 +240,23 @@ def test_cli_find_takes_units_and_refuses_bad_ones_before_work(tmp_path, tiny_ll
     assert main(common + ["--out", str(tmp_path / "attn"), "--units", "attn"]) in (0, None)
     sn = SkillNeurons.load(tmp_path / "attn")
     assert sn.units == "attn" and sn.predictivity.shape == (3, 64)
+
+
+def test_units_by_layer_figure_and_numbers(tiny_llama, task, prompt, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "units_by_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "units_by_layer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dirs = []
+    for units in ("mlp", "attn"):
+        sn = _find(tiny_llama, task, prompt, units)
+        sn.save(tmp_path / units)
+        dirs.append(f"{units}={tmp_path / units}")
+    mod.main([*dirs, "--out", str(tmp_path / "u.json"), "--figure", str(tmp_path / "u.png")])
+    out = json.loads((tmp_path / "u.json").read_text())["sources"]
+    attn = _find(tiny_llama, task, prompt, "attn").predictivity
+    assert out["attn"]["best_by_layer"] == attn.max(1).values.tolist() and out["attn"]["width"] == 64
+    assert (tmp_path / "u.png").stat().st_size > 1000

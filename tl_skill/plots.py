@@ -46,6 +46,30 @@ def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Pat
     return _save(fig, path)
 
 
+def plot_units_by_layer(found: dict, path: str | Path, title: str = "") -> Path:
+    """Best (left) and top-1% mean (right) predictivity by layer, one curve per unit source ({name: SkillNeurons})."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for name, sn in found.items():
+        pred = sn.predictivity.numpy()
+        layers = np.asarray(sn.layers)
+        top = np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100):].mean(1)
+        label = f"{name} ({pred.shape[1]} per layer)"
+        axes[0].plot(layers, pred.max(1), "o-", ms=3, label=label)
+        axes[1].plot(layers, top, "o-", ms=3, label=label)
+    first = next(iter(found.values()))
+    acc = first.prompt_accuracy("dev_accuracy")
+    for ax, what in zip(axes, ("best unit", "top 1% of the layer (mean)")):
+        if acc is not None:
+            ax.axhline(acc, color="k", ls="--", lw=1, label=f"prompt's dev accuracy ({acc:.3f})")
+        ax.set_xlabel("layer")
+        ax.set_title(what)
+    axes[0].set_ylabel("predictivity")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_statistics(sn, path: str | Path, q: float = 0.05) -> Path:
     """FDR-significant neurons per layer (left); selection-split vs held-out predictivity of the top 1% (right)."""
     layers = np.asarray(sn.layers)
