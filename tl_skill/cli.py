@@ -174,6 +174,8 @@ def _add_ablate(sub):
     p.add_argument("--layers", type=layer_spec, default=None, help="perturb only these layers, e.g. 10-29")
     p.add_argument("--max-examples", type=NON_NEGATIVE, default=300,
                    help="test examples (0: the run's whole test set)")
+    p.add_argument("--units", type=units_spec, default=None,
+                   help="units to perturb (default: those the neurons were found on; sae:NEWPATH if the SAE moved)")
     p.add_argument("--json", action="store_true")
     common_options(p)
     p.set_defaults(func=cmd_ablate)
@@ -189,7 +191,8 @@ def cmd_ablate(args):
     res = ablation_experiment(
         lambda: load_model_for(args, run.model_name), run, sn, args.out, mode=args.mode, fractions=args.fractions,
         seeds=args.seeds, std=args.std, relative=args.relative, layers=parse_layers(args.layers, _n_layers(run)),
-        max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet)
+        max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet,
+        units=args.units)
 
     lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} "
              f"{'McNemar p':>12}"]
@@ -258,6 +261,8 @@ def _add_transfer(sub):
     p.add_argument("--top-fraction", type=FRACTION, default=0.02,
                    help="per-layer top fraction for the overlap indicator")
     p.add_argument("--max-eval-examples", type=POSITIVE, default=300)
+    p.add_argument("--units", type=units_spec, default=None,
+                   help="units of the activation indicators (default: those the neurons were found on)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--json", action="store_true")
     common_options(p)
@@ -270,7 +275,8 @@ def cmd_transfer(args):
     res = transfer_from_dirs(None, args.neurons_dirs, args.runs or None, args.out, device=args.device,
                              dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
                              top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
-                             batch_size=args.batch_size, figures=not args.no_figures, progress=not args.quiet)
+                             batch_size=args.batch_size, figures=not args.no_figures, progress=not args.quiet,
+                             units=args.units)
     emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
 
 
@@ -293,6 +299,8 @@ def _add_study(sub):
     p.add_argument("--transfer-steps", type=NON_NEGATIVE, default=10,
                    help="K steps of tuning from the source prompt (0: skip)")
     p.add_argument("--max-eval-examples", type=POSITIVE, default=200, help="test examples per transfer evaluation")
+    p.add_argument("--units", type=units_spec, default="mlp",
+                   help="units to find and compare: mlp (default), resid, attn or sae:PATH")
     p.add_argument("--json", action="store_true")
     common_options(p)
     p.set_defaults(func=cmd_study)
@@ -309,7 +317,8 @@ def cmd_study(args):
                      **({"batch_size": args.batch_size} if args.batch_size else {}))
     res = study(args.model, tasks, args.out, seeds=tuple(range(args.seeds)), tune_config=cfg,
                 find_kwargs={"max_train_examples": args.find_train_examples,
-                             "max_eval_examples": args.find_eval_examples},
+                             "max_eval_examples": args.find_eval_examples,
+                             **({} if args.units == "mlp" else {"units": args.units})},
                 transfer_steps=args.transfer_steps, progress=not args.quiet, device=args.device, dtype=args.dtype,
                 max_eval_examples=args.max_eval_examples)
     emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")

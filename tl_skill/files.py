@@ -53,10 +53,20 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def temp_path(path: str | Path) -> Path:
+    """A temporary name beside `path`, unique to this process, to write into and rename.
+
+    Unique per process so that two processes writing the same file (torchrun
+    ranks, two commands on one directory) never rename each other's file away.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_json(path: str | Path, obj: Any) -> None:
     """Write JSON to `path` through a temporary file renamed into place."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
@@ -311,7 +321,7 @@ def save_state(path: str | Path, obj: Any) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(obj, tensors)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     save_file(tensors, str(tmp), metadata={"tl_skill_state": json.dumps(structure)})
     os.replace(tmp, path)
 

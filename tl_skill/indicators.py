@@ -135,6 +135,9 @@ def check_comparable(a: SkillNeurons, b: SkillNeurons) -> None:
     if a.model != b.model:
         raise TransferError(f"skill neurons of different models cannot be compared: "
                             f"{a.task!r} was found on {a.model!r}, {b.task!r} on {b.model!r}")
+    if a.units != b.units:
+        raise TransferError(f"skill neurons of {a.task!r} were found on {a.units!r} units, those of {b.task!r} "
+                            f"on {b.units!r}: find both with the same units")
     if list(a.layers) != list(b.layers) or a.d_mlp != b.d_mlp:
         raise TransferError(f"skill neurons of {a.task!r} (layers {a.layers}, d_mlp {a.d_mlp}) and "
                             f"{b.task!r} (layers {b.layers}, d_mlp {b.d_mlp}) cover different neurons")
@@ -205,15 +208,18 @@ class _LastActivations:
 
 
 @torch.no_grad()
-def prompt_activation_states(model, prompt: SoftPrompt) -> Bool[torch.Tensor, "n_layers prompt d_mlp"]:
+def prompt_activation_states(model, prompt: SoftPrompt, units=None) -> Bool[torch.Tensor, "n_layers prompt d_mlp"]:
     """Which neurons the soft prompt alone activates (activation > 0), at each prompt position.
 
     The model reads the prompt with no input text (Su et al., 2021): the prompt
     positions only for a causal LM, `[CLS] [MASK] prompt [SEP]` for a masked LM.
+    `units`: another unit source (`tl_skill.units`), at every layer it has: SAE latents
+    are active when > 0 as neurons are; for `resid` and `attn` the state is the sign of
+    each coordinate (a positive value), which only the overlap indicators read.
     """
-    spec = model_spec(model)
-    stats = _LastActivations(spec.n_layers)
-    rec = Recorder(model, stats, None, "prompt")
+    rec = Recorder(model, None, None, "prompt", units=units)
+    stats = _LastActivations(len(rec.layers))
+    rec.stats = stats
     batch = layout_for(model, prompt.length).collate([[]], [0]).to(compat.model_device(model))
     with rec.attached():
         rec.run(batch, prompt.to(compat.model_device(model)))

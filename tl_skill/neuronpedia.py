@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import claim_dir
+from .files import claim_dir, temp_path
 
 FEATURE_FIELDS = (
     "modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector", "vectorLabel",
@@ -53,7 +53,7 @@ ACTIVATION_FIELDS = (
 
 def _write_gz_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     tmp.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), compresslevel=5))
     tmp.replace(path)
     return path

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 
 from . import distributed
-from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors
+from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
 from .tuning import Run
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ class SkillNeurons:
             "constant": self.constant.to(torch.uint8).contiguous(),
             **{f"counts.{k}": v.to(torch.int32).contiguous() for k, v in self.counts.items()},
         }
-        tmp = path / (PREDICTIVITY_FILE + ".tmp")
+        tmp = temp_path(path / PREDICTIVITY_FILE)
         save_file(tensors, str(tmp))
         tmp.replace(path / PREDICTIVITY_FILE)
         info = {

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .files import atomic_json
+from .files import atomic_json, temp_path
 from .models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
 from .neurons import SkillNeurons
 
@@ -317,7 +317,7 @@ def save_pruned(model, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
     hf = compat.plain_hf_copy(compat.hf_model_of(model), share_tensors=True)
-    tmp = out / (PRUNED_WEIGHTS + ".tmp")
+    tmp = temp_path(out / PRUNED_WEIGHTS)
     save_model(hf, str(tmp))
     tmp.replace(out / PRUNED_WEIGHTS)
     hf.config.to_json_file(str(out / HF_CONFIG))

@@ -212,6 +212,49 @@ def unit_source(model, units: "str | UnitSource | SAE | None" = "mlp") -> UnitSo
     return UnitSource(name, template, sae.d_sae, (layer,), (sae.d_in,), sae)
 
 
+def unit_kind(name: str) -> str:
+    """"mlp", "resid", "attn" or "sae" (any SAE path)."""
+    return "sae" if name.startswith("sae:") else name
+
+
+def check_same_units(found: str, units, error: type[Exception] = UnitError) -> None:
+    """Refuse, without a model, a requested unit source of another kind than the one skill units were found on."""
+    if units is None:
+        return
+    name = units if isinstance(units, str) else getattr(units, "name", None) or f"sae:{units.hook_name}"
+    if unit_kind(name) != unit_kind(found):
+        raise error(f"the skill neurons were found on {found!r} units; units {name!r} are other units "
+                    "(find them again with those units)")
+
+
+def source_for_neurons(model, neurons, units: "str | UnitSource | SAE | None" = None,
+                       error: type[Exception] = UnitError) -> UnitSource:
+    """The unit source to perturb or trace skill units with, checked against the units they were found on.
+
+    `units=None` takes the source recorded with the skill neurons (`SkillNeurons.units`).
+    Another source is accepted only when it is the same kind of unit of the same width at
+    the same layers (an SAE directory that moved: `sae:NEWPATH`); anything else would
+    perturb or trace other units than those that were scored, and is refused naming both.
+    """
+    found = neurons.units
+    try:
+        source = unit_source(model, found if units is None else units)
+    except UnitError as exc:
+        if units is None and unit_kind(found) == "sae":
+            raise error(f"the skill units were found with {found!r}, which cannot be read now ({exc}); "
+                        "if the SAE moved, pass its new directory as units='sae:NEWPATH' (--units)") from None
+        raise error(str(exc)) from None
+    check_same_units(found, source.name, error)
+    if source.width != neurons.d_mlp:
+        raise error(f"the skill neurons have {neurons.d_mlp} units per layer but the model's "
+                    f"{source.name!r} units are {source.width} wide")
+    outside = [l for l in neurons.layers if l not in source.layers]
+    if outside:
+        raise error(f"the skill neurons cover layers {list(neurons.layers)}, but {source.name!r} units exist "
+                    f"at layers {list(source.layers)}")
+    return source
+
+
 def check_source(model, source: UnitSource, error: type[Exception] = UnitError) -> None:
     """Refuse, before any work, a source the model cannot give (MoE blocks for `mlp`; missing hooks)."""
     if source.name == "mlp":

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import compat
+from .files import temp_path
 from .models import model_spec
 from .prompt import Verbalizer
 from .tasks import Task
@@ -284,7 +285,7 @@ def save_trained(params: dict[str, torch.nn.Parameter], path: str | Path) -> Non
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     # Clones: split views (GPT-2's q/k/v biases) share storage, which safetensors refuses.
     save_file({n: p.detach().cpu().clone().contiguous() for n, p in params.items()}, str(tmp))
     tmp.replace(path)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import distributed
 from ..files import claim_dir, tensor_digest
 from ..models import model_spec
 from ..neurons import SkillNeurons, check_neurons_for_run, random_mask_like
@@ -35,7 +36,7 @@ from ..stats import mcnemar_exact, paired_bootstrap
 from ..tasks import Task
 from ..train import majority_accuracy
 from ..tuning import Run
-from ..units import unit_source
+from ..units import UnitSource, check_same_units, source_for_neurons
 from .results import Result
 from .runner import Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
@@ -64,8 +65,11 @@ def condition_name(kind: str, fraction: float | None = None, seed: int | None = 
 
 def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence[int], mode, *, std: float,
                             relative: bool, skill: SkillNeurons, prompt=None, variant: str = "model",
-                            eval_set: str = "test") -> list[Condition]:
-    """Clean, then per fraction: skill neurons (seed `seeds[0]`) and random neurons once per seed."""
+                            eval_set: str = "test", units: "UnitSource | None" = None) -> list[Condition]:
+    """Clean, then per fraction: skill neurons (seed `seeds[0]`) and random neurons once per seed.
+
+    `units`: the source to perturb (default: the skill neurons' own, `SkillNeurons.units`).
+    """
     noise = mode == "noise"
 
     def cond(kind: str, f: float | None, s: int | None) -> Condition:
@@ -74,7 +78,8 @@ def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence
         mask = masks[f] if kind == "skill" else random_mask_like(masks[f], s)
 
         def hooks(model, mask=mask, s=s):
-            return Perturbation(model, mask, mode, std=std, relative=relative, seed=s, skill=skill).fwd_hooks()
+            return Perturbation(model, mask, mode, std=std, relative=relative, seed=s, skill=skill,
+                                units=units).fwd_hooks()
 
         definition = {"perturbation": {"kind": kind, "fraction": f, "seed": s, "mode": mode_name(mode),
                                        "std": std if noise else None, "relative": relative if noise else None,
@@ -212,7 +217,7 @@ def ablation_experiment(
     mode: str | PerturbFn = "noise", fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 3,
     std: float = 0.1, relative: bool = False, layers: Iterable[int] | None = None,
     max_examples: int | None = None, batch_size: int = 32, per_layer: bool = True, progress: bool = True,
-    task: Task | None = None,
+    task: Task | None = None, units: "str | UnitSource | None" = None,
 ) -> AblationResult:
     """Test accuracy of the prompted model with skill neurons vs random neurons perturbed (module docstring).
 
@@ -226,6 +231,9 @@ def ablation_experiment(
             or seeds add conditions), other settings are refused before any work.
         seeds: number of random-control seeds (0..n-1), or the seeds themselves.
         max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
+        units: the unit source to perturb (default: the one the skill neurons were found on;
+            another is accepted only for the same units, e.g. an SAE directory that moved:
+            `units.source_for_neurons`).
     """
     t_start = time.perf_counter()
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
@@ -239,6 +247,7 @@ def ablation_experiment(
     run = run if isinstance(run, Run) else Run.load(run)
     # --- validate everything before any evaluation
     check_neurons_for_run(run, neurons, None, AblationError)
+    check_same_units(neurons.units, units, AblationError)
     if not callable(mode) and mode not in MODES:
         raise AblationError(f"unknown perturbation mode {mode!r}; choose one of {MODES} or pass a function")
     fractions, seed_list = check_fractions_seeds(fractions, seeds)
@@ -261,17 +270,16 @@ def ablation_experiment(
         "std": float(std) if noise else None, "relative": bool(relative) if noise else None,
         "layers": layer_list, "per_layer": per_layer, "test_examples": max_examples, "task_seed": cfg.task_seed,
         "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
-        **({} if neurons.units == "mlp" else {"units": neurons.units}),
+        **({} if neurons.units == "mlp" and units in (None, "mlp") else
+           {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}),
     }
     if out is not None:
         out = claim_dir(out, "ablation", identity, legacy=_legacy_identity)
     model = resolve_model(model)
     spec = model_spec(model)
     check_neurons_for_run(run, neurons, spec.name, AblationError)
-    width = unit_source(model, neurons.units).width
-    if neurons.d_mlp != width:
-        raise AblationError(f"skill neurons have {neurons.d_mlp} units per layer but the model's "
-                            f"{neurons.units!r} units are {width} wide")
+    source = source_for_neurons(model, neurons, units, AblationError)
+    width = source.width
 
     task = run.load_task()
     es = EvalSet.of_run(run, model, max_examples, task)
@@ -282,7 +290,7 @@ def ablation_experiment(
         if not m.any():
             log.warning("fraction %g selects no unit (%d per layer): skill and random equal clean", f, width)
     conditions = perturbation_conditions(masks, seed_list, mode, std=std, relative=relative, skill=neurons,
-                                         prompt=run.prompt)
+                                         prompt=run.prompt, units=source)
     results = run_conditions(conditions, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
                              batch_size=batch_size, progress=progress, desc=f"ablate {run.task_name} ({name})")
     result = AblationResult(
@@ -294,7 +302,7 @@ def ablation_experiment(
         eval_seconds=sum(r.seconds for r in results.values()),
         evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "correct": r.correct,
                       "file": r.key} for r in results.values()])
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
         from ..plots import plot_ablation
 

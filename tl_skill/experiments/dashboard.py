@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import compat
+from .. import compat, distributed
 from ..files import claim_dir, tensor_digest
 from ..models import model_spec
 from ..neurons import SkillNeurons, check_neurons_for_run
@@ -294,6 +294,6 @@ def dashboard_data(
         settings={**identity, "batch_size": batch_size})
     result = DashboardResult(**{**result.to_dict(), "activations": best, "labels": result.labels,
                                 "predictions": result.predictions})
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
     return result

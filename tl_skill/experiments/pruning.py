@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .. import compat
+from .. import compat, distributed
 from ..files import claim_dir, read_json, tensor_digest
 from ..models import model_spec
 from ..neurons import SkillNeurons, check_neurons_for_run
@@ -188,8 +188,9 @@ def prune_experiment(model: ModelOrLoader, run: Run | str | Path, neurons: Skill
         seconds_before=seconds["before"], seconds_after=seconds["after"], timing_repeats=timing_repeats,
         batch_size=batch_size, prune_seconds=prune_seconds, timing_seconds=timing_seconds,
         retune_steps=retune_steps, settings=identity, **extra)
-    save_pruned(pruned, out)  # with prune.json last: a directory with prune.json is complete
-    result.save(out)
+    if distributed.is_main():  # under torchrun rank 0 writes the result
+        save_pruned(pruned, out)  # with prune.json last: a directory with prune.json is complete
+        result.save(out)
     log.info("pruned %s/%s: %.1f%% of parameters, accuracy %.3f -> %.3f, speedup %.2fx", spec.name,
              run.task_name, 100 * result.params_fraction, result.accuracy_before, result.accuracy_after,
              result.speedup or float("nan"))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..files import FileFormatError, atomic_json, jsonable, read_json, read_tensors
+from ..files import FileFormatError, atomic_json, jsonable, read_json, read_tensors, temp_path
 
 R = TypeVar("R", bound="Result")
 
@@ -56,7 +56,7 @@ class Result:
             from safetensors.torch import save_file
 
             target = path / (Path(self.FILE).stem + ".safetensors")
-            tmp = target.with_name(target.name + ".tmp")
+            tmp = temp_path(target)
             save_file(tensors, str(tmp))
             os.replace(tmp, target)
         atomic_json(path / self.FILE, self.to_dict())

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import tuning
+from .. import distributed, tuning
 from ..files import claim_dir, read_json, tensor_digest
 from ..find import load_or_find
 from ..indicators import (INDICATORS, TransferError, activation_overlap, check_comparable, indicator_correlations,
@@ -36,6 +36,7 @@ from ..prompt import SoftPrompt
 from ..tasks import Task, load_task
 from ..tuning import Run, RunError, TuneConfig
 from .results import Result
+from ..units import UnitSource, check_same_units, source_for_neurons
 from .runner import Condition, EvalSet, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def validate_inputs(model_name: str, neurons: Sequence[SkillNeurons], runs: Mapp
         if sn.model != model_name:
             raise TransferError(f"skill neurons of {sn.task!r} were found on {sn.model!r}, "
                                 f"but the model is {model_name!r}")
-        if spec is not None and (sn.d_mlp != spec.d_mlp or max(sn.layers) >= spec.n_layers):
+        if spec is not None and max(sn.layers) >= spec.n_layers:
             raise TransferError(f"skill neurons of {sn.task!r} do not fit {model_name!r}")
         check_comparable(neurons[0], sn)
         task_runs = runs.get(sn.task) or []
@@ -131,8 +132,11 @@ def validate_inputs(model_name: str, neurons: Sequence[SkillNeurons], runs: Mapp
 
 
 def transfer_identity(neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]], transfer_steps: int,
-                      init_trials: int, top_fraction: float, max_eval_examples: int | None) -> dict[str, Any]:
+                      init_trials: int, top_fraction: float, max_eval_examples: int | None,
+                      units: str | None = None) -> dict[str, Any]:
+    units = units or neurons[0].units
     return {"model": neurons[0].model, "tasks": [sn.task for sn in neurons],
+            **({} if units == "mlp" else {"units": units}),
             "neurons": [tensor_digest(sn.predictivity) for sn in neurons],
             "runs": {t: [str(Path(r.path).resolve()) for r in rs] for t, rs in runs.items()},
             "prompts": {t: [tensor_digest(r.prompt.vectors) for r in rs] for t, rs in runs.items()},
@@ -144,7 +148,7 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
                  out: str | Path, transfer_steps: int = 50, init_trials: int = 1,
                  top_fraction: float = 0.02, max_eval_examples: int | None = None,
                  batch_size: int | None = None, figures: bool = True, progress: bool = True,
-                 loaded_tasks: Mapping[str, Task] | None = None) -> TransferResult:
+                 loaded_tasks: Mapping[str, Task] | None = None, units: str | None = None) -> TransferResult:
     """Transfer performance and indicators for every ordered pair of tasks; writes `out/transfer.json`.
 
     Args:
@@ -158,6 +162,9 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
         max_eval_examples: cap on each target's test examples (`runner.evaluation_task`).
         batch_size: evaluation batch size (default: the first target run's `eval_batch_size`).
         loaded_tasks: tasks already loaded, by name, as their runs load them (saves reloading).
+        units: the unit source of the activation indicators (default: the one the skill
+            neurons were found on, `SkillNeurons.units`; all tasks must share it; another is
+            accepted only for the same units, e.g. an SAE directory that moved).
 
     Returns:
         A `TransferResult`: `transfer` {kind: matrix}, `indicators` {name: matrix},
@@ -170,17 +177,20 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
                             f"(got {transfer_steps}, {init_trials})")
     runs = {t: list(r) for t, r in runs.items()}
     validate_inputs(neurons[0].model if neurons else "", neurons, runs)
-    identity = transfer_identity(neurons, runs, transfer_steps, init_trials, top_fraction, max_eval_examples)
+    check_same_units(neurons[0].units, units, TransferError)
+    name = units.name if isinstance(units, UnitSource) else units
+    identity = transfer_identity(neurons, runs, transfer_steps, init_trials, top_fraction, max_eval_examples, name)
     out = claim_dir(out, "transfer", identity, legacy=_legacy_transfer)
     return _transfer(model, neurons, runs, out, transfer_steps, init_trials, top_fraction, max_eval_examples,
-                     batch_size, figures, progress, loaded_tasks)
+                     batch_size, figures, progress, loaded_tasks, units)
 
 
 def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_fraction, max_eval_examples,
-              batch_size, figures, progress, loaded_tasks) -> TransferResult:
+              batch_size, figures, progress, loaded_tasks, units=None) -> TransferResult:
     model = resolve_model(model)
     spec = model_spec(model)
     tasks = validate_inputs(spec.name, neurons, runs, spec)
+    source = source_for_neurons(model, neurons[0], units, TransferError)
     sn_of = {sn.task: sn for sn in neurons}
     runs = {t: list(runs[t]) for t in tasks}
     n = len(tasks)
@@ -247,7 +257,7 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
 
     # Indicators (cheap: no data, one prompt-only forward pass per prompt).
     indicators = {name: np.full((n, n), math.nan) for name in INDICATORS}
-    states = {t: [prompt_activation_states(model, r.prompt) for r in runs[t]] for t in tasks}
+    states = {t: [prompt_activation_states(model, r.prompt, source) for r in runs[t]] for t in tasks}
     prompts = {t: [r.prompt for r in runs[t]] for t in tasks}
     for i, a in enumerate(tasks):
         for j, b in enumerate(tasks):
@@ -273,14 +283,16 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
                         for kind in transfer},
         settings={"model": spec.name, "transfer_steps": transfer_steps, "max_eval_examples": max_eval_examples,
                   "init_trials": init_trials, "top_fraction": top_fraction,
-                  "top_k_per_layer": max(1, int(top_fraction * spec.d_mlp)), "batch_size": batch_size},
+                  "top_k_per_layer": max(1, int(top_fraction * source.width)), "batch_size": batch_size,
+                  **({} if source.name == "mlp" else {"units": source.name})},
         runs=paths, neurons={t: sn_of[t].runs for t in tasks})
-    if figures:
+    if figures and distributed.is_main():
         from ..plots import plot_transfer_figures
 
         result = replace(result, figures=[str(p) for p in plot_transfer_figures(result, out / "figures")])
     result = type(result)(**result.to_dict())  # non-finite values as None, as saved
-    result.save(out)
+    if distributed.is_main():  # under torchrun rank 0 writes the result
+        result.save(out)
     log.info("transfer results for %d tasks written to %s", n, out / TRANSFER_JSON)
     return result
 
