@@ -410,3 +410,18 @@ def test_hooked_transformer_prefix_cache_equals_the_full_pass(name, side, small_
         with torch.no_grad():
             class_logits_cached(model, batch, v, cached_p)
     assert seen[1] == 4 and seen[0] == int((batch.input_end - batch.input_start).max())  # the input is cached
+
+
+def test_attn_out_vectors_on_a_hooked_transformer():
+    """W_O flattened: hook_attn_out = hook_z (heads x dims) @ attn_out_vectors + b_O."""
+    from tl_skill import load_model
+
+    model = load_model("tiny-gpt2", device="cpu", seed=SEED)
+    ids = torch.tensor([[11, 52, 300, 7, 99]])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids)
+    for l in range(model.cfg.n_layers):
+        z = cache[f"blocks.{l}.attn.hook_z"][0].flatten(-2)
+        want = cache[f"blocks.{l}.hook_attn_out"][0]
+        got = z @ compat.attn_out_vectors(model, l) + model.blocks[l].attn.b_O
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

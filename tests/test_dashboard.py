@@ -189,3 +189,98 @@ def test_dashboard_opens_in_headless_chromium(made, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "html" / "index.png").stat().st_size > 2000
+
+
+# ------------------------------------------------------------- other unit sources
+@pytest.fixture(scope="module", params=["attn", "resid"])
+def unit_dash(request, tiny_gpt2, made):
+    base, run, _, _ = made
+    sn = find_skill_neurons(tiny_gpt2, [run], max_train_examples=48, max_eval_examples=24, progress=False,
+                            units=request.param)
+    res = dashboard_data(tiny_gpt2, run, sn, base / f"dash_{request.param}", top=3, n_examples=2, progress=False)
+    return request.param, run, sn, res
+
+
+def _unit_hook(units, layer):
+    return f"blocks.{layer}.attn.hook_z" if units == "attn" else f"blocks.{layer}.hook_resid_post"
+
+
+def test_unit_dashboards_trace_the_units_they_name(tiny_gpt2, unit_dash):
+    """attn / resid units: activations by a plain hook on one example at a time, the unit axis flattened by hand."""
+    units, run, sn, res = unit_dash
+    assert res.settings["units"] == units and all(r["units"] == units for r in res.neurons)
+    es = EvalSet.of_run(run, tiny_gpt2, 200)
+    layout = layout_for(tiny_gpt2, run.prompt.length, run.config.max_input_tokens, run.config.padding_side)
+    tokens = layout.tokenize(es.task.texts("test"))
+    d_head = tiny_gpt2.cfg.d_head
+    for k, row in enumerate(res.neurons):
+        l, i = row["layer"], row["neuron"]
+        assert row["hook_name"] == _unit_hook(units, l)
+        if units == "attn":
+            assert (row["head"], row["head_dim"]) == (i // d_head, i % d_head)
+        for e in (0, 7, 19):
+            batch = layout.collate([tokens[e]], [0])
+            seen = {}
+
+            def grab(act, hook):
+                a = act[0].detach()
+                seen["a"] = a[:, i // d_head, i % d_head] if units == "attn" else a[:, i]
+
+            with run.prompt.applied(tiny_gpt2, batch), tiny_gpt2.hooks(fwd_hooks=[(_unit_hook(units, l), grab)]):
+                tiny_gpt2(batch.input_ids, attention_mask=batch.attention_mask)
+            at = int(batch.prompt_start[0]) + row["position"]
+            assert float(res.activations[e, k]) == pytest.approx(float(seen["a"][at]), rel=1e-5, abs=1e-6)
+        for ex in row["examples"]["top"]:
+            assert float(ex["value"]) == float(res.activations[ex["index"], k])
+
+
+def test_unit_dashboards_direct_effect_and_ablation_by_hand(tiny_gpt2, unit_dash):
+    units, run, sn, res = unit_dash
+    hf = compat.hf_model_of(tiny_gpt2)
+    es = EvalSet.of_run(run, tiny_gpt2, 200)
+    layout = layout_for(tiny_gpt2, run.prompt.length, run.config.max_input_tokens, run.config.padding_side)
+    ln = hf.transformer.ln_f
+    xs = []
+    handle = ln.register_forward_hook(lambda mod, inp, out: xs.append(inp[0].detach().double()))
+    try:
+        for tok in layout.tokenize(es.task.texts("test")):
+            batch = layout.collate([tok], [0])
+            with run.prompt.applied(tiny_gpt2, batch):
+                tiny_gpt2(batch.input_ids, attention_mask=batch.attention_mask)
+            xs[-1] = xs[-1][0, int(batch.pred_pos[0])]
+    finally:
+        handle.remove()
+    x = torch.stack(xs)
+    scale = torch.sqrt(x.var(-1, unbiased=False) + ln.eps)
+    rows = hf.lm_head.weight[es.verbalizer.token_ids].detach().double()
+    clean = evaluate(tiny_gpt2, es.task, "test", es.verbalizer, run.prompt, max_input_tokens=es.max_input_tokens)
+    for row in res.neurons:
+        l, i = row["layer"], row["neuron"]
+        if units == "attn":  # hook_z unit (head, dim) is input i of c_proj (Conv1D: [in, out])
+            v = hf.transformer.h[l].attn.c_proj.weight[i].detach().double()
+        else:
+            v = torch.zeros(hf.config.n_embd, dtype=torch.float64)
+            v[i] = 1.0
+        per_example = (rows @ ((v - v.mean()) * ln.weight.detach().double()))[None, :] / scale[:, None]
+        np.testing.assert_allclose(row["direct_effect_per_unit"], per_example.mean(0).numpy(), rtol=1e-4, atol=1e-9)
+        pert = Perturbation(tiny_gpt2, [(l, i)], "mean", skill=sn)  # the neurons' own units
+        got = evaluate(tiny_gpt2, es.task, "test", es.verbalizer, run.prompt, max_input_tokens=es.max_input_tokens,
+                       extra_hooks=pert.fwd_hooks())
+        assert row["ablated_accuracy"] == got["accuracy"]
+        assert row["ablation_delta"] == pytest.approx(got["accuracy"] - clean["accuracy"])
+
+
+def test_unit_dashboards_html_export_and_refusals(tiny_gpt2, unit_dash, tmp_path):
+    units, run, sn, res = unit_dash
+    index = write_dashboard(res, tmp_path / "html").read_text()
+    noun = {"attn": "attention unit", "resid": "residual dimension"}[units]
+    assert f"<th class='l'>{noun}</th>" in index and f"units ({units})" in index
+    if units == "attn":
+        r = res.neurons[0]
+        assert f"L{r['layer']}.H{r['head']}.d{r['head_dim']}" in index
+    files = export_neuronpedia(res, tmp_path / "np", model_id="tiny-gpt2")
+    assert all(f"-tlskill-{units}" in str(f) for f in files)
+    other = "resid" if units == "attn" else "attn"
+    with pytest.raises(DashboardError, match=f"found on '{units}' units; units '{other}' are other units"):
+        dashboard_data(tiny_gpt2, run, sn, tmp_path / "x", units=other, progress=False)
+    assert not (tmp_path / "x").exists()

@@ -260,3 +260,162 @@ def test_units_by_layer_figure_and_numbers(tiny_llama, task, prompt, tmp_path):
     attn = _find(tiny_llama, task, prompt, "attn").predictivity
     assert out["attn"]["best_by_layer"] == attn.max(1).values.tolist() and out["attn"]["width"] == 64
     assert (tmp_path / "u.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------- dashboards, ablation and transfer on units
+def test_sae_latent_dashboards_equal_the_neurons_they_copy(tiny_llama, task, prompt, permutation_sae, tmp_path):
+    """Latent j of the permutation SAE is neuron perm[j]: its dashboard row (activations, examples, direct
+    effect through W_dec @ W_out, logit lens, single-unit ablation) equals that neuron's."""
+    from tl_skill.experiments.dashboard import dashboard_data
+    from tl_skill.tuning import Run
+
+    path, perm = permutation_sae
+    run = Run.in_memory(prompt, task, "tiny-llama", TuneConfig(prompt_length=P, max_test_examples=20))
+    latents = _find(tiny_llama, task, prompt, f"sae:{path}")
+    neurons = find_skill_neurons(tiny_llama, task, prompts=[prompt], max_train_examples=N_TRAIN,
+                                 max_eval_examples=N_DEV, confirm_split=None, progress=False, layers=[1])
+    d = model_spec(tiny_llama).d_mlp
+    lat = dashboard_data(tiny_llama, run, latents, tmp_path / "lat", top=4, n_examples=3, progress=False)
+    neu = dashboard_data(tiny_llama, run, neurons, None, top=d, n_examples=3, progress=False)
+    by_neuron = {r["neuron"]: k for k, r in enumerate(neu.neurons)}
+    assert lat.settings["units"] == f"sae:{path}"
+    for k, row in enumerate(lat.neurons):
+        assert row["layer"] == 1 and row["hook_name"] == "blocks.1.mlp.hook_post"
+        kn = by_neuron[int(perm[row["neuron"]])]
+        ref = neu.neurons[kn]
+        assert torch.equal(lat.activations[:, k], neu.activations[:, kn])
+        for key in ("predictivity", "position", "direction", "direct_effect_per_unit", "direct_effect_mean",
+                    "logit_lens", "ablated_accuracy", "examples"):
+            assert row[key] == ref[key], key
+
+
+def test_ablation_units_override_is_checked(tiny_llama, task, prompt, permutation_sae, tmp_path):
+    """`units=`: an SAE directory that moved is accepted (same latents, same result); other units are refused
+    before any work."""
+    import shutil
+
+    from tl_skill.experiments.ablation import AblationError, ablation_experiment
+
+    path, _ = permutation_sae
+    latents = _find(tiny_llama, task, prompt, f"sae:{path}")
+    kw = dict(task=task, fractions=[0.05], seeds=1, mode="zero", max_examples=20, progress=False)
+    first = ablation_experiment(tiny_llama, prompt, latents, tmp_path / "a", **kw)
+    moved = shutil.copytree(path, tmp_path / "moved")
+    again = ablation_experiment(tiny_llama, prompt, latents, tmp_path / "b", units=f"sae:{moved}", **kw)
+    assert again.rows == first.rows and again.settings["units"] == f"sae:{moved}"
+    with pytest.raises(AblationError, match="are other units"):
+        ablation_experiment(tiny_llama, prompt, latents, tmp_path / "c", units="mlp", **kw)
+    small = _write_sae(tmp_path / "small", "blocks.1.mlp.hook_post", torch.zeros(192, 8), torch.zeros(8),
+                       torch.zeros(8, 192), torch.zeros(192), "standard")
+    with pytest.raises(AblationError, match="192 units per layer but the model's .* 8 wide"):
+        ablation_experiment(tiny_llama, prompt, latents, tmp_path / "d", units=f"sae:{small}", **kw)
+    assert not (tmp_path / "c").exists()
+
+
+def test_transfer_indicators_on_resid_units_equal_slow_references(tiny_llama, task, tmp_path):
+    """run_transfer on `resid` skill units: neuron indicators from their predictivity (scipy), activation
+    overlap from the prompt read alone with every hook_resid_post stored; mixing units is refused."""
+    from scipy.stats import spearmanr
+
+    from tl_skill.experiments.transfer import run_transfer
+    from tl_skill.indicators import TransferError
+    from tl_skill.tuning import Run
+
+    other = subsample(load_task("word_sentiment", seed=0), {"train": N_TRAIN, "dev": N_DEV, "test": 10}, seed=0)
+    prompts = {t.name: SoftPrompt.from_vocab(tiny_llama, P, seed=s) for t, s in ((task, 4), (other, 5))}
+    runs = {t.name: [Run.in_memory(prompts[t.name], t, "tiny-llama")] for t in (task, other)}
+    sns = [_find(tiny_llama, t, prompts[t.name], "resid") for t in (task, other)]
+    res = run_transfer(tiny_llama, sns, runs, tmp_path / "tr", transfer_steps=0, max_eval_examples=10,
+                       figures=False, progress=False)
+    assert res.settings["units"] == "resid" and res.settings["top_k_per_layer"] == 1
+    rho = spearmanr(sns[0].predictivity.flatten().numpy(), sns[1].predictivity.flatten().numpy())[0]
+    assert res.indicators["neuron_spearman"][0][1] == pytest.approx(rho, abs=1e-12)
+
+    def states(p):
+        layout = layout_for(tiny_llama, p.length, TOKENS)
+        batch = layout.collate([[]], [0])
+        with p.applied(tiny_llama, batch), torch.no_grad():
+            _, cache = tiny_llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
+        n = model_spec(tiny_llama).n_layers
+        return np.stack([cache[f"blocks.{l}.hook_resid_post"][0, -p.length:].numpy() > 0 for l in range(n)])
+
+    a, b = states(prompts[task.name]), states(prompts[other.name])
+    assert res.indicators["activated_jaccard"][0][1] == pytest.approx((a & b).sum() / (a | b).sum(), abs=1e-12)
+    mlp = _find(tiny_llama, other, prompts[other.name], "mlp")
+    with pytest.raises(TransferError, match="found on 'resid' units, those of .* on 'mlp'"):
+        run_transfer(tiny_llama, [sns[0], mlp], runs, tmp_path / "mixed", transfer_steps=0, progress=False)
+    with pytest.raises(TransferError, match="are other units"):
+        run_transfer(tiny_llama, sns, runs, tmp_path / "attn", transfer_steps=0, units="attn", progress=False)
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "attn").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_attn_out_vectors_write_the_attention_output(name):
+    """The attention output is hook_z (heads x dims flattened) times `attn_out_vectors`, plus one bias."""
+    from tl_skill import load_model
+
+    model = load_model(name, device="cpu")
+    ids = torch.tensor([[11, 52, 300, 7, 99, 1000]])
+    for l in range(model_spec(model).n_layers):
+        out_name = next(n for n in (f"blocks.{l}.hook_attn_out", f"blocks.{l}.attn.hook_out") if n in model.hook_dict)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ids, names_filter=[f"blocks.{l}.attn.hook_z", out_name])
+        z = cache[f"blocks.{l}.attn.hook_z"][0].flatten(-2).double()
+        rest = cache[out_name][0].double() - z @ compat.attn_out_vectors(model, l).double()
+        torch.testing.assert_close(rest, rest[:1].expand_as(rest), rtol=0, atol=1e-5)  # the same bias everywhere
+        assert z.abs().max() > 1e-3
+
+
+def test_cli_ablate_dashboard_transfer_take_units(tmp_path, tiny_llama, capsys):
+    """`--units` on ablate / dashboard / transfer: the neurons' own units by default, other units refused before
+    any work (exit 2, nothing written), the indicators computed on the units found."""
+    from tests.test_neurons import write_run
+    from tl_skill.cli import main
+
+    ws_words = load_task("word_sentiment").spec.label_words
+    runs = {"rt": write_run(tmp_path / "rt", "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=2),
+                            max_input_tokens=TOKENS),
+            "ws": write_run(tmp_path / "ws", "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=3),
+                            task="word_sentiment", label_words=ws_words, max_input_tokens=TOKENS)}
+    common = ["--device", "cpu", "-q"]
+    for t, run in runs.items():
+        assert main(["find", str(run), "--out", str(tmp_path / f"n_{t}"), "--units", "attn", "--max-train-examples",
+                     "20", "--max-eval-examples", "10", "--confirm-split", "none", *common]) in (0, None)
+    abl = ["ablate", str(runs["rt"]), "--neurons", str(tmp_path / "n_rt"), "--fractions", "0.05", "--seeds", "1",
+           "--mode", "zero", "--max-examples", "10", *common]
+    assert main(abl + ["--out", str(tmp_path / "a_bad"), "--units", "resid"]) == 2
+    assert "found on 'attn' units; units 'resid' are other units" in capsys.readouterr().err
+    assert not (tmp_path / "a_bad").exists()
+    assert main(abl + ["--out", str(tmp_path / "a"), "--units", "attn"]) in (0, None)
+    assert json.loads((tmp_path / "a" / "ablation.json").read_text())["settings"]["units"] == "attn"
+    dash = ["dashboard", str(tmp_path / "n_rt"), "--run", str(runs["rt"]), "--top", "2", "--examples", "1",
+            "--max-examples", "10", *common]
+    assert main(dash + ["--out", str(tmp_path / "d_bad"), "--units", "mlp"]) == 2
+    assert not (tmp_path / "d_bad").exists()
+    assert main(dash + ["--out", str(tmp_path / "d")]) in (0, None)
+    assert "attention unit" in (tmp_path / "d" / "index.html").read_text()
+    tr = ["transfer", str(tmp_path / "n_rt"), str(tmp_path / "n_ws"), "--transfer-steps", "0", "--max-eval-examples",
+          "10", "--no-figures", *common]
+    assert main(tr + ["--out", str(tmp_path / "t_bad"), "--units", "mlp"]) == 2
+    assert not (tmp_path / "t_bad").exists()
+    capsys.readouterr()
+    assert main(tr + ["--out", str(tmp_path / "t"), "--json"]) in (0, None)
+    got = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert got["settings"]["units"] == "attn" and got["settings"]["top_k_per_layer"] == 1
+
+
+def test_pruning_refuses_units_other_than_mlp_neurons(tiny_llama, task, prompt, permutation_sae, tmp_path):
+    """An SAE as wide as d_mlp would otherwise prune the neurons with the latents' indices."""
+    from tl_skill.experiments.pruning import prune_experiment
+    from tl_skill.prune import PruneError, prune
+    from tl_skill.tuning import Run
+
+    path, _ = permutation_sae
+    latents = _find(tiny_llama, task, prompt, f"sae:{path}")
+    assert latents.d_mlp == model_spec(tiny_llama).d_mlp
+    with pytest.raises(PruneError, match="pruning removes MLP neurons, but these skill units are 'sae:"):
+        prune(tiny_llama, latents, keep=0.1)
+    run = Run.in_memory(prompt, task, "tiny-llama")
+    with pytest.raises(PruneError, match="units='mlp'"):
+        prune_experiment(tiny_llama, run, latents, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_for, subparser
+from .cli_args import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_for, subparser, units_spec
 
 
 # ----------------------------------------------------------------------- dashboards
@@ -27,6 +27,8 @@ def _dashboard_options(p) -> None:
     p.add_argument("--examples", type=POSITIVE, default=10, help="top and bottom examples shown per neuron")
     p.add_argument("--ablation-mode", default="mean", choices=["mean", "zero"],
                    help="how the single-neuron ablation removes the neuron")
+    p.add_argument("--units", type=units_spec, default=None,
+                   help="units to trace (default: those the neurons were found on; sae:NEWPATH if the SAE moved)")
     common_options(p)
 
 
@@ -39,7 +41,7 @@ def _dashboard(args, out):
     return dashboard_data(lambda: load_model_for(args, run.model_name), run, SkillNeurons.load(args.neurons_dir), out,
                           top=args.top, max_examples=args.max_examples or None, n_examples=args.examples,
                           ablation_mode=args.ablation_mode, ablation=getattr(args, "ablation", None),
-                          batch_size=args.batch_size or 32, progress=not args.quiet)
+                          batch_size=args.batch_size or 32, progress=not args.quiet, units=args.units)
 
 
 def cmd_dashboard(args):
@@ -47,8 +49,10 @@ def cmd_dashboard(args):
 
     res = _dashboard(args, args.out)
     index = write_dashboard(res, args.out)
-    lines = [f"{'neuron':>10} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
-    lines += [f"{'L%d.%d' % (r['layer'], r['neuron']):>10} {r['predictivity']:>12.4f} "
+    from .dashboard_html import unit_label
+
+    lines = [f"{'unit':>12} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
+    lines += [f"{unit_label(r):>12} {r['predictivity']:>12.4f} "
               f"{(r['heldout_predictivity'] if r['heldout_predictivity'] is not None else float('nan')):>9.4f} "
               f"{r['ablation_delta']:>+7.3f}" for r in res.neurons]
     emit({"index": str(index), "neurons": len(res.neurons)}, False, "\n".join(lines) + f"\nopen {index}")
@@ -61,14 +65,18 @@ def _add_export(sub):
     p.add_argument("format", choices=["neuronpedia"])
     _dashboard_options(p)
     p.add_argument("--model-id", default=None, help="Neuronpedia's id of the model (default: tl_skill's name)")
-    p.add_argument("--source-set", default="tlskill-mlp", help="Neuronpedia source set name (layer is prepended)")
+    p.add_argument("--source-set", default=None,
+                   help="Neuronpedia source set name, the layer is prepended (default: tlskill-<units>)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args):
-    from .neuronpedia import claim_export_dir, export_neuronpedia
+    from .neuronpedia import claim_export_dir, default_source_set, export_neuronpedia
+    from .neurons import SkillNeurons
     from .tuning import Run
 
+    if args.source_set is None:
+        args.source_set = default_source_set(args.units or SkillNeurons.load(args.neurons_dir).units)
     claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
     res = _dashboard(args, Path(args.out) / "dashboard")  # the data, saved (and resumable) beside the export
     files = export_neuronpedia(res, args.out, model_id=args.model_id, source_set=args.source_set)

@@ -439,6 +439,17 @@ def mlp_out_vectors(model: HookedRootModule, layer: int) -> torch.Tensor:
     return out.weight.detach().T
 
 
+def attn_out_vectors(model: HookedRootModule, layer: int) -> torch.Tensor:
+    """W_O of one layer as [n_heads * d_head, d_model]: unit h * d_head + d of `attn.hook_z` adds `z * row`."""
+    if not is_bridge(model):
+        W = model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
+        return W.reshape(-1, W.shape[-1])
+    out = hf_module(attention_projections(model.blocks[layer])["o"])
+    if type(out).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        return out.weight.detach()
+    return out.weight.detach().T
+
+
 def final_norm(model: HookedRootModule) -> tuple[bool, torch.Tensor, float]:
     """(centres?, gain [d_model], eps) of the final normalisation: LayerNorm centres, RMSNorm does not.
 

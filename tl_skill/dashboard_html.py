@@ -30,6 +30,22 @@ def page_name(layer: int, neuron: int) -> str:
     return f"neuron_L{layer}_{neuron}.html"
 
 
+UNIT_NOUNS = {"mlp": "neuron", "resid": "residual dimension", "attn": "attention unit", "sae": "SAE latent"}
+
+
+def unit_noun(row: dict[str, Any]) -> str:
+    """"neuron", "residual dimension", "attention unit" or "SAE latent" for a dashboard row."""
+    units = row.get("units", "mlp")
+    return UNIT_NOUNS["sae" if units.startswith("sae:") else units]
+
+
+def unit_label(row: dict[str, Any]) -> str:
+    """L{layer}.{index}, with the head and its dimension for attention units (L3.H2.d5)."""
+    if "head" in row:
+        return f"L{row['layer']}.H{row['head']}.d{row['head_dim']}"
+    return f"L{row['layer']}.{row['neuron']}"
+
+
 def _fmt(x, digits: int = 3) -> str:
     if x is None:
         return "n/a"
@@ -105,9 +121,10 @@ def _neuron_page(result, k: int, row: dict[str, Any]) -> str:
     names = [w.strip() for w in result.label_words]
     values = result.activations[:, k].numpy()
     labels = result.labels.numpy()
-    title = f"{result.model} / {result.task}: neuron L{row['layer']}.{row['neuron']}"
-    out = [_head(title), f'<p><a href="index.html">← all neurons</a></p><h1>{html.escape(title)}</h1>',
-           f'<p class="meta">hook <code>{html.escape(row["hook_name"])}</code>, neuron {row["neuron"]}; best prompt '
+    noun = unit_noun(row)
+    title = f"{result.model} / {result.task}: {noun} {unit_label(row)}"
+    out = [_head(title), f'<p><a href="index.html">← all {noun}s</a></p><h1>{html.escape(title)}</h1>',
+           f'<p class="meta">hook <code>{html.escape(row["hook_name"])}</code>, {noun} {row["neuron"]}; best prompt '
            f'position {row["position"]}; above its baseline it predicts '
            f'<b>{html.escape(names[1] if row["direction"] > 0 else names[0]) if len(names) == 2 else row["direction"]}</b>.</p>',
            "<table><tr>" + "".join(f"<th>{h}</th>" for h in (
@@ -116,18 +133,24 @@ def _neuron_page(result, k: int, row: dict[str, Any]) -> str:
                "predictivity", "heldout_predictivity", "p_value", "q_value", "baseline")) + "</tr></table>",
            f"<h2>Activation at prompt position {row['position']} on {result.n_examples} test examples</h2>",
            histogram_svg(values, labels, names, row["baseline"]),
-           "<h2>Direct effect on the label words</h2>",
-           "<p class='meta'>W_out row through the final normalisation (scale frozen at each example's prediction "
-           "position) onto the label words' unembedding rows.</p><table><tr><th class='l'>label word</th>"
-           "<th>logit per unit of activation</th><th>mean contribution at the prediction position</th></tr>"]
-    for c, name in enumerate(names):
+           "<h2>Direct effect on the label words</h2>"]
+    if row["direct_effect_per_unit"] is None:
+        out.append(f"<p class='meta'>No direct path to the logits is defined for hook "
+                   f"<code>{html.escape(row['hook_name'])}</code>.</p>")
+    else:
+        out.append(
+            "<p class='meta'>The unit's output direction (W_out row, W_O row, basis vector or SAE decoder row) "
+            "through the final normalisation (scale frozen at each example's prediction position) onto the label "
+            "words' unembedding rows.</p><table><tr><th class='l'>label word</th>"
+            "<th>logit per unit of activation</th><th>mean contribution at the prediction position</th></tr>")
+    for c, name in enumerate(names if row["direct_effect_per_unit"] is not None else []):
         out.append(f"<tr><td class='l'>{html.escape(name)}</td><td>{_fmt(row['direct_effect_per_unit'][c], 4)}</td>"
                    f"<td>{_fmt(row['direct_effect_mean'][c], 4)}</td></tr>")
-    if len(names) == 2:
+    if len(names) == 2 and row["direct_effect_per_unit"] is not None:
         diff = row["direct_effect_per_unit"][1] - row["direct_effect_per_unit"][0]
         out.append(f"<tr><td class='l'>{html.escape(names[1])} − {html.escape(names[0])}</td><td>{_fmt(diff, 4)}</td>"
                    f"<td>{_fmt(row['direct_effect_mean'][1] - row['direct_effect_mean'][0], 4)}</td></tr>")
-    out.append("</table><h2>Without this neuron</h2>")
+    out.append(("</table>" if row["direct_effect_per_unit"] is not None else "") + f"<h2>Without this {noun}</h2>")
     out.append(f"<p>{result.ablation_mode}-ablated alone: test accuracy {_fmt(row['ablated_accuracy'])} "
                f"(clean {_fmt(result.clean_accuracy)}, change {row['ablation_delta']:+.3f}; "
                f"{row['ablation_changed']} of {result.n_examples} examples change correctness).</p>")
@@ -164,20 +187,23 @@ def write_dashboard(result, out: str | Path) -> Path:
         page = page_name(row["layer"], row["neuron"])
         (out / page).write_text(_neuron_page(result, k, row), encoding="utf-8")
         rows.append(
-            f"<tr><td>{k + 1}</td><td class='l'><a href='{page}'>L{row['layer']}.{row['neuron']}</a></td>"
+            f"<tr><td>{k + 1}</td><td class='l'><a href='{page}'>{unit_label(row)}</a></td>"
             f"<td>{row['layer']}</td><td>{row['position']}</td><td>{'+' if row['direction'] > 0 else '−'}</td>"
             f"<td>{_fmt(row['predictivity'])}</td><td>{_fmt(row['heldout_predictivity'])}</td>"
             f"<td>{_fmt(row['q_value'])}</td><td>{row['ablation_delta']:+.3f}</td>"
             f"<td>{histogram_svg(result.activations[:, k].numpy(), labels, names, row['baseline'], 160, 40, 16, False)}"
             "</td></tr>")
-    index = [_head(f"Skill neurons: {result.model} / {result.task}"),
-             f"<h1>Skill neurons: {html.escape(result.model)} / {html.escape(result.task)}</h1>",
-             f"<p class='meta'>Top {len(result.neurons)} neurons by predictivity; activations on "
+    noun = unit_noun(result.neurons[0]) if result.neurons else "neuron"
+    units = result.settings.get("units", "mlp")
+    kind = "neurons" if units == "mlp" else f"units ({html.escape(units)})"
+    index = [_head(f"Skill {kind}: {result.model} / {result.task}"),
+             f"<h1>Skill {kind}: {html.escape(result.model)} / {html.escape(result.task)}</h1>",
+             f"<p class='meta'>Top {len(result.neurons)} {noun}s by predictivity; activations on "
              f"{result.n_examples} test examples of run <code>{html.escape(result.run)}</code> (prompted accuracy "
              f"{_fmt(result.clean_accuracy)}). Histogram colours: "
              + ", ".join(f"<span style='color:{CLASS_COLOURS[c % len(CLASS_COLOURS)]}'>{html.escape(n)}</span>"
                          for c, n in enumerate(names)) + "; dashed: baseline.</p>",
-             "<table><tr><th>#</th><th class='l'>neuron</th><th>layer</th><th>position</th><th>direction</th>"
+             f"<table><tr><th>#</th><th class='l'>{noun}</th><th>layer</th><th>position</th><th>direction</th>"
              "<th>predictivity</th><th>held-out</th><th>q</th><th>Δ acc. alone</th><th>activation by class</th></tr>",
              *rows, "</table></body></html>"]
     path = out / "index.html"

@@ -64,10 +64,20 @@ def claim_export_dir(out: str | Path, model_id: str, source_set: str) -> Path:
     return claim_dir(out, "neuronpedia-export", {"model_id": model_id, "source_set": source_set})
 
 
-def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, source_set: str = "tlskill-mlp",
+def default_source_set(units: str) -> str:
+    """`tlskill-mlp`, `tlskill-resid`, `tlskill-attn` or `tlskill-sae`: the source set named after the units."""
+    return "tlskill-" + ("sae" if units.startswith("sae:") else units)
+
+
+def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, source_set: str | None = None,
                        creator_id: str = "tl-skill-export", bins: int = 30) -> list[Path]:
-    """Write `dashboard`'s neurons (a `DashboardResult`) in Neuronpedia's export layout; returns the files."""
+    """Write `dashboard`'s units (a `DashboardResult`) in Neuronpedia's export layout; returns the files.
+
+    `source_set` defaults to `default_source_set` of the dashboard's units (`tlskill-mlp` for neurons).
+    A unit without a direct path to the logits (an SAE on another hook) gets empty logit-lens lists.
+    """
     model_id = model_id or dashboard.model
+    source_set = source_set or default_source_set(dashboard.settings.get("units", "mlp"))
     out = claim_export_dir(out, model_id, source_set)
     created = datetime.now(timezone.utc).isoformat()
     by_layer: dict[int, tuple[list, list]] = {}
@@ -76,7 +86,8 @@ def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, 
         values = dashboard.activations[:, k].numpy().astype(float)
         heights, edges = np.histogram(values, bins)
         examples = row["examples"]["top"] + row["examples"]["bottom"]
-        lens = row["logit_lens"]
+        lens = row["logit_lens"] or {"neg_str": [], "neg_values": [], "pos_str": [], "pos_values": [],
+                                     "hist_heights": [], "hist_values": []}
         feature = {
             "modelId": model_id, "layer": source, "index": str(row["neuron"]), "creatorId": creator_id,
             "createdAt": created, "maxActApprox": float(values.max()), "hasVector": False, "vector": [],

@@ -216,7 +216,15 @@ def default_layers(layers: Sequence[int], fraction: float = DEFAULT_LAYER_FRACTI
     return layers[len(layers) - n:]
 
 
+def check_mlp_units(neurons: SkillNeurons) -> None:
+    """Pruning removes MLP neurons: refuse skill units of any other source (resid, attn, SAE latents)."""
+    if neurons.units != "mlp":
+        raise PruneError(f"pruning removes MLP neurons, but these skill units are {neurons.units!r} units; "
+                         "find skill neurons with units='mlp' (the default) to prune")
+
+
 def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None) -> list[int]:
+    check_mlp_units(neurons)
     if not compat.is_bridge(model):
         raise PruneError(
             f"pruning edits the Hugging Face model under a TransformerBridge; {type(model).__name__} has "

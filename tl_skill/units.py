@@ -274,3 +274,32 @@ def head_scores(values: torch.Tensor, n_heads: int, how: str = "max") -> torch.T
     if how == "mean":
         return v.mean(-1)
     raise UnitError(f"head score must be 'max' or 'mean', got {how!r}")
+
+
+_DIRECT_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                 "mlp.hook_out", "attn.hook_out")
+
+
+def output_direction(model, source: UnitSource, layer: int, unit: int) -> torch.Tensor | None:
+    """The residual-stream vector [d_model] that one unit of activation adds on its direct path, or None.
+
+    `mlp`: the neuron's `W_out` row; `attn`: the `W_O` row of its (head, dim); `resid`: the basis
+    vector; an SAE latent: its decoder row, through `W_out` when the SAE reads `mlp.hook_post`,
+    as is when it reads the residual stream or a block output. None for an SAE on another hook
+    (no direct path is defined there, so dashboards leave the direct effect out).
+    """
+    if source.name == "mlp":
+        return compat.mlp_out_vectors(model, layer)[unit]
+    if source.name == "attn":
+        return compat.attn_out_vectors(model, layer)[unit]
+    if source.name == "resid":
+        v = torch.zeros(source.width)
+        v[unit] = 1.0
+        return v
+    tail = source.template.replace("blocks.{l}.", "", 1)
+    row = source.sae.W_dec[unit]
+    if tail == "mlp.hook_post":
+        return row.to(compat.mlp_out_vectors(model, layer)) @ compat.mlp_out_vectors(model, layer)
+    if tail in _DIRECT_HOOKS:
+        return row
+    return None

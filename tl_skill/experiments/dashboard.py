@@ -38,6 +38,7 @@ from ..neurons import SkillNeurons, check_neurons_for_run
 from ..perturb import Perturbation
 from ..prompt import class_logits, iterate_batches, layout_for
 from ..tuning import Run
+from ..units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
 from .ablation import AblationResult
 from .results import Result
 from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
@@ -89,17 +90,19 @@ def _tokens(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def direct_effect_per_unit(model, verbalizer, layer: int, neuron: int,
-                           scales: torch.Tensor) -> torch.Tensor:
+                           scales: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
     """Logit of each label word per unit of the neuron's activation at the prediction position, per example.
 
     Args:
         scales: the final normalisation's scale at each example's prediction position [N].
+        direction: the unit's residual-stream vector (`units.output_direction`; default the
+            MLP neuron's `W_out` row).
 
     Returns:
         [N, n_classes] (float64).
     """
     centre, gain, _ = compat.final_norm(model)
-    v = compat.mlp_out_vectors(model, layer)[neuron].double().cpu()
+    v = (compat.mlp_out_vectors(model, layer)[neuron] if direction is None else direction).double().cpu()
     if centre:
         v = v - v.mean()
     W, _ = compat.unembedding(model)
@@ -108,17 +111,19 @@ def direct_effect_per_unit(model, verbalizer, layer: int, neuron: int,
     return per_unit[None, :] / scales.double().cpu()[:, None]
 
 
-def logit_lens(model, layer: int, neuron: int, k: int = 10, bins: int = 30) -> dict[str, Any]:
+def logit_lens(model, layer: int, neuron: int, k: int = 10, bins: int = 30,
+               direction: torch.Tensor | None = None) -> dict[str, Any]:
     """The tokens the neuron's output direction promotes and suppresses most (through the final norm's gain).
 
     Values are logits per unit of activation before the norm's scale (which divides them all alike).
+    `direction`: the unit's residual-stream vector (default the MLP neuron's `W_out` row).
     """
     centre, gain, _ = compat.final_norm(model)
-    v = compat.mlp_out_vectors(model, layer)[neuron].float()
+    v = (compat.mlp_out_vectors(model, layer)[neuron] if direction is None else direction).float()
     if centre:
         v = v - v.mean()
     W, _ = compat.unembedding(model)
-    logits = (W.detach().float() @ (v * gain.float()).to(W.device)).cpu()
+    logits = (W.detach().float() @ (v.to(gain.device) * gain.float()).to(W.device)).cpu()
     order = torch.sort(logits, stable=True).indices
     pos, neg = order.flip(0)[:k].tolist(), order[:k].tolist()
     heights, edges = np.histogram(logits.numpy(), bins)
@@ -135,8 +140,10 @@ def _norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size: int, progress: bool):
-    """One pass: every chosen neuron's activation at every position, prediction-position scales, predictions."""
+def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size: int, progress: bool,
+           source: UnitSource | None = None):
+    """One pass: every chosen unit's activation at every position, prediction-position scales, predictions."""
+    source = source or unit_source(model, "mlp")
     spec = model_spec(model)
     layout = layout_for(model, prompt.length, es.max_input_tokens, es.padding_side)
     centre, _, eps = compat.final_norm(model)
@@ -154,15 +161,18 @@ def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size
         idx = torch.tensor([chosen[k][1] for k in by_layer[l]], device=device)
 
         def hook(act, hook):
-            compat.check_hook_width(act, spec.d_mlp, compat.mlp_post_hook(l), DashboardError)
-            grabbed[f"mlp{l}"] = act[..., idx].detach().float().cpu()
+            if source.name == "mlp":
+                compat.check_hook_width(act, spec.d_mlp, compat.mlp_post_hook(l), DashboardError)
+            else:
+                source.check(act, source.hook(l), DashboardError)
+            grabbed[f"units{l}"] = source.encode(source.flat(act.detach()))[..., idx].float().cpu()
 
         return hook
 
     def grab_norm(x, hook):
         grabbed["norm_in"] = x.detach()
 
-    hooks = [(compat.mlp_post_hook(l), grab_layer(l)) for l in sorted(by_layer)]
+    hooks = [(source.hook(l), grab_layer(l)) for l in sorted(by_layer)]
     norm_hook = "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else \
         f"blocks.{spec.n_layers - 1}.hook_resid_post"
     hooks.append((norm_hook, grab_norm))
@@ -175,7 +185,7 @@ def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size
         scales[torch.as_tensor(idx)] = _norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
         acts = torch.zeros(*batch.input_ids.shape, len(chosen))
         for l, ks in by_layer.items():
-            acts[..., ks] = grabbed[f"mlp{l}"]
+            acts[..., ks] = grabbed[f"units{l}"]
         is_prompt = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
         is_prompt[torch.arange(len(idx))[:, None], batch.prompt_positions().cpu()] = True
         mask = batch.attention_mask.bool().cpu()
@@ -193,6 +203,7 @@ def dashboard_data(
     model: ModelOrLoader, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path | None = None,
     top: int = 20, max_examples: int | None = 200, n_examples: int = 10, ablation_mode: str = "mean",
     ablation: AblationResult | str | Path | None = None, batch_size: int = 32, progress: bool = True,
+    units: "str | UnitSource | None" = None,
 ) -> DashboardResult:
     """The data of the top `top` skill neurons' dashboards (module docstring).
 
@@ -204,10 +215,13 @@ def dashboard_data(
         n_examples: top- and bottom-activating examples shown per neuron.
         ablation_mode: "mean" (the neuron's baseline) or "zero".
         ablation: the ablation experiment of the same run and neurons, for the group effect.
+        units: the unit source to trace (default: the one the skill neurons were found on;
+            another only for the same units, e.g. an SAE directory that moved).
     """
     run = run if isinstance(run, Run) else Run.load(run)
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
     check_neurons_for_run(run, neurons, None, DashboardError)
+    check_same_units(neurons.units, units, DashboardError)
     if top < 1 or n_examples < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
         raise DashboardError(f"top, n_examples, batch_size and max_examples must be >= 1 "
                              f"(got {top}, {n_examples}, {batch_size}, {max_examples})")
@@ -219,17 +233,20 @@ def dashboard_data(
         log.warning("the ablation result %s is of run %s; its group effect is shown as it is", ablation.run, run.path)
     identity = {"model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
                 "neurons": tensor_digest(neurons.predictivity), "top": top, "test_examples": max_examples,
-                "n_examples": n_examples, "ablation_mode": ablation_mode}
+                "n_examples": n_examples, "ablation_mode": ablation_mode,
+                **({} if neurons.units == "mlp" and units in (None, "mlp") else
+                   {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)})}
     if out is not None:
         out = claim_dir(out, "dashboard", identity)
     model = resolve_model(model)
     spec = model_spec(model)
     check_neurons_for_run(run, neurons, spec.name, DashboardError)
+    source = source_for_neurons(model, neurons, units, DashboardError)
     es = EvalSet.of_run(run, model, max_examples)
     labels = es.task.labels("test")
     chosen_rows = neurons.top(top)
     chosen = [(r["layer"], r["neuron"]) for r in chosen_rows]
-    seqs, scales, preds = _trace(model, es, run.prompt, chosen, batch_size, progress)
+    seqs, scales, preds = _trace(model, es, run.prompt, chosen, batch_size, progress, source)
     n = len(seqs)
     # activation at the best prompt position: the prompt positions of each example, in order
     best = torch.zeros(n, len(chosen))
@@ -242,7 +259,7 @@ def dashboard_data(
     conds = [Condition("clean", {"perturbation": None}, run.prompt)]
     for l, i in chosen:
         def hooks(m, l=l, i=i):
-            return Perturbation(m, [(l, i)], ablation_mode, skill=neurons).fwd_hooks()
+            return Perturbation(m, [(l, i)], ablation_mode, skill=neurons, units=source).fwd_hooks()
 
         conds.append(Condition(f"L{l}.{i}", {"perturbation": {"mode": ablation_mode, "neuron": [l, i]}},
                                run.prompt, hooks))
@@ -258,7 +275,8 @@ def dashboard_data(
     for k, (r, (l, i)) in enumerate(zip(chosen_rows, chosen)):
         order = torch.sort(best[:, k].double(), stable=True).indices
         picks = {"top": order.flip(0)[:n_examples].tolist(), "bottom": order[:n_examples].tolist()}
-        effect = direct_effect_per_unit(model, es.verbalizer, l, i, scales)  # [N, C]
+        direction = output_direction(model, source, l, i)
+        effect = None if direction is None else direct_effect_per_unit(model, es.verbalizer, l, i, scales, direction)
         at_pred = torch.tensor([float(s["acts"][s["pred_pos"], k]) for s in seqs], dtype=torch.float64)
         abl = results[f"L{l}.{i}"]
         rows_out.append({
@@ -266,11 +284,13 @@ def dashboard_data(
             "p_value": None if p is None else float(p[slot[l], i]),
             "q_value": None if q is None else float(q[slot[l], i]),
             "heldout_predictivity": None if held is None else float(held[slot[l], i]),
-            "hook_name": compat.mlp_post_hook(l),
-            "direct_effect_per_unit": effect.mean(0).tolist(),
-            "direct_effect_mean": (effect * at_pred[:, None]).mean(0).tolist(),
+            "hook_name": source.hook(l), "units": source.name,
+            **({"head": i // int(model.cfg.d_head), "head_dim": i % int(model.cfg.d_head)}
+               if source.name == "attn" else {}),
+            "direct_effect_per_unit": None if effect is None else effect.mean(0).tolist(),
+            "direct_effect_mean": None if effect is None else (effect * at_pred[:, None]).mean(0).tolist(),
             "activation_at_prediction_mean": float(at_pred.mean()),
-            "logit_lens": logit_lens(model, l, i),
+            "logit_lens": None if direction is None else logit_lens(model, l, i, direction=direction),
             "ablated_accuracy": abl.accuracy, "ablation_delta": abl.accuracy - clean.accuracy,
             "ablation_changed": int(sum(a != b for a, b in zip(abl.correct, clean.correct))),
             "examples": {side: [{"index": int(e), "label": int(labels[e]), "prediction": int(preds[e]),

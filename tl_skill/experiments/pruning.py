@@ -18,8 +18,8 @@ from ..files import claim_dir, read_json, tensor_digest
 from ..models import model_spec
 from ..neurons import SkillNeurons, check_neurons_for_run
 from ..prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for
-from ..prune import (PRUNE_JSON, PruneError, check_prune_arguments, count_parameters, prune, pruning_of,
-                     save_pruned)
+from ..prune import (PRUNE_JSON, PruneError, check_mlp_units, check_prune_arguments, count_parameters, prune,
+                     pruning_of, save_pruned)
 from ..stats import mcnemar_exact
 from ..tuning import Run, TuneConfig, tune
 from .results import Result
@@ -124,6 +124,7 @@ def prune_experiment(model: ModelOrLoader, run: Run | str | Path, neurons: Skill
     if not isinstance(neurons, SkillNeurons):
         neurons = SkillNeurons.load(neurons)
     check_neurons_for_run(run, neurons, None, PruneError)
+    check_mlp_units(neurons)
     if retune_steps < 0:
         raise PruneError(f"retune_steps must be >= 0, got {retune_steps}")
     if timing_repeats < 1:
