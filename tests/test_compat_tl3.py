@@ -425,3 +425,30 @@ def test_attn_out_vectors_on_a_hooked_transformer():
         want = cache[f"blocks.{l}.hook_attn_out"][0]
         got = z @ compat.attn_out_vectors(model, l) + model.blocks[l].attn.b_O
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hooked_transformer_grouped_input_pass_equals_the_full_pass(small_task, monkeypatch):
+    """No hook attached: rows run in length groups whose TransformerLens caches are merged."""
+    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for, load_model
+    from tl_skill import prefix
+
+    model = load_model("tiny-llama", device="cpu", seed=SEED)
+    if compat.DEFAULT_KIND == "bridge":
+        pytest.skip("TransformerLens 4.x has no HookedTransformer")
+    monkeypatch.setattr(prefix, "GROUP_OVERHEAD_TOKENS", 0)
+    calls = []
+    run_input = prefix._run_input
+    monkeypatch.setattr(prefix, "_run_input", lambda m, ids, mask, hooks, stop: calls.append(ids.shape[0])
+                        or run_input(m, ids, mask, hooks, stop))
+    batch = layout_for(model, 4, 80).encode(small_task.texts("train")[:9], small_task.labels("train")[:9])
+    v = Verbalizer(model.tokenizer, small_task.spec.label_words)
+    full_p = SoftPrompt.from_vocab(model, 4, seed=0)
+    cached_p = SoftPrompt(full_p.vectors.detach().clone())
+    full = class_logits(model, batch, v, full_p)
+    cached = prefix.class_logits_cached(model, batch, v, cached_p)
+    assert len(calls) > 2 and sum(calls) == 9
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    full.logsumexp(-1).sum().backward()
+    cached.logsumexp(-1).sum().backward()
+    scale = full_p.vectors.grad.abs().max()
+    torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, rtol=1e-5, atol=1e-6)

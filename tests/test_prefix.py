@@ -13,8 +13,8 @@ from tl_skill.prefix import class_logits_cached
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32, relative to the values compared
 
 
-def _batch(model, task, side, n=7, P=4):
-    layout = layout_for(model, P, 24, side)
+def _batch(model, task, side, n=7, P=4, tokens=24):
+    layout = layout_for(model, P, tokens, side)
     return layout.encode(task.texts("train")[:n], task.labels("train")[:n])
 
 
@@ -108,3 +108,59 @@ def test_several_prompts_share_one_input_pass_and_match_evaluate(tiny_llama, sma
     for k, p in enumerate(prompts):
         want = evaluate(tiny_llama, small_task, "dev", v, p, batch_size=16, max_input_tokens=24)
         assert (got[k]["predictions"] == want["predictions"]).all() and got[k]["accuracy"] == want["accuracy"]
+
+
+def test_length_groups_is_the_cheapest_contiguous_split():
+    """Brute force over every split of the sorted rows into runs: the DP finds the minimum cost."""
+    import itertools
+    import random
+
+    from tl_skill.prefix import length_groups
+
+    def cost(groups, lengths, over):
+        return sum(len(g) * max(max(1, lengths[r]) for r in g) + over for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(0, 40) for _ in range(rng.randint(1, 8))]
+        over = rng.choice([0, 5, 30, 100])
+        groups = length_groups(lengths, over)
+        assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda r: (lengths[r], r))
+        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, over)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(groups, lengths, over) == best
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3"])
+def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monkeypatch):
+    """With no hook attached the input runs in groups of similar length (forced here: no overhead per group)
+    and stops after the last layer's keys/values; logits and gradients still equal the full pass."""
+    from tl_skill import load_model
+    from tl_skill import prefix
+
+    model = load_model(name, device="cpu")
+    v = Verbalizer(model.tokenizer, small_task.spec.label_words)
+    batch = _batch(model, small_task, side, n=9, tokens=80)  # rows of many lengths
+    monkeypatch.setattr(prefix, "GROUP_OVERHEAD_TOKENS", 0)
+    calls = []
+    run_input = prefix._run_input
+    monkeypatch.setattr(prefix, "_run_input", lambda m, ids, mask, hooks, stop: calls.append((ids.shape, stop))
+                        or run_input(m, ids, mask, hooks, stop))
+    full_p = SoftPrompt.from_vocab(model, 4, seed=1)
+    cached_p = SoftPrompt(full_p.vectors.detach().clone())
+    full = class_logits(model, batch, v, full_p)
+    cached = class_logits_cached(model, batch, v, cached_p)
+    assert len(calls) > 2 and sum(s[0] for s, _ in calls) == 9  # every row once, in several groups
+    assert all(stop == f"blocks.{model.cfg.n_layers - 1}.attn.hook_attn_scores" for _, stop in calls)
+    torch.testing.assert_close(cached, full, **TOL)
+    full.logsumexp(-1).sum().backward()
+    cached.logsumexp(-1).sum().backward()
+    scale = full_p.vectors.grad.abs().max()
+    torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, **TOL)
+    # any hook attached (the user's own): one pass over the whole batch, to the last layer
+    calls.clear()
+    with model.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: None)]), torch.no_grad():
+        torch.testing.assert_close(class_logits_cached(model, batch, v, cached_p), cached.detach(), **TOL)
+    assert len(calls) == 1 and calls[0][1] == compat.final_resid_hook(model)

@@ -499,5 +499,7 @@ def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tens
 # The key/value-cache half of the compatibility layer lives in compat_cache.py (imported last: it
 # builds on the helpers above); `compat.<name>` stays the one way to reach it.
 from .compat_cache import (  # noqa: E402,F401
-    copy_kv_cache, final_resid_hook, forward_with_cache, new_kv_cache, pad_token_id, prefix_cache_supported,
+    copy_kv_cache, final_resid_hook, forward_with_cache, has_forward_hooks, last_kv_hook, merge_kv_caches,
+    new_kv_cache,
+    pad_token_id, prefix_cache_supported,
 )

@@ -46,6 +46,44 @@ def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attenti
                  return_type="logits")
 
 
+def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int, attention_mask: torch.Tensor):
+    """One cache of `batch_size` rows, left-padded to `length`, from caches of row groups.
+
+    `parts`: (cache, rows) pairs, each cache holding `len(rows)` rows left-padded to its own length
+    (at most `length`); their keys/values go to the last positions of those rows, zeros elsewhere
+    (the padding, which `attention_mask` [batch_size, length] masks out).
+    """
+    def place(tensors, seq_dim):
+        first = tensors[0][0]
+        shape = list(first.shape)
+        shape[0], shape[seq_dim] = batch_size, length
+        out = first.new_zeros(shape)
+        for t, rows in tensors:
+            index = [rows.to(out.device)] + [slice(None)] * (seq_dim - 1) + [slice(length - t.shape[seq_dim], None)]
+            out[tuple(index)] = t
+        return out
+
+    if is_bridge(model):
+        from transformers import DynamicCache
+
+        merged = DynamicCache()
+        for i in range(len(parts[0][0].layers)):
+            merged.update(place([(c.layers[i].keys, r) for c, r in parts], 2),
+                          place([(c.layers[i].values, r) for c, r in parts], 2), i)
+        return merged
+    merged = new_kv_cache(model, batch_size)
+    for i, entry in enumerate(merged.entries):  # TransformerLens: [batch, pos, heads, d_head]
+        entry.past_keys = place([(c.entries[i].past_keys, r) for c, r in parts], 1)
+        entry.past_values = place([(c.entries[i].past_values, r) for c, r in parts], 1)
+    merged.previous_attention_mask = attention_mask.to(merged.previous_attention_mask)
+    return merged
+
+
+def has_forward_hooks(model: HookedRootModule) -> bool:
+    """Whether any hook point of `model` has a forward hook attached (the user's, a recorder's, ...)."""
+    return any(hp._forward_hooks for hp in model.hook_dict.values())
+
+
 def copy_kv_cache(cache):
     """An independent copy of a key/value cache (to continue it several ways)."""
     import copy
@@ -59,6 +97,14 @@ def final_resid_hook(model: HookedRootModule) -> str | None:
         if name in model.hook_dict:
             return name
     return None
+
+
+def last_kv_hook(model: HookedRootModule) -> str | None:
+    """A hook point right after the last layer has put its keys/values in the cache (its attention
+    scores), where a pass that only fills a cache and has no hooks to serve may stop; else
+    `final_resid_hook`."""
+    name = f"blocks.{int(model.cfg.n_layers) - 1}.attn.hook_attn_scores"
+    return name if name in model.hook_dict else final_resid_hook(model)
 
 
 def pad_token_id(model: HookedRootModule) -> int:
