@@ -168,3 +168,39 @@ def test_every_writing_command_refuses_another_experiments_directory_before_work
     assert code == 2, err
     assert "holds a something-else result" in err, err
     assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+
+
+def test_prompts_without_hooks_share_input_passes_and_give_evaluate_s_results(tiny_llama, small_task, monkeypatch):
+    """run_conditions groups prompt-only conditions of one eval set (one input pass per batch for all of them);
+    each result equals `evaluate` of that prompt alone, with the cache off too."""
+    from tl_skill import SoftPrompt, Verbalizer, evaluate
+    from tl_skill.experiments import runner
+    from tl_skill.perturb import Perturbation
+    from tl_skill.prefix import use_prefix_cache
+
+    es = runner.EvalSet(small_task, Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words), "test", 40)
+    prompts = [SoftPrompt.from_vocab(tiny_llama, 4, seed=s) for s in range(4)]
+    mask = torch.zeros(3, 192, dtype=torch.bool)
+    mask[:, :40] = True
+    conds = [runner.Condition(f"p{k}", {}, p) for k, p in enumerate(prompts)]
+    conds.insert(2, runner.Condition("zeroed", {"p": "zero"}, prompts[0],
+                                     lambda m: Perturbation(m, mask, "zero").fwd_hooks()))
+    groups = runner.shared_input_groups([(c,) for c in conds], max_prompts=3)
+    assert [[i[0].name for i in g] for g in groups] == [["p0", "p1", "p2"], ["zeroed"], ["p3"]]
+    calls = []
+    real = runner.evaluate_prompts
+    monkeypatch.setattr(runner, "evaluate_prompts", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+    res = runner.run_conditions(conds, {"model": tiny_llama}, {"test": es}, batch_size=7, progress=False)
+    assert calls == [4]
+    for k, p in enumerate(prompts):
+        want = evaluate(tiny_llama, small_task, "test", es.verbalizer, p, batch_size=7, max_input_tokens=40,
+                        prefix_cache=False)
+        assert res[f"p{k}"].predictions == want["predictions"].tolist()
+    hooks = Perturbation(tiny_llama, mask, "zero").fwd_hooks()
+    want = evaluate(tiny_llama, small_task, "test", es.verbalizer, prompts[0], batch_size=7, max_input_tokens=40,
+                    extra_hooks=hooks, prefix_cache=False)
+    assert res["zeroed"].predictions == want["predictions"].tolist()
+    calls.clear()
+    with use_prefix_cache(False):
+        off = runner.run_conditions(conds, {"model": tiny_llama}, {"test": es}, batch_size=7, progress=False)
+    assert not calls and all(off[c.name].predictions == res[c.name].predictions for c in conds)

@@ -71,9 +71,9 @@ def test_a_perturbation_applies_at_every_position_of_both_passes(tiny_llama, sma
 def test_tuning_with_the_prefix_cache_gives_the_same_prompt(tiny_gpt2, small_task, tmp_path):
     cfg = TuneConfig(prompt_length=4, steps=4, eval_every=2, batch_size=8, max_train_examples=48,
                      max_dev_examples=24, max_test_examples=24, max_input_tokens=24)
-    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
-    cached = tune(tiny_gpt2, small_task, tmp_path / "cached", cfg, progress=False, evaluate_test=False,
-                  prefix_cache=True)
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False,
+                prefix_cache=False)
+    cached = tune(tiny_gpt2, small_task, tmp_path / "cached", cfg, progress=False, evaluate_test=False)  # default
     torch.testing.assert_close(cached.prompt.vectors, full.prompt.vectors, rtol=1e-4, atol=1e-6)
     assert [h["loss"] for h in cached.info["history"]] == pytest.approx([h["loss"] for h in full.info["history"]],
                                                                         rel=1e-5)
@@ -164,3 +164,78 @@ def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monke
     with model.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: None)]), torch.no_grad():
         torch.testing.assert_close(class_logits_cached(model, batch, v, cached_p), cached.detach(), **TOL)
     assert len(calls) == 1 and calls[0][1] == compat.final_resid_hook(model)
+
+
+def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_gpt2, small_task, tmp_path,
+                                                                          monkeypatch):
+    """tune/evaluate use the cached path by default; `prefix_cache=False`, `use_prefix_cache(False)` and the CLI's
+    --no-prefix-cache turn it off; training anything besides the prompt (LoRA, BitFit) keeps the full pass."""
+    from tl_skill import evaluate, train
+    from tl_skill.cli import main
+    from tl_skill.prefix import prefix_cache_default, use_prefix_cache
+
+    calls = []
+    real = train.class_logits_cached
+    monkeypatch.setattr(train, "class_logits_cached", lambda *a, **k: calls.append(1) or real(*a, **k))
+    v = Verbalizer(tiny_gpt2.tokenizer, small_task.spec.label_words)
+    prompt = SoftPrompt.from_vocab(tiny_gpt2, 4, seed=0)
+    base = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24)
+    assert len(calls) > 0
+    calls.clear()
+    with use_prefix_cache(False):
+        assert not prefix_cache_default()
+        off = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24)
+    assert not calls and prefix_cache_default()
+    assert (off["predictions"] == base["predictions"]).all()
+    cfg = TuneConfig(prompt_length=4, steps=2, eval_every=2, batch_size=8, max_train_examples=16,
+                     max_dev_examples=8, max_test_examples=8, max_input_tokens=24)
+    tune(tiny_gpt2, small_task, tmp_path / "off", cfg, progress=False, evaluate_test=False, prefix_cache=False)
+    assert not calls
+    # a model parameter trains beside the prompt: its input keys/values change, so the full pass
+    bias = dict(tiny_gpt2.named_parameters())
+    name = next(n for n in bias if n.endswith("bias"))
+    train.train_loop(tiny_gpt2, small_task, v, {"prompt": prompt.vectors, name: bias[name]}, cfg, prompt=prompt,
+                     progress=False, evaluate_dev=False)
+    assert not calls
+    run = tmp_path / "run"
+    assert main(["tune", "--model", "tiny-gpt2", "--task", "rotten_tomatoes", "--out", str(run), "--steps", "2",
+                 "--prompt-length", "4", "--max-train-examples", "16", "--max-dev-examples", "8",
+                 "--max-test-examples", "8", "--no-prefix-cache", "-q", "--device", "cpu"]) == 0
+    assert not calls and prefix_cache_default()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3"])
+def test_recording_several_trials_reads_the_input_once(name, small_task, monkeypatch):
+    """record_runs of R prompts: one input pass per batch (up to the last recorded layer), R prompt passes;
+    baselines, std, counts and accuracies equal each prompt recorded alone on the full pass."""
+    from tl_skill import load_model, prefix, subsample
+    from tl_skill.find import record_run, record_runs
+    from tl_skill.neurons import make_subtasks
+
+    model = load_model(name, device="cpu")
+    task = subsample(small_task, {"train": 40, "dev": 24, "test": 24}, seed=0)
+    subtasks = make_subtasks(task.spec.label_names)
+    prompts = [SoftPrompt.from_vocab(model, 4, seed=s) for s in range(3)]
+    layers = [0, 1]
+    kw = dict(split="dev", layers=layers, batch_size=16, max_input_tokens=40, progress=False, confirm_split="test",
+              control_seed=3)
+    with prefix.use_prefix_cache(False):
+        alone = [record_run(model, task, p, subtasks, **kw) for p in prompts]
+    inputs, passes = [], []
+    real_in, real_pp = prefix.input_pass_through, prefix.prompt_pass_for_hooks
+    monkeypatch.setattr(prefix, "input_pass_through", lambda m, i, k, last: inputs.append(last) or real_in(m, i, k, last))
+    monkeypatch.setattr(prefix, "prompt_pass_for_hooks", lambda *a: passes.append(1) or real_pp(*a))
+    together = record_runs(model, task, prompts, subtasks, **kw)
+    n_batches = sum(-(-len(task[s]) // 16) for s in ("train", "dev", "test"))
+    assert inputs == [max(layers)] * n_batches and len(passes) == 3 * n_batches
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b.baseline, a.baseline, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.std, a.std, rtol=1e-4, atol=1e-6)
+        assert torch.equal(b.accuracy, a.accuracy) and torch.equal(b.constant, a.constant)
+        for which in ("eval", "confirm", "control"):
+            assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a.counts[which],
+                                                                                      b.counts[which]))
+    # positions that are not prompt positions keep the full pass
+    inputs.clear()
+    record_runs(model, task, prompts[:1], subtasks, positions="last", **kw)
+    assert not inputs

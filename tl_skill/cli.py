@@ -423,8 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tasks import TaskError
     from .tuning import RunError
 
+    from .prefix import use_prefix_cache
+
     try:
-        args.func(args)
+        with use_prefix_cache(not getattr(args, "no_prefix_cache", False)):
+            args.func(args)
     except (PerturbationError, PruneError, ModelLoadError, TaskError, VerbalizerError, RunError, NeuronsError, RecordingError,
             ValueError, OSError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)

@@ -185,6 +185,9 @@ def common_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (statistics stay float64/int64 whatever this is)")
     g.add_argument("--batch-size", type=POSITIVE, default=None, help="examples per forward pass")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="run every forward pass over input and prompt (default for causal LMs: the input "
+                        "once, the prompt against its cached keys/values; the same numbers to float rounding)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 

@@ -99,11 +99,12 @@ def final_resid_hook(model: HookedRootModule) -> str | None:
     return None
 
 
-def last_kv_hook(model: HookedRootModule) -> str | None:
-    """A hook point right after the last layer has put its keys/values in the cache (its attention
-    scores), where a pass that only fills a cache and has no hooks to serve may stop; else
+def last_kv_hook(model: HookedRootModule, layer: int | None = None) -> str | None:
+    """A hook point right after `layer` (default the last) has put its keys/values in the cache (its
+    attention scores), where a pass that only fills a cache and has no hooks to serve may stop; else
     `final_resid_hook`."""
-    name = f"blocks.{int(model.cfg.n_layers) - 1}.attn.hook_attn_scores"
+    layer = int(model.cfg.n_layers) - 1 if layer is None else int(layer)
+    name = f"blocks.{layer}.attn.hook_attn_scores"
     return name if name in model.hook_dict else final_resid_hook(model)
 
 

@@ -223,7 +223,10 @@ class PromptLoss(nn.Module):
         object.__setattr__(self, "frozen_model", model)  # not a submodule
 
     def forward(self, batch: Batch, global_batch_size: int) -> torch.Tensor:
-        logits = class_logits(self.frozen_model, batch, self.verbalizer, self.prompt)
+        from .prefix import class_logits_cached, prefix_cache_default
+
+        forward = class_logits_cached if prefix_cache_default() else class_logits
+        logits = forward(self.frozen_model, batch, self.verbalizer, self.prompt)
         total = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
         return total * (world_size() / global_batch_size)
 

@@ -1,6 +1,6 @@
 """Finding skill neurons (SPEC §2-§3): record a run's activations, reduce them to predictivity.
 
-`find_skill_neurons` records every run (prompt) of a task with `record_run`
+`find_skill_neurons` records every run (prompt) of a task with `record_runs`
 (baselines from train, above-baseline counts on the selection split, and
 optionally a held-out split and a shuffled-label control in the same passes)
 and returns `SkillNeurons`. `load_or_find` does the same into a directory
@@ -63,10 +63,32 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
         control_seed: also count with the labels of `split` permuted by this seed, in the
             same pass (the shuffled-label control).
     """
+    return record_runs(model, task, [prompt], subtasks, split, layers, positions, batch_size, max_input_tokens,
+                       prompt_length, padding_side, progress, desc, confirm_split, control_seed, units)[0]
+
+
+def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtasks: Sequence[Subtask],
+                split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
+                batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
+                padding_side: str | None = None, progress: bool = True, desc: str = "",
+                confirm_split: str | None = None, control_seed: int | None = None,
+                units: "str | UnitSource | None" = None) -> list[RunStats]:
+    """`record_run` for several prompts (trials) of one length on the same examples.
+
+    With the prefix cache (causal LMs, `positions="prompt"`, `prefix.prefix_cache_default()`),
+    each batch's input runs once, without hooks, up to the last recorded layer's keys/values,
+    and every prompt's P positions then run against it with that prompt's recorder: R trials
+    read the input once. Elsewhere each prompt gets the full pass, one after the other.
+    """
+    from .prefix import input_pass_through, prefix_cache_default, prompt_pass_for_hooks, split_batch, usable_for
+
     t0 = time.perf_counter()
     source = unit_source(model, units)
     layer_list = list(source.layers) if layers is None else sorted(set(layers))
-    P = prompt.length if prompt is not None else (prompt_length or 0)
+    lengths = {p.length if p is not None else (prompt_length or 0) for p in prompts}
+    if len(lengths) != 1:
+        raise NeuronsError(f"prompts recorded together need one length, got {sorted(lengths)}")
+    P = lengths.pop()
     T = n_positions(positions, P)
     k = task.spec.n_classes
     for which in ("train", split) + ((confirm_split,) if confirm_split else ()):  # refuse before recording
@@ -77,50 +99,76 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
                                    f"subtask {sub.name!r} needs examples of both sides")
     device = compat.model_device(model)
     layout = layout_for(model, P, max_input_tokens, padding_side)
+    prompts = [p.to(device) if p is not None else None for p in prompts]
+    shared = (positions == "prompt" and all(p is not None for p in prompts) and prefix_cache_default()
+              and P > 0 and compat.prefix_cache_supported(model))
 
-    def run_pass(stats, which: str, shuffled: np.ndarray | None = None):
-        rec = Recorder(model, stats, layer_list, positions, units=source)
+    def run_pass(make_stats, which: str, shuffled: np.ndarray | None = None):
+        stats = [make_stats() for _ in prompts]
+        recs = [Recorder(model, st, layer_list, positions, units=source) for st in stats]
         n = len(task[which])
         bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
-        with rec.attached():
-            for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
-                if shuffled is not None:  # labels [batch, 2]: true, then permuted by global example id
-                    batch.labels = torch.stack([batch.labels, torch.as_tensor(shuffled[idx])], 1)
-                rec.run(batch.to(device), prompt)
-                bar.update(len(idx))
+        for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
+            if shuffled is not None:  # labels [batch, 2]: true, then permuted by global example id
+                batch.labels = torch.stack([batch.labels, torch.as_tensor(shuffled[idx])], 1)
+            batch = batch.to(device)
+            if shared and usable_for(model, batch):
+                ids, mask, chunk = split_batch(batch, compat.pad_token_id(model))
+                cache = input_pass_through(model, ids, mask, max(layer_list))
+                for r, (rec, prompt) in enumerate(zip(recs, prompts)):
+                    rec.run_prompt_pass(chunk, prompt, compat.copy_kv_cache(cache) if r < len(recs) - 1 else cache,
+                                        prompt_pass_for_hooks)
+            else:
+                for rec, prompt in zip(recs, prompts):
+                    with rec.attached():
+                        rec.run(batch, prompt)
+            bar.update(len(idx))
         bar.close()
-        distributed.reduce_stats(stats)  # exact sums and counts: the same result for any world size
+        for st in stats:
+            distributed.reduce_stats(st)  # exact sums and counts: the same result for any world size
         return stats
 
-    moments = run_pass(MomentStats(k, len(layer_list), T, source.width, device), "train")
+    moments = run_pass(lambda: MomentStats(k, len(layer_list), T, source.width, device), "train")
     # One baseline per distinct class set: one-vs-rest subtasks all share the global mean.
-    keys, baseline_index, thresholds = [], [], []
+    keys, baseline_index = [], []
     for sub in subtasks:
         key = sub.classes if len(sub.classes) < k else None
         if key not in keys:
             keys.append(key)
-            thresholds.append(moments.mean(key))
         baseline_index.append(keys.index(key))
-    thresholds = torch.stack(thresholds)
-    found: dict[str, tuple] = {}
+    thresholds = [torch.stack([m.mean(key) for key in keys]) for m in moments]
+    found: list[dict[str, tuple]] = [{} for _ in prompts]
     if control_seed is None:
-        counts = run_pass(ThresholdStats(thresholds, k), split)
+        slot = iter(thresholds)
+        counts = run_pass(lambda: ThresholdStats(next(slot), k), split)
     else:
         labels = task.labels(split)
         shuffled = labels[np.random.default_rng([int(control_seed), 7]).permutation(len(labels))]
-        counts, control = run_pass(LabelSets([ThresholdStats(thresholds, k), ThresholdStats(thresholds, k)]),
-                                   split, shuffled).stats
-        found["control"] = subtask_counts(control.above.cpu(), control.count.cpu(), subtasks, baseline_index)
-    found["eval"] = subtask_counts(counts.above.cpu(), counts.count.cpu(), subtasks, baseline_index)
+        slot = iter(thresholds)
+
+        def both():
+            t = next(slot)
+            return LabelSets([ThresholdStats(t, k), ThresholdStats(t, k)])
+
+        pairs = run_pass(both, split, shuffled)
+        counts = [p.stats[0] for p in pairs]
+        for r, p in enumerate(pairs):
+            control = p.stats[1]
+            found[r]["control"] = subtask_counts(control.above.cpu(), control.count.cpu(), subtasks, baseline_index)
+    for r, c in enumerate(counts):
+        found[r]["eval"] = subtask_counts(c.above.cpu(), c.count.cpu(), subtasks, baseline_index)
     if confirm_split:
-        held = run_pass(ThresholdStats(thresholds, k), confirm_split)
-        found["confirm"] = subtask_counts(held.above.cpu(), held.count.cpu(), subtasks, baseline_index)
-    return RunStats(
-        accuracy=accuracy_of_counts(*found["eval"]), baseline=moments.mean().cpu(), std=moments.std().float().cpu(),
-        constant=(moments.constant() & counts.min.eq(counts.max) & counts.min.eq(moments.min)).cpu(),
-        n_train=int(moments.count.sum()), n_eval=int(counts.count.sum()),
-        seconds=time.perf_counter() - t0, counts=found,
-    )
+        slot = iter(thresholds)
+        held = run_pass(lambda: ThresholdStats(next(slot), k), confirm_split)
+        for r, h in enumerate(held):
+            found[r]["confirm"] = subtask_counts(h.above.cpu(), h.count.cpu(), subtasks, baseline_index)
+    seconds = (time.perf_counter() - t0) / len(prompts)
+    return [RunStats(
+        accuracy=accuracy_of_counts(*found[r]["eval"]), baseline=moments[r].mean().cpu(),
+        std=moments[r].std().float().cpu(),
+        constant=(moments[r].constant() & counts[r].min.eq(counts[r].max) & counts[r].min.eq(moments[r].min)).cpu(),
+        n_train=int(moments[r].count.sum()), n_eval=int(counts[r].count.sum()), seconds=seconds, counts=found[r],
+    ) for r in range(len(prompts))]
 
 
 def check_runs(runs: Sequence[Run]) -> None:
@@ -205,15 +253,14 @@ def find_skill_neurons(
             raise NeuronsError(f"the {s!r} split of {task.name!r} has a single class; predictivity needs two")
     subtasks = make_subtasks(task.spec.label_names, multiclass)
     cfg = runs[0].config
-    stats = []
-    for r, run in enumerate(runs):
-        stats.append(record_run(
-            model, task, run.prompt.to(compat.model_device(model)), subtasks, split, layers, positions,
-            batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
-            desc=f"[run {r + 1}/{len(runs)}] ", confirm_split=confirm_split,
-            control_seed=control_seed if control else None, units=source,
-        ))
-        log.info("recorded run %s in %.1fs", run.path, stats[-1].seconds)
+    # all runs' prompts together: with the prefix cache each batch's input is read once for all of them
+    stats = record_runs(
+        model, task, [run.prompt for run in runs], subtasks, split, layers, positions,
+        batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
+        desc=f"[{len(runs)} run{'s' if len(runs) > 1 else ''}] ", confirm_split=confirm_split,
+        control_seed=control_seed if control else None, units=source,
+    )
+    log.info("recorded %d run(s) in %.1fs", len(runs), sum(s.seconds for s in stats))
     return SkillNeurons(
         model=spec.name, task=task.name, runs=[str(r.path) for r in runs],
         label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),

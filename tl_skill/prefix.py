@@ -10,10 +10,16 @@ during the second (a perturbation "at every position" still applies
 everywhere). Bridges continue a Hugging Face cache, TransformerLens 3.x's
 HookedTransformer its `HookedTransformerKeyValueCache` (both behind `compat`);
 for masked LMs `class_logits_cached` is `class_logits`.
+
+The cached path is the default wherever it applies (causal LMs on a bridge or a TL 3.x
+HookedTransformer; prompt tuning, evaluation of a prompt, the experiments' conditions).
+`use_prefix_cache(False)` (the CLI's `--no-prefix-cache`) turns it off for a process or a
+`with` block; functions that take `prefix_cache=` follow that default when it is None.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -21,6 +27,33 @@ from jaxtyping import Float
 
 from . import compat
 from .prompt import Batch, SoftPrompt, Verbalizer, class_logits
+
+
+_DEFAULT = {"on": True}
+
+
+class use_prefix_cache(contextlib.ContextDecorator):
+    """Turn the prefix-cached path on or off: for the process (`use_prefix_cache(False)`), or inside
+    `with use_prefix_cache(False): ...` (restored on leaving)."""
+
+    def __init__(self, on: bool = True):
+        self.on, self._before = bool(on), _DEFAULT["on"]
+        _DEFAULT["on"] = self.on
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEFAULT["on"] = self._before
+
+
+def prefix_cache_default() -> bool:
+    """Whether the prefix-cached path is on by default (`use_prefix_cache`)."""
+    return _DEFAULT["on"]
+
+
+def resolve_prefix_cache(flag: bool | None) -> bool:
+    return prefix_cache_default() if flag is None else bool(flag)
 
 
 def split_batch(batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Batch]:
@@ -49,8 +82,12 @@ def split_batch(batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
     return ids, mask, chunk
 
 
-def _usable(model, batch: Batch) -> bool:
+def usable_for(model, batch: Batch) -> bool:
+    """Whether `batch` (a causal layout) on `model` can take the cached path."""
     return compat.prefix_cache_supported(model) and batch.input_start is not None
+
+
+_usable = usable_for
 
 
 def _starters(hooks) -> list:
@@ -113,7 +150,15 @@ def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, f
     if hooks or compat.has_forward_hooks(model):
         return _run_input(model, ids, mask, hooks, compat.final_resid_hook(model))
     # nobody listens past the last layer's keys/values: the rest of that layer is not needed
-    stop_at = compat.last_kv_hook(model)
+    return input_pass_through(model, ids, mask, int(model.cfg.n_layers) - 1)
+
+
+def input_pass_through(model, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
+    """The input part's cache up to `last_layer`'s keys/values (enough for prompt passes that stop
+    there, e.g. recording layers <= `last_layer`), grouped by length; nothing may listen (no hooks)."""
+    stop_at = compat.last_kv_hook(model, last_layer)
+    if compat.has_forward_hooks(model):
+        return _run_input(model, ids, mask, (), compat.final_resid_hook(model))
     lengths = mask.sum(1).tolist()
     groups = length_groups(lengths)
     if len(groups) == 1:
@@ -125,6 +170,16 @@ def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, f
         n = max(1, max(int(lengths[r]) for r in g))
         parts.append((_run_input(model, ids[rows][:, L - n:], mask[rows][:, L - n:], (), stop_at), rows))
     return compat.merge_kv_caches(model, parts, ids.shape[0], L, mask)
+
+
+def prompt_pass_for_hooks(model, chunk: Batch, cache, prompt: SoftPrompt) -> None:
+    """The P prompt positions against `cache`, for the hooks attached (a recorder); no logits.
+    A hook may end the pass early with `compat.StopForward`."""
+    with torch.no_grad(), prompt.applied(model, chunk):
+        try:
+            compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, cache)
+        except compat.StopForward:
+            pass
 
 
 def _prompt_pass(model, chunk: Batch, cache, prompt: SoftPrompt, verbalizer: Verbalizer, hooks, starters,

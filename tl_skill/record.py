@@ -289,6 +289,26 @@ class Recorder:
             self._batch = None
 
 
+    def run_prompt_pass(self, chunk: Batch, prompt: SoftPrompt, cache, prompt_pass: Callable) -> None:
+        """Record the prompt positions of a batch whose input is in `cache` (`prefix.record_runs`).
+
+        `chunk` is the prompt part of the batch (`prefix.split_batch`): its P positions are all
+        prompt positions, so the "prompt" position mode reads them all; the hooks are attached
+        for this pass only (the input pass ran without them).
+        """
+        if chunk.labels is None:
+            raise RecordingError("recording needs labelled batches")
+        if self.positions != "prompt":
+            raise RecordingError(f"a cached prompt pass records prompt positions only, not {self.positions!r}")
+        self._batch = chunk
+        self.stats.count_batch(chunk.labels)
+        try:
+            with self.attached():
+                prompt_pass(self.model, chunk, cache, prompt)
+        finally:
+            self._batch = None
+
+
 def n_positions(mode: str, prompt_length: int) -> int:
     return prompt_length if mode == "prompt" else 1
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import compat, distributed
 from .files import FileFormatError, load_state, save_state
-from .prefix import class_logits_cached
+from .prefix import class_logits_cached, resolve_prefix_cache
 from .prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
 from .tasks import Task, column, label_array
 
@@ -93,11 +93,16 @@ class LoopConfig:
 def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: SoftPrompt | None,
              prompt_length: int | None = None, batch_size: int = 32, max_input_tokens: int = 96,
              extra_hooks: Sequence = (), padding_side: str | None = None, progress: bool = False,
-             desc: str | None = None) -> dict[str, Any]:
+             desc: str | None = None, prefix_cache: bool | None = None) -> dict[str, Any]:
     """Accuracy of the prompted (or zero-shot, `prompt=None`) model on one split.
+
+    `prefix_cache` (default: `prefix.prefix_cache_default()`, on): for a causal LM each batch's
+    input runs once and the prompt against its keys/values (`prefix.class_logits_cached`; the
+    same logits to float rounding, hooks at every position of both passes).
 
     Returns `accuracy`, `n` and `predictions` (in the split's order).
     """
+    forward = class_logits_cached if prompt is not None and resolve_prefix_cache(prefix_cache) else class_logits
     P = prompt.length if prompt is not None else (prompt_length or 0)
     layout = layout_for(model, P, max_input_tokens, padding_side)
     device = compat.model_device(model)
@@ -111,7 +116,7 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
         batch = batch.to(device)
         for start_batch in starters:
             start_batch(batch.first_example)
-        logits = class_logits(model, batch, verbalizer, prompt, extra_hooks)
+        logits = forward(model, batch, verbalizer, prompt, extra_hooks)
         preds[idx] = logits.argmax(-1).cpu().numpy()
         bar.update(len(idx))
     bar.close()
@@ -144,7 +149,7 @@ def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, torch.nn.Parameter], cfg, *,
                prompt: SoftPrompt | None = None, out: Path | None = None, evaluate_dev: bool = True,
                progress: bool = True, desc: str = "train", ddp: Callable | None = None,
-               prefix_cache: bool = False) -> dict[str, Any]:
+               prefix_cache: bool | None = None) -> dict[str, Any]:
     """Train `params` of `model` on `data`'s train split, selecting by dev accuracy (module docstring).
 
     Args:
@@ -160,7 +165,8 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
             gradient over processes (`distributed.prompt_data_parallel`).
         prefix_cache: run each batch's input once without grad and only the prompt positions
             with grad against its cached keys/values (`prefix.class_logits_cached`; causal
-            bridges with a prompt, one process; elsewhere the full pass). The same loss and
+            models with a prompt that is the only trained tensor; elsewhere the full pass).
+            None: `prefix.prefix_cache_default()` (on). The same loss and
             gradient: it is not part of any run's identity.
 
     Returns:
@@ -183,6 +189,9 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
     train_tokens = layout.tokenize(column(train, "text"), tb)
     train_labels = label_array(train)
     plist = list(params.values())
+    # the input's keys/values are fixed only while the prompt is all that trains
+    cached = (resolve_prefix_cache(prefix_cache) and prompt is not None
+              and [id(p) for p in plist] == [id(prompt.vectors)])
     opt = torch.optim.AdamW(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, warmup))
@@ -243,7 +252,7 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
             idx = train_batch_indices(step, cfg.batch_size, len(train_tokens), cfg.seed)
             if ddp is None:
                 batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
-                forward = class_logits_cached if prefix_cache else class_logits
+                forward = class_logits_cached if cached else class_logits
                 logits = forward(model, batch, verbalizer, prompt)
                 loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
                 batch_loss = loss.detach()
@@ -332,8 +341,11 @@ def evaluate_prompts(model, task: Task, split: str, verbalizer: Verbalizer, prom
     n = len(task[split])
     preds = np.zeros((len(prompts), n), dtype=np.int64)
     prompts = [p.to(device) for p in prompts]
+    starters = [fn.start_batch for _, fn in extra_hooks if callable(getattr(fn, "start_batch", None))]
     for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
         batch = batch.to(device)
+        for start_batch in starters:  # as `evaluate` does (the full-pass fallback needs it)
+            start_batch(batch.first_example)
         preds[:, idx] = class_logits_many(model, batch, verbalizer, prompts, extra_hooks).argmax(-1).cpu().numpy()
     preds = distributed.all_reduce_sum(preds)
     labels = task.labels(split)

@@ -211,7 +211,7 @@ def claim_run_dir(out: str | Path, model_name: str, task: Task, cfg: TuneConfig,
 
 def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
          progress: bool = True, evaluate_test: bool = True,
-         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True, prefix_cache: bool = False) -> Run:
+         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True, prefix_cache: bool | None = None) -> Run:
     """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
 
     Any `HookedRootModule` works, also one whose parameters require grad (a
@@ -225,13 +225,19 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     whose only dev check would be at their last step (the transfer study's)
     get the same prompt for less work.
 
-    `prefix_cache=True` computes each step's input positions once without grad and only the
-    prompt positions with grad (`train.train_loop`); the same loss and gradient, to float rounding.
+    For a causal LM each step computes the input positions once without grad and only the prompt
+    positions with grad (`train.train_loop`; the same loss and gradient, to float rounding);
+    `prefix_cache=False` (or `prefix.use_prefix_cache(False)`) runs the full pass instead.
 
     Reruns with the same directory resume from the last checkpoint, or return
     the finished run at once; a directory holding anything else is refused
     before any work (`files.claim_dir`).
     """
+    if prefix_cache is not None:  # for the steps and the dev and test evaluations alike
+        from .prefix import use_prefix_cache
+
+        with use_prefix_cache(prefix_cache):
+            return tune(model, task, out, config, progress, evaluate_test, init_prompt, evaluate_dev)
     cfg = config or TuneConfig()
     out = Path(out)
     spec = model_spec(model)
@@ -265,8 +271,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         atomic_json(out / RUN_JSON, info)
     try:
         state = train_loop(model, data, verbalizer, {"prompt": prompt.vectors}, cfg, prompt=prompt, out=out,
-                           evaluate_dev=evaluate_dev, progress=progress, desc=f"tune {task.spec.name}", ddp=ddp,
-                           prefix_cache=prefix_cache)
+                           evaluate_dev=evaluate_dev, progress=progress, desc=f"tune {task.spec.name}", ddp=ddp)
     except TrainingError as exc:
         raise RunError(str(exc)) from None
     if distributed.is_main():

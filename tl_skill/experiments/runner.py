@@ -6,7 +6,9 @@ verbalizer and layout settings). `run_conditions` evaluates each condition
 with `train.evaluate`, which visits the split in one order fixed by the split
 alone and tells numbering hooks each batch's global position: noise draws are
 a function of `(seed, global example id)`, so accuracies do not depend on the
-batch size or the number of processes.
+batch size or the number of processes. Conditions with a prompt and no hooks on the
+same examples (a clean condition, the prompts of a transfer matrix) share each
+batch's input pass through the prefix cache (`shared_input_groups`).
 
 Each finished condition is written atomically to
 `out/conditions/<name>-<hash>.json`, the hash taken over its full definition
@@ -40,7 +42,7 @@ from .. import compat, distributed
 from ..files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
 from ..prompt import SoftPrompt, Verbalizer
 from ..tasks import Task, subsample
-from ..train import evaluate
+from ..train import evaluate, evaluate_prompts
 from ..tuning import Run
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,9 @@ def condition_key(definition: Mapping[str, Any]) -> str:
     return f"{slug}-{digest}"
 
 
+MAX_SHARED_PROMPTS = 8
+
+
 def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], eval_sets: Mapping[str, EvalSet], *,
                    out: Path | None = None, variants: Mapping[str, str] | None = None, batch_size: int = 32,
                    progress: bool = True, desc: str = "evaluate",
@@ -199,27 +204,66 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
         todo.append((cond, definition, key, path))
     bar = tqdm(total=len(conditions), initial=len(conditions) - len(todo), desc=desc, disable=not progress,
                unit="eval")
+
+    def finish(item, res, seconds):
+        cond, definition, key, path = item
+        es = eval_sets[cond.eval_set]
+        correct = res["predictions"] == es.task.labels(es.split)
+        done = ConditionResult(key, cond.name, definition, res["accuracy"], res["n"],
+                               "".join("1" if c else "0" for c in correct), [int(p) for p in res["predictions"]],
+                               seconds)
+        results[cond.name] = done
+        if path is not None and distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_json(path, done.to_dict())
+        if on_result is not None:
+            on_result(done)
+        bar.set_postfix(last=f"{cond.name} {done.accuracy:.3f}")
+        bar.update(1)
+
     try:
-        for cond, definition, key, path in todo:
+        for group in shared_input_groups(todo):
             t0 = time.perf_counter()
+            cond = group[0][0]
             model = models[cond.variant]
             es = eval_sets[cond.eval_set]
+            kw = dict(batch_size=batch_size, max_input_tokens=es.max_input_tokens, padding_side=es.padding_side)
+            if len(group) > 1:  # prompts without hooks on the same examples: one input pass per batch
+                device = compat.model_device(model)
+                many = evaluate_prompts(model, es.task, es.split, es.verbalizer,
+                                        [c.prompt.to(device) for c, *_ in group], **kw)
+                for item, res in zip(group, many):
+                    finish(item, res, (time.perf_counter() - t0) / len(group))
+                continue
             hooks = cond.hooks(model) if cond.hooks is not None else []
             prompt = cond.prompt.to(compat.model_device(model)) if cond.prompt is not None else None
-            res = evaluate(model, es.task, es.split, es.verbalizer, prompt, batch_size=batch_size,
-                           max_input_tokens=es.max_input_tokens, extra_hooks=hooks, padding_side=es.padding_side)
-            correct = res["predictions"] == es.task.labels(es.split)
-            done = ConditionResult(key, cond.name, definition, res["accuracy"], res["n"],
-                                   "".join("1" if c else "0" for c in correct), [int(p) for p in res["predictions"]],
-                                   time.perf_counter() - t0)
-            results[cond.name] = done
-            if path is not None and distributed.is_main():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_json(path, done.to_dict())
-            if on_result is not None:
-                on_result(done)
-            bar.set_postfix(last=f"{cond.name} {done.accuracy:.3f}")
-            bar.update(1)
+            res = evaluate(model, es.task, es.split, es.verbalizer, prompt, extra_hooks=hooks, **kw)
+            finish(group[0], res, time.perf_counter() - t0)
     finally:
         bar.close()
     return {c.name: results[c.name] for c in conditions}
+
+
+def shared_input_groups(todo: Sequence[tuple], max_prompts: int = MAX_SHARED_PROMPTS) -> list[list[tuple]]:
+    """The conditions to evaluate, in order, with those that can share an input pass put together.
+
+    Conditions with a prompt and no hooks, of one model variant, eval set and prompt length, share
+    each batch's input pass (`train.evaluate_prompts`, with the prefix cache on) in groups of at most
+    `max_prompts` (a group's results are written when it finishes); every other condition is alone.
+    """
+    from ..prefix import prefix_cache_default
+
+    groups: list[list[tuple]] = []
+    open_: dict[tuple, list[tuple]] = {}
+    for item in todo:
+        cond = item[0]
+        if cond.hooks is not None or cond.prompt is None or not prefix_cache_default():
+            groups.append([item])
+            continue
+        key = (cond.variant, cond.eval_set, cond.prompt.length)
+        group = open_.get(key)
+        if group is None or len(group) >= max_prompts:
+            group = open_[key] = []
+            groups.append(group)
+        group.append(item)
+    return groups
