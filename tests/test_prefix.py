@@ -239,3 +239,38 @@ def test_recording_several_trials_reads_the_input_once(name, small_task, monkeyp
     inputs.clear()
     record_runs(model, task, prompts[:1], subtasks, positions="last", **kw)
     assert not inputs
+
+
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tuning_step_benchmark_writes_the_cached_ratio(tmp_path):
+    """The benchmark's JSON (tiny model, one step): the cached step's ratio to PEFT, its P, and the same loss."""
+    import json
+
+    _bench("bench_tuning_step").main(["--model", "tiny-llama", "--steps", "2", "--warmup", "1", "--prompt-length", "4",
+                                      "--device", "cpu", "--out", str(tmp_path / "b.json")])
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["prompt_length"] == 4 and got["ratio_cached_vs_peft"] > 0
+    assert got["ratio_cached_vs_peft"] == pytest.approx(got["cached_median_seconds"] / got["peft_median_seconds"])
+    assert got["cached_loss_max_abs_difference"] < 1e-5  # the same losses as the full pass
+
+
+def test_bf16_benchmark_writes_timings_and_differences(tmp_path):
+    import json
+
+    _bench("bench_bf16").main(["--model", "tiny-llama", "--steps", "1", "--warmup", "0", "--tune-steps", "2",
+                               "--test", "20", "--record-train", "24", "--record-dev", "12", "--record-reps", "1",
+                               "--out", str(tmp_path / "b.json")])
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert set(got["step_median_seconds"]) == {"float32", "bfloat16"}
+    assert 0 <= got["predictivity"]["top1pct_overlap"] <= 1 and got["predictivity"]["max_abs_difference"] >= 0
+    assert got["step_ratio_bf16_over_fp32"] == pytest.approx(got["step_median_seconds"]["bfloat16"]
+                                                             / got["step_median_seconds"]["float32"])
