@@ -86,7 +86,7 @@ def cmd_export(args):
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub):
     p = subparser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
-        tl-skill demo                       # SmolLM2-135M on rotten_tomatoes, ~12 min on 2 CPU cores
+        tl-skill demo                       # SmolLM2-135M on rotten_tomatoes, ~6 min on 2 CPU cores
         tl-skill demo --quick --out quick   # ~3 min, small subsets
         tl-skill demo --model tiny-gpt2 --task bbc_news:sport-vs-business --out tiny
     """)
