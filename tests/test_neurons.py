@@ -102,8 +102,13 @@ def rt_task(small_task):
 
 @pytest.fixture(scope="module")
 def found(tiny_gpt2, rt_runs):
-    return find_skill_neurons(tiny_gpt2, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV,
-                              batch_size=64, progress=False)
+    # the full pass, as the reference runs: the statistics must then agree bit for bit (the prefix
+    # cache's activations equal the full pass's to float rounding, tests/test_prefix.py)
+    from tl_skill.prefix import use_prefix_cache
+
+    with use_prefix_cache(False):
+        return find_skill_neurons(tiny_gpt2, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV,
+                                  batch_size=64, progress=False)
 
 
 @pytest.fixture(scope="module")

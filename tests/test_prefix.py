@@ -135,12 +135,14 @@ def test_length_groups_is_the_cheapest_contiguous_split():
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3"])
 def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monkeypatch):
-    """With no hook attached the input runs in groups of similar length (forced here: no overhead per group)
-    and stops after the last layer's keys/values; logits and gradients still equal the full pass."""
+    """Without a plain view (here: taken away) and with no hook attached, the input runs in groups of
+    similar length (forced here: no overhead per group) and stops after the last layer's keys/values;
+    logits and gradients still equal the full pass."""
     from tl_skill import load_model
     from tl_skill import prefix
 
     model = load_model(name, device="cpu")
+    monkeypatch.setattr(compat, "plain_view", lambda m: None)
     v = Verbalizer(model.tokenizer, small_task.spec.label_words)
     batch = _batch(model, small_task, side, n=9, tokens=80)  # rows of many lengths
     monkeypatch.setattr(prefix, "GROUP_OVERHEAD_TOKENS", 0)
@@ -164,6 +166,88 @@ def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monke
     with model.hooks(fwd_hooks=[(compat.mlp_post_hook(0), lambda a, hook: None)]), torch.no_grad():
         torch.testing.assert_close(class_logits_cached(model, batch, v, cached_p), cached.detach(), **TOL)
     assert len(calls) == 1 and calls[0][1] == compat.final_resid_hook(model)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-gemma2"])
+def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, small_task, monkeypatch):
+    """With nobody listening, both passes run through the plain Hugging Face view: it holds the bridge's
+    own tensors, the input rows run packed (forced into several packs here; tiny-gemma3's rows are
+    longer than its sliding window of 8), and logits and prompt gradients equal the bridge's full pass."""
+    from tl_skill import compat_plain, load_model
+
+    model = load_model(name, device="cpu")
+    hf = compat.hf_model_of(model)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    view = compat.plain_view(model)
+    assert view is not None and compat.plain_view(model) is view  # built once
+    bridge_tensors = {id(t) for t in [*hf.parameters(), *hf.buffers()]}
+    assert all(id(t) in bridge_tensors for t in [*view.parameters(), *view.buffers()])  # nothing copied
+    monkeypatch.setattr(compat_plain, "PACK_TOKENS", 20)
+    packed, prompt_passes = [], []
+    real_in, real_pp = compat_plain.base_forward, compat.plain_prompt_logits
+    monkeypatch.setattr(compat_plain, "base_forward", lambda base, **kw: packed.append(kw) or real_in(base, **kw))
+    monkeypatch.setattr(compat, "plain_prompt_logits", lambda *a: prompt_passes.append(1) or real_pp(*a))
+    v = Verbalizer(model.tokenizer, small_task.spec.label_words)
+    batch = _batch(model, small_task, side, n=9, tokens=80)  # rows of many lengths
+    full_p = SoftPrompt.from_vocab(model, 4, seed=1)
+    cached_p = SoftPrompt(full_p.vectors.detach().clone())
+    full = class_logits(model, batch, v, full_p)
+    cached = class_logits_cached(model, batch, v, cached_p)
+    assert len(packed) > 1 and prompt_passes == [1]
+    lengths = (batch.input_end - batch.input_start + len(layout_for(model, 4).head)).tolist()
+    assert sum(kw["input_ids"].shape[1] for kw in packed) == sum(lengths)  # no padding token ran
+    torch.testing.assert_close(cached, full, **TOL)
+    full.logsumexp(-1).sum().backward()
+    cached.logsumexp(-1).sum().backward()
+    scale = full_p.vectors.grad.abs().max()
+    torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, **TOL)
+    for n, p in model.named_parameters():  # the model is as it was
+        assert torch.equal(p.detach(), before[n][0]) and p.requires_grad == before[n][1] and p.grad is None
+    # a cache up to layer 0 ends the pass before layer 0's MLP: later layers never run
+    from tl_skill.prefix import split_batch
+
+    ids, mask, _ = split_batch(batch, compat.pad_token_id(model))
+    ran = []
+    layers = view.base_model._modules.get("layers", view.base_model._modules.get("h"))
+    handles = [layers[0].mlp.register_forward_hook(lambda *a: ran.append(0)),
+               layers[1].register_forward_hook(lambda *a: ran.append(1))]
+    cache = compat.plain_input_cache(model, view, ids, mask, 0)
+    for h in handles:
+        h.remove()
+    assert ran == [] and len(cache.layers) == 1
+
+
+def test_no_plain_view_where_someone_listens_or_the_model_changed(small_task):
+    from tl_skill import compat_plain, load_model
+
+    model = load_model("tiny-llama", device="cpu")
+    hf = compat.hf_model_of(model)
+    view = compat.plain_view(model)
+    assert view is not None
+    # a hook on a hook point, or the user's own torch hook on any module: the bridge runs
+    with model.hooks(fwd_hooks=[(compat.mlp_post_hook(1), lambda a, hook: None)]):
+        assert compat.plain_view(model) is None
+    layer = [m for n, m in hf.named_modules() if compat.hf_param_name(n) == "model.layers.0.mlp"][-1]  # HF's own
+    handle = layer.register_forward_hook(lambda mod, args, out: None)
+    assert compat.plain_view(model) is None
+    handle.remove()
+    assert compat.plain_view(model) is view
+    # a replaced weight: a new view around the new tensor, still equal to the bridge
+    name, p = next((n, p) for n, p in hf.named_parameters() if n.endswith("down_proj._original_component.weight"))
+    owner = hf.get_submodule(name.rsplit(".", 1)[0])
+    owner._parameters["weight"] = torch.nn.Parameter(p.detach() * 1.5, requires_grad=False)
+    new = compat.plain_view(model)
+    assert new is not None and new is not view
+    assert any(t is owner._parameters["weight"] for t in new.parameters())
+    # an adapter's weight that the plain class has no place for: no view
+    owner.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False))
+    assert compat.plain_view(model) is None
+    del owner._parameters["lora_A"]
+    # the probe can fail: another model's view does not agree with this bridge
+    other = compat.plain_view(load_model("tiny-llama", device="cpu", seed=7))
+    assert other is not None and not compat_plain._agrees(model, other)
+    assert compat_plain._agrees(model, compat.plain_view(model))
 
 
 def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_gpt2, small_task, tmp_path,

@@ -381,53 +381,6 @@ def model_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(top, model._modules[top]) for top in ("embed_ln", "ln_final") if model._modules.get(top) is not None]
 
 
-def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` with every bridge wrapper replaced, in place, by the Hugging Face module it wraps.
-
-    Building a bridge also gives a bias-free unembedding a zero `bias` buffer; that is undone too.
-    """
-    while WRAPPER in module._modules:
-        module = module._modules[WRAPPER]
-    if isinstance(module, torch.nn.Linear) and "bias" in module._buffers:
-        del module._buffers["bias"]
-        module.register_parameter("bias", None)
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = unwrapped(child)
-    return module
-
-
-def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
-    """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
-    import copy
-
-    # Copy the module tree with the tensors shared, then (if asked) clone only the
-    # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
-    memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
-    # The bridge caches tensors of the last forward pass on its modules (e.g. the
-    # attention pattern); after a pass with grad they are graph nodes, which
-    # deepcopy refuses. They are caches: copy them detached.
-    for module in hf.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach()
-    clean = unwrapped(copy.deepcopy(hf, memo))
-    if share_tensors:
-        return clean
-    clones: dict[int, torch.Tensor] = {}  # by identity, so tied weights stay tied
-    for module in clean.modules():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is None:
-                    continue
-                if id(t) not in clones:
-                    c = t.detach().clone()
-                    clones[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(
-                        t, torch.nn.Parameter) else c
-                store[key] = clones[id(t)]
-    return clean
-
-
 # ----------------------------------------------------------------------------- weights read directly
 def mlp_out_vectors(model: HookedRootModule, layer: int) -> torch.Tensor:
     """W_out of one layer as [d_mlp, d_model]: neuron i adds `activation_i * row i` to the residual stream."""
@@ -500,6 +453,9 @@ def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tens
 # builds on the helpers above); `compat.<name>` stays the one way to reach it.
 from .compat_cache import (  # noqa: E402,F401
     copy_kv_cache, final_resid_hook, forward_with_cache, has_forward_hooks, last_kv_hook, merge_kv_caches,
-    new_kv_cache,
-    pad_token_id, prefix_cache_supported,
+    new_kv_cache, pad_token_id, prefix_cache_supported,
+)
+# Plain Hugging Face models from a bridge (copies, and the shared-tensor view for passes nobody hears).
+from .compat_plain import (  # noqa: E402,F401
+    plain_hf_copy, plain_input_cache, plain_prompt_logits, plain_view, unwrapped,
 )

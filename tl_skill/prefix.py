@@ -140,10 +140,9 @@ def _run_input(model, ids, mask, hooks, stop_at):
 def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, first_example: int):
     """Run the input part once (no grad) and return the cache of its keys/values; the logits are not needed.
 
-    With no hook attached anywhere (a tuning step, a clean evaluation), rows of similar length run
-    together (`length_groups`) and their caches are merged: the same keys and values (to float
-    rounding) for less padding. Any hook keeps the one pass over the whole batch, so hooks see the
-    batch as it is.
+    With no hook attached anywhere (a tuning step, a clean evaluation) the input runs without
+    padding (`input_pass_through`): the same keys and values, to float rounding. Any hook keeps the
+    one pass over the whole batch, so hooks see the batch as it is.
     """
     for start in starters:
         start(first_example)
@@ -155,7 +154,16 @@ def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, f
 
 def input_pass_through(model, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
     """The input part's cache up to `last_layer`'s keys/values (enough for prompt passes that stop
-    there, e.g. recording layers <= `last_layer`), grouped by length; nothing may listen (no hooks)."""
+    there, e.g. recording layers <= `last_layer`); nothing may listen (no hooks).
+
+    On a bridge whose plain Hugging Face view is exact (`compat.plain_view`) the rows run packed
+    through the view; otherwise rows of similar length run together (`length_groups`) and their
+    caches are merged."""
+    view = compat.plain_view(model)
+    if view is not None:
+        cache = compat.plain_input_cache(model, view, ids, mask, last_layer)
+        if cache is not None:
+            return cache
     stop_at = compat.last_kv_hook(model, last_layer)
     if compat.has_forward_hooks(model):
         return _run_input(model, ids, mask, (), compat.final_resid_hook(model))
@@ -187,6 +195,10 @@ def _prompt_pass(model, chunk: Batch, cache, prompt: SoftPrompt, verbalizer: Ver
     """The P prompt positions against `cache`: the label words' logits at the last one."""
     for start in starters:
         start(first_example)
+    view = None if hooks else compat.plain_view(model)
+    if view is not None:  # nobody listens: the plain Hugging Face classes, the same numbers
+        return compat.plain_prompt_logits(model, view, prompt.vectors, chunk.attention_mask, cache,
+                                          verbalizer.token_ids)
     fast = compat.UNEMBED_IN_HOOK in model.hook_dict
     grabbed: dict[str, torch.Tensor] = {}
 
