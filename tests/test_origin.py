@@ -17,6 +17,7 @@ from tl_skill.experiments.ablation import verdict
 from tl_skill.files import OutputDirError
 from tl_skill.train import TrainingError
 from tl_skill.perturb import Perturbation
+from tl_skill.experiments.comparisons import ComparisonError
 from tl_skill.experiments.origin import ORIGIN_JSON, PARTS, OriginError, compare_predictivity, origin_study
 from tl_skill.variants import (BITFIT_BIASES, BITFIT_NORMS, FinetuneConfig, VariantError, add_lora,
                                bitfit_parameters, clean_hf_copy, copy_model, finetune, random_weights_model)
@@ -270,7 +271,7 @@ def test_compare_predictivity_against_hand_and_scipy():
     y = x + torch.tensor(rng.normal(0, 0.2, (3, 50)))
     want = stats.spearmanr(x.reshape(-1).numpy(), y.reshape(-1).numpy()).statistic
     assert compare_predictivity(x, y)["spearman"] == pytest.approx(want, abs=1e-12)
-    with pytest.raises(OriginError, match="shapes"):
+    with pytest.raises(ComparisonError, match="shapes"):
         compare_predictivity(x, y[:2])
 
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cli_args import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, common_options, emit, load_model_for,
-                       subparser, correlation_table, format_neurons_table, layer_spec, list_of, parse_layers,
-                       units_spec)
-from .cli_views import _add_dashboard, _add_demo, _add_export
+from .cli_args import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, common_options,
+                       correlation_table, emit, finish, format_neurons_table, layer_spec, list_of, load_model_for,
+                       parse_layers, subparser, units_spec)
+from .cli_views import add_dashboard, add_demo, add_export
 
 COMMANDS: dict[str, Callable] = {}
 
@@ -82,9 +82,7 @@ def _add_evaluate(sub):
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--max-examples", type=POSITIVE, default=None)
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_evaluate)
+    finish(p, cmd_evaluate)
 
 
 def cmd_evaluate(args):
@@ -128,9 +126,7 @@ def _add_find(sub):
     p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
     p.add_argument("--units", type=units_spec, default="mlp",
                    help="mlp (neurons, default), resid, attn (per-head dims) or sae:PATH (a SAELens directory)")
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_find)
+    finish(p, cmd_find)
 
 
 def _n_layers(run) -> int | None:
@@ -176,23 +172,27 @@ def _add_ablate(sub):
                    help="test examples (0: the run's whole test set)")
     p.add_argument("--units", type=units_spec, default=None,
                    help="units to perturb (default: those the neurons were found on; sae:NEWPATH if the SAE moved)")
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_ablate)
+    finish(p, cmd_ablate)
 
 
-def cmd_ablate(args):
-    from .experiments.ablation import ablation_experiment
+def _run_neurons_model(args):
+    """What `ablate` and `prune` start from: the run, its skill neurons, a model loader, and the
+    options they share (layers, batch size, progress)."""
     from .neurons import SkillNeurons
     from .tuning import Run
 
     run = Run.load(args.run_dir)
-    sn = SkillNeurons.load(args.neurons)
-    res = ablation_experiment(
-        lambda: load_model_for(args, run.model_name), run, sn, args.out, mode=args.mode, fractions=args.fractions,
-        seeds=args.seeds, std=args.std, relative=args.relative, layers=parse_layers(args.layers, _n_layers(run)),
-        max_examples=args.max_examples or None, batch_size=args.batch_size or 32, progress=not args.quiet,
-        units=args.units)
+    shared = dict(layers=parse_layers(args.layers, _n_layers(run)), batch_size=args.batch_size or 32,
+                  progress=not args.quiet, max_examples=args.max_examples or None)
+    return run, SkillNeurons.load(args.neurons), (lambda: load_model_for(args, run.model_name)), shared
+
+
+def cmd_ablate(args):
+    from .experiments.ablation import ablation_experiment
+
+    run, sn, loader, shared = _run_neurons_model(args)
+    res = ablation_experiment(loader, run, sn, args.out, mode=args.mode, fractions=args.fractions, seeds=args.seeds,
+                              std=args.std, relative=args.relative, units=args.units, **shared)
 
     lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} "
              f"{'McNemar p':>12}"]
@@ -221,23 +221,15 @@ def _add_prune(sub):
     p.add_argument("--max-examples", type=NON_NEGATIVE, default=None,
                    help="test examples (default, or 0: the run's test set)")
     p.add_argument("--timing-repeats", type=POSITIVE, default=5)
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_prune)
+    finish(p, cmd_prune)
 
 
 def cmd_prune(args):
     from .experiments.pruning import prune_experiment
-    from .neurons import SkillNeurons
-    from .tuning import Run
 
-    run = Run.load(args.run_dir)
-    sn = SkillNeurons.load(args.neurons)
-    res = prune_experiment(lambda: load_model_for(args, run.model_name), run, sn, args.out, keep=args.keep,
-                           layers=parse_layers(args.layers, _n_layers(run)),
-                           retune_steps=args.retune_steps, max_examples=args.max_examples or None,
-                           batch_size=args.batch_size or 32, progress=not args.quiet,
-                           timing_repeats=args.timing_repeats)
+    run, sn, loader, shared = _run_neurons_model(args)
+    res = prune_experiment(loader, run, sn, args.out, keep=args.keep, retune_steps=args.retune_steps,
+                           timing_repeats=args.timing_repeats, **shared)
     text = (f"parameters {res['params_before']:,} -> {res['params_after']:,} "
             f"({res['params_after'] / res['params_before']:.1%}); speedup {res['speedup']:.2f}x\n"
             f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
@@ -264,9 +256,7 @@ def _add_transfer(sub):
     p.add_argument("--units", type=units_spec, default=None,
                    help="units of the activation indicators (default: those the neurons were found on)")
     p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_transfer)
+    finish(p, cmd_transfer)
 
 
 def cmd_transfer(args):
@@ -301,9 +291,7 @@ def _add_study(sub):
     p.add_argument("--max-eval-examples", type=POSITIVE, default=200, help="test examples per transfer evaluation")
     p.add_argument("--units", type=units_spec, default="mlp",
                    help="units to find and compare: mlp (default), resid, attn or sae:PATH")
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_study)
+    finish(p, cmd_study)
 
 
 def cmd_study(args):
@@ -353,9 +341,7 @@ def _add_origin(sub):
                    help="test examples per evaluation (perturbation, extra prompts); 0: the run's cap")
     p.add_argument("--find-train-examples", type=POSITIVE, default=2000)
     p.add_argument("--find-eval-examples", type=POSITIVE, default=None)
-    p.add_argument("--json", action="store_true")
-    common_options(p)
-    p.set_defaults(func=cmd_origin)
+    finish(p, cmd_origin)
 
 
 def cmd_origin(args):
@@ -378,8 +364,8 @@ def cmd_origin(args):
 
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [_add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin,
-          _add_dashboard, _add_export]  # demo, dashboard and export: cli_views
+ADDERS = [add_demo, _add_tune, _add_evaluate, _add_find, _add_ablate, _add_prune, _add_transfer, _add_study, _add_origin,
+          add_dashboard, add_export]  # demo, dashboard and export: cli_views
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -191,6 +191,14 @@ def common_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
+def finish(p: argparse.ArgumentParser, func, json: bool = True) -> None:
+    """The end of every command's parser: `--json` (printing the result as JSON), the common options, `func`."""
+    if json:
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    common_options(p)
+    p.set_defaults(func=func)
+
+
 def subparser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help,
                        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),

@@ -8,7 +8,7 @@ from .cli_args import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_f
 
 
 # ----------------------------------------------------------------------- dashboards
-def _add_dashboard(sub):
+def add_dashboard(sub):
     p = subparser("dashboard", sub, "one static HTML page per top skill neuron, and an index", """
         tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt
         tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt --top 40 --ablation ablation/rt
@@ -58,7 +58,7 @@ def cmd_dashboard(args):
     emit({"index": str(index), "neurons": len(res.neurons)}, False, "\n".join(lines) + f"\nopen {index}")
 
 
-def _add_export(sub):
+def add_export(sub):
     p = subparser("export", sub, "export skill neurons for other tools (neuronpedia: its export layout)", """
         tl-skill export neuronpedia neurons/rt --run runs/rt/seed0 --out np_export/
     """)
@@ -84,7 +84,7 @@ def cmd_export(args):
 
 
 # ---------------------------------------------------------------------------- demo
-def _add_demo(sub):
+def add_demo(sub):
     p = subparser("demo", sub, "the whole pipeline on one task, ending in report.html / report.md", """
         tl-skill demo                       # SmolLM2-135M on rotten_tomatoes, ~6 min on 2 CPU cores
         tl-skill demo --quick --out quick   # ~3 min, small subsets

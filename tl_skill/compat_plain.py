@@ -116,8 +116,8 @@ def _listened_to(model: torch.nn.Module) -> bool:
 
 def _fingerprint(hf: torch.nn.Module) -> tuple:
     mods = tuple((id(m), "forward" in vars(m)) for m in hf.modules())
-    tensors = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-                    for _, t in [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)])
+    named = [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]
+    tensors = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for _, t in named)
     return mods, tensors
 
 
@@ -229,9 +229,13 @@ def _packed_masks(view: torch.nn.Module, lengths: list[int], sdpa: bool, dtype: 
     return as_mask(allowed), pos[None]
 
 
-def base_forward(base: torch.nn.Module, **kwargs):
-    """One pass of a view's base model (the decoder without its head)."""
-    return base(**kwargs)
+def base_forward(base: torch.nn.Module, cache, **kwargs):
+    """One pass of a view's base model (the decoder without its head) reading and extending `cache`
+    (`cache=` on transformers releases that renamed `past_key_values`)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return base(**{name: cache}, use_cache=True, **kwargs)
 
 
 def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
@@ -275,8 +279,7 @@ def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.
             cache = DynamicCache()
             try:
                 with torch.no_grad():
-                    base_forward(base, input_ids=tokens, attention_mask=attn, position_ids=pos,
-                                 past_key_values=cache, use_cache=True)
+                    base_forward(base, cache, input_ids=tokens, attention_mask=attn, position_ids=pos)
             except _PassDone:
                 pass
             keys.append([layer.keys[0] for layer in cache.layers[:last_layer + 1]])
@@ -318,6 +321,6 @@ def plain_prompt_logits(model: torch.nn.Module, view: torch.nn.Module, vectors: 
     view.config._attn_implementation = _attention(view, attention_mask.device, grad=torch.is_grad_enabled())
     positions = attention_mask[:, :-P].sum(1, keepdim=True) + torch.arange(P, device=attention_mask.device)[None]
     x = vectors.to(device=attention_mask.device, dtype=dtype)[None].expand(B, -1, -1)
-    out = view.base_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=positions,
-                          past_key_values=cache, use_cache=True)
+    out = base_forward(view.base_model, cache, inputs_embeds=x, attention_mask=attention_mask,
+                       position_ids=positions)
     return label_logits(model, out.last_hidden_state[:, -1], token_ids)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from . import compat, distributed
 from .files import claim_dir, read_json, tensor_digest
 from .models import model_spec
-from .neurons import (NEURONS_JSON, NeuronsError, SkillNeurons, Subtask, accuracy_of_counts, make_subtasks,
-                      subtask_counts)
+from .neurons import NEURONS_JSON, SkillNeurons
+from .predictivity import NeuronsError, Subtask, accuracy_of_counts, make_subtasks, subtask_counts
 from .prompt import SoftPrompt, iterate_batches, layout_for
 from .record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
 from .tasks import Task, subsample

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import einops
 import numpy as np
@@ -27,88 +27,15 @@ from jaxtyping import Float
 
 from . import distributed
 from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
+from .predictivity import (  # noqa: F401 - re-exported: tl_skill.neurons.<name> keeps working
+    NeuronsError, Subtask, accuracy_from_counts, accuracy_of_counts, make_subtasks, predictivity_of, subtask_counts,
+)
 from .tuning import Run
 
 log = logging.getLogger(__name__)
 
 PREDICTIVITY_FILE = "predictivity.safetensors"
 NEURONS_JSON = "neurons.json"
-
-
-class NeuronsError(ValueError):
-    """Inconsistent runs, bad selection arguments or unreadable results."""
-
-
-@dataclass(frozen=True)
-class Subtask:
-    """A binary view of a task: `positive` classes vs `negative` classes."""
-
-    name: str
-    positive: tuple[int, ...]
-    negative: tuple[int, ...]
-
-    @property
-    def classes(self) -> tuple[int, ...]:
-        return tuple(sorted(self.positive + self.negative))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "positive": list(self.positive), "negative": list(self.negative)}
-
-
-def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask]:
-    """Binary subtasks of a task (SPEC §4): a binary task is its own single subtask.
-
-    `ovr`: each class vs the rest; `pairwise`: each pair (i < j), j positive,
-    on the examples of those two classes only (its baseline too).
-    """
-    k = len(label_names)
-    if k == 2:
-        return [Subtask(f"{label_names[1]} vs {label_names[0]}", (1,), (0,))]
-    if mode == "ovr":
-        return [Subtask(f"{label_names[c]} vs rest", (c,), tuple(x for x in range(k) if x != c))
-                for c in range(k)]
-    if mode == "pairwise":
-        return [Subtask(f"{label_names[j]} vs {label_names[i]}", (j,), (i,))
-                for i in range(k) for j in range(i + 1, k)]
-    raise NeuronsError(f"unknown multi-class mode {mode!r}; choose 'ovr' or 'pairwise'")
-
-
-def subtask_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
-                   baseline_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """Per subtask: positives above baseline [S, l, t, d], negatives above, n_pos [S] and n_neg [S].
-
-    `above[b, c]` counts class-c examples above baseline b; `count[c]` is the
-    number of class-c examples.
-    """
-    pos, neg, n_pos, n_neg = [], [], [], []
-    for sub, b in zip(subtasks, baseline_index):
-        pos.append(above[b, list(sub.positive)].sum(0))
-        neg.append(above[b, list(sub.negative)].sum(0))
-        n_pos.append(int(count[list(sub.positive)].sum()))
-        n_neg.append(int(count[list(sub.negative)].sum()))
-        if n_pos[-1] == 0 or n_neg[-1] == 0:
-            raise NeuronsError(f"subtask {sub.name!r} has no {'positive' if n_pos[-1] == 0 else 'negative'} "
-                               "examples in the evaluation split")
-    return torch.stack(pos), torch.stack(neg), n_pos, n_neg
-
-
-def accuracy_of_counts(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: Sequence[int],
-                       n_neg: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
-    """Accuracy of the rule "above baseline -> positive" from per-subtask counts (subtask axis -4)."""
-    shape = (-1,) + (1,) * 3
-    npos = torch.tensor(n_pos, dtype=torch.float64).reshape(shape)
-    nneg = torch.tensor(n_neg, dtype=torch.float64).reshape(shape)
-    return (pos_above.double() + nneg - neg_above.double()) / (npos + nneg)
-
-
-def accuracy_from_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
-                         baseline_index: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
-    """Accuracy of the rule "above baseline -> positive" for each subtask."""
-    return accuracy_of_counts(*subtask_counts(above, count, subtasks, baseline_index))
-
-
-def predictivity_of(acc: torch.Tensor) -> torch.Tensor:
-    return torch.maximum(acc, 1 - acc)
 
 
 @dataclass
@@ -277,11 +204,7 @@ class SkillNeurons:
         return self.accuracy.shape[-1]
 
     def _runs_agg(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aggregate_runs == "mean":
-            return x.mean(0)
-        if self.aggregate_runs == "min":
-            return x.amin(0)
-        raise NeuronsError(f"unknown run aggregation {self.aggregate_runs!r}; use 'mean' or 'min'")
+        return _aggregate(x, self.aggregate_runs, ("mean", "min"), "run")
 
     @property
     def per_position(self) -> Float[torch.Tensor, "r l t d"]:
@@ -295,12 +218,7 @@ class SkillNeurons:
 
     @property
     def predictivity(self) -> Float[torch.Tensor, "l d"]:
-        per_sub = self.per_subtask
-        if self.aggregate_subtasks == "max":
-            return per_sub.amax(0)
-        if self.aggregate_subtasks == "mean":
-            return per_sub.mean(0)
-        raise NeuronsError(f"unknown subtask aggregation {self.aggregate_subtasks!r}; use 'max' or 'mean'")
+        return _aggregate(self.per_subtask, self.aggregate_subtasks, ("max", "mean"), "subtask")
 
     @property
     def best_predictivity(self) -> float:
@@ -496,6 +414,16 @@ class SkillNeurons:
             counts={k[len("counts."):]: v.long() for k, v in t.items() if k.startswith("counts.")},
             class_counts=info.get("class_counts", {}),
         )
+
+
+_AGGREGATES = {"mean": lambda x: x.mean(0), "min": lambda x: x.amin(0), "max": lambda x: x.amax(0)}
+
+
+def _aggregate(x: torch.Tensor, how: str, allowed: tuple[str, ...], what: str) -> torch.Tensor:
+    """`x` reduced over its first axis by `how` (one of `allowed`)."""
+    if how not in allowed:
+        raise NeuronsError(f"unknown {what} aggregation {how!r}; use {' or '.join(repr(a) for a in allowed)}")
+    return _AGGREGATES[how](x)
 
 
 def _rank(scores: torch.Tensor) -> list[int]:

@@ -37,7 +37,7 @@ from ..tasks import Task
 from ..train import majority_accuracy
 from ..tuning import Run
 from ..units import UnitSource, check_same_units, source_for_neurons
-from .results import Result
+from .results import RunResult
 from .runner import Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
@@ -174,14 +174,11 @@ def verdict(rows: Sequence[Mapping], majority: float | None = None) -> Verdict:
 
 # ----------------------------------------------------------------------------- the experiment
 @dataclasses.dataclass(frozen=True)
-class AblationResult(Result):
+class AblationResult(RunResult):
     """What `ablation_experiment` measured; saved as `ablation.json`."""
 
     FILE = ABLATION_JSON
 
-    model: str
-    task: str
-    run: str
     mode: str
     fractions: list[float]
     seeds: list[int]

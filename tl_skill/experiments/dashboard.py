@@ -40,7 +40,7 @@ from ..prompt import class_logits, iterate_batches, layout_for
 from ..tuning import Run
 from ..units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
 from .ablation import AblationResult
-from .results import Result
+from .results import RunResult
 from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class DashboardError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DashboardResult(Result):
+class DashboardResult(RunResult):
     """Everything a neuron dashboard shows; saved as `dashboard.json` + `dashboard.safetensors`.
 
     `activations[e, k]` is neuron k's activation at its best prompt position on example e
@@ -63,9 +63,6 @@ class DashboardResult(Result):
 
     FILE = DASHBOARD_JSON
 
-    model: str
-    task: str
-    run: str
     label_names: list[str]
     label_words: list[str]
     neurons: list[dict[str, Any]]

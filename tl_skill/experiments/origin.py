@@ -49,13 +49,13 @@ from ..find import load_or_find
 from ..perturb import MODES
 from ..prompt import Verbalizer
 from ..tasks import Task, load_task, subsample
-from ..indicators import spearman
 from ..train import majority_accuracy
 from ..tuning import Run, TuneConfig, tune
 from ..variants import (BITFIT_NORMS, TRAINED_FILE, FinetuneConfig, add_lora, bitfit_parameters, copy_model,
                         finetune, load_trained, mlp_unchanged, random_weights_model, save_trained)
 from .ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
-from .results import Result
+from .comparisons import compare_predictivity, predictivity_summary, top_mask
+from .results import TaskResult
 from .runner import Condition, EvalSet, run_conditions
 
 log = logging.getLogger(__name__)
@@ -71,50 +71,6 @@ _ALT_WORDS = {"negative": "bad", "positive": "good", "bad": "negative", "good": 
 
 class OriginError(ValueError):
     """Bad origin-study arguments, or an output directory that holds another study."""
-
-
-# ----------------------------------------------------------------------------- comparisons
-def _top_k(d_mlp: int, fraction: float) -> int:
-    return max(1, int(fraction * d_mlp))
-
-
-def predictivity_summary(sn: SkillNeurons, fraction: float = 0.01) -> dict[str, Any]:
-    """Best neuron, mean of the per-layer top `fraction` (at least one per layer), mean of all."""
-    pred = sn.predictivity
-    mask = sn.select(k=_top_k(sn.d_mlp, fraction), per_layer=True)
-    return {"best_predictivity": float(pred.max()), "top_mean_predictivity": float(pred[mask].mean()),
-            "top_fraction": fraction, "top_per_layer": _top_k(sn.d_mlp, fraction),
-            "mean_predictivity": float(pred.mean()), "runs": len(sn.runs),
-            "prompt_dev_accuracy": sn.prompt_accuracy("dev_accuracy"),
-            "prompt_test_accuracy": sn.prompt_accuracy("test_accuracy")}
-
-
-def compare_predictivity(a: SkillNeurons | torch.Tensor, b: SkillNeurons | torch.Tensor,
-                         fraction: float = 0.01) -> dict[str, Any]:
-    """Spearman correlation of two predictivity maps over all neurons, and the overlap of their skill neurons.
-
-    The skill neurons are the top `max(1, int(fraction * d_mlp))` of each layer;
-    `top_overlap` = |A and B| / |A|, `chance_overlap` its expectation for two
-    random sets of that size.
-    """
-    pa = a.predictivity if isinstance(a, SkillNeurons) else torch.as_tensor(a)
-    pb = b.predictivity if isinstance(b, SkillNeurons) else torch.as_tensor(b)
-    if pa.shape != pb.shape or pa.ndim != 2:
-        raise OriginError(f"predictivity maps of shapes {tuple(pa.shape)} and {tuple(pb.shape)} cannot be compared")
-    k = _top_k(pa.shape[1], fraction)
-    ma, mb = _top_mask(pa, k), _top_mask(pb, k)
-    return {"spearman": spearman(pa.reshape(-1).numpy(), pb.reshape(-1).numpy()),
-            "top_overlap": float((ma & mb).sum()) / float(ma.sum()), "chance_overlap": k / pa.shape[1],
-            "top_fraction": fraction, "top_per_layer": k, "n_neurons": int(pa.numel())}
-
-
-def _top_mask(pred: torch.Tensor, k: int) -> torch.Tensor:
-    """Top k of each row; ties broken by index (as `SkillNeurons.select`)."""
-    mask = torch.zeros(pred.shape, dtype=torch.bool)
-    for l in range(pred.shape[0]):
-        order = torch.sort(-pred[l].double(), stable=True).indices[:k]
-        mask[l, order] = True
-    return mask
 
 
 def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
@@ -399,7 +355,7 @@ def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: Skil
             xlabel=f"predictivity with {'/'.join(w.strip() for w in sn.label_words)}",
             ylabel=f"predictivity with {'/'.join(w.strip() for w in alt_words)}",
             title=f"{sn.model} / {sn.task}: label words\n(Spearman {_fmt(rho)}, top overlap {_fmt(overlap)})",
-            highlight=(_top_mask(sn.predictivity, k) | _top_mask(alt_sn.predictivity, k)).reshape(-1).numpy()).name
+            highlight=(top_mask(sn.predictivity, k) | top_mask(alt_sn.predictivity, k)).reshape(-1).numpy()).name
     statement = (f"With label words {'/'.join(w.strip() for w in alt_words)} instead of "
                  f"{'/'.join(w.strip() for w in sn.label_words)}, neuron predictivity has Spearman {_fmt(rho)} "
                  f"with the original and {overlap:.0%} of the top-{top_fraction:.0%} skill neurons are shared "
@@ -487,13 +443,11 @@ def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out
 
 
 @dataclasses.dataclass(frozen=True)
-class OriginResult(Result):
+class OriginResult(TaskResult):
     """What `origin_study` found; saved as `origin.json`, one section per part (each with `claim_holds`)."""
 
     FILE = ORIGIN_JSON
 
-    model: str
-    task: str
     status: str
     settings: dict[str, Any]
     source: dict[str, Any]

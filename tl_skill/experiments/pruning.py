@@ -22,7 +22,7 @@ from ..prune import (PRUNE_JSON, PruneError, check_mlp_units, check_prune_argume
                      pruning_of, save_pruned)
 from ..stats import mcnemar_exact
 from ..tuning import Run, TuneConfig, tune
-from .results import Result
+from .results import RunResult
 from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,11 @@ def time_inference(models: dict[str, Any], batches, verbalizer: Verbalizer, prom
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneResult(Result):
+class PruneResult(RunResult):
     """What `prune_experiment` measured; saved as `prune.json` beside the pruned model."""
 
     FILE = PRUNE_JSON
 
-    model: str
-    task: str
-    run: str
     kept_fraction: float
     layers: list[int]
     params_before: int

@@ -77,3 +77,26 @@ class Result:
         if lacking:
             raise FileFormatError(f"{cls.__name__} file {file} lacks {', '.join(lacking)}")
         return cls(**{n: (tensors[n] if n in tensors else data[n]) for n in names if n in data or n in tensors})
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult(Result):
+    """A result about one model on one task: the fields such results start with."""
+
+    model: str
+    task: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult(TaskResult):
+    """A result about one tuning run's prompt (`run`: its directory)."""
+
+    run: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksResult(Result):
+    """A result about one model on several tasks."""
+
+    model: str
+    tasks: list[str]

@@ -35,7 +35,7 @@ from ..neurons import NeuronsError, SkillNeurons
 from ..prompt import SoftPrompt
 from ..tasks import Task, load_task
 from ..tuning import Run, RunError, TuneConfig
-from .results import Result
+from .results import TasksResult
 from ..units import UnitSource, check_same_units, source_for_neurons
 from .runner import Condition, EvalSet, resolve_model, run_conditions
 
@@ -50,7 +50,7 @@ def _finite_or(x, default: float = -math.inf) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class TransferResult(Result):
+class TransferResult(TasksResult):
     """Transfer matrices, indicators and their correlations; saved as `transfer.json`.
 
     Matrices are indexed `[source][target]`: row A, column B is A's prompt on task B.
@@ -58,8 +58,6 @@ class TransferResult(Result):
 
     FILE = TRANSFER_JSON
 
-    model: str
-    tasks: list[str]
     transfer: dict[str, list[list[float | None]]]
     indicators: dict[str, list[list[float | None]]]
     correlations: dict[str, Any]
@@ -73,13 +71,11 @@ class TransferResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyResult(Result):
+class StudyResult(TasksResult):
     """The multi-task study's summary; saved as `study.json` (the matrices are in `transfer.json`)."""
 
     FILE = STUDY_JSON
 
-    model: str
-    tasks: list[str]
     seeds: list[int]
     per_task: dict[str, dict[str, Any]]
     correlations: dict[str, Any]
