@@ -34,9 +34,10 @@ from .compat import WRAPPER, hf_model_of, hf_param_name, is_bridge, is_masked_lm
 
 # Hugging Face `model_type`s whose view is tested against the bridge (tests/test_prefix.py).
 PLAIN_FAMILIES = frozenset({"llama", "gpt2", "gemma2", "gemma3_text"})
-# Rows of the input pass go into packed rows of at most this many tokens (or the longest row):
-# attention over a packed row costs its length squared, an extra pass ~0.05 s on SmolLM2 / 2 CPU cores.
-PACK_TOKENS = 768
+# Rows of the input pass go into packed rows of about this many tokens at most (or the longest row):
+# attention over a packed row costs its length squared, an extra pass ~0.05 s (SmolLM2, 2 CPU cores:
+# 512 was about the fastest of 128-768 for batches of 16 and 32 rows).
+PACK_TOKENS = 512
 _SPLIT_QKV = re.compile(r"\.attn\.[qkv]\.(weight|bias)$")
 
 _VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.nn.Module | None]]" = \
@@ -243,15 +244,17 @@ def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.
     """The input part's keys/values through `view`, layers 0..`last_layer`, as a left-padded cache
     [batch, kv heads, L, d_head] (zeros at padding) for `ids`/`mask` [batch, L] (left-padded).
 
-    Rows are packed (module docstring) into rows of at most `PACK_TOKENS` tokens. None when no row
+    Rows are packed (module docstring) into as few rows of about equal length as `PACK_TOKENS` allows. None when no row
     has a token (the caller takes the bridge's path)."""
     from transformers import DynamicCache
 
     B, L = ids.shape
     lengths = [int(n) for n in mask.sum(1).tolist()]
+    # as few packs as PACK_TOKENS allows, of about equal size (attention costs a pack's length squared)
+    total = sum(lengths)
+    limit = max(max(lengths), -(-total // max(1, -(-total // PACK_TOKENS))))
     packs: list[list[int]] = []
     size = 0
-    limit = max(PACK_TOKENS, max(lengths))
     for r in range(B):
         if lengths[r] == 0:
             continue
