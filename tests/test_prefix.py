@@ -272,6 +272,15 @@ def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_g
         off = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24)
     assert not calls and prefix_cache_default()
     assert (off["predictions"] == base["predictions"]).all()
+    # with hooks (a perturbation) one prompt takes the full pass unless the cache is asked for; same results
+    pert = Perturbation(tiny_gpt2, torch.ones(2, 256, dtype=torch.bool), "noise", std=1.0, seed=0)
+    hooked = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24, extra_hooks=pert.fwd_hooks())
+    assert not calls
+    forced = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24, extra_hooks=pert.fwd_hooks(),
+                      prefix_cache=True)
+    assert calls and (forced["predictions"] == hooked["predictions"]).all()
+    assert (hooked["predictions"] != base["predictions"]).any()  # the noise did something
+    calls.clear()
     cfg = TuneConfig(prompt_length=4, steps=2, eval_every=2, batch_size=8, max_train_examples=16,
                      max_dev_examples=8, max_test_examples=8, max_input_tokens=24)
     tune(tiny_gpt2, small_task, tmp_path / "off", cfg, progress=False, evaluate_test=False, prefix_cache=False)
@@ -320,9 +329,10 @@ def test_recording_several_trials_reads_the_input_once(name, small_task, monkeyp
         for which in ("eval", "confirm", "control"):
             assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a.counts[which],
                                                                                       b.counts[which]))
-    # positions that are not prompt positions keep the full pass
+    # one prompt, or positions that are not prompt positions, keep the full pass
     inputs.clear()
-    record_runs(model, task, prompts[:1], subtasks, positions="last", **kw)
+    record_runs(model, task, prompts[:1], subtasks, **kw)
+    record_runs(model, task, prompts[:2], subtasks, positions="last", **kw)
     assert not inputs
 
 

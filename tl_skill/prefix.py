@@ -11,8 +11,10 @@ everywhere). Bridges continue a Hugging Face cache, TransformerLens 3.x's
 HookedTransformer its `HookedTransformerKeyValueCache` (both behind `compat`);
 for masked LMs `class_logits_cached` is `class_logits`.
 
-The cached path is the default wherever it applies (causal LMs on a bridge or a TL 3.x
-HookedTransformer; prompt tuning, evaluation of a prompt, the experiments' conditions).
+The cached path is the default where it saves time (causal LMs on a bridge or a TL 3.x
+HookedTransformer; prompt tuning, evaluation of a prompt without hooks, several prompts or trials
+on the same examples); a single prompt under hooks and a single trial's recording take the full
+pass unless asked (`train.evaluate`, `find.record_runs`).
 `use_prefix_cache(False)` (the CLI's `--no-prefix-cache`) turns it off for a process or a
 `with` block; functions that take `prefix_cache=` follow that default when it is None.
 """

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import compat, distributed
 from .files import FileFormatError, load_state, save_state
-from .prefix import class_logits_cached, resolve_prefix_cache
+from .prefix import class_logits_cached, prefix_cache_default, resolve_prefix_cache
 from .prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
 from .tasks import Task, column, label_array
 
@@ -96,13 +96,18 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
              desc: str | None = None, prefix_cache: bool | None = None) -> dict[str, Any]:
     """Accuracy of the prompted (or zero-shot, `prompt=None`) model on one split.
 
-    `prefix_cache` (default: `prefix.prefix_cache_default()`, on): for a causal LM each batch's
-    input runs once and the prompt against its keys/values (`prefix.class_logits_cached`; the
-    same logits to float rounding, hooks at every position of both passes).
+    `prefix_cache` (default: `prefix.prefix_cache_default()`, on): for a causal LM without
+    `extra_hooks` each batch's input runs once and the prompt against its keys/values
+    (`prefix.class_logits_cached`, through the plain view where nobody listens; the same logits to
+    float rounding). With hooks (a perturbation) one prompt gains nothing from the cache: both passes
+    would run through the bridge's hooks, so the full pass runs (SmolLM2, 192 examples under noise
+    hooks: 9.5 s cached, 9.1 s full); `prefix_cache=True` forces the cache.
 
     Returns `accuracy`, `n` and `predictions` (in the split's order).
     """
-    forward = class_logits_cached if prompt is not None and resolve_prefix_cache(prefix_cache) else class_logits
+    cached = prompt is not None and (bool(prefix_cache) if prefix_cache is not None
+                                     else prefix_cache_default() and not extra_hooks)
+    forward = class_logits_cached if cached else class_logits
     P = prompt.length if prompt is not None else (prompt_length or 0)
     layout = layout_for(model, P, max_input_tokens, padding_side)
     device = compat.model_device(model)
