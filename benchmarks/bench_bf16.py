@@ -31,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tl_skill import SoftPrompt, TuneConfig, Verbalizer, compat, layout_for, load_model, load_task  # noqa: E402
-from tl_skill import evaluate, subsample, tune  # noqa: E402
+from tl_skill import SoftPrompt, TuneConfig, compat, load_model, load_task  # noqa: E402
+from tl_skill.tuning import Verbalizer, layout_for
+from tl_skill import evaluate, tune  # noqa: E402
+from tl_skill.data import subsample
 from tl_skill.find import record_runs  # noqa: E402
 from tl_skill.neurons import make_subtasks  # noqa: E402
-from tl_skill.prefix import class_logits_cached  # noqa: E402
+from tl_skill.tuning.prefix import class_logits_cached  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 

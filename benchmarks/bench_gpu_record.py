@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tl_skill import SoftPrompt, compat, distributed, layout_for, load_model, load_task, model_spec, subsample  # noqa: E402
-from tl_skill.neurons import make_subtasks, record_run  # noqa: E402
-from tl_skill.prompt import iterate_batches  # noqa: E402
+from tl_skill import SoftPrompt, compat, distributed, load_model, load_task, model_spec  # noqa: E402
+from tl_skill.data import subsample  # noqa: E402
+from tl_skill.find import record_run  # noqa: E402
+from tl_skill.neurons import make_subtasks  # noqa: E402
+from tl_skill.tuning.prompt import iterate_batches, layout_for  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

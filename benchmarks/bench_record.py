@@ -49,9 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tl_skill import SoftPrompt, compat, layout_for, load_model, load_task, model_spec, subsample  # noqa: E402
+from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec  # noqa: E402
+from tl_skill.tuning import layout_for
+from tl_skill.data import subsample
 from tl_skill.record import MomentStats, Recorder  # noqa: E402
-from tl_skill.prompt import iterate_batches  # noqa: E402
+from tl_skill.tuning.prompt import iterate_batches  # noqa: E402
 
 MODES = ("forward", "recorder", "cache")
 

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tl_skill import SoftPrompt, Verbalizer, class_logits, compat, layout_for, load_model, load_task  # noqa: E402
+from tl_skill import SoftPrompt, compat, load_model, load_task  # noqa: E402
+from tl_skill.tuning import Verbalizer, class_logits, layout_for
 from tl_skill import model_spec  # noqa: E402
-from tl_skill.prefix import class_logits_cached  # noqa: E402
+from tl_skill.tuning.prefix import class_logits_cached  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,10 +20,10 @@ import torch
 
 from tl_skill import compat, load_model
 from tl_skill.neurons import SkillNeurons
-from tl_skill.prompt import class_logits, layout_for
-from tl_skill.prune import prune
-from tl_skill.tasks import Task, column, label_array, subsample
-from tl_skill.tuning import Run, evaluate
+from tl_skill.tuning.prompt import class_logits, layout_for
+from tl_skill.prune import prune_model
+from tl_skill.data.tasks import Task, column, label_array, subsample
+from tl_skill.tuning.runs import Run, evaluate
 
 
 def all_position_means(model, run: Run, task: Task, n_train: int, batch_size: int = 32) -> torch.Tensor:
@@ -86,7 +86,7 @@ def main() -> None:
     rows = torch.stack([means[layer] for layer in sn.layers]).to(sn.baseline.dtype)
     other.baseline = rows[None, :, None, :].expand_as(sn.baseline).clone()  # same mean over subtasks and positions
     for name, neurons in [("prompt_position_baseline", sn), ("all_position_mean", other)]:
-        pruned = prune(model, neurons, keep=args.keep, layers=layers)
+        pruned = prune_model(model, neurons, keep=args.keep, layers=layers)
         result[name] = evaluate(pruned, test, "test", verbalizer, run.prompt, **kw)["accuracy"]
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=1))

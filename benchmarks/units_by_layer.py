@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tl_skill.neurons import SkillNeurons  # noqa: E402
-from tl_skill.plots import plot_units_by_layer  # noqa: E402
+from tl_skill.viz.plots import plot_units_by_layer  # noqa: E402
 
 
 def main(argv=None) -> None:

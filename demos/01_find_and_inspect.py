@@ -13,7 +13,7 @@ import tempfile
 import torch
 
 import tl_skill
-from tl_skill.tuning import TuneConfig
+from tl_skill.tuning.runs import TuneConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fast", action="store_true", help="tiny model and tiny data (for tests)")
@@ -39,7 +39,7 @@ print(f"prompt dev accuracy {run.metrics['dev_accuracy']:.3f}; best neuron L{lay
 
 # 2. Inspect it with run_with_cache on two hand-written reviews.
 texts = ["A warm, funny and beautifully acted film.", "A dull, lifeless mess that wastes its cast."]
-layout = tl_skill.layout_for(model, run.prompt.length)
+layout = tl_skill.tuning.layout_for(model, run.prompt.length)
 batch = layout.encode(texts)
 with run.prompt.applied(model):
     _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,

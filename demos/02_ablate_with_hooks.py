@@ -16,14 +16,14 @@ import torch
 import tl_skill
 from tl_skill.perturb import Perturbation
 from tl_skill.neurons import random_mask_like
-from tl_skill.tuning import TuneConfig
+from tl_skill.tuning.runs import TuneConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fast", action="store_true", help="tiny model and tiny data (for tests)")
 args = parser.parse_args()
 
 model = tl_skill.load_model("tiny-llama" if args.fast else "smollm2-135m", device="cpu")
-task = tl_skill.subsample(tl_skill.load_task("rotten_tomatoes"), {"test": 60 if args.fast else 200})
+task = tl_skill.data.subsample(tl_skill.load_task("rotten_tomatoes"), {"test": 60 if args.fast else 200})
 cfg = TuneConfig(prompt_length=4 if args.fast else 8, steps=10 if args.fast else 60, eval_every=10 if args.fast else 30,
                  max_train_examples=200 if args.fast else None, max_dev_examples=60 if args.fast else 150,
                  max_test_examples=60 if args.fast else 200)
@@ -35,7 +35,7 @@ skill = neurons.select(fraction=0.1)  # top 10% of every layer
 control = random_mask_like(skill, seed=0)  # as many random neurons per layer
 
 verbalizer = run.verbalizer(model)
-layout = tl_skill.layout_for(model, run.prompt.length)
+layout = tl_skill.tuning.layout_for(model, run.prompt.length)
 test = task["test"]
 batch = layout.encode(test["text"], test["label"])
 last = model.cfg.n_layers - 1

@@ -10,7 +10,7 @@ import tempfile
 
 import tl_skill
 from tl_skill.indicators import neuron_similarity, prompt_similarity
-from tl_skill.tuning import TuneConfig
+from tl_skill.tuning.runs import TuneConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fast", action="store_true", help="tiny model and tiny data (for tests)")

@@ -43,7 +43,8 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def small_task():
     """rotten_tomatoes cut to 160 train / 60 dev / 60 test examples."""
-    from tl_skill import load_task, subsample
+    from tl_skill import load_task
+    from tl_skill.data import subsample
 
     return subsample(load_task("rotten_tomatoes"), {"train": 160, "dev": 60, "test": 60})
 
@@ -51,7 +52,8 @@ def small_task():
 @pytest.fixture(scope="session")
 def small_multiclass_task():
     """5-class BBC News cut to 150 / 60 / 60 examples."""
-    from tl_skill import load_task, subsample
+    from tl_skill import load_task
+    from tl_skill.data import subsample
 
     return subsample(load_task("bbc_news"), {"train": 150, "dev": 60, "test": 60})
 

@@ -11,13 +11,15 @@ import torch
 from tl_skill.experiments import runner
 from tl_skill.experiments.ablation import AblationError, ablation_experiment
 from tl_skill.files import OutputDirError
-from tl_skill.perturb import Perturbation, PerturbationError, neuron_index, perturb
+from tl_skill.viz.plots import plot_ablation
+from tl_skill.perturb import Perturbation, PerturbationError, neuron_index, perturbed
 from tl_skill.compat import mlp_post_hook
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, Subtask, random_mask_like
 from tl_skill.find import find_skill_neurons
-from tl_skill.tasks import load_task, subsample
-from tl_skill.tuning import TuneConfig, evaluate, tune
+from tl_skill.data.sources import load_task
+from tl_skill.data.tasks import subsample
+from tl_skill.tuning.runs import TuneConfig, evaluate, tune
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -93,7 +95,7 @@ def test_each_mode_changes_exactly_the_chosen_neurons(tiny_model, mode):
     pert_holder = {}
 
     def ctx():
-        cm = perturb(tiny_model, mask, **kwargs)
+        cm = perturbed(tiny_model, mask, **kwargs)
         return _Keep(cm, pert_holder)
 
     pre, post = forward_pre_post(tiny_model, ids, am, ctx, all_layers(tiny_model))
@@ -123,7 +125,7 @@ def test_each_mode_changes_exactly_the_chosen_neurons(tiny_model, mode):
 
 
 class _Keep:
-    """Enter a perturb() context and keep the Perturbation it yields."""
+    """Enter a perturbed() context and keep the Perturbation it yields."""
 
     def __init__(self, cm, holder):
         self.cm, self.holder = cm, holder
@@ -146,7 +148,7 @@ class _null:
 
 def _noise_of(model, mask, ids, am, **kw):
     """post - pre at every layer (float64) for one forward with noise."""
-    pre, post = forward_pre_post(model, ids, am, lambda: perturb(model, mask, "noise", **kw), all_layers(model))
+    pre, post = forward_pre_post(model, ids, am, lambda: perturbed(model, mask, "noise", **kw), all_layers(model))
     return {l: (post[l] - pre[l]).double() for l in pre}
 
 
@@ -216,7 +218,7 @@ def test_noise_std_absolute_and_relative(tiny_gpt2):
 def test_layer_range_restricts(tiny_llama):
     mask = some_mask(tiny_llama, k=5)
     ids, am = tokens(tiny_llama)
-    pre, post = forward_pre_post(tiny_llama, ids, am, lambda: perturb(tiny_llama, mask, "zero", layers=[1]),
+    pre, post = forward_pre_post(tiny_llama, ids, am, lambda: perturbed(tiny_llama, mask, "zero", layers=[1]),
                                  all_layers(tiny_llama))
     clean, _ = forward_pre_post(tiny_llama, ids, am, _null, all_layers(tiny_llama))
     assert torch.equal(post[0], clean[0])
@@ -266,7 +268,7 @@ def test_composes_with_an_unrelated_hook_and_never_leaks(tiny_gpt2):
     with torch.no_grad():
         clean = tiny_gpt2(ids, attention_mask=am, return_type="logits")
         with tiny_gpt2.hooks(fwd_hooks=[(name, other)]):
-            with perturb(tiny_gpt2, mask, "zero"), tiny_gpt2.hooks(fwd_hooks=[(name, grab)]):
+            with perturbed(tiny_gpt2, mask, "zero"), tiny_gpt2.hooks(fwd_hooks=[(name, grab)]):
                 tiny_gpt2(ids, attention_mask=am, return_type="logits")
             assert (seen["x"][..., mask[0]] == 0).all() and (seen["x"][..., free] == 5).all()
             with tiny_gpt2.hooks(fwd_hooks=[(name, grab)]):
@@ -274,7 +276,7 @@ def test_composes_with_an_unrelated_hook_and_never_leaks(tiny_gpt2):
             assert (seen["x"][..., free] == 5).all() and not (seen["x"][..., mask[0]] == 0).all()
         assert hooks_left(tiny_gpt2) == 0
         with pytest.raises(RuntimeError, match="boom"):
-            with perturb(tiny_gpt2, mask, "noise", seed=1):
+            with perturbed(tiny_gpt2, mask, "noise", seed=1):
                 assert hooks_left(tiny_gpt2) == 2
                 raise RuntimeError("boom")
         assert hooks_left(tiny_gpt2) == 0
@@ -348,6 +350,8 @@ def test_ablation_experiment_rows_plot_and_resume(tiny_gpt2, tiny_run, tmp_path,
     assert counter.calls == 1 + 2 * (1 + 2) - 3
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["rows"] == res["rows"] and saved["status"] == "done"
+    assert not (out / "ablation.png").exists()  # experiments never draw: the view does
+    plot_ablation(res, out / "ablation.png")
     assert (out / "ablation.png").stat().st_size > 1000
     assert [r["fraction"] for r in res["rows"]] == [0.05, 0.2]
     for key in ("model", "task", "n_examples", "seeds", "settings", "wall_seconds"):

@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, TuneConfig, layout_for, load_task, subsample, tune
+from tl_skill import SoftPrompt, TuneConfig, load_task, tune
+from tl_skill.tuning import layout_for
+from tl_skill.data import subsample
 from tl_skill import files
 from tl_skill.experiments.ablation import AblationError
 from tl_skill.perturb import Perturbation, PerturbationError
@@ -18,11 +20,11 @@ from tl_skill.cli import main
 from tl_skill.models import ModelLoadError, load_model
 from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons
 from tl_skill.find import find_skill_neurons
-from tl_skill.prompt import Layout
-from tl_skill.prune import prune
+from tl_skill.tuning.prompt import Layout
+from tl_skill.prune import prune_model
 from tl_skill.record import MomentStats, Recorder, RecordingError
-from tl_skill.tasks import TaskError
-from tl_skill.tuning import PROMPT_FILE, RUN_JSON, Run, RunError
+from tl_skill.data.tasks import TaskError
+from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, Run, RunError
 
 CFG = dict(prompt_length=3, steps=2, eval_every=2, batch_size=8, max_train_examples=24,
            max_dev_examples=16, max_test_examples=16, max_input_tokens=16, eval_batch_size=16)
@@ -300,7 +302,7 @@ def test_prompt_without_room_is_refused(tiny_gpt2, tiny_llama):
 
 
 def test_hook_width_is_checked(tiny_gpt2, tiny_neurons, tiny_run):
-    pruned = prune(tiny_gpt2, tiny_neurons, keep=0.1, layers=[1])
+    pruned = prune_model(tiny_gpt2, tiny_neurons, keep=0.1, layers=[1])
     batch = layout_for(pruned, 3, 16).encode(["a fine film", "a poor one"], [1, 0])
     rec = Recorder(pruned, MomentStats(2, 2, 3, 256), positions="prompt")
     with rec.attached(), pytest.raises(RecordingError, match=r"blocks\.1\.mlp\.hook_post has width 25"):

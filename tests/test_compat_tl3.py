@@ -80,7 +80,7 @@ def hf_class_logits(hf, batch, verbalizer, prompt=None, zero=None) -> torch.Tens
 
 def hooked_activations(model, batch, prompt=None) -> torch.Tensor:
     """Neuron activations [L, B, T, d_mlp] of a tl_skill model, read at its hook points."""
-    from tl_skill.prompt import maybe_applied
+    from tl_skill.tuning.prompt import maybe_applied
 
     seen: dict[str, torch.Tensor] = {}
     names = [compat.mlp_post_hook(l) for l in range(model.cfg.n_layers)]
@@ -142,7 +142,7 @@ def bridge():
 
 @pytest.fixture(scope="module")
 def trained_run(hooked, small_task, tmp_path_factory):
-    from tl_skill.tuning import TuneConfig, tune
+    from tl_skill.tuning.runs import TuneConfig, tune
 
     cfg = TuneConfig(prompt_length=4, steps=8, eval_every=4, batch_size=16, max_train_examples=160,
                      max_input_tokens=48)
@@ -185,7 +185,7 @@ def test_load_model_builds_an_unprocessed_hooked_transformer(hooked, hf_gpt2):
 def test_hook_points_hold_the_hf_models_activations(name, small_task):
     """Left-padded batch, no prompt: logits and every neuron equal the Hugging Face model's."""
     from tl_skill import load_model
-    from tl_skill.prompt import layout_for
+    from tl_skill.tuning.prompt import layout_for
 
     model = load_model(name, device="cpu", seed=SEED)
     hf = _hf_model(name)
@@ -204,7 +204,7 @@ def test_hook_points_hold_the_hf_models_activations(name, small_task):
 
 def test_soft_prompt_logits_and_gradient_match_inputs_embeds(hooked, hf_gpt2, small_task):
     """The prompt written at `hook_embed` is prompt tuning with `inputs_embeds`: same logits, same gradient."""
-    from tl_skill.prompt import SoftPrompt, Verbalizer, class_logits, layout_for
+    from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, class_logits, layout_for
 
     verbalizer = Verbalizer(hooked.tokenizer, small_task.spec.label_words)
     prompt = SoftPrompt.from_vocab(hooked, 4, seed=3)
@@ -233,8 +233,8 @@ def test_soft_prompt_logits_and_gradient_match_inputs_embeds(hooked, hf_gpt2, sm
 
 
 def test_prompt_tuning_trains_the_prompt_only(hooked, trained_run, small_task):
-    from tl_skill.prompt import SoftPrompt
-    from tl_skill.tuning import evaluate
+    from tl_skill.tuning.prompt import SoftPrompt
+    from tl_skill.tuning.runs import evaluate
 
     before = {k: v.clone() for k, v in hooked.state_dict().items()}
     start = SoftPrompt.from_vocab(hooked, 4, seed=trained_run.config.seed)
@@ -250,8 +250,8 @@ def test_prompt_tuning_trains_the_prompt_only(hooked, trained_run, small_task):
 
 
 def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked, hf_gpt2, small_task):
-    from tl_skill.perturb import perturb
-    from tl_skill.prompt import SoftPrompt, Verbalizer, class_logits, layout_for
+    from tl_skill.perturb import perturbed
+    from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, class_logits, layout_for
 
     verbalizer = Verbalizer(hooked.tokenizer, small_task.spec.label_words)
     prompt = SoftPrompt.from_vocab(hooked, 4, seed=1)
@@ -261,7 +261,7 @@ def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked
     mask[:, torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64]] = True
     with torch.no_grad():
         plain = class_logits(hooked, batch, verbalizer, prompt)
-        with perturb(hooked, mask, mode="zero"):
+        with perturbed(hooked, mask, mode="zero"):
             got = class_logits(hooked, batch, verbalizer, prompt)
         want = hf_class_logits(hf_gpt2, batch, verbalizer, prompt, zero=mask)
         after = class_logits(hooked, batch, verbalizer, prompt)
@@ -273,8 +273,8 @@ def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked
 def test_predictivity_matches_the_hf_reference_and_the_bridge(hooked, hf_gpt2, trained_run, request):
     """Done-when of the compatibility issue: the same ranking on a HookedTransformer and a bridge."""
     from tl_skill.find import find_skill_neurons
-    from tl_skill.prompt import layout_for
-    from tl_skill.tasks import subsample
+    from tl_skill.tuning.prompt import layout_for
+    from tl_skill.data.tasks import subsample
 
     limits = dict(max_train_examples=120, max_eval_examples=80)
     found = find_skill_neurons(hooked, [trained_run], progress=False, **limits)
@@ -314,12 +314,12 @@ def _assert_same_ranking(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_pruning_is_bridge_only(hooked, trained_run):
     from tl_skill.find import find_skill_neurons
-    from tl_skill.prune import PruneError, prune
+    from tl_skill.prune import PruneError, prune_model
 
     found = find_skill_neurons(hooked, [trained_run], progress=False, max_train_examples=32,
                                max_eval_examples=32)
     with pytest.raises(PruneError, match="kind='bridge'"):
-        prune(hooked, found, keep=0.1)
+        prune_model(hooked, found, keep=0.1)
 
 
 def test_hooked_transformer_refuses_masked_lms():
@@ -332,7 +332,8 @@ def test_hooked_transformer_refuses_masked_lms():
 
 
 def test_prompt_room_check_on_a_hooked_transformer(hooked):
-    from tl_skill import SoftPrompt, layout_for
+    from tl_skill import SoftPrompt
+    from tl_skill.tuning import layout_for
 
     prompt = SoftPrompt.from_vocab(hooked, 3)
     batch = layout_for(hooked, 3).encode(["a good film", "bad"])
@@ -348,7 +349,8 @@ def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, 
     from transformers import AutoTokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from tl_skill import TuneConfig, evaluate, subsample, tune
+    from tl_skill import TuneConfig, evaluate, tune
+    from tl_skill.data import subsample
     from tl_skill.find import find_skill_neurons
     from tl_skill.models import tiny_tokenizer_dir
     from tl_skill.perturb import Perturbation
@@ -376,9 +378,10 @@ def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, 
 def test_hooked_transformer_prefix_cache_equals_the_full_pass(name, side, small_task):
     """HookedTransformer continues its own key/value cache: logits, prompt gradient and several prompts at
     once equal the full pass, with a zero perturbation active in both passes."""
-    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for, load_model
+    from tl_skill import SoftPrompt, load_model
+    from tl_skill.tuning import Verbalizer, class_logits, layout_for
     from tl_skill.perturb import Perturbation
-    from tl_skill.prefix import class_logits_cached, class_logits_many
+    from tl_skill.tuning.prefix import class_logits_cached, class_logits_many
 
     model = load_model(name, device="cpu", seed=SEED)
     if compat.DEFAULT_KIND == "bridge":
@@ -429,8 +432,9 @@ def test_attn_out_vectors_on_a_hooked_transformer():
 
 def test_hooked_transformer_grouped_input_pass_equals_the_full_pass(small_task, monkeypatch):
     """No hook attached: rows run in length groups whose TransformerLens caches are merged."""
-    from tl_skill import SoftPrompt, Verbalizer, class_logits, layout_for, load_model
-    from tl_skill import prefix
+    from tl_skill import SoftPrompt, load_model
+    from tl_skill.tuning import Verbalizer, class_logits, layout_for
+    from tl_skill.tuning import prefix
 
     model = load_model("tiny-llama", device="cpu", seed=SEED)
     if compat.DEFAULT_KIND == "bridge":

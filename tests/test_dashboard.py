@@ -16,13 +16,13 @@ import torch
 
 from tl_skill import TuneConfig, compat, evaluate, load_task, tune
 from tl_skill.cli import main
-from tl_skill.dashboard_html import page_name, write_dashboard
+from tl_skill.viz.dashboard import page_name, write_dashboard
 from tl_skill.experiments.dashboard import DashboardError, DashboardResult, dashboard_data
 from tl_skill.experiments.runner import EvalSet
 from tl_skill.find import find_skill_neurons, trace_activations
-from tl_skill.neuronpedia import ACTIVATION_FIELDS, FEATURE_FIELDS, export_neuronpedia
+from tl_skill.viz.neuronpedia import ACTIVATION_FIELDS, FEATURE_FIELDS, export_neuronpedia
 from tl_skill.perturb import Perturbation
-from tl_skill.prompt import layout_for
+from tl_skill.tuning.prompt import layout_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

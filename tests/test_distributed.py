@@ -33,13 +33,14 @@ TUNE_KW = dict(prompt_length=4, steps=6, batch_size=7, eval_every=3, lr=3e-3, wa
 
 
 def _tune_task():
-    from tl_skill import load_task, subsample
+    from tl_skill import load_task
+    from tl_skill.data import subsample
 
     return subsample(load_task("rotten_tomatoes"), {"train": 160, "dev": 60, "test": 60})
 
 
 def _eval_task(run):
-    from tl_skill import subsample
+    from tl_skill.data import subsample
 
     return subsample(run.load_task(), {"test": EVAL_EXAMPLES}, seed=run.info["task_seed"])
 
@@ -69,9 +70,10 @@ def _noisy_eval(model, run, batch_size: int):
 
 # --------------------------------------------------------------------------- the worker
 def _worker(run_dir: str, out_dir: str) -> None:
-    from tl_skill import TuneConfig, cli, distributed, evaluate, find_skill_neurons, load_model, tune
+    from tl_skill import TuneConfig, distributed, evaluate, find_skill_neurons, load_model, tune
+    from tl_skill import cli
     from tl_skill.files import save_state
-    from tl_skill.tuning import Run
+    from tl_skill.tuning.runs import Run
 
     out = Path(out_dir)
     r = int(os.environ["RANK"])
@@ -266,6 +268,7 @@ def test_init_without_torchrun_is_a_no_op(monkeypatch):
     import torch.distributed as dist
 
     from tl_skill import distributed
+    from tl_skill.tuning.parallel import prompt_data_parallel
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -273,7 +276,7 @@ def test_init_without_torchrun_is_a_no_op(monkeypatch):
     assert not group.enabled and group.is_main and group.world_size == 1 and group.device == "cpu"
     assert not dist.is_initialized()
     x = np.arange(3)
-    assert distributed.all_reduce_sum(x) is x and distributed.prompt_data_parallel(None, None, None, 1) is None
+    assert distributed.all_reduce_sum(x) is x and prompt_data_parallel(None, None, None, 1) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not distributed.init_distributed().enabled
 
@@ -313,8 +316,11 @@ def _merged(parts):
 
 
 def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, tiny_gpt2, small_task):
-    from tl_skill import MomentStats, Recorder, SoftPrompt, distributed, layout_for, subsample
-    from tl_skill.prompt import iterate_batches
+    from tl_skill.record import MomentStats
+    from tl_skill import Recorder, SoftPrompt, distributed
+    from tl_skill.tuning import layout_for
+    from tl_skill.data import subsample
+    from tl_skill.tuning.prompt import iterate_batches
 
     task = subsample(small_task, {"train": 72})
     prompt = SoftPrompt.from_vocab(tiny_gpt2, 3, seed=1)
@@ -345,9 +351,11 @@ def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, 
 
 def test_bfloat16_activations_are_summed_exactly(tiny_gpt2, small_task):
     """bf16 model: float64/int64 statistics equal an exact reference over the same bf16 activations."""
-    from tl_skill import MomentStats, Recorder, SoftPrompt, ThresholdStats, compat, layout_for, load_model
+    from tl_skill.record import MomentStats, ThresholdStats
+    from tl_skill import Recorder, SoftPrompt, compat, load_model
+    from tl_skill.tuning import layout_for
     from tl_skill.record import exact_parts, exact_total
-    from tl_skill.prompt import iterate_batches
+    from tl_skill.tuning.prompt import iterate_batches
 
     model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
     assert compat.model_dtype(model) == torch.bfloat16

@@ -17,7 +17,7 @@ from tl_skill.experiments.runner import Condition, EvalSet, evaluation_task, run
 from tl_skill.files import EXPERIMENT_JSON, OutputDirError, claim_dir
 from tl_skill.find import find_skill_neurons
 from tl_skill.neurons import SkillNeurons
-from tl_skill.tasks import subsample
+from tl_skill.data.tasks import subsample
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,14 @@ def _other_experiment(path: Path, kind: str = "something-else") -> Path:
 def test_every_writing_command_refuses_another_experiments_directory_before_work(
         command, tiny, tmp_path, monkeypatch, capsys):
     base, run, _ = tiny
-    import tl_skill.experiments.demo
+    import tl_skill.cli.options
     import tl_skill.experiments.origin
     import tl_skill.experiments.transfer
     import tl_skill.models
+    import tl_skill.pipelines
 
-    for module in (tl_skill.models, tl_skill.experiments.demo, tl_skill.experiments.origin,
-                   tl_skill.experiments.transfer):
+    for module in (tl_skill.models, tl_skill.pipelines, tl_skill.experiments.origin,
+                   tl_skill.experiments.transfer, tl_skill.cli.options):
         monkeypatch.setattr(module, "load_model", _boom)
     out = _other_experiment(tmp_path / "out")
     before = sorted(p.name for p in out.iterdir())
@@ -173,10 +174,11 @@ def test_every_writing_command_refuses_another_experiments_directory_before_work
 def test_prompts_without_hooks_share_input_passes_and_give_evaluate_s_results(tiny_llama, small_task, monkeypatch):
     """run_conditions groups prompt-only conditions of one eval set (one input pass per batch for all of them);
     each result equals `evaluate` of that prompt alone, with the cache off too."""
-    from tl_skill import SoftPrompt, Verbalizer, evaluate
+    from tl_skill import SoftPrompt, evaluate
+    from tl_skill.tuning import Verbalizer
     from tl_skill.experiments import runner
     from tl_skill.perturb import Perturbation
-    from tl_skill.prefix import use_prefix_cache
+    from tl_skill.tuning.prefix import use_prefix_cache
 
     es = runner.EvalSet(small_task, Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words), "test", 40)
     prompts = [SoftPrompt.from_vocab(tiny_llama, 4, seed=s) for s in range(4)]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, Verbalizer, class_logits, compat, layout_for, load_model, model_spec
+from tl_skill import SoftPrompt, compat, load_model, model_spec
+from tl_skill.tuning import Verbalizer, class_logits, layout_for
 
 TEXTS = ["a fine film", "dull and far too long, with nothing to say"]
 

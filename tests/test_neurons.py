@@ -20,15 +20,17 @@ import pytest
 import torch
 from datasets import DatasetDict
 
-from tl_skill import compat, load_model, load_task, subsample
+from tl_skill import compat, load_model, load_task
+from tl_skill.data import subsample
 from tl_skill.cli import main as cli_main
 from tl_skill.models import model_spec
 from tl_skill.find import find_skill_neurons, record_run, trace_activations
-from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, make_subtasks, random_mask_like
-from tl_skill.prompt import SoftPrompt, layout_for
+from tl_skill.neurons import (NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, make_subtasks,
+    random_mask_like)
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
 from tl_skill.record import MomentStats, Recorder
-from tl_skill.tasks import Task
-from tl_skill.tuning import PROMPT_FILE, RUN_JSON, RunError, TuneConfig, tune
+from tl_skill.data.tasks import Task
+from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, RunError, TuneConfig, tune
 
 P = 4
 N_TRAIN, N_DEV, MAX_TOKENS = 48, 40, 24
@@ -104,7 +106,7 @@ def rt_task(small_task):
 def found(tiny_gpt2, rt_runs):
     # the full pass, as the reference runs: the statistics must then agree bit for bit (the prefix
     # cache's activations equal the full pass's to float rounding, tests/test_prefix.py)
-    from tl_skill.prefix import use_prefix_cache
+    from tl_skill.tuning.prefix import use_prefix_cache
 
     with use_prefix_cache(False):
         return find_skill_neurons(tiny_gpt2, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV,

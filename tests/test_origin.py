@@ -10,19 +10,21 @@ import pytest
 import torch
 
 import tl_skill.find
-import tl_skill.train
-from tl_skill import TuneConfig, compat, model_spec, subsample, variants
+import tl_skill.tuning.loop
+from tl_skill.viz.plots import plot_origin_figures
+from tl_skill import TuneConfig, compat, model_spec, variants
+from tl_skill.data import subsample
 from tl_skill.experiments import origin
 from tl_skill.experiments.ablation import verdict
 from tl_skill.files import OutputDirError
-from tl_skill.train import TrainingError
+from tl_skill.tuning.loop import TrainingError
 from tl_skill.perturb import Perturbation
 from tl_skill.experiments.comparisons import ComparisonError
 from tl_skill.experiments.origin import ORIGIN_JSON, PARTS, OriginError, compare_predictivity, origin_study
 from tl_skill.variants import (BITFIT_BIASES, BITFIT_NORMS, FinetuneConfig, VariantError, add_lora,
-                               bitfit_parameters, clean_hf_copy, copy_model, finetune, random_weights_model)
-from tl_skill.prompt import Verbalizer
-from tl_skill.tuning import evaluate
+    bitfit_parameters, clean_hf_copy, copy_model, finetune, random_weights_model)
+from tl_skill.tuning.prompt import Verbalizer
+from tl_skill.tuning.runs import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def tiny_task(small_task):
 
 
 def _batch(model, texts=("a fine film", "dull and far too long, with nothing to say")):
-    from tl_skill.prompt import layout_for
+    from tl_skill.tuning.prompt import layout_for
 
     return layout_for(model, 0).encode(list(texts))
 
@@ -222,7 +224,7 @@ def test_finetune_keeps_the_best_dev_parameters(tiny_gpt2, tiny_task, monkeypatc
         seen.append({n: p.detach().clone() for n, p in params.items()})
         return {"accuracy": next(scores)}
 
-    monkeypatch.setattr(tl_skill.train, "evaluate", scripted_dev)
+    monkeypatch.setattr(tl_skill.tuning.loop, "evaluate", scripted_dev)
     info = finetune(tuned, tiny_task, params, FinetuneConfig(steps=6, lr=5e-2, batch_size=8, eval_every=2),
                     progress=False)
     assert len(seen) == 3 and info["best_step"] == 4 and info["dev_accuracy"] == 0.9
@@ -298,6 +300,7 @@ STUDY = dict(tune_config=TuneConfig(prompt_length=4, steps=6, eval_every=3, max_
 def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     out = tmp_path / "origin"
     res = origin_study("tiny-gpt2", "rotten_tomatoes", out, model=tiny_gpt2, **STUDY)
+    plot_origin_figures(res, out)  # the view draws each section's figure
     saved = json.loads((out / ORIGIN_JSON).read_text())
     assert saved["status"] == "done" and res["status"] == "done"
     for part in PARTS:
@@ -339,7 +342,7 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     params = add_lora(tuned, seed=0)
     variants.load_trained(params, out / "lora" / variants.TRAINED_FILE)
     from tl_skill.neurons import SkillNeurons
-    from tl_skill.tasks import load_task
+    from tl_skill.data.sources import load_task
 
     sn = SkillNeurons.load(out / "neurons")
     cfg = STUDY["tune_config"]
@@ -403,7 +406,9 @@ def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
         return origin.OriginResult(model=model, task=task, status="partial", settings={}, source={},
                                    random_weights={"claim_holds": True, "statement": "stated"})
 
-    monkeypatch.setattr(origin, "origin_study", fake)
+    import tl_skill.cli.experiments
+
+    monkeypatch.setattr(tl_skill.cli.experiments, "origin_study", fake)
     main(["origin", "--model", "tiny-gpt2", "--out", str(tmp_path), "-q"])
     model, task, out, kw = seen[-1]
     assert (model, task, out) == ("tiny-gpt2", "rotten_tomatoes", str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tl_skill import plots
+from tl_skill.viz import plots
 
 
 @pytest.fixture

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, TuneConfig, Verbalizer, class_logits, layout_for, tune
+from tl_skill import SoftPrompt, TuneConfig, tune
+from tl_skill.tuning import Verbalizer, class_logits, layout_for
 from tl_skill import compat
 from tl_skill.perturb import Perturbation
-from tl_skill.prefix import class_logits_cached
+from tl_skill.tuning.prefix import class_logits_cached
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32, relative to the values compared
 
@@ -90,8 +91,8 @@ def test_masked_lms_keep_the_full_pass(tiny_bert, small_task):
 
 def test_several_prompts_share_one_input_pass_and_match_evaluate(tiny_llama, small_task):
     from tl_skill import evaluate
-    from tl_skill.prefix import class_logits_many
-    from tl_skill.train import evaluate_prompts
+    from tl_skill.tuning.prefix import class_logits_many
+    from tl_skill.tuning.loop import evaluate_prompts
 
     v = Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words)
     prompts = [SoftPrompt.from_vocab(tiny_llama, 4, seed=s) for s in range(3)]
@@ -115,7 +116,7 @@ def test_length_groups_is_the_cheapest_contiguous_split():
     import itertools
     import random
 
-    from tl_skill.prefix import length_groups
+    from tl_skill.tuning.prefix import length_groups
 
     def cost(groups, lengths, over):
         return sum(len(g) * max(max(1, lengths[r]) for r in g) + over for g in groups)
@@ -139,7 +140,7 @@ def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monke
     similar length (forced here: no overhead per group) and stops after the last layer's keys/values;
     logits and gradients still equal the full pass."""
     from tl_skill import load_model
-    from tl_skill import prefix
+    from tl_skill.tuning import prefix
 
     model = load_model(name, device="cpu")
     monkeypatch.setattr(compat, "plain_view", lambda m: None)
@@ -174,7 +175,8 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
     """With nobody listening, both passes run through the plain Hugging Face view: it holds the bridge's
     own tensors, the input rows run packed (forced into several packs here; tiny-gemma3's rows are
     longer than its sliding window of 8), and logits and prompt gradients equal the bridge's full pass."""
-    from tl_skill import compat_plain, load_model
+    from tl_skill.compat import plain as compat_plain
+    from tl_skill import load_model
 
     model = load_model(name, device="cpu")
     hf = compat.hf_model_of(model)
@@ -206,7 +208,7 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
     for n, p in model.named_parameters():  # the model is as it was
         assert torch.equal(p.detach(), before[n][0]) and p.requires_grad == before[n][1] and p.grad is None
     # a cache up to layer 0 ends the pass before layer 0's MLP: later layers never run
-    from tl_skill.prefix import split_batch
+    from tl_skill.tuning.prefix import split_batch
 
     ids, mask, _ = split_batch(batch, compat.pad_token_id(model))
     ran = []
@@ -220,7 +222,8 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
 
 
 def test_no_plain_view_where_someone_listens_or_the_model_changed(small_task):
-    from tl_skill import compat_plain, load_model
+    from tl_skill.compat import plain as compat_plain
+    from tl_skill import load_model
 
     model = load_model("tiny-llama", device="cpu")
     hf = compat.hf_model_of(model)
@@ -262,9 +265,10 @@ def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_g
                                                                           monkeypatch):
     """tune/evaluate use the cached path by default; `prefix_cache=False`, `use_prefix_cache(False)` and the CLI's
     --no-prefix-cache turn it off; training anything besides the prompt (LoRA, BitFit) keeps the full pass."""
-    from tl_skill import evaluate, train
+    from tl_skill import evaluate
+    from tl_skill.tuning import loop as train
     from tl_skill.cli import main
-    from tl_skill.prefix import prefix_cache_default, use_prefix_cache
+    from tl_skill.tuning.prefix import prefix_cache_default, use_prefix_cache
 
     calls = []
     real = train.class_logits_cached
@@ -309,7 +313,9 @@ def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_g
 def test_recording_several_trials_reads_the_input_once(name, small_task, monkeypatch):
     """record_runs of R prompts: one input pass per batch (up to the last recorded layer), R prompt passes;
     baselines, std, counts and accuracies equal each prompt recorded alone on the full pass."""
-    from tl_skill import load_model, prefix, subsample
+    from tl_skill import load_model
+    from tl_skill.data import subsample
+    from tl_skill.tuning import prefix
     from tl_skill.find import record_run, record_runs
     from tl_skill.neurons import make_subtasks
 
@@ -323,9 +329,12 @@ def test_recording_several_trials_reads_the_input_once(name, small_task, monkeyp
     with prefix.use_prefix_cache(False):
         alone = [record_run(model, task, p, subtasks, **kw) for p in prompts]
     inputs, passes = [], []
+    import tl_skill.find as find_module
+
     real_in, real_pp = prefix.input_pass_through, prefix.prompt_pass_for_hooks
-    monkeypatch.setattr(prefix, "input_pass_through", lambda m, i, k, last: inputs.append(last) or real_in(m, i, k, last))
-    monkeypatch.setattr(prefix, "prompt_pass_for_hooks", lambda *a: passes.append(1) or real_pp(*a))
+    monkeypatch.setattr(find_module, "input_pass_through",
+                        lambda m, i, k, last: inputs.append(last) or real_in(m, i, k, last))
+    monkeypatch.setattr(find_module, "prompt_pass_for_hooks", lambda *a: passes.append(1) or real_pp(*a))
     together = record_runs(model, task, prompts, subtasks, **kw)
     n_batches = sum(-(-len(task[s]) // 16) for s in ("train", "dev", "test"))
     assert inputs == [max(layers)] * n_batches and len(passes) == 3 * n_batches

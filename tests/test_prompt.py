@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_skill import Batch, SoftPrompt, Verbalizer, class_logits, compat, layout_for, model_spec
-from tl_skill.prompt import Layout, VerbalizerError
+from tl_skill.tuning import Batch, Verbalizer, class_logits, layout_for
+from tl_skill import SoftPrompt, compat, model_spec
+from tl_skill.tuning.prompt import Layout, VerbalizerError
 
 TEXTS = [
     "great movie",

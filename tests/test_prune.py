@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, Subtask, SkillNeurons, TuneConfig, evaluate, layout_for, load_model, model_spec, tune
+from tl_skill import SoftPrompt, SkillNeurons, TuneConfig, evaluate, load_model, model_spec, tune
+from tl_skill.neurons import Subtask
+from tl_skill.tuning import layout_for
 from tl_skill import compat
 from tl_skill.compat import unwrapped
 from tl_skill.experiments.pruning import PruneResult, prune_experiment
-from tl_skill.prune import PRUNE_JSON, PruneError, count_parameters, default_layers, load_pruned, prune, pruning_of, save_pruned
+from tl_skill.prune import (PRUNE_JSON, PruneError, count_parameters, default_layers, load_pruned, prune_model,
+    pruning_of, save_pruned)
 
 TEXTS = ["a fine, moving film", "dull and far too long", "ok", "the best thing this year, by far"]
 
@@ -65,7 +68,7 @@ def model(request):
 
 def test_keep_all_reproduces_the_model(model):
     sn = fake_neurons(model)
-    pruned = prune(model, sn, keep=1.0, layers=range(model_spec(model).n_layers))
+    pruned = prune_model(model, sn, keep=1.0, layers=range(model_spec(model).n_layers))
     prompt = SoftPrompt.from_vocab(model, 3, seed=1)
     torch.testing.assert_close(prompted_logits(pruned, prompt), prompted_logits(model, prompt), rtol=1e-5, atol=1e-5)
     spec = model_spec(model)
@@ -76,7 +79,7 @@ def test_keep_all_reproduces_the_model(model):
 
 def test_pruned_equals_neurons_frozen_at_baseline(model):
     sn = fake_neurons(model, seed=3)
-    pruned = prune(model, sn, keep=0.1)
+    pruned = prune_model(model, sn, keep=0.1)
     kept = pruning_of(pruned).kept
     prompt = SoftPrompt.from_vocab(model, 4, seed=2)
     want = prompted_logits(model, prompt, baseline_hooks(model, sn, kept))
@@ -85,13 +88,13 @@ def test_pruned_equals_neurons_frozen_at_baseline(model):
     # freezing really changed something: the test would catch a missing bias fold
     assert (prompted_logits(model, prompt) - want).abs().max() > 1e-2
     try:
-        from tl_skill.perturb import perturb
+        from tl_skill.perturb import perturbed
     except ImportError:
         return
     removed = ~sn.select(fraction=0.1, per_layer=True)
     removed[[r for r, l in enumerate(sn.layers) if l not in kept]] = False
     batch = layout_for(model, prompt.length).encode(TEXTS)
-    with torch.no_grad(), prompt.applied(model, batch), perturb(model, removed, mode="mean", skill=sn):
+    with torch.no_grad(), prompt.applied(model, batch), perturbed(model, removed, mode="mean", skill=sn):
         via_ablate = compat.forward(model, batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(got, via_ablate, rtol=1e-4, atol=1e-4)
 
@@ -100,7 +103,7 @@ def test_kept_neurons_are_the_most_predictive_and_hooks_have_kept_width(model):
     spec = model_spec(model)
     sn = fake_neurons(model, seed=4)
     keep = 0.05
-    pruned = prune(model, sn, keep=keep)
+    pruned = prune_model(model, sn, keep=keep)
     pruning = pruning_of(pruned)
     k = int(keep * spec.d_mlp)
     assert pruning.layers == default_layers(range(spec.n_layers))
@@ -133,13 +136,13 @@ def test_parameter_counts_by_hand(tiny_gpt2, tiny_llama):
     D = 256
     gpt2_layer = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * D + D) + (D * d + d)
     assert count_parameters(tiny_gpt2) == V * d + n_ctx * d + 2 * gpt2_layer + 2 * d
-    pruned = prune(tiny_gpt2, fake_neurons(tiny_gpt2), keep=0.1, layers=[0, 1])
+    pruned = prune_model(tiny_gpt2, fake_neurons(tiny_gpt2), keep=0.1, layers=[0, 1])
     k = int(0.1 * D)
     assert count_parameters(pruned) == count_parameters(tiny_gpt2) - 2 * (D - k) * (d + 1 + d)
     # tiny-llama: gate/up/down without bias; pruning adds a d_model bias to down_proj
     D = 192
     before = count_parameters(tiny_llama)
-    pruned = prune(tiny_llama, fake_neurons(tiny_llama), keep=0.02, layers=[2])
+    pruned = prune_model(tiny_llama, fake_neurons(tiny_llama), keep=0.02, layers=[2])
     k = int(0.02 * D)
     assert count_parameters(pruned) == before - 3 * (D - k) * d + d
     assert pruning_of(pruned).kept.keys() == {2}
@@ -149,7 +152,7 @@ def test_original_model_unchanged(tiny_llama):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     prompt = SoftPrompt.from_vocab(tiny_llama, 3)
     logits = prompted_logits(tiny_llama, prompt)
-    pruned = prune(tiny_llama, fake_neurons(tiny_llama), keep=0.05)
+    pruned = prune_model(tiny_llama, fake_neurons(tiny_llama), keep=0.05)
     after = tiny_llama.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -164,7 +167,7 @@ def test_original_model_unchanged(tiny_llama):
 
 def test_save_load_round_trip(model, tmp_path):
     sn = fake_neurons(model, seed=5)
-    pruned = prune(model, sn, keep=0.1)
+    pruned = prune_model(model, sn, keep=0.1)
     save_pruned(pruned, tmp_path)
     loaded = load_pruned(tmp_path, device="cpu")
     assert pruning_of(loaded) == pruning_of(pruned)
@@ -182,7 +185,7 @@ def test_save_load_from_saved_config(tiny_gpt2, tmp_path):
     unwrapped(compat.hf_model_of(load_model("tiny-gpt2", device="cpu", seed=3))).save_pretrained(src)
     tiny_gpt2.tokenizer.save_pretrained(src)
     local = load_model(str(src), device="cpu")
-    pruned = prune(local, fake_neurons(local), keep=0.1)
+    pruned = prune_model(local, fake_neurons(local), keep=0.1)
     save_pruned(pruned, tmp_path / "pruned")
     shutil.rmtree(src)
     loaded = load_pruned(tmp_path / "pruned", device="cpu")
@@ -194,28 +197,28 @@ def test_save_load_from_saved_config(tiny_gpt2, tmp_path):
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, math.nan, 1e-4])
 def test_bad_keep(tiny_gpt2, keep):
     with pytest.raises(PruneError, match="keep"):
-        prune(tiny_gpt2, fake_neurons(tiny_gpt2), keep=keep)
+        prune_model(tiny_gpt2, fake_neurons(tiny_gpt2), keep=keep)
 
 
 @pytest.mark.parametrize("layers, match", [([2], "out of range"), ([-1], "out of range"), ([], "no layers")])
 def test_bad_layers(tiny_gpt2, layers, match):
     with pytest.raises(PruneError, match=match):
-        prune(tiny_gpt2, fake_neurons(tiny_gpt2), layers=layers)
+        prune_model(tiny_gpt2, fake_neurons(tiny_gpt2), layers=layers)
 
 
 def test_errors(tiny_gpt2, tiny_llama, tmp_path):
     with pytest.raises(PruneError, match="tiny-llama"):
-        prune(tiny_gpt2, fake_neurons(tiny_gpt2, name="tiny-llama"))
+        prune_model(tiny_gpt2, fake_neurons(tiny_gpt2, name="tiny-llama"))
     with pytest.raises(PruneError, match="d_mlp"):
-        prune(tiny_gpt2, fake_neurons(tiny_gpt2, d_mlp=192))
+        prune_model(tiny_gpt2, fake_neurons(tiny_gpt2, d_mlp=192))
     with pytest.raises(PruneError, match="tiny-gpt2"):
-        prune(tiny_llama, fake_neurons(tiny_gpt2))
+        prune_model(tiny_llama, fake_neurons(tiny_gpt2))
     with pytest.raises(PruneError, match="cover"):
-        prune(tiny_gpt2, fake_neurons(tiny_gpt2, layers=[0]), layers=[1])
-    pruned = prune(tiny_gpt2, fake_neurons(tiny_gpt2, layers=[0]))  # default: the layers the neurons cover
+        prune_model(tiny_gpt2, fake_neurons(tiny_gpt2, layers=[0]), layers=[1])
+    pruned = prune_model(tiny_gpt2, fake_neurons(tiny_gpt2, layers=[0]))  # default: the layers the neurons cover
     assert pruning_of(pruned).layers == [0]
     with pytest.raises(PruneError, match="already pruned"):
-        prune(pruned, fake_neurons(tiny_gpt2))
+        prune_model(pruned, fake_neurons(tiny_gpt2))
     with pytest.raises(PruneError, match="not pruned"):
         save_pruned(tiny_gpt2, tmp_path)
     with pytest.raises(PruneError, match="missing"):
@@ -240,7 +243,7 @@ def test_prune_experiment(tiny_gpt2, small_task, tmp_path):
     assert res["params_after"] == count_parameters(pruned) < res["params_before"]
     # the accuracies are those of tuning.evaluate on the same examples, the pruned one also
     # that of the unpruned model with the removed neurons held at their baseline
-    from tl_skill.tasks import subsample
+    from tl_skill.data.tasks import subsample
 
     data = subsample(run.load_task(), {"test": 30}, seed=cfg.task_seed)
     verb = run.verbalizer(tiny_gpt2)
@@ -259,10 +262,10 @@ def test_prune_experiment(tiny_gpt2, small_task, tmp_path):
 def test_prune_after_a_forward_with_grad(tiny_gpt2):
     # The bridge keeps the last attention pattern on its modules; after a pass
     # with a trainable prompt it is a graph node that deepcopy would refuse.
-    from tl_skill.prompt import Verbalizer, class_logits, layout_for
+    from tl_skill.tuning.prompt import Verbalizer, class_logits, layout_for
 
     prompt = SoftPrompt.from_vocab(tiny_gpt2, 3)
     batch = layout_for(tiny_gpt2, 3).encode(["a fine film", "a dull film"], [1, 0])
     class_logits(tiny_gpt2, batch, Verbalizer(tiny_gpt2.tokenizer, [" negative", " positive"]), prompt).sum().backward()
-    pruned = prune(tiny_gpt2, fake_neurons(tiny_gpt2), keep=0.5, layers=[1])
+    pruned = prune_model(tiny_gpt2, fake_neurons(tiny_gpt2), keep=0.5, layers=[1])
     assert pruning_of(pruned).kept.keys() == {1}

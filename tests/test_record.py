@@ -24,16 +24,9 @@ from tl_skill import compat
 from tl_skill.models import model_spec
 from tl_skill.neurons import make_subtasks
 from tl_skill.find import record_run
-from tl_skill.prompt import SoftPrompt, layout_for
-from tl_skill.record import (
-    MomentStats,
-    Recorder,
-    RecordingError,
-    ThresholdStats,
-    exact_parts,
-    exact_total,
-)
-from tl_skill.tasks import SPLITS, Task
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
+from tl_skill.record import MomentStats, Recorder, RecordingError, ThresholdStats, exact_parts, exact_total
+from tl_skill.data.tasks import SPLITS, Task
 
 EQ_TOKENS = 8  # every example truncated to this many tokens: no padding anywhere
 P = 4

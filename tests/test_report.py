@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from tl_skill import cli
-from tl_skill.experiments.demo import DemoConfig, run_demo
+from tl_skill.pipelines import DemoConfig, run_demo
 from tl_skill.experiments.ablation import verdict
-from tl_skill.tuning import TuneConfig
+from tl_skill.tuning.runs import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,13 +101,13 @@ def test_report_numbers_equal_json(demo_dir):
 
 def test_rerun_continues_without_redoing(demo_dir, monkeypatch):
     import tl_skill.find
-    import tl_skill.tuning
+    import tl_skill.tuning.runs
 
     def boom(*a, **k):
         raise AssertionError("finished work was redone")
 
     monkeypatch.setattr(tl_skill.find, "record_run", boom)
-    monkeypatch.setattr(tl_skill.tuning.torch.optim, "AdamW", boom)
+    monkeypatch.setattr(tl_skill.tuning.runs.torch.optim, "AdamW", boom)
     before = (demo_dir / "ablation" / "ablation.json").read_text()
     run_demo(demo_dir, tiny_demo_config(), device="cpu", progress=False)
     assert json.loads((demo_dir / "ablation" / "ablation.json").read_text())["rows"] == json.loads(before)["rows"]
@@ -157,7 +157,7 @@ def test_demo_scripts_run_fast(script):
 def test_cli_demo_prints_phases_once_on_the_main_process(monkeypatch, tmp_path, capsys):
     from tl_skill import distributed
     from tl_skill.cli import main
-    from tl_skill.experiments import demo as report
+    import tl_skill.cli.views as report
 
     def fake_run_demo(out, cfg, on_phase=None, **kw):
         assert cfg.model == "tiny-gpt2" and cfg.task == "word_sentiment"

@@ -13,7 +13,7 @@ from tl_skill import TuneConfig, find_skill_neurons, load_task, tune
 from tl_skill import stats
 from tl_skill.experiments.ablation import paired_comparison
 from tl_skill.neurons import SkillNeurons
-from tl_skill.tasks import subsample
+from tl_skill.data.tasks import subsample
 
 TOKENS = 8
 
@@ -93,7 +93,8 @@ def long_run(tiny_gpt2, tmp_path_factory):
 
 def _activations(model, task, split, prompt):
     """Every example's activations [N, L, T, D] at the prompt positions, one example at a time."""
-    from tl_skill import compat, layout_for
+    from tl_skill import compat
+    from tl_skill.tuning import layout_for
 
     layout = layout_for(model, prompt.length, TOKENS)
     out = []
@@ -162,7 +163,7 @@ def test_saved_statistics_round_trip(tiny_gpt2, long_run, tmp_path):
     assert back.control_summary() == sn.control_summary()
     import json
 
-    from tl_skill.plots import plot_statistics
+    from tl_skill.viz.plots import plot_statistics
 
     assert plot_statistics(back, tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "n" / "neurons.json").read_text())["statistics"]

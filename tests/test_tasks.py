@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tl_skill import load_task, subsample
-from tl_skill.tasks import BBC_TOPICS, BUNDLED_TASKS, SPLITS, TaskError
+from tl_skill import load_task
+from tl_skill.data import subsample
+from tl_skill.data.tasks import BBC_TOPICS, BUNDLED_TASKS, SPLITS, TaskError
 
 BBC_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sport": 511, "tech": 401}
 

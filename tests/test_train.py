@@ -6,8 +6,9 @@ import pytest
 import numpy as np
 import torch
 
-from tl_skill import TuneConfig, train, tune
-from tl_skill.train import CHECKPOINT, TrainingError
+from tl_skill import TuneConfig, tune
+from tl_skill.tuning import loop as train
+from tl_skill.tuning.loop import CHECKPOINT, TrainingError
 from tl_skill.variants import FinetuneConfig, bitfit_parameters, copy_model, finetune
 
 from conftest import interrupted
@@ -17,7 +18,7 @@ CFG = FinetuneConfig(steps=7, lr=5e-2, batch_size=8, eval_every=2, max_input_tok
 
 @pytest.fixture(scope="module")
 def tiny_task(small_task):
-    from tl_skill import subsample
+    from tl_skill.data import subsample
 
     return subsample(small_task, {"train": 64, "dev": 24, "test": 24})
 
@@ -103,7 +104,8 @@ def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, t
     """A TransformerBridge the user booted (parameters require grad) works without load_model."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from tl_skill import compat, subsample
+    from tl_skill import compat
+    from tl_skill.data import subsample
     from tl_skill.find import find_skill_neurons
     from tl_skill.models import tiny_tokenizer_dir
 

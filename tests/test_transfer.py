@@ -11,8 +11,9 @@ import torch
 
 from tl_skill import indicators as tr
 from tl_skill.experiments import transfer as xt
+from tl_skill.viz.plots import plot_transfer_figures
 from tl_skill.neurons import SkillNeurons, Subtask
-from tl_skill.prompt import SoftPrompt
+from tl_skill.tuning.prompt import SoftPrompt
 from tl_skill.indicators import TransferError
 
 
@@ -230,6 +231,8 @@ def test_study_writes_documented_transfer_json(study_dir):
     assert np.allclose(gain, init - rand[None, :])
     assert (out / "transfer_runs" / "K1" / "word_sentiment_to_subjectivity" / "seed0" / "prompt.safetensors").exists()
     assert (out / "transfer_runs" / "K1" / "random_to_subjectivity" / "P2_seed0" / "prompt.safetensors").exists()
+    assert not (out / "figures").exists()  # experiments never draw: the view does
+    plot_transfer_figures(xt.TransferResult.load(out), out / "figures")
     assert (out / "study.json").exists() and (out / "figures" / "correlations.png").exists()
     assert (out / "figures" / "indicator_neuron_spearman.png").exists()
     assert (out / "figures" / "transfer_zero_shot.png").exists()
@@ -238,8 +241,8 @@ def test_study_writes_documented_transfer_json(study_dir):
 
 
 def test_zero_shot_transfer_is_source_prompt_with_target_verbalizer(study_dir, tiny_gpt2):
-    from tl_skill.tasks import subsample
-    from tl_skill.tuning import Run, evaluate
+    from tl_skill.data.tasks import subsample
+    from tl_skill.tuning.runs import Run, evaluate
 
     out, _ = study_dir
     data = json.loads((out / "transfer.json").read_text())
@@ -280,10 +283,10 @@ def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
         calls["find"] += 1
         raise AssertionError("a rerun must not find skill neurons again")
 
-    monkeypatch.setattr("tl_skill.train.class_logits", no_forward)
+    monkeypatch.setattr("tl_skill.tuning.loop.class_logits", no_forward)
     monkeypatch.setattr("tl_skill.find.find_skill_neurons", no_find)
     again = xt.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
-                     transfer_steps=1, progress=False, figures=False)
+                     transfer_steps=1, progress=False)
     assert calls == {"train_or_eval": 0, "find": 0}
     after = json.loads((out / "transfer.json").read_text())
     assert after["transfer"] == before["transfer"] and after["indicators"] == before["indicators"]
@@ -294,7 +297,7 @@ def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
     out, _ = study_dir
     neurons = [out / "neurons" / tr.task_slug(t) for t in TASKS]
     got = xt.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0,
-                                figures=False, progress=False)
+                                progress=False)
     study = json.loads((out / "transfer.json").read_text())
     assert set(got["transfer"]) == {"zero_shot", "zero_shot_relative"}
     for name, c in got["correlations"].items():  # without the init setting, zero-shot is the main measure
@@ -308,7 +311,7 @@ def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
     # explicit run directories, in any order, give the same tasks
     runs = sorted((out / "runs").glob("*/seed*"))
     again = xt.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0,
-                                  figures=False, progress=False)
+                                  progress=False)
     assert again["tasks"] == TASKS
 
 
@@ -318,9 +321,9 @@ def test_mismatched_models_are_refused(study_dir, tiny_gpt2, tmp_path, monkeypat
     other.save(tmp_path / "other")
     with pytest.raises(TransferError, match="different models"):
         xt.transfer_from_dirs(tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None,
-                              tmp_path / "t", figures=False, progress=False)
+                              tmp_path / "t", progress=False)
     # a study over a directory holding another model's runs stops before tuning anything
-    monkeypatch.setattr("tl_skill.tuning.tune", lambda *a, **k: pytest.fail("tuned despite the mismatch"))
+    monkeypatch.setattr("tl_skill.tuning.runs.tune", lambda *a, **k: pytest.fail("tuned despite the mismatch"))
     bad = tmp_path / "s" / "runs" / "subjectivity" / "seed0"
     bad.mkdir(parents=True)
     (bad / "run.json").write_text(json.dumps({"model": "tiny-llama"}))
@@ -338,7 +341,7 @@ def test_study_refuses_bad_input_early(tiny_gpt2, tmp_path):
         xt.study(tiny_gpt2, ["word_sentiment"], tmp_path, progress=False)
     with pytest.raises(TransferError, match="repeat"):
         xt.study(tiny_gpt2, ["word_sentiment", "word_sentiment"], tmp_path, progress=False)
-    from tl_skill.tasks import TaskError
+    from tl_skill.data.tasks import TaskError
 
     with pytest.raises(TaskError):
         xt.study(tiny_gpt2, ["word_sentiment", "no_such_task"], tmp_path, progress=False)

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, TuneConfig, Verbalizer, compat, evaluate, tune
-from tl_skill import train, tuning
+from tl_skill import SoftPrompt, TuneConfig, compat, evaluate, tune
+from tl_skill.tuning import Verbalizer
+from tl_skill.tuning import loop as train, runs as tuning
 from tl_skill.cli import main
 
 from conftest import interrupted
-from tl_skill.tuning import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
+from tl_skill.tuning.runs import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
 
 SMALL = dict(prompt_length=4, steps=6, eval_every=3, batch_size=8, max_train_examples=64,
              max_dev_examples=24, max_test_examples=24, max_input_tokens=24, eval_batch_size=24)
@@ -265,7 +266,8 @@ def test_run_with_other_settings_refused(tiny_gpt2, tiny_llama, small_task, fini
         tune(tiny_gpt2, small_task, run.path, _cfg(steps=7), progress=False)
     with pytest.raises(RunError, match="model"):
         tune(tiny_llama, small_task, run.path, _cfg(), progress=False)
-    from tl_skill import load_task, subsample
+    from tl_skill import load_task
+    from tl_skill.data import subsample
 
     other = subsample(load_task("rotten_tomatoes", label_words="bad,good"), 40)
     with pytest.raises(RunError, match="label_words"):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, compat, layout_for, load_task, model_spec, subsample
+from tl_skill import SoftPrompt, compat, load_task, model_spec
+from tl_skill.tuning import layout_for
+from tl_skill.data import subsample
 from tl_skill.find import find_skill_neurons
 from tl_skill.perturb import Perturbation, PerturbationError
 from tl_skill.record import Recorder, RecordingError
@@ -267,7 +269,7 @@ def test_sae_latent_dashboards_equal_the_neurons_they_copy(tiny_llama, task, pro
     """Latent j of the permutation SAE is neuron perm[j]: its dashboard row (activations, examples, direct
     effect through W_dec @ W_out, logit lens, single-unit ablation) equals that neuron's."""
     from tl_skill.experiments.dashboard import dashboard_data
-    from tl_skill.tuning import Run
+    from tl_skill.tuning.runs import Run
 
     path, perm = permutation_sae
     run = Run.in_memory(prompt, task, "tiny-llama", TuneConfig(prompt_length=P, max_test_examples=20))
@@ -319,14 +321,14 @@ def test_transfer_indicators_on_resid_units_equal_slow_references(tiny_llama, ta
 
     from tl_skill.experiments.transfer import run_transfer
     from tl_skill.indicators import TransferError
-    from tl_skill.tuning import Run
+    from tl_skill.tuning.runs import Run
 
     other = subsample(load_task("word_sentiment", seed=0), {"train": N_TRAIN, "dev": N_DEV, "test": 10}, seed=0)
     prompts = {t.name: SoftPrompt.from_vocab(tiny_llama, P, seed=s) for t, s in ((task, 4), (other, 5))}
     runs = {t.name: [Run.in_memory(prompts[t.name], t, "tiny-llama")] for t in (task, other)}
     sns = [_find(tiny_llama, t, prompts[t.name], "resid") for t in (task, other)]
     res = run_transfer(tiny_llama, sns, runs, tmp_path / "tr", transfer_steps=0, max_eval_examples=10,
-                       figures=False, progress=False)
+                       progress=False)
     assert res.settings["units"] == "resid" and res.settings["top_k_per_layer"] == 1
     rho = spearmanr(sns[0].predictivity.flatten().numpy(), sns[1].predictivity.flatten().numpy())[0]
     assert res.indicators["neuron_spearman"][0][1] == pytest.approx(rho, abs=1e-12)
@@ -407,14 +409,14 @@ def test_cli_ablate_dashboard_transfer_take_units(tmp_path, tiny_llama, capsys):
 def test_pruning_refuses_units_other_than_mlp_neurons(tiny_llama, task, prompt, permutation_sae, tmp_path):
     """An SAE as wide as d_mlp would otherwise prune the neurons with the latents' indices."""
     from tl_skill.experiments.pruning import prune_experiment
-    from tl_skill.prune import PruneError, prune
-    from tl_skill.tuning import Run
+    from tl_skill.prune import PruneError, prune_model
+    from tl_skill.tuning.runs import Run
 
     path, _ = permutation_sae
     latents = _find(tiny_llama, task, prompt, f"sae:{path}")
     assert latents.d_mlp == model_spec(tiny_llama).d_mlp
     with pytest.raises(PruneError, match="pruning removes MLP neurons, but these skill units are 'sae:"):
-        prune(tiny_llama, latents, keep=0.1)
+        prune_model(tiny_llama, latents, keep=0.1)
     run = Run.in_memory(prompt, task, "tiny-llama")
     with pytest.raises(PruneError, match="units='mlp'"):
         prune_experiment(tiny_llama, run, latents, tmp_path / "p")

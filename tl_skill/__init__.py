@@ -1,26 +1,46 @@
-"""tl_skill: skill neurons (Wang et al., EMNLP 2022) for TransformerLens models."""
+"""tl_skill: skill neurons (Wang et al., EMNLP 2022) for TransformerLens models.
 
-__version__ = "0.2.0"
+The entry points, by step of the method (`docs/method.md`); everything else is reachable under its
+module (`tl_skill.record`, `tl_skill.stats`, `tl_skill.experiments`, ...).
+"""
 
-from .experiments import (AblationResult, OriginResult, PruneResult, StudyResult, TransferResult,  # noqa: E402
-                          ablation_experiment, origin_study, prune_experiment, run_demo, study, transfer_from_dirs)
-from .find import find_skill_neurons, load_or_find, trace_activations  # noqa: E402
-from .models import ModelSpec, load_model, model_spec  # noqa: E402
-from .neurons import SkillNeurons, Subtask, make_subtasks, random_mask_like  # noqa: E402
-from .perturb import Perturbation, perturb  # noqa: E402
-from .prompt import Batch, Layout, SoftPrompt, Verbalizer, class_logits, layout_for  # noqa: E402
-from .prune import load_pruned, prune  # noqa: E402
-from .record import MomentStats, Recorder, ThresholdStats  # noqa: E402
-from .tasks import Task, TaskSpec, load_task, subsample  # noqa: E402
-from .train import evaluate  # noqa: E402
-from .tuning import Run, TuneConfig, tune, tune_trials  # noqa: E402
+import importlib.metadata as _metadata
+
+# models and data
+from tl_skill.data import Task, load_task
+from tl_skill.errors import TLSkillError
+from tl_skill.experiments import (
+    AblationConfig, OriginConfig, ablation_experiment, dashboard_data, origin_study, prune_experiment, study,
+    transfer_from_dirs,
+)
+from tl_skill.find import FindConfig, find_skill_neurons, load_or_find
+from tl_skill.models import load_model, model_spec
+from tl_skill.neurons import SkillNeurons
+from tl_skill.perturb import Perturbation, perturbed
+from tl_skill.pipelines import run_demo
+from tl_skill.prune import load_pruned, prune_model
+from tl_skill.record import Recorder
+from tl_skill.tuning import Run, SoftPrompt, TuneConfig, evaluate, tune
+from tl_skill.viz import export_neuronpedia, write_dashboard
+
+try:
+    __version__ = _metadata.version("tl-skill")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "AblationResult", "OriginResult", "PruneResult", "StudyResult", "TransferResult", "ablation_experiment",
-    "origin_study", "prune_experiment", "run_demo", "study", "transfer_from_dirs",
-    "Perturbation", "perturb", "load_pruned", "prune", "find_skill_neurons", "load_or_find", "trace_activations",
-    "Batch", "Layout", "ModelSpec", "MomentStats", "Recorder", "Run", "SkillNeurons", "SoftPrompt",
-    "Subtask", "Task", "TaskSpec", "ThresholdStats", "TuneConfig", "Verbalizer", "class_logits",
-    "evaluate", "layout_for", "load_model", "load_task", "make_subtasks",
-    "model_spec", "random_mask_like", "subsample", "tune", "tune_trials",
+    # models and data
+    "load_model", "model_spec", "load_task", "Task",
+    # 1. prompt tuning
+    "tune", "TuneConfig", "Run", "SoftPrompt", "evaluate",
+    # 2-5. recording, predictivity, selection
+    "find_skill_neurons", "load_or_find", "FindConfig", "SkillNeurons", "Recorder",
+    # 6-7. perturbation and pruning
+    "perturbed", "Perturbation", "prune_model", "load_pruned",
+    # experiments
+    "ablation_experiment", "AblationConfig", "prune_experiment", "study", "transfer_from_dirs", "origin_study",
+    "OriginConfig", "dashboard_data",
+    # views and pipelines
+    "write_dashboard", "export_neuronpedia", "run_demo",
+    "TLSkillError", "__version__",
 ]

@@ -19,16 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tl_skill.errors import ModelLoadError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3-270m"
-
-
-class ModelLoadError(ValueError):
-    """A model name or directory that cannot be loaded."""
 
 
 @dataclass(frozen=True)

@@ -29,17 +29,12 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .prompt import Batch, SoftPrompt, Verbalizer, class_logits
+from tl_skill.errors import DistributedError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class DistributedError(ValueError):
-    """A distributed launch that cannot work: missing torchrun variables, no backend for the device."""
 
 
 @dataclass(frozen=True)
@@ -204,41 +199,3 @@ def reduce_stats(stats) -> None:
     """Combine a statistics object of record.py (`MomentStats`, `ThresholdStats`) over all processes."""
     if is_distributed():
         stats.all_reduce()
-
-
-class PromptLoss(nn.Module):
-    """Cross-entropy of the prompted frozen model, as a module whose only parameters are the prompt's.
-
-    The frozen model is kept outside the module tree (a plain attribute), so
-    DistributedDataParallel neither broadcasts nor synchronises its weights.
-    The loss is this rank's sum scaled by world / global batch size: DDP
-    averages gradients over ranks, which makes the update that of the mean
-    over the global batch, as in one process.
-    """
-
-    def __init__(self, model, verbalizer: Verbalizer, prompt: SoftPrompt):
-        super().__init__()
-        self.prompt = prompt
-        self.verbalizer = verbalizer
-        object.__setattr__(self, "frozen_model", model)  # not a submodule
-
-    def forward(self, batch: Batch, global_batch_size: int) -> torch.Tensor:
-        from .prefix import class_logits_cached, prefix_cache_default
-
-        forward = class_logits_cached if prefix_cache_default() else class_logits
-        logits = forward(self.frozen_model, batch, self.verbalizer, self.prompt)
-        total = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
-        return total * (world_size() / global_batch_size)
-
-
-def prompt_data_parallel(model, verbalizer: Verbalizer, prompt: SoftPrompt, batch_size: int):
-    """A DDP-wrapped `PromptLoss` when distributed; None in a single process."""
-    if not is_distributed():
-        return None
-    if batch_size < world_size():
-        raise DistributedError(f"batch size {batch_size} is smaller than the {world_size()} processes: "
-                               "every process needs a part of each batch")
-    module = PromptLoss(model, verbalizer, prompt)
-    dev = prompt.vectors.device
-    ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)

@@ -11,6 +11,7 @@ leaves a half-written file.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -19,13 +20,16 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from tl_skill import distributed
+from tl_skill.errors import FileFormatError, OutputDirError
 
-class FileFormatError(ValueError):
-    """A file that is missing, unreadable or does not hold what it should."""
 
-
-class OutputDirError(ValueError):
-    """An output path that cannot be written (a file, a read-only place)."""
+def package_version() -> str:
+    """tl_skill's version as installed (`importlib.metadata`), recorded in every result directory."""
+    try:
+        return importlib.metadata.version("tl-skill")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
@@ -128,8 +132,6 @@ def claim_dir(out: str | Path, kind: str, identity: Mapping[str, Any], *, option
     by an older tl_skill) returns their identity, which must then agree on the
     settings it has. Hidden files are ignored.
     """
-    from . import distributed
-
     path = check_output_dir(out, option)
     if not distributed.is_main():  # rank 0 decides (and raises, ending the process group)
         return path
@@ -158,9 +160,7 @@ def claim_dir(out: str | Path, kind: str, identity: Mapping[str, Any], *, option
                                  f"{'; '.join(diff[:4])}. Use another directory or delete it")
     if write:
         path.mkdir(parents=True, exist_ok=True)
-        from . import __version__
-
-        atomic_json(record, {"kind": kind, "identity": want, "tl_skill": __version__})
+        atomic_json(record, {"kind": kind, "identity": want, "tl_skill": package_version()})
     return path
 
 

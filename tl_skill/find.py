@@ -10,27 +10,29 @@ settings load what is there, others are refused before any recording.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import compat, distributed
-from .files import claim_dir, read_json, tensor_digest
-from .models import model_spec
-from .neurons import NEURONS_JSON, SkillNeurons
-from .predictivity import NeuronsError, Subtask, accuracy_of_counts, make_subtasks, subtask_counts
-from .prompt import SoftPrompt, iterate_batches, layout_for
-from .record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
-from .tasks import Task, subsample
-from .tuning import Run
-from .units import UnitSource, check_source, unit_source
+from tl_skill import compat, distributed
+from tl_skill.compat import HookedRootModule
+from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.models import model_spec
+from tl_skill.neurons import NEURONS_JSON, SkillNeurons
+from tl_skill.predictivity import NeuronsError, Subtask, accuracy_of_counts, make_subtasks, subtask_counts
+from tl_skill.tuning.prompt import SoftPrompt, iterate_batches, layout_for
+from tl_skill.record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.tuning.runs import Run
+from tl_skill.units import UnitSource, check_source, unit_source
+from tl_skill.tuning.prefix import input_pass_through, prefix_cache_default, prompt_pass_for_hooks, split_batch, usable_for
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtask
     recorder: R trials read the input once. Elsewhere (one prompt included) each prompt gets the
     full pass, one after the other.
     """
-    from .prefix import input_pass_through, prefix_cache_default, prompt_pass_for_hooks, split_batch, usable_for
-
     t0 = time.perf_counter()
     source = unit_source(model, units)
     layer_list = list(source.layers) if layers is None else sorted(set(layers))
@@ -204,80 +204,166 @@ def check_runs(runs: Sequence[Run]) -> None:
                 raise NeuronsError(f"runs differ in {key}: {first.path} has {a!r}, {run.path} has {b!r}")
 
 
-def find_skill_neurons(
-    model, runs: Sequence[Run | str | Path], split: str = "dev", layers: Sequence[int] | None = None,
-    positions: str = "prompt", batch_size: int = 32, max_train_examples: int | None = 2000,
-    max_eval_examples: int | None = None, multiclass: str = "ovr", aggregate_runs: str = "mean",
-    aggregate_subtasks: str = "max", progress: bool = True, confirm_split: str | None = "auto",
-    control: str | None = None, control_seed: int = 0, prompts: Sequence[SoftPrompt] | None = None,
-    units: "str | UnitSource | None" = "mlp",
-) -> SkillNeurons:
+POSITIONS = ("prompt", "last", "mean")
+
+
+@dataclass(frozen=True)
+class FindConfig:
+    """How `find_skill_neurons` records and scores; every field but `batch_size` decides the result.
+
+    Args:
+        split: where predictivity is measured ("dev" or "test"); the baseline always comes from train.
+        layers: layers to record (default: every layer that has such units).
+        positions: "prompt" (every prompt position, the method), "last" or "mean" (input tokens).
+        batch_size: examples per forward pass (no effect on the result).
+        max_train_examples: train examples for the baseline (None: all).
+        max_eval_examples: examples of `split` (and of `confirm_split`) counted (None: all).
+        multiclass: binary subtasks of a k-class task, "ovr" (one-vs-rest) or "pairwise".
+        aggregate_runs: over trials, "mean" or "min"; aggregate_subtasks: "max" or "mean".
+        confirm_split: a held-out split counted with the same baselines ("auto": test when
+            selecting on dev; None: none), for `SkillNeurons.heldout_predictivity`.
+        control: "shuffled" also counts with the selection split's labels permuted (seed
+            `control_seed`) in the same pass (`SkillNeurons.control_summary`).
+        units: which units to score: "mlp" (neurons), "resid", "attn", "sae:PATH" or a `UnitSource`.
+    """
+
+    split: str = "dev"
+    layers: tuple[int, ...] | None = None
+    positions: str = "prompt"
+    batch_size: int = 32
+    max_train_examples: int | None = 2000
+    max_eval_examples: int | None = None
+    multiclass: str = "ovr"
+    aggregate_runs: str = "mean"
+    aggregate_subtasks: str = "max"
+    confirm_split: str | None = "auto"
+    control: str | None = None
+    control_seed: int = 0
+    units: Any = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.split not in ("dev", "test"):
+            raise NeuronsError(f"split must be 'dev' or 'test', got {self.split!r}")
+        confirm = self.heldout_split
+        if confirm is not None and (confirm not in ("dev", "test") or confirm == self.split):
+            raise NeuronsError(f"confirm_split must be the other of 'dev'/'test' or None, got {self.confirm_split!r}")
+        if self.control not in (None, "shuffled"):
+            raise NeuronsError(f"control must be None or 'shuffled', got {self.control!r}")
+        if self.positions not in POSITIONS:
+            raise NeuronsError(f"unknown position mode {self.positions!r}; choose one of {POSITIONS}")
+        if self.multiclass not in ("ovr", "pairwise"):
+            raise NeuronsError(f"unknown multi-class mode {self.multiclass!r}; choose 'ovr' or 'pairwise'")
+        if self.aggregate_runs not in ("mean", "min"):
+            raise NeuronsError(f"unknown run aggregation {self.aggregate_runs!r}; use 'mean' or 'min'")
+        if self.aggregate_subtasks not in ("max", "mean"):
+            raise NeuronsError(f"unknown subtask aggregation {self.aggregate_subtasks!r}; use 'max' or 'mean'")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise NeuronsError(f"{name} must be None (all) or an integer >= 1, got {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise NeuronsError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if isinstance(self.control_seed, bool) or not isinstance(self.control_seed, int) or self.control_seed < 0:
+            raise NeuronsError(f"control_seed must be an integer >= 0, got {self.control_seed!r}")
+        if self.layers is not None:
+            try:
+                layers = tuple(sorted({int(layer) for layer in self.layers}))
+            except (TypeError, ValueError):
+                raise NeuronsError(f"layers must be layer numbers, got {self.layers!r}") from None
+            if not layers or layers[0] < 0:
+                raise NeuronsError(f"layers must be non-negative layer numbers, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+
+    @property
+    def heldout_split(self) -> str | None:
+        """The held-out split `confirm_split` names ("auto" resolved)."""
+        if self.confirm_split == "auto":
+            return "test" if self.split == "dev" else None
+        return self.confirm_split
+
+    @property
+    def units_name(self) -> str:
+        units = self.units
+        if units is None or isinstance(units, str):
+            return units or "mlp"
+        return units.name if hasattr(units, "name") else f"sae:{units.hook_name}"
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the result (a neurons directory's identity; `batch_size` is not one)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("batch_size", "units")}
+        out["layers"] = list(self.layers) if self.layers is not None else None
+        if self.units_name != "mlp":  # as before units existed: earlier directories still match
+            out["units"] = self.units_name
+        return out
+
+
+def _config(config: FindConfig | None, settings: dict[str, Any]) -> FindConfig:
+    if config is not None and settings:
+        raise NeuronsError(f"give a FindConfig or settings ({', '.join(settings)}), not both")
+    if config is not None:
+        return config
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(FindConfig)})
+    if unknown:
+        raise TypeError(f"unknown find setting(s) {unknown}; FindConfig has {[f.name for f in dataclasses.fields(FindConfig)]}")
+    return FindConfig(**settings)
+
+
+def find_skill_neurons(model: HookedRootModule, runs: Sequence[Run | str | Path] | Task,
+                       config: FindConfig | None = None, *, prompts: Sequence[SoftPrompt] | None = None,
+                       progress: bool = True, **settings: Any) -> SkillNeurons:
     """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
 
     `runs` are run directories (or `Run`s); or give the `Task` itself in their place and the
     prompts in memory: `find_skill_neurons(model, task, prompts=[SoftPrompt, ...])` (layout
     and caps of `TuneConfig()`; see `Run.in_memory` for other settings).
 
-    The baseline is the mean over (at most `max_train_examples` of) the train
-    split; accuracy is measured on `split` (all of it unless `max_eval_examples`).
-
-    Args:
-        confirm_split: a held-out split counted with the same baselines, for
-            `heldout_predictivity` ("auto": test when selecting on dev; None: none).
-            At most `max_eval_examples` of it are used.
-        control: "shuffled" also counts with the selection split's labels permuted
-            (seed `control_seed`), in the same pass: `control_summary()`.
-        units: which units to score ("mlp" neurons, "resid", "attn", "sae:PATH" or a `UnitSource`;
-            see `tl_skill.units`); the result records it (`SkillNeurons.units`).
+    The settings are a `FindConfig`, or its fields as keywords
+    (`find_skill_neurons(model, [run], max_train_examples=500)`). The baseline is the mean over
+    (at most `max_train_examples` of) the train split; accuracy is measured on `split`.
     """
+    cfg = _config(config, settings)
     spec = model_spec(model)
-    source = unit_source(model, units)
+    source = unit_source(model, cfg.units)
     check_source(model, source, NeuronsError)
-    runs = _runs_of(runs, prompts, spec.name)
-    check_runs(runs)
-    if runs[0].model_name != spec.name:
-        raise NeuronsError(f"the runs were tuned on {runs[0].model_name!r} but the model is {spec.name!r}")
-    if split not in ("dev", "test"):
-        raise NeuronsError(f"split must be 'dev' or 'test', got {split!r}")
-    if confirm_split == "auto":
-        confirm_split = "test" if split == "dev" else None
-    if confirm_split is not None and (confirm_split not in ("dev", "test") or confirm_split == split):
-        raise NeuronsError(f"confirm_split must be the other of 'dev'/'test' or None, got {confirm_split!r}")
-    if control not in (None, "shuffled"):
-        raise NeuronsError(f"control must be None or 'shuffled', got {control!r}")
-    task = runs[0].load_task()
-    caps = {"train": max_train_examples, split: max_eval_examples}
+    run_list = _runs_of(runs, prompts, spec.name)
+    check_runs(run_list)
+    if run_list[0].model_name != spec.name:
+        raise NeuronsError(f"the runs were tuned on {run_list[0].model_name!r} but the model is {spec.name!r}")
+    split, confirm_split = cfg.split, cfg.heldout_split
+    task = run_list[0].load_task()
+    caps = {"train": cfg.max_train_examples, split: cfg.max_eval_examples}
     if confirm_split:
-        caps[confirm_split] = max_eval_examples
+        caps[confirm_split] = cfg.max_eval_examples
     task = subsample(task, caps, seed=task.spec.seed)
     for s in ("train", split) + ((confirm_split,) if confirm_split else ()):
         present = np.unique(task.labels(s))
         if len(present) < 2:
             raise NeuronsError(f"the {s!r} split of {task.name!r} has a single class; predictivity needs two")
-    subtasks = make_subtasks(task.spec.label_names, multiclass)
-    cfg = runs[0].config
+    subtasks = make_subtasks(task.spec.label_names, cfg.multiclass)
+    run_cfg = run_list[0].config
+    layers = list(cfg.layers) if cfg.layers is not None else None
     # all runs' prompts together: with the prefix cache each batch's input is read once for all of them
     stats = record_runs(
-        model, task, [run.prompt for run in runs], subtasks, split, layers, positions,
-        batch_size, cfg.max_input_tokens, padding_side=cfg.padding_side, progress=progress,
-        desc=f"[{len(runs)} run{'s' if len(runs) > 1 else ''}] ", confirm_split=confirm_split,
-        control_seed=control_seed if control else None, units=source,
+        model, task, [run.prompt for run in run_list], subtasks, split, layers, cfg.positions,
+        cfg.batch_size, run_cfg.max_input_tokens, padding_side=run_cfg.padding_side, progress=progress,
+        desc=f"[{len(run_list)} run{'s' if len(run_list) > 1 else ''}] ", confirm_split=confirm_split,
+        control_seed=cfg.control_seed if cfg.control else None, units=source,
     )
-    log.info("recorded %d run(s) in %.1fs", len(runs), sum(s.seconds for s in stats))
+    log.info("recorded %d run(s) in %.1fs", len(run_list), sum(s.seconds for s in stats))
     return SkillNeurons(
-        model=spec.name, task=task.name, runs=[str(r.path) for r in runs],
+        model=spec.name, task=task.name, runs=[str(r.path) for r in run_list],
         label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),
-        subtasks=subtasks, layers=list(source.layers) if layers is None else sorted(set(layers)),
-        positions=positions,
+        subtasks=subtasks, layers=list(source.layers) if layers is None else layers,
+        positions=cfg.positions,
         accuracy=torch.stack([s.accuracy for s in stats]), baseline=torch.stack([s.baseline for s in stats]),
         std=torch.stack([s.std for s in stats]), constant=torch.stack([s.constant for s in stats]),
-        run_metrics=[dict(r.metrics) for r in runs], aggregate_runs=aggregate_runs,
-        aggregate_subtasks=aggregate_subtasks,
+        run_metrics=[dict(r.metrics) for r in run_list], aggregate_runs=cfg.aggregate_runs,
+        aggregate_subtasks=cfg.aggregate_subtasks,
         meta={"split": split, "n_train": stats[0].n_train, "n_eval": stats[0].n_eval,
-              "record_seconds": [s.seconds for s in stats], "multiclass": multiclass,
-              "max_train_examples": max_train_examples, "confirm_split": confirm_split,
+              "record_seconds": [s.seconds for s in stats], "multiclass": cfg.multiclass,
+              "max_train_examples": cfg.max_train_examples, "confirm_split": confirm_split,
               "n_confirm": len(task[confirm_split]) if confirm_split else None,
-              "control": control, "control_seed": control_seed if control else None,
+              "control": cfg.control, "control_seed": cfg.control_seed if cfg.control else None,
               **({} if source.name == "mlp" else {"units": source.name, "unit_hook": source.template})},
         counts={f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
                 for which in stats[0].counts for j, name in ((0, "pos_above"), (1, "neg_above"))},
@@ -298,24 +384,11 @@ def _runs_of(runs, prompts: Sequence[SoftPrompt] | None, model_name: str) -> lis
     return [Run.in_memory(p, runs, model_name, name=f"in-memory prompt {i}") for i, p in enumerate(prompts)]
 
 
-# settings that do not change the result, left out of a neurons directory's identity
-_NOT_IDENTITY = ("model", "runs", "progress", "batch_size", "prompts")
-
-
-def find_identity(runs: Sequence[Run], **kwargs) -> dict[str, Any]:
-    """What decides `find_skill_neurons(model, runs, **kwargs)`: the runs (paths, prompts) and every setting."""
-    bound = _FIND_SIGNATURE.bind_partial(None, list(runs), **kwargs)
-    bound.apply_defaults()
-    settings = {k: v for k, v in bound.arguments.items() if k not in _NOT_IDENTITY}
-    if settings.get("units") in (None, "mlp"):  # as before units existed: earlier directories still match
-        settings.pop("units", None)
-    elif not isinstance(settings["units"], str):
-        settings["units"] = settings["units"].name if hasattr(settings["units"], "name") else repr(settings["units"])
-    if settings.get("layers") is not None:
-        settings["layers"] = sorted(set(int(l) for l in settings["layers"]))
+def find_identity(runs: Sequence[Run], config: FindConfig) -> dict[str, Any]:
+    """What decides `find_skill_neurons(model, runs, config)`: the runs (paths, prompts) and the config."""
     return {"model": runs[0].model_name, "task": runs[0].task_name,
             "runs": [str(Path(r.path).resolve()) for r in runs],
-            "prompts": [tensor_digest(r.prompt.vectors) for r in runs], **settings}
+            "prompts": [tensor_digest(r.prompt.vectors) for r in runs], **config.identity()}
 
 
 def _legacy_identity(path: Path) -> dict[str, Any] | None:
@@ -327,28 +400,31 @@ def _legacy_identity(path: Path) -> dict[str, Any] | None:
             "runs": [str(Path(p).resolve()) for p in info.get("runs", [])]}
 
 
-def load_or_find(model, runs: Sequence[Run | str | Path], path: str | Path, **kwargs) -> SkillNeurons:
-    """`find_skill_neurons(model, runs, **kwargs)` saved in `path`, or what is there from the same call.
+def load_or_find(model: HookedRootModule | Callable[[], HookedRootModule], runs: Sequence[Run | str | Path],
+                 path: str | Path, config: FindConfig | None = None, *, progress: bool = True,
+                 **settings: Any) -> SkillNeurons:
+    """`find_skill_neurons(model, runs, config)` saved in `path`, or what is there from the same call.
 
     `path` is claimed first (`files.claim_dir`): a directory holding neurons of other runs or
     settings, or anything else, is refused before any recording. `model` may be a function
     returning the model, called only when recording is needed. Every process calls it:
     `save` writes on rank 0 and holds the others at a barrier.
     """
-    runs = [r if isinstance(r, Run) else Run.load(r) for r in runs]
-    check_runs(runs)
-    path = claim_dir(path, "find", find_identity(runs, **kwargs), legacy=_legacy_identity)
+    cfg = _config(config, settings)
+    run_list = [r if isinstance(r, Run) else Run.load(r) for r in runs]
+    check_runs(run_list)
+    path = claim_dir(path, "find", find_identity(run_list, cfg), legacy=_legacy_identity)
     if (path / NEURONS_JSON).exists():
         log.info("reusing the skill neurons in %s", path)
         return SkillNeurons.load(path)
     if not isinstance(model, torch.nn.Module) and callable(model):
         model = model()
-    sn = find_skill_neurons(model, runs, **kwargs)
+    sn = find_skill_neurons(model, run_list, cfg, progress=progress)
     sn.save(path)
     return sn
 
 
-_FIND_SIGNATURE = inspect.signature(find_skill_neurons)
+
 
 
 def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from jaxtyping import Bool
 
-from . import compat
-from .models import model_spec
-from .neurons import SkillNeurons
-from .prompt import SoftPrompt, layout_for
-from .record import Recorder
+from tl_skill import compat
+from tl_skill.models import model_spec
+from tl_skill.neurons import SkillNeurons
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
+from tl_skill.record import Recorder
+from tl_skill.errors import TransferError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ ACTIVATION_INDICATORS = ("activated_jaccard", "activated_cosine")
 INDICATORS = NEURON_INDICATORS + PROMPT_INDICATORS + ACTIVATION_INDICATORS
 TRANSFER_KINDS = ("zero_shot", "zero_shot_relative", "init", "init_gain")
 MANTEL_EXACT_MAX = 7  # up to 7 tasks every relabelling (7! = 5040) is tried
-
-
-class TransferError(ValueError):
-    """Tasks, runs or skill neurons that cannot be compared (other models, missing runs, ...)."""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -68,7 +65,7 @@ def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if len(x) != len(y):
-        raise ValueError(f"{name}: lengths differ ({len(x)} vs {len(y)})")
+        raise TransferError(f"{name}: lengths differ ({len(x)} vs {len(y)})")
     return (x, y) if len(x) >= 2 else None
 
 
@@ -109,7 +106,7 @@ def cosine(x, y) -> float:
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise ValueError(f"cosine: sizes differ ({x.size} vs {y.size})")
+        raise TransferError(f"cosine: sizes differ ({x.size} vs {y.size})")
     den = float(np.linalg.norm(x) * np.linalg.norm(y))
     return float(x @ y) / den if den > 0 else math.nan
 
@@ -119,7 +116,7 @@ def jaccard(a, b) -> float:
     a = np.asarray(a, dtype=bool).ravel()
     b = np.asarray(b, dtype=bool).ravel()
     if a.shape != b.shape:
-        raise ValueError(f"jaccard: sizes differ ({a.size} vs {b.size})")
+        raise TransferError(f"jaccard: sizes differ ({a.size} vs {b.size})")
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else math.nan
 

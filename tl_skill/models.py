@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
-from . import compat
-from .bundled import (  # noqa: F401 (re-exported)
-    BUNDLED_MODELS, GEMMA3, SMOLLM2, SMOLLM2_GGUF, ModelLoadError, bundled_dir, cache_dir, smollm2_dir,
+from tl_skill import compat
+from tl_skill.bundled import (  # noqa: F401 - re-exported
+    BUNDLED_MODELS, GEMMA3, SMOLLM2, SMOLLM2_GGUF, bundled_dir, cache_dir, smollm2_dir,
 )
-from .files import hub_unreachable
+from tl_skill.data.sources import rotten_tomatoes_frame
+from tl_skill.errors import DeviceError, ModelLoadError
+from tl_skill.files import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ DEVICE_NAMES = "cpu, cuda, cuda:N (N = 0, 1, ...), mps or auto"
 def check_device_name(device: str) -> str:
     """Refuse a device string tl_skill does not run on (gpu, xla, cuda:x), listing the valid ones."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", str(device)):
-        raise ValueError(f"unknown device {device!r}; choose one of {DEVICE_NAMES}")
+        raise DeviceError(f"unknown device {device!r}; choose one of {DEVICE_NAMES}")
     return str(device)
 
 
@@ -67,14 +69,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         check_device_name(device)
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {device!r} is not supported; choose one of {DEVICE_NAMES}")
+        raise DeviceError(f"device {device!r} is not supported; choose one of {DEVICE_NAMES}")
     if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
             and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+        raise DeviceError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available")
+        raise DeviceError(f"device {device!r} asked for, but MPS is not available")
     return dev
 
 
@@ -94,13 +96,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))}")
+        raise DeviceError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))}")
     return _DTYPES[dtype]
 
 
 def _training_text() -> list[str]:
-    from .sources import rotten_tomatoes_frame
-
     frame = rotten_tomatoes_frame()
     return frame["text"].tolist()
 

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from . import distributed
-from .files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
-from .predictivity import (  # noqa: F401 - re-exported: tl_skill.neurons.<name> keeps working
-    NeuronsError, Subtask, accuracy_from_counts, accuracy_of_counts, make_subtasks, predictivity_of, subtask_counts,
-)
-from .tuning import Run
+from tl_skill import distributed
+from tl_skill.files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
+from tl_skill.predictivity import (NeuronsError, Subtask, accuracy_from_counts, accuracy_of_counts,
+    make_subtasks, predictivity_of, subtask_counts)
+from tl_skill.tuning.runs import Run
+from tl_skill.stats import hypergeom_p_values, benjamini_hochberg, trial_stability
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,6 @@ class SkillNeurons:
 
     def position_p_values(self, which: str = "eval", alternative: str = "two-sided") -> torch.Tensor:
         """Exact p-value of every (run, subtask, layer, position, neuron) [R, S, L, T, D]."""
-        from .stats import hypergeom_p_values
-
         self._need(which)
         pos, neg = self.counts[f"{which}.pos_above"], self.counts[f"{which}.neg_above"]
         cc = self.class_counts[which]
@@ -98,8 +96,6 @@ class SkillNeurons:
         return per_run.amax(0)
 
     def q_value(self, method: str = "bh", which: str = "eval") -> Float[torch.Tensor, "l d"]:
-        from .stats import benjamini_hochberg
-
         return benjamini_hochberg(self.p_value(which), method)
 
     def significant(self, q: float = 0.05, method: str = "bh") -> torch.Tensor:
@@ -138,8 +134,6 @@ class SkillNeurons:
 
     def control_summary(self, q: float = 0.05) -> dict[str, Any]:
         """The shuffled-label control: what chance alone gives with the same neurons and counts."""
-        from .stats import benjamini_hochberg
-
         p_pos = self.position_p_values("control")
         p = (p_pos.amin(dim=(1, 3)) * (p_pos.shape[1] * p_pos.shape[3])).clamp(max=1.0).amax(0)
         cc = self.class_counts["control"]
@@ -153,8 +147,6 @@ class SkillNeurons:
 
     def stability(self, fraction: float = 0.01) -> dict[str, Any]:
         """Agreement between the trials (runs), see `stats.trial_stability`."""
-        from .stats import trial_stability
-
         per_run = predictivity_of(self.accuracy).amax(3)  # [R, S, L, D]
         per_run = per_run.amax(1) if self.aggregate_subtasks == "max" else per_run.mean(1)
         return trial_stability(per_run, fraction)

@@ -23,7 +23,7 @@ whatever the batch size) and resets the numbering at every batch to the
 batch's global position in that order, so `j` is the example's global number
 under `torchrun` too: accuracies are the same for any number of processes.
 
-    with perturb(model, mask, mode="noise", std=0.1, seed=0):
+    with perturbed(model, mask, mode="noise", std=0.1, seed=0):
         logits = model(tokens)
 
 or pass `Perturbation(...).fwd_hooks()` as `extra_hooks` to `evaluate`; the experiment
@@ -34,26 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
-from . import compat
-from .models import model_spec
-from .neurons import SkillNeurons
-from .units import UnitSource, check_source, unit_source
+from tl_skill import compat
+from tl_skill.compat import HookedRootModule
+from tl_skill.models import model_spec
+from tl_skill.neurons import SkillNeurons
+from tl_skill.units import UnitSource, check_source, unit_source
+from tl_skill.errors import PerturbationError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 MODES = ("noise", "zero", "mean")
 
 PerturbFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
-
-
-class PerturbationError(ValueError):
-    """Bad perturbation arguments (neurons, mode, std, statistics) or a hook of the wrong width."""
 
 
 # ----------------------------------------------------------------------------- neuron sets
@@ -294,7 +293,7 @@ class Perturbation:
 
 
 @contextlib.contextmanager
-def perturb(model, neurons, mode: str | PerturbFn = "noise", **kwargs) -> Iterator[Perturbation]:
+def perturbed(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise", **kwargs) -> Iterator[Perturbation]:
     """Context in which `model` runs with `neurons` perturbed; see `Perturbation` for the arguments.
 
     The hooks are removed on leaving, also after an exception, and compose with
@@ -303,3 +302,10 @@ def perturb(model, neurons, mode: str | PerturbFn = "noise", **kwargs) -> Iterat
     pert = Perturbation(model, neurons, mode, **kwargs)
     with pert.attached():
         yield pert
+
+
+def perturb(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise", **kwargs):
+    """Deprecated name of `perturbed` (kept for one release: `tl_skill.perturb` is this module)."""
+    warnings.warn("tl_skill.perturb.perturb is deprecated; use tl_skill.perturbed (the same context manager)",
+                  DeprecationWarning, stacklevel=2)
+    return perturbed(model, neurons, mode, **kwargs)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
+from tl_skill.errors import NeuronsError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,6 @@ class Subtask:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "positive": list(self.positive), "negative": list(self.negative)}
-
-
-class NeuronsError(ValueError):
-    """Inconsistent runs, bad selection arguments or unreadable results."""
 
 
 def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import compat
-from .files import atomic_json, temp_path
-from .models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
-from .neurons import SkillNeurons
+from tl_skill import compat
+from tl_skill.compat import HookedRootModule
+from tl_skill.files import atomic_json, temp_path
+from tl_skill.models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
+from tl_skill.neurons import SkillNeurons
+from tl_skill.errors import PruneError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,6 @@ KEPT_JSON = "kept_neurons.json"
 HF_CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_LAYER_FRACTION = 0.75  # the reference pruned the top 9 of 12 layers
-
-
-class PruneError(ValueError):
-    """Bad pruning arguments, an unsupported architecture or an unreadable pruned-model directory."""
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,7 @@ def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Seq
     return chosen
 
 
-def prune(model, neurons: SkillNeurons | str | Path, keep: float = 0.02,
+def prune_model(model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02,
           layers: Sequence[int] | None = None):
     """A pruned copy of `model` keeping the top `keep` skill neurons of each of `layers`.
 
@@ -390,3 +389,10 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     model = _bridge(hf, tokenizer, spec, dev, prefix)
     model._tl_skill_pruning = pruning
     return model
+
+
+def prune(model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02,
+          layers: Sequence[int] | None = None):
+    """Deprecated name of `prune_model` (kept for one release: `tl_skill.prune` is this module)."""
+    warnings.warn("tl_skill.prune.prune is deprecated; use tl_skill.prune_model", DeprecationWarning, stacklevel=2)
+    return prune_model(model, neurons, keep, layers)

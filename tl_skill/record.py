@@ -24,19 +24,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 from jaxtyping import Float
 
-from . import compat
-from .models import model_spec
-from .prompt import Batch, SoftPrompt, maybe_applied
-from .units import BUILTIN, UnitSource, check_source, unit_source
+from tl_skill import compat
+from tl_skill.models import model_spec
+from tl_skill.tuning.prompt import Batch, SoftPrompt, maybe_applied
+from tl_skill.units import BUILTIN, UnitSource, check_source, unit_source
+from tl_skill.errors import RecordingError  # noqa: F401 - re-exported
 
 POSITION_MODES = ("prompt", "last", "mean")
 _S1 = 2.0**24
 _S2 = 2.0**48
 _MAX_ABS = 2.0**28  # beyond this the fixed-point split would lose exactness
-
-
-class RecordingError(ValueError):
-    """Bad recorder input: unknown layers or positions, NaN or overflowing activations."""
 
 
 def exact_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-TIE_TOLERANCE = 1e-7  # outcomes whose probability is within this relative margin count as ties
+TIE_TOLERANCE = 1e-7  # outcomes whose probability is within this relative margin count as tiesfrom tl_skill.errors import StatsError
+
 
 
 def _log_comb(n, k) -> torch.Tensor:
@@ -79,7 +80,7 @@ def hypergeom_p_values(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: 
     elif alternative in ("greater", "less"):
         table = one_sided_tables(N, n_pos)[0 if alternative == "greater" else 1]
     else:
-        raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
+        raise StatsError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
     return table[A, k]
 
 
@@ -99,7 +100,7 @@ def benjamini_hochberg(p: torch.Tensor, method: str = "bh") -> torch.Tensor:
     if method == "by":
         scale = float((1.0 / ranks).sum())
     elif method != "bh":
-        raise ValueError(f"FDR method must be 'bh' or 'by', got {method!r}")
+        raise StatsError(f"FDR method must be 'bh' or 'by', got {method!r}")
     adj = flat[order] * m * scale / ranks
     adj = torch.flip(torch.cummin(torch.flip(adj, [0]), 0).values, [0]).clamp(max=1.0)
     out = torch.empty_like(flat)
@@ -139,7 +140,7 @@ def trial_stability(per_run: torch.Tensor, fraction: float = 0.01) -> dict:
     """Agreement of R >= 2 trials' predictivity [R, L, D]: rank correlation, top-k overlap, shared top-k."""
     R, L, D = per_run.shape
     if R < 2:
-        raise ValueError("trial stability needs at least two trials")
+        raise StatsError("trial stability needs at least two trials")
     k = max(1, int(fraction * D))
     tops = [top_k_per_layer(per_run[r], k) for r in range(R)]
     pairs, spear, jac = [], [], []
@@ -169,7 +170,7 @@ def mcnemar_exact(correct_a: Sequence[int], correct_b: Sequence[int]) -> dict:
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
-        raise ValueError(f"paired predictions differ in length: {a.shape} vs {b.shape}")
+        raise StatsError(f"paired predictions differ in length: {a.shape} vs {b.shape}")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = only_a + only_b
     if n == 0:
@@ -194,7 +195,7 @@ def paired_bootstrap(correct_skill: Sequence[int], correct_random: Sequence[Sequ
     skill = np.asarray(correct_skill, dtype=np.float64)
     rand = np.asarray(correct_random, dtype=np.float64)
     if rand.ndim != 2 or rand.shape[1] != skill.shape[0]:
-        raise ValueError(f"random predictions must be [seeds, {skill.shape[0]}], got {rand.shape}")
+        raise StatsError(f"random predictions must be [seeds, {skill.shape[0]}], got {rand.shape}")
     n, S = skill.shape[0], rand.shape[0]
     rng = np.random.default_rng(seed)
     ex = rng.integers(0, n, (n_boot, n))

@@ -27,17 +27,15 @@ from typing import Callable
 
 import torch
 
-from . import compat
-from .models import model_spec
+from tl_skill import compat
+from tl_skill.models import model_spec
+from tl_skill.errors import UnitError  # noqa: F401 - re-exported
+from tl_skill.files import FileFormatError, read_tensors
 
 BUILTIN = ("mlp", "resid", "attn")
 SAE_CONFIG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_ARCHITECTURES = ("standard", "relu", "jumprelu", "topk")
-
-
-class UnitError(ValueError):
-    """An unknown unit source, an unreadable SAE, or a hook whose width is not the source's."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,6 @@ class SAE:
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
         """Read a SAELens-format directory (no `sae-lens` needed), refusing missing or mis-shaped parts."""
-        from .files import FileFormatError, read_tensors
-
         path = Path(path)
         if not (path / SAE_CONFIG).exists() or not (path / SAE_WEIGHTS).exists():
             raise UnitError(f"{path} is not a SAELens directory: it needs {SAE_CONFIG} and {SAE_WEIGHTS}")

@@ -24,21 +24,18 @@ from typing import Any
 
 import torch
 
-from . import compat
-from .files import temp_path
-from .models import model_spec
-from .prompt import Verbalizer
-from .tasks import Task
-from .train import LoopConfig, remove_checkpoint, train_loop
+from tl_skill import compat
+from tl_skill.files import temp_path
+from tl_skill.models import model_spec
+from tl_skill.tuning.prompt import Verbalizer
+from tl_skill.data.tasks import Task
+from tl_skill.tuning.loop import LoopConfig, remove_checkpoint, train_loop
+from tl_skill.errors import VariantError  # noqa: F401 - re-exported
 
 TRAINED_FILE = "trained.safetensors"
 BITFIT_BIASES = "bias terms outside the MLP (attention and normalisation biases)"
 BITFIT_NORMS = ("normalisation weights: the architecture has no bias terms outside the MLP "
                 "(fallback for BitFit; the MLP stays frozen)")
-
-
-class VariantError(ValueError):
-    """A model variant that cannot be built or trained as asked."""
 
 
 # ----------------------------------------------------------------------------- model copies

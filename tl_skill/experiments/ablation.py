@@ -26,19 +26,22 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .. import distributed
-from ..files import claim_dir, tensor_digest
-from ..models import model_spec
-from ..neurons import SkillNeurons, check_neurons_for_run, random_mask_like
-from ..perturb import MODES, PerturbationError, Perturbation, PerturbFn
-from ..prompt import SoftPrompt
-from ..stats import mcnemar_exact, paired_bootstrap
-from ..tasks import Task
-from ..train import majority_accuracy
-from ..tuning import Run
-from ..units import UnitSource, check_same_units, source_for_neurons
-from .results import RunResult
-from .runner import Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model, run_conditions
+from tl_skill import distributed
+from tl_skill.files import claim_dir, tensor_digest
+from tl_skill.models import model_spec
+from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
+from tl_skill.perturb import MODES, PerturbationError, Perturbation, PerturbFn
+from tl_skill.tuning.prompt import SoftPrompt
+from tl_skill.stats import mcnemar_exact, paired_bootstrap
+from tl_skill.data.tasks import Task
+from tl_skill.tuning.loop import majority_accuracy
+from tl_skill.tuning.runs import Run
+from tl_skill.units import UnitSource, check_same_units, source_for_neurons
+from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.runner import (Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model,
+    run_conditions)
+from tl_skill.errors import AblationError  # noqa: F401 - re-exported
+from tl_skill.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,6 @@ DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
 PAIRED_TEST = ("paired bootstrap over test examples and random seeds (2,000 replicates): 95% CI of "
                "skill minus random accuracy; exact McNemar test of skill vs each random seed")
 RULE = "the 95% CI of the paired skill minus random accuracy lies below 0"
-
-
-class AblationError(PerturbationError):
-    """Bad ablation-experiment arguments, or an ablation directory that does not match."""
 
 
 # ----------------------------------------------------------------------------- conditions and rows
@@ -209,13 +208,87 @@ def check_fractions_seeds(fractions: Iterable[float], seeds: int | Sequence[int]
     return sorted(set(fractions)), seed_list
 
 
-def ablation_experiment(
-    model: ModelOrLoader, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path | None = None,
-    mode: str | PerturbFn = "noise", fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 3,
-    std: float = 0.1, relative: bool = False, layers: Iterable[int] | None = None,
-    max_examples: int | None = None, batch_size: int = 32, per_layer: bool = True, progress: bool = True,
-    task: Task | None = None, units: "str | UnitSource | None" = None,
-) -> AblationResult:
+@dataclasses.dataclass(frozen=True)
+class AblationConfig:
+    """Settings of `ablation_experiment` (checked when made).
+
+    Args:
+        mode: "noise", "zero", "mean", or a function `fn(x [batch, pos, k], layer, neurons [k]) -> x'`.
+        fractions: per-layer fractions of units perturbed, each in (0, 1].
+        seeds: number of random-control seeds (0..n-1), or the seeds themselves.
+        std: noise std (absolute, or times each unit's std with `relative`).
+        layers: perturb only these layers (default: every layer the skill neurons cover).
+        max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
+        batch_size: examples per forward pass (no effect on the result).
+        per_layer: rank within each layer (the reference) or globally.
+        units: the unit source to perturb (default: the one the skill neurons were found on;
+            another is accepted only for the same units, e.g. an SAE directory that moved).
+    """
+
+    mode: str | PerturbFn = "noise"
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    std: float = 0.1
+    relative: bool = False
+    layers: tuple[int, ...] | None = None
+    max_examples: int | None = None
+    batch_size: int = 32
+    per_layer: bool = True
+    units: Any = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.mode) and self.mode not in MODES:
+            raise AblationError(f"unknown perturbation mode {self.mode!r}; choose one of {MODES} or pass a function")
+        fractions, seed_list = check_fractions_seeds(self.fractions, self.seeds)
+        object.__setattr__(self, "fractions", tuple(fractions))
+        object.__setattr__(self, "seeds", tuple(seed_list))
+        if self.mode == "noise" and not (np.isfinite(self.std) and self.std > 0):
+            raise AblationError(f"noise std must be finite and > 0, got {self.std}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise AblationError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
+            raise AblationError(f"max_examples must be >= 1, got {self.max_examples}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(layer) for layer in self.layers})))
+
+    @property
+    def mode_name(self) -> str:
+        return mode_name(self.mode)
+
+    def identity(self, run: Run, neurons: SkillNeurons) -> dict[str, Any]:
+        """What decides the result's rows for `run` and `neurons` (fractions and seeds only add rows)."""
+        noise = self.mode == "noise"
+        cfg = run.config
+        units = self.units
+        return {
+            "model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
+            "neurons": tensor_digest(neurons.predictivity), "neuron_layers": list(neurons.layers),
+            "mode": self.mode_name, "std": float(self.std) if noise else None,
+            "relative": bool(self.relative) if noise else None,
+            "layers": list(neurons.layers) if self.layers is None else list(self.layers),
+            "per_layer": self.per_layer, "test_examples": self.max_examples, "task_seed": cfg.task_seed,
+            "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
+            **({} if neurons.units == "mlp" and units in (None, "mlp") else
+               {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}),
+        }
+
+
+def ablation_config(config: AblationConfig | None, settings: Mapping[str, Any]) -> AblationConfig:
+    """`config`, or an `AblationConfig` of the keyword settings (one of the two)."""
+    if config is not None and settings:
+        raise AblationError(f"give an AblationConfig or settings ({', '.join(settings)}), not both")
+    if config is not None:
+        return config
+    known = {f.name for f in dataclasses.fields(AblationConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown ablation setting(s) {unknown}; AblationConfig has {sorted(known)}")
+    return AblationConfig(**settings)
+
+
+def ablation_experiment(model: ModelOrLoader, run: Run | SoftPrompt | str | Path, neurons: SkillNeurons | str | Path,
+                        out: str | Path | None = None, config: AblationConfig | None = None, *,
+                        task: Task | None = None, progress: bool = True, **settings: Any) -> AblationResult:
     """Test accuracy of the prompted model with skill neurons vs random neurons perturbed (module docstring).
 
     Args:
@@ -223,16 +296,13 @@ def ablation_experiment(
         run: the prompt-tuning run whose prompt and task are used; or a `SoftPrompt` in memory,
             with `task` (layout and test cap of `TuneConfig()`; `Run.in_memory` for others).
         neurons: skill neurons of the same model and task.
-        out: directory for `ablation.json`, `ablation.png` and each finished condition
-            (`conditions/`); a rerun with the same settings skips what is done (more fractions
-            or seeds add conditions), other settings are refused before any work.
-        seeds: number of random-control seeds (0..n-1), or the seeds themselves.
-        max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
-        units: the unit source to perturb (default: the one the skill neurons were found on;
-            another is accepted only for the same units, e.g. an SAE directory that moved:
-            `units.source_for_neurons`).
+        out: directory for `ablation.json` and each finished condition (`conditions/`); a rerun
+            with the same settings skips what is done (more fractions or seeds add conditions),
+            other settings are refused before any work. `viz.plots.plot_ablation` draws it.
+        config: an `AblationConfig`, or its fields as keywords (`mode="zero", fractions=(0.01,)`).
     """
     t_start = time.perf_counter()
+    cfg_a = ablation_config(config, settings)
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
     if isinstance(run, SoftPrompt):
         if task is None:
@@ -244,73 +314,51 @@ def ablation_experiment(
     run = run if isinstance(run, Run) else Run.load(run)
     # --- validate everything before any evaluation
     check_neurons_for_run(run, neurons, None, AblationError)
-    check_same_units(neurons.units, units, AblationError)
-    if not callable(mode) and mode not in MODES:
-        raise AblationError(f"unknown perturbation mode {mode!r}; choose one of {MODES} or pass a function")
-    fractions, seed_list = check_fractions_seeds(fractions, seeds)
-    if mode == "noise" and not (np.isfinite(std) and std > 0):
-        raise AblationError(f"noise std must be > 0, got {std}")
-    if batch_size < 1:
-        raise AblationError(f"batch_size must be >= 1, got {batch_size}")
-    if max_examples is not None and max_examples < 1:
-        raise AblationError(f"max_examples must be >= 1, got {max_examples}")
-    layer_list = list(neurons.layers) if layers is None else sorted(set(int(l) for l in layers))
+    check_same_units(neurons.units, cfg_a.units, AblationError)
+    layer_list = list(neurons.layers) if cfg_a.layers is None else list(cfg_a.layers)
     bad = [l for l in layer_list if l not in neurons.layers]
     if bad:
         raise AblationError(f"layers {bad} hold no skill neurons: the skill neurons cover layers {neurons.layers}")
-    cfg = run.config
-    name = mode_name(mode)
-    noise = mode == "noise"
-    identity = {
-        "model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
-        "neurons": tensor_digest(neurons.predictivity), "neuron_layers": list(neurons.layers), "mode": name,
-        "std": float(std) if noise else None, "relative": bool(relative) if noise else None,
-        "layers": layer_list, "per_layer": per_layer, "test_examples": max_examples, "task_seed": cfg.task_seed,
-        "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
-        **({} if neurons.units == "mlp" and units in (None, "mlp") else
-           {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}),
-    }
+    identity = cfg_a.identity(run, neurons)
     if out is not None:
         out = claim_dir(out, "ablation", identity, legacy=_legacy_identity)
     model = resolve_model(model)
     spec = model_spec(model)
     check_neurons_for_run(run, neurons, spec.name, AblationError)
-    source = source_for_neurons(model, neurons, units, AblationError)
+    source = source_for_neurons(model, neurons, cfg_a.units, AblationError)
     width = source.width
 
     task = run.load_task()
-    es = EvalSet.of_run(run, model, max_examples, task)
+    es = EvalSet.of_run(run, model, cfg_a.max_examples, task)
     row_keep = torch.tensor([l in layer_list for l in neurons.layers])
-    masks = {f: neurons.select(fraction=f, per_layer=per_layer) & row_keep[:, None] for f in fractions}
+    fractions, seed_list = list(cfg_a.fractions), list(cfg_a.seeds)
+    masks = {f: neurons.select(fraction=f, per_layer=cfg_a.per_layer) & row_keep[:, None] for f in fractions}
     counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
     for f, m in masks.items():
         if not m.any():
             log.warning("fraction %g selects no unit (%d per layer): skill and random equal clean", f, width)
-    conditions = perturbation_conditions(masks, seed_list, mode, std=std, relative=relative, skill=neurons,
-                                         prompt=run.prompt, units=source)
+    name = cfg_a.mode_name
+    conditions = perturbation_conditions(masks, seed_list, cfg_a.mode, std=cfg_a.std, relative=cfg_a.relative,
+                                         skill=neurons, prompt=run.prompt, units=source)
     results = run_conditions(conditions, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
-                             batch_size=batch_size, progress=progress, desc=f"ablate {run.task_name} ({name})")
+                             batch_size=cfg_a.batch_size, progress=progress,
+                             desc=f"ablate {run.task_name} ({name})")
     result = AblationResult(
         model=spec.name, task=run.task_name, run=str(run.path), mode=name, fractions=fractions, seeds=seed_list,
         n_examples=len(es.task["test"]), rows=perturbation_rows(results, fractions, seed_list, counts, name),
         neurons_runs=list(neurons.runs), run_test_accuracy=run.metrics.get("test_accuracy"),
-        majority_accuracy=majority_accuracy(es.task, "test"), per_layer=per_layer,
-        settings={**identity, "batch_size": batch_size}, wall_seconds=time.perf_counter() - t_start,
+        majority_accuracy=majority_accuracy(es.task, "test"), per_layer=cfg_a.per_layer,
+        settings={**identity, "batch_size": cfg_a.batch_size}, wall_seconds=time.perf_counter() - t_start,
         eval_seconds=sum(r.seconds for r in results.values()),
         evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "correct": r.correct,
                       "file": r.key} for r in results.values()])
     if out is not None and distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
-        from ..plots import plot_ablation
-
-        plot_ablation(result, out / ABLATION_PNG)
     return result
 
 
 def _legacy_identity(out: Path) -> dict[str, Any] | None:
     """An ablation.json of an older tl_skill: its settings, without the fractions and seeds it did not record."""
-    from ..files import read_json
-
     if not (out / ABLATION_JSON).exists():
         return None
     settings = read_json(out / ABLATION_JSON, "ablation file").get("settings") or {}

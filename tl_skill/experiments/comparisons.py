@@ -7,12 +7,9 @@ from typing import Any
 
 import torch
 
-from ..indicators import spearman
-from ..neurons import SkillNeurons
-
-
-class ComparisonError(ValueError):
-    """Predictivity maps that cannot be compared."""
+from tl_skill.indicators import spearman
+from tl_skill.neurons import SkillNeurons
+from tl_skill.errors import ComparisonError  # noqa: F401 - re-exported
 
 
 def top_per_layer(d_mlp: int, fraction: float) -> int:

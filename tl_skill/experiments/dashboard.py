@@ -31,26 +31,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import compat, distributed
-from ..files import claim_dir, tensor_digest
-from ..models import model_spec
-from ..neurons import SkillNeurons, check_neurons_for_run
-from ..perturb import Perturbation
-from ..prompt import class_logits, iterate_batches, layout_for
-from ..tuning import Run
-from ..units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
-from .ablation import AblationResult
-from .results import RunResult
-from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
+from tl_skill import compat, distributed
+from tl_skill.files import claim_dir, tensor_digest
+from tl_skill.models import model_spec
+from tl_skill.neurons import SkillNeurons, check_neurons_for_run
+from tl_skill.perturb import Perturbation
+from tl_skill.tuning.prompt import class_logits, iterate_batches, layout_for
+from tl_skill.tuning.runs import Run
+from tl_skill.units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
+from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
+from tl_skill.errors import DashboardError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_JSON = "dashboard.json"
 ABLATION_MODES = ("mean", "zero")
-
-
-class DashboardError(ValueError):
-    """Bad dashboard arguments."""
 
 
 @dataclasses.dataclass(frozen=True)

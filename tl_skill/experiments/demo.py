@@ -1,33 +1,15 @@
-"""The main job: tune -> find -> trace -> perturb -> a self-contained report.
-
-Every phase writes its result to the output directory before the next one
-starts, and a rerun skips finished phases (and resumes an interrupted tuning
-or perturbation run), so Ctrl-C never loses more than the phase in progress.
-`demo.json` (`DemoResult`) holds the settings and each phase's time.
-"""
+"""The demo's settings (`DemoConfig`) and record (`DemoResult`); `tl_skill.pipelines.run_demo` runs it."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
-
-from ..files import claim_dir, read_json
-from ..find import load_or_find, trace_activations
-from ..models import load_model
-from ..tasks import load_task, subsample
-from ..tuning import TuneConfig, tune
-from ..dashboard_html import write_dashboard
-from .ablation import ablation_experiment
-from .dashboard import dashboard_data
-from .results import Result
-
-log = logging.getLogger(__name__)
+from tl_skill.experiments.results import Result
+from tl_skill.files import read_json
+from tl_skill.tuning.runs import TuneConfig
 
 DEMO_JSON = "demo.json"
 
@@ -42,13 +24,10 @@ class DemoResult(Result):
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _legacy_identity(out: Path) -> dict[str, Any] | None:
+def legacy_demo_identity(out: Path) -> dict[str, Any] | None:
     if not (out / DEMO_JSON).exists():
         return None
     return read_json(out / DEMO_JSON, "demo file").get("config") or {}
-
-
-PhaseCallback = Callable[[str, float, str], None]
 
 
 @dataclass
@@ -82,96 +61,5 @@ class DemoConfig:
         d = asdict(self)
         d["ablation_fractions"] = list(self.ablation_fractions)
         return d
-
-
-def _phase(name: str, on_phase: PhaseCallback | None):
-    class _Timer:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            self.summary = ""
-            return self
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is None:
-                seconds = time.perf_counter() - self.t0
-                log.info("%s: %s (%.1fs)", name, self.summary, seconds)
-                if on_phase:
-                    on_phase(name, seconds, self.summary)
-            return False
-
-    return _Timer()
-
-
-def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dtype=None,
-             progress: bool = True, on_phase: PhaseCallback | None = None) -> Path:
-    """Run the whole skill-neuron pipeline and write `report.html` and `report.md` into `out`."""
-    from ..report import write_report
-
-    cfg = config or DemoConfig()
-    task = load_task(cfg.task)  # validates the task before any long work
-    out = claim_dir(out, "demo", cfg.to_dict(), legacy=_legacy_identity)
-    timings: dict[str, float] = dict(DemoResult.load(out).timings) if (out / DEMO_JSON).exists() else {}
-
-    def save_state():
-        DemoResult(cfg.to_dict(), dict(timings)).save(out)
-
-    def record(name, seconds):
-        timings[name] = timings.get(name, 0.0) + seconds
-        save_state()
-
-    def cb(name, seconds, summary):
-        record(name, seconds)
-        if on_phase:
-            on_phase(name, seconds, summary)
-
-    with _phase("load model", cb) as ph:
-        model = load_model(cfg.model, device=device, dtype=dtype)
-        ph.summary = f"{cfg.model} on {next(model.parameters()).device}"
-    with _phase("prompt tuning", cb) as ph:
-        run = tune(model, task, out / "run", cfg.tune, progress=progress)
-        m = run.metrics
-        ph.summary = (f"dev {m['dev_accuracy']:.3f}, test {m['test_accuracy']:.3f} "
-                      f"(zero-shot {m['zero_shot_accuracy']:.3f}, majority {m['majority_accuracy']:.3f})")
-    with _phase("finding skill neurons", cb) as ph:
-        sn = load_or_find(model, [run], out / "neurons", max_train_examples=cfg.find_train_examples,
-                          max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
-                          progress=progress, control="shuffled")
-        best = sn.top(1)[0]
-        ph.summary = f"best neuron L{best['layer']}.{best['neuron']} predictivity {best['predictivity']:.3f}"
-    with _phase("tracing the best neurons", cb) as ph:
-        trace_file = out / "trace.npz"
-        top3 = sn.top(3)
-        if not trace_file.exists():
-            dev = subsample(run.load_task(), {"dev": cfg.find_dev_examples}, seed=run.info["task_seed"])
-            layer_slot = {l: s for s, l in enumerate(sn.layers)}
-            values, labels = trace_activations(
-                model, dev, "dev", run.prompt.to(next(model.parameters()).device),
-                [(r["layer"], r["neuron"]) for r in top3], batch_size=cfg.batch_size, progress=progress,
-                max_input_tokens=run.config.max_input_tokens)
-            picked = np.stack([values[:, j, r["position"]].numpy() for j, r in enumerate(top3)], 1)
-            baselines = np.asarray([float(sn.baseline[0, layer_slot[r["layer"]], r["position"], r["neuron"]])
-                                    for r in top3])
-            np.savez(trace_file, values=picked, labels=labels.numpy(), baselines=baselines)
-        ph.summary = f"{len(top3)} neurons traced on the dev split"
-    with _phase("perturbation", cb) as ph:
-        abl = ablation_experiment(model, run, sn, out / "ablation", mode=cfg.ablation_mode,
-                                  fractions=cfg.ablation_fractions, seeds=cfg.ablation_seeds,
-                                  max_examples=cfg.ablation_examples, batch_size=cfg.batch_size,
-                                  progress=progress)
-        last = abl.rows[-1]
-        ph.summary = (f"at {last['fraction']:.0%}: skill {last['skill_accuracy']:.3f} vs random "
-                      f"{last['random_accuracy']:.3f} (clean {last['clean_accuracy']:.3f})")
-    with _phase("dashboards", cb) as ph:
-        dash = dashboard_data(model, run, sn, out / "dashboard", top=cfg.dashboard_top,
-                              max_examples=cfg.dashboard_examples, ablation=abl, batch_size=cfg.batch_size,
-                              progress=progress)
-        index = write_dashboard(dash, out / "dashboard")
-        worst = min(dash.neurons, key=lambda r: r["ablation_delta"])
-        ph.summary = (f"{len(dash.neurons)} neuron pages in {index.parent.name}/; alone, L{worst['layer']}."
-                      f"{worst['neuron']} costs the most ({worst['ablation_delta']:+.3f})")
-    with _phase("report", cb) as ph:
-        path = write_report(out)
-        ph.summary = str(path)
-    return path
 
 

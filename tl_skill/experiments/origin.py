@@ -41,22 +41,25 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .. import distributed
-from ..files import claim_dir, jsonable, read_json, tensor_digest
-from ..models import load_model, model_spec
-from ..neurons import SkillNeurons
-from ..find import load_or_find
-from ..perturb import MODES
-from ..prompt import Verbalizer
-from ..tasks import Task, load_task, subsample
-from ..train import majority_accuracy
-from ..tuning import Run, TuneConfig, tune
-from ..variants import (BITFIT_NORMS, TRAINED_FILE, FinetuneConfig, add_lora, bitfit_parameters, copy_model,
-                        finetune, load_trained, mlp_unchanged, random_weights_model, save_trained)
-from .ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
-from .comparisons import compare_predictivity, predictivity_summary, top_mask
-from .results import TaskResult
-from .runner import Condition, EvalSet, run_conditions
+from tl_skill import distributed
+from tl_skill.compat import HookedRootModule
+from tl_skill.files import claim_dir, jsonable, read_json, tensor_digest
+from tl_skill.models import load_model, model_spec
+from tl_skill.neurons import SkillNeurons
+from tl_skill.find import load_or_find
+from tl_skill.perturb import MODES
+from tl_skill.tuning.prompt import Verbalizer
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.data.sources import load_task
+from tl_skill.tuning.loop import majority_accuracy
+from tl_skill.tuning.runs import Run, TuneConfig, tune
+from tl_skill.variants import (BITFIT_NORMS, TRAINED_FILE, FinetuneConfig, add_lora, bitfit_parameters,
+    copy_model, finetune, load_trained, mlp_unchanged, random_weights_model, save_trained)
+from tl_skill.experiments.ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
+from tl_skill.experiments.comparisons import compare_predictivity, predictivity_summary, top_mask
+from tl_skill.experiments.results import TaskResult
+from tl_skill.experiments.runner import Condition, EvalSet, run_conditions
+from tl_skill.errors import OriginError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +70,6 @@ FIG_LABEL_WORDS = "predictivity_label_words.png"
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.2)
 _ALT_WORDS = {"negative": "bad", "positive": "good", "bad": "negative", "good": "positive",
               "objective": "fact", "subjective": "opinion", "no": "false", "yes": "true"}
-
-
-class OriginError(ValueError):
-    """Bad origin-study arguments, or an output directory that holds another study."""
 
 
 def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
@@ -96,18 +95,102 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def origin_study(
-    model_name: str, task_name: str | None, out: str | Path, *, run_dir: str | Path | None = None,
-    neurons_dir: str | Path | None = None, parts: Iterable[str] = PARTS, model=None,
-    tune_config: TuneConfig | None = None, steps: int = 200, lora_lr: float = 1e-3, bitfit_lr: float = 1e-3,
-    lora_rank: int = 8, lora_alpha: float = 16.0, train_batch_size: int = 16, eval_every: int = 50,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int | Sequence[int] = 2, mode: str = "noise",
-    std: float = 0.1, relative: bool = False, max_test_examples: int | None = 300,
-    prompt_steps: int | None = 150, alt_label_words: Sequence[str] | str | None = None, random_seed: int = 1,
-    find_train_examples: int | None = 2000, find_eval_examples: int | None = None, top_fraction: float = 0.01,
-    min_spearman: float = 0.5, min_overlap: float = 0.3, batch_size: int = 32,
-    device: str | None = None, dtype: str | None = None, progress: bool = True,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class OriginConfig:
+    """Settings of `origin_study` (checked when made).
+
+    Args:
+        parts: any of `PARTS`.
+        tune_config: prompt tuning when the study tunes (default `TuneConfig()`); the
+            random-weights and label-word prompts use the source run's config, except
+            `prompt_steps` and the test cap.
+        prompt_steps: tuning steps of the random-weights and label-word prompts (None: the
+            source run's). The default, 150, keeps the study within an hour on 2 CPU cores.
+        steps, lora_lr, bitfit_lr, lora_rank, lora_alpha, train_batch_size, eval_every:
+            LoRA and BitFit training (`FinetuneConfig`); the train/dev/test caps are the run's.
+        fractions, seeds, mode, std, relative: the perturbation (as in `ablation_experiment`),
+            on at most `max_test_examples` test examples (None: the run's cap); the extra
+            prompts are tested on as many.
+        alt_label_words: the label-word control's words (default `default_alt_label_words`).
+        random_seed: initialisation seed of the random-weights model.
+        find_train_examples, find_eval_examples: `find_skill_neurons` caps for the neurons the
+            study finds itself (given neurons keep their own).
+        top_fraction: the per-layer top fraction compared (at least one neuron per layer).
+        min_spearman, min_overlap: the label-word claim holds when Spearman >= min_spearman
+            and the top-fraction overlap >= min_overlap.
+        batch_size: evaluation and recording batch size (no effect on the result).
+    """
+
+    parts: tuple[str, ...] = PARTS
+    tune_config: TuneConfig | None = None
+    steps: int = 200
+    lora_lr: float = 1e-3
+    bitfit_lr: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    train_batch_size: int = 16
+    eval_every: int = 50
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    seeds: tuple[int, ...] = (0, 1)
+    mode: str = "noise"
+    std: float = 0.1
+    relative: bool = False
+    max_test_examples: int | None = 300
+    prompt_steps: int | None = 150
+    alt_label_words: tuple[str, ...] | None = None
+    random_seed: int = 1
+    find_train_examples: int | None = 2000
+    find_eval_examples: int | None = None
+    top_fraction: float = 0.01
+    min_spearman: float = 0.5
+    min_overlap: float = 0.3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        parts = tuple(dict.fromkeys([self.parts] if isinstance(self.parts, str) else self.parts))
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise OriginError(f"unknown part(s) {bad}; choose from {list(PARTS)}" if bad else "no part to run")
+        object.__setattr__(self, "parts", parts)
+        fractions, seed_list = check_fractions_seeds(self.fractions, self.seeds, OriginError)
+        object.__setattr__(self, "fractions", tuple(fractions))
+        object.__setattr__(self, "seeds", tuple(seed_list))
+        if self.mode not in MODES:
+            raise OriginError(f"unknown perturbation mode {self.mode!r}; choose one of {MODES}")
+        if self.mode == "noise" and not (math.isfinite(self.std) and self.std > 0):
+            raise OriginError(f"noise std must be > 0, got {self.std}")
+        if not 0 < self.top_fraction <= 1:
+            raise OriginError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.max_test_examples is not None and self.max_test_examples < 1:
+            raise OriginError(f"max_test_examples must be >= 1, got {self.max_test_examples}")
+        if self.prompt_steps is not None and self.prompt_steps < 1:
+            raise OriginError(f"prompt_steps must be >= 1, got {self.prompt_steps}")
+        if "lora" in parts and self.lora_rank < 1:
+            raise OriginError(f"LoRA rank must be >= 1, got {self.lora_rank}")
+        for name in ("steps", "train_batch_size", "eval_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OriginError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lora_lr", "bitfit_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise OriginError(f"{name} must be finite and > 0, got {value}")
+        words = self.alt_label_words
+        if isinstance(words, str):
+            words = tuple(words.split(","))
+        if words is not None:
+            object.__setattr__(self, "alt_label_words", tuple(w if w.startswith(" ") else " " + w for w in words))
+
+    def finetune_configs(self) -> dict[str, FinetuneConfig]:
+        """The LoRA and BitFit training settings."""
+        common = dict(steps=self.steps, batch_size=self.train_batch_size, eval_every=self.eval_every,
+                      eval_batch_size=self.batch_size)
+        return {"lora": FinetuneConfig(lr=self.lora_lr, **common), "bitfit": FinetuneConfig(lr=self.bitfit_lr, **common)}
+
+
+def origin_study(model_name: str, task_name: str | None, out: str | Path, config: OriginConfig | None = None, *,
+                 run_dir: str | Path | None = None, neurons_dir: str | Path | None = None,
+                 model: HookedRootModule | None = None, device: str | None = None, dtype: str | None = None,
+                 progress: bool = True, **settings: Any) -> OriginResult:
     """Where skill neurons come from: the four parts of SPEC §9 on one model and task (module docstring).
 
     Args:
@@ -120,52 +203,20 @@ def origin_study(
             reused); default: tune one in `out/prompt` with `tune_config`.
         neurons_dir: its skill neurons; default: found in `out/neurons`. Without
             `run_dir`, the first run they were found from is used.
-        parts: any of `PARTS`.
+        config: an `OriginConfig`, or its fields as keywords (`parts=("lora",), steps=50`).
         model: an already loaded model named `model_name` (not changed).
-        tune_config: prompt tuning when the study tunes (default `TuneConfig()`); the
-            random-weights and label-word prompts use the source run's config, except
-            `prompt_steps` and the test cap.
-        prompt_steps: tuning steps of the random-weights and label-word prompts (None: the
-            source run's). The default, 150, keeps the study within an hour on 2 CPU cores.
-        steps, lora_lr, bitfit_lr, lora_rank, lora_alpha, train_batch_size, eval_every:
-            LoRA and BitFit training (`FinetuneConfig`); the train/dev/test caps are the run's.
-        fractions, seeds, mode, std, relative: the perturbation (as `ablate.ablation_experiment`),
-            on at most `max_test_examples` test examples (None: the run's cap); the extra
-            prompts are tested on as many.
-        alt_label_words: the label-word control's words (default `default_alt_label_words`).
-        random_seed: initialisation seed of the random-weights model.
-        find_train_examples, find_eval_examples: `find_skill_neurons` caps for the neurons the
-            study finds itself (given neurons keep their own).
-        top_fraction: the per-layer top fraction compared (at least one neuron per layer).
-        min_spearman, min_overlap: the label-word claim holds when Spearman >= min_spearman
-            and the top overlap >= min_overlap.
+        device, dtype: where and how `model_name` is loaded when `model` is not given.
 
     Returns:
         An `OriginResult` (saved as `origin.json`).
     """
     t_start = time.perf_counter()
     out = Path(out)
-    parts = list(dict.fromkeys(parts))
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise OriginError(f"unknown part(s) {bad}; choose from {list(PARTS)}" if bad else "no part to run")
-    fractions, seed_list = check_fractions_seeds(fractions, seeds, OriginError)
-    if mode not in MODES:
-        raise OriginError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
-    if mode == "noise" and not (math.isfinite(std) and std > 0):
-        raise OriginError(f"noise std must be > 0, got {std}")
-    if not 0 < top_fraction <= 1:
-        raise OriginError(f"top_fraction must be in (0, 1], got {top_fraction}")
-    if max_test_examples is not None and max_test_examples < 1:
-        raise OriginError(f"max_test_examples must be >= 1, got {max_test_examples}")
-    if prompt_steps is not None and prompt_steps < 1:
-        raise OriginError(f"prompt_steps must be >= 1, got {prompt_steps}")
-    ft = {"lora": FinetuneConfig(steps=steps, lr=lora_lr, batch_size=train_batch_size, eval_every=eval_every,
-                                 eval_batch_size=batch_size),
-          "bitfit": FinetuneConfig(steps=steps, lr=bitfit_lr, batch_size=train_batch_size, eval_every=eval_every,
-                                   eval_batch_size=batch_size)}
-    if "lora" in parts and lora_rank < 1:
-        raise OriginError(f"LoRA rank must be >= 1, got {lora_rank}")
+    oc = origin_config(config, settings)
+    parts, fractions, seed_list = list(oc.parts), list(oc.fractions), list(oc.seeds)
+    mode, std, relative, top_fraction = oc.mode, oc.std, oc.relative, oc.top_fraction
+    tune_config, prompt_steps, batch_size = oc.tune_config, oc.prompt_steps, oc.batch_size
+    ft = oc.finetune_configs()
 
     # --- the source run and its skill neurons (validated before anything long)
     given_neurons = SkillNeurons.load(neurons_dir) if neurons_dir is not None else None
@@ -191,11 +242,9 @@ def origin_study(
         task = run.load_task()
     else:
         task = load_task(task_name, seed=(tune_config or TuneConfig()).task_seed)
-    alt_words = None
-    if isinstance(alt_label_words, str):
-        alt_label_words = alt_label_words.split(",")
-    if alt_label_words:
-        alt_words = [w if w.startswith(" ") else " " + w for w in alt_label_words]
+    alt_words = list(oc.alt_label_words) if oc.alt_label_words else None
+    if alt_words is not None:
+        pass
     elif "label_words" in parts:
         alt_words = default_alt_label_words(task.spec.label_words)
     else:  # not used by this call; recorded so that a later call with the part agrees
@@ -210,7 +259,7 @@ def origin_study(
         if [w.strip().lower() for w in alt_words] == [w.strip().lower() for w in task.spec.label_words]:
             raise OriginError(f"the alternative label words {alt_words} are the task's own")
     cfg = run.config if run is not None else (tune_config or TuneConfig())
-    test_cap = max_test_examples if max_test_examples is not None else cfg.max_test_examples
+    test_cap = oc.max_test_examples if oc.max_test_examples is not None else cfg.max_test_examples
     if test_cap is not None and cfg.max_test_examples is not None:
         test_cap = min(test_cap, cfg.max_test_examples)
     control_steps = prompt_steps or cfg.steps
@@ -218,13 +267,13 @@ def origin_study(
                                       max_test_examples=test_cap)
     settings = jsonable({
         "model": model_name, "task": task_name, "task_seed": task.spec.seed,
-        "label_words": list(task.spec.label_words), "steps": steps,
-        "lora_lr": lora_lr, "bitfit_lr": bitfit_lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-        "train_batch_size": train_batch_size, "eval_every": eval_every, "fractions": fractions,
+        "label_words": list(task.spec.label_words), "steps": oc.steps,
+        "lora_lr": oc.lora_lr, "bitfit_lr": oc.bitfit_lr, "lora_rank": oc.lora_rank, "lora_alpha": oc.lora_alpha,
+        "train_batch_size": oc.train_batch_size, "eval_every": oc.eval_every, "fractions": fractions,
         "seeds": seed_list, "mode": mode, "std": std if mode == "noise" else None,
         "relative": relative if mode == "noise" else None, "test_examples": test_cap,
-        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": random_seed,
-        "top_fraction": top_fraction, "min_spearman": min_spearman, "min_overlap": min_overlap,
+        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": oc.random_seed,
+        "top_fraction": top_fraction, "min_spearman": oc.min_spearman, "min_overlap": oc.min_overlap,
     })
     identity = {**settings,
                 "run_prompt": tensor_digest(run.prompt.vectors) if run is not None else None,
@@ -244,12 +293,12 @@ def origin_study(
     if run is None:
         run = tune(model, task, out / "prompt", cfg, progress=progress)
     # the controls compare selection-split predictivity: no held-out pass (as in the published runs)
-    find_kw = dict(max_train_examples=find_train_examples, max_eval_examples=find_eval_examples,
+    find_kw = dict(max_train_examples=oc.find_train_examples, max_eval_examples=oc.find_eval_examples,
                    batch_size=batch_size, progress=progress, confirm_split=None)
     if given_neurons is not None:
         sn = given_neurons
-        find_kw.update(max_train_examples=sn.meta.get("max_train_examples", find_train_examples),
-                       max_eval_examples=sn.meta.get("n_eval", find_eval_examples),
+        find_kw.update(max_train_examples=sn.meta.get("max_train_examples", oc.find_train_examples),
+                       max_eval_examples=sn.meta.get("n_eval", oc.find_eval_examples),
                        multiclass=sn.meta.get("multiclass", "ovr"))
     else:
         sn = load_or_find(model, [run], out / "neurons", **find_kw)
@@ -284,17 +333,17 @@ def origin_study(
             continue
         t0 = time.perf_counter()
         if part == "random_weights":
-            state[part] = _random_weights_part(model, task, run, control_cfg, sn, out, pretrained, random_seed,
+            state[part] = _random_weights_part(model, task, run, control_cfg, sn, out, pretrained, oc.random_seed,
                                                top_fraction, find_kw, progress)
         elif part == "label_words":
             state[part] = _label_words_part(model, task_name, run, control_cfg, sn, out, alt_words, top_fraction,
-                                            min_spearman, min_overlap, find_kw, progress)
+                                            oc.min_spearman, oc.min_overlap, find_kw, progress)
         else:
             def on_update(section, part=part):
                 state[part] = section
                 save()
 
-            state[part] = _tuning_part(part, model, data, run, sn, out, ft[part], lora_rank, lora_alpha,
+            state[part] = _tuning_part(part, model, data, run, sn, out, ft[part], oc.lora_rank, oc.lora_alpha,
                                        fractions, seed_list, mode, std, relative, batch_size,
                                        state.get(part, {}), on_update, progress)
         state[part]["seconds"] = state[part].get("seconds", 0.0) + time.perf_counter() - t0
@@ -314,13 +363,6 @@ def _random_weights_part(model, task, run: Run, cfg: TuneConfig, sn: SkillNeuron
     random = predictivity_summary(rand_sn, top_fraction)
     holds = (pretrained["best_predictivity"] > random["best_predictivity"]
              and pretrained["top_mean_predictivity"] > random["top_mean_predictivity"])
-    if distributed.is_main():
-        from ..plots import plot_predictivity_histogram
-
-        plot_predictivity_histogram(
-            {"pretrained": sn.predictivity.reshape(-1).numpy(),
-             "random weights": rand_sn.predictivity.reshape(-1).numpy()},
-            out / FIG_RANDOM, f"{sn.model} / {sn.task}: neuron predictivity, pretrained vs random weights")
     verb = "more" if holds else "not more"
     statement = (f"Pretrained neurons are {verb} predictive than those of the same architecture with random weights: "
                  f"best {_fmt(pretrained['best_predictivity'])} vs {_fmt(random['best_predictivity'])}, "
@@ -345,17 +387,6 @@ def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: Skil
     cmp = compare_predictivity(sn, alt_sn, top_fraction)
     rho, overlap = cmp["spearman"], cmp["top_overlap"]
     holds = bool(math.isfinite(rho) and rho >= min_spearman and overlap >= min_overlap)
-    fig = None
-    if distributed.is_main():
-        from ..plots import plot_predictivity_scatter
-
-        k = cmp["top_per_layer"]
-        fig = plot_predictivity_scatter(
-            sn.predictivity.reshape(-1).numpy(), alt_sn.predictivity.reshape(-1).numpy(), out / FIG_LABEL_WORDS,
-            xlabel=f"predictivity with {'/'.join(w.strip() for w in sn.label_words)}",
-            ylabel=f"predictivity with {'/'.join(w.strip() for w in alt_words)}",
-            title=f"{sn.model} / {sn.task}: label words\n(Spearman {_fmt(rho)}, top overlap {_fmt(overlap)})",
-            highlight=(top_mask(sn.predictivity, k) | top_mask(alt_sn.predictivity, k)).reshape(-1).numpy()).name
     statement = (f"With label words {'/'.join(w.strip() for w in alt_words)} instead of "
                  f"{'/'.join(w.strip() for w in sn.label_words)}, neuron predictivity has Spearman {_fmt(rho)} "
                  f"with the original and {overlap:.0%} of the top-{top_fraction:.0%} skill neurons are shared "
@@ -365,7 +396,7 @@ def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: Skil
     return {"status": "done", "original": list(sn.label_words), "alternative": list(alt_words), **cmp,
             "original_summary": predictivity_summary(sn, top_fraction),
             "alternative_summary": predictivity_summary(alt_sn, top_fraction),
-            "run": str(alt_run.path), "neurons_dir": str(ndir), "figure": fig,
+            "run": str(alt_run.path), "neurons_dir": str(ndir), "figure": FIG_LABEL_WORDS,
             "claim_holds": holds, "statement": statement}
 
 
@@ -430,13 +461,6 @@ def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out
     v = verdict(section["rows"], majority)
     statement = f"In the {what}-tuned model (test accuracy {_fmt(section['clean_accuracy'])}): {v.sentence}"
     figure = f"perturbation_{method}.png"
-    if distributed.is_main():
-        from ..plots import plot_ablation
-
-        plot_ablation({"rows": section["rows"], "model": f"{sn.model} ({what})", "task": sn.task,
-                       "seeds": seeds, "n_examples": section["n_examples"], "majority_accuracy": majority,
-                       "settings": {"std": std if mode == "noise" else None, "relative": relative, "per_layer": True}},
-                      out / figure)
     section.update(conclusive=v.status != "inconclusive", verdict=v.status, fractions_holding=v.fractions,
                    figure=figure, claim_holds=v.holds, statement=statement)
     return section
@@ -467,3 +491,16 @@ def _legacy_identity(out: Path) -> dict[str, Any] | None:
         return None
     settings = read_json(out / ORIGIN_JSON, "origin file").get("settings") or {}
     return {k: v for k, v in settings.items() if k not in ("run_prompt", "neurons")}
+
+
+def origin_config(config: OriginConfig | None, settings: dict[str, Any]) -> OriginConfig:
+    """`config`, or an `OriginConfig` of the keyword settings (one of the two)."""
+    if config is not None and settings:
+        raise OriginError(f"give an OriginConfig or settings ({', '.join(settings)}), not both")
+    if config is not None:
+        return config
+    known = {f.name for f in dataclasses.fields(OriginConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown origin setting(s) {unknown}; OriginConfig has {sorted(known)}")
+    return OriginConfig(**settings)

@@ -13,17 +13,17 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .. import compat, distributed
-from ..files import claim_dir, read_json, tensor_digest
-from ..models import model_spec
-from ..neurons import SkillNeurons, check_neurons_for_run
-from ..prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for
-from ..prune import (PRUNE_JSON, PruneError, check_mlp_units, check_prune_arguments, count_parameters, prune,
-                     pruning_of, save_pruned)
-from ..stats import mcnemar_exact
-from ..tuning import Run, TuneConfig, tune
-from .results import RunResult
-from .runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
+from tl_skill import compat, distributed
+from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.models import model_spec
+from tl_skill.neurons import SkillNeurons, check_neurons_for_run
+from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for
+from tl_skill.prune import (PRUNE_JSON, PruneError, check_mlp_units, check_prune_arguments, count_parameters,
+    prune_model, pruning_of, save_pruned)
+from tl_skill.stats import mcnemar_exact
+from tl_skill.tuning.runs import Run, TuneConfig, tune
+from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def prune_experiment(model: ModelOrLoader, run: Run | str | Path, neurons: Skill
     es = EvalSet.of_run(run, model, max_examples)  # refuses bad data before the pruning work
 
     t0 = time.perf_counter()
-    pruned = prune(model, neurons, keep, layers)
+    pruned = prune_model(model, neurons, keep, layers)
     prune_seconds = time.perf_counter() - t0
     pruning = pruning_of(pruned)
     conditions = [Condition("before", {}, run.prompt, None, "before"), Condition("after", {}, run.prompt, None, "after")]

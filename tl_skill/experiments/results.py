@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..files import FileFormatError, atomic_json, jsonable, read_json, read_tensors, temp_path
+from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, read_tensors, temp_path
 
 R = TypeVar("R", bound="Result")
 

@@ -38,12 +38,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import compat, distributed
-from ..files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
-from ..prompt import SoftPrompt, Verbalizer
-from ..tasks import Task, subsample
-from ..train import evaluate, evaluate_prompts
-from ..tuning import Run
+from tl_skill.errors import ExperimentError
+from tl_skill import compat, distributed
+from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
+from tl_skill.tuning.prompt import SoftPrompt, Verbalizer
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.tuning.loop import evaluate, evaluate_prompts
+from tl_skill.tuning.runs import Run
+from tl_skill.tuning.prefix import prefix_cache_default
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +182,11 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
     names = [c.name for c in conditions]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"conditions repeat names: {dup}")
+        raise ExperimentError(f"conditions repeat names: {dup}")
     missing = sorted({c.variant for c in conditions} - set(models)) + sorted(
         {c.eval_set for c in conditions} - set(eval_sets))
     if missing:
-        raise ValueError(f"conditions name models or eval sets that were not given: {missing}")
+        raise ExperimentError(f"conditions name models or eval sets that were not given: {missing}")
     store = out / CONDITIONS_DIR if out is not None else None
     results: dict[str, ConditionResult] = {}
     todo = []
@@ -251,8 +253,6 @@ def shared_input_groups(todo: Sequence[tuple], max_prompts: int = MAX_SHARED_PRO
     each batch's input pass (`train.evaluate_prompts`, with the prefix cache on) in groups of at most
     `max_prompts` (a group's results are written when it finishes); every other condition is alone.
     """
-    from ..prefix import prefix_cache_default
-
     groups: list[list[tuple]] = []
     open_: dict[tuple, list[tuple]] = {}
     for item in todo:

@@ -24,20 +24,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import distributed, tuning
-from ..files import claim_dir, read_json, tensor_digest
-from ..find import load_or_find
-from ..indicators import (INDICATORS, TransferError, activation_overlap, check_comparable, indicator_correlations,
-                          main_transfer_kind, mean_finite, neuron_similarity, prompt_activation_states,
-                          prompt_similarity, task_slug)
-from ..models import load_model, model_spec
-from ..neurons import NeuronsError, SkillNeurons
-from ..prompt import SoftPrompt
-from ..tasks import Task, load_task
-from ..tuning import Run, RunError, TuneConfig
-from .results import TasksResult
-from ..units import UnitSource, check_same_units, source_for_neurons
-from .runner import Condition, EvalSet, resolve_model, run_conditions
+from tl_skill import distributed
+from tl_skill.tuning import runs as tuning
+from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.find import load_or_find
+from tl_skill.indicators import (INDICATORS, TransferError, activation_overlap, check_comparable,
+    indicator_correlations, main_transfer_kind, mean_finite, neuron_similarity, prompt_activation_states,
+    prompt_similarity, task_slug)
+from tl_skill.models import load_model, model_spec
+from tl_skill.neurons import NeuronsError, SkillNeurons
+from tl_skill.tuning.prompt import SoftPrompt
+from tl_skill.data.tasks import Task
+from tl_skill.data.sources import load_task
+from tl_skill.tuning.runs import Run, RunError, TuneConfig
+from tl_skill.experiments.results import TasksResult
+from tl_skill.units import UnitSource, check_same_units, source_for_neurons
+from tl_skill.experiments.runner import Condition, EvalSet, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def transfer_identity(neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequen
 def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]],
                  out: str | Path, transfer_steps: int = 50, init_trials: int = 1,
                  top_fraction: float = 0.02, max_eval_examples: int | None = None,
-                 batch_size: int | None = None, figures: bool = True, progress: bool = True,
+                 batch_size: int | None = None, progress: bool = True,
                  loaded_tasks: Mapping[str, Task] | None = None, units: str | None = None) -> TransferResult:
     """Transfer performance and indicators for every ordered pair of tasks; writes `out/transfer.json`.
 
@@ -178,11 +180,11 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
     identity = transfer_identity(neurons, runs, transfer_steps, init_trials, top_fraction, max_eval_examples, name)
     out = claim_dir(out, "transfer", identity, legacy=_legacy_transfer)
     return _transfer(model, neurons, runs, out, transfer_steps, init_trials, top_fraction, max_eval_examples,
-                     batch_size, figures, progress, loaded_tasks, units)
+                     batch_size, progress, loaded_tasks, units)
 
 
 def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_fraction, max_eval_examples,
-              batch_size, figures, progress, loaded_tasks, units=None) -> TransferResult:
+              batch_size, progress, loaded_tasks, units=None) -> TransferResult:
     model = resolve_model(model)
     spec = model_spec(model)
     tasks = validate_inputs(spec.name, neurons, runs, spec)
@@ -282,10 +284,6 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
                   "top_k_per_layer": max(1, int(top_fraction * source.width)), "batch_size": batch_size,
                   **({} if source.name == "mlp" else {"units": source.name})},
         runs=paths, neurons={t: sn_of[t].runs for t in tasks})
-    if figures and distributed.is_main():
-        from ..plots import plot_transfer_figures
-
-        result = replace(result, figures=[str(p) for p in plot_transfer_figures(result, out / "figures")])
     result = type(result)(**result.to_dict())  # non-finite values as None, as saved
     if distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
@@ -356,7 +354,7 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
 
     Layout of `out`: `runs/<task>/seed<S>` (prompt tuning), `neurons/<task>`
     (skill neurons), `transfer_runs/K<K>/` (the short tunings of the init setting),
-    `conditions/`, `transfer.json`, `study.json`, `figures/`. A rerun reuses
+    `conditions/`, `transfer.json`, `study.json` (`viz.plots.plot_transfer_figures` draws them). A rerun reuses
     everything that is finished; other tasks or settings are refused before any work.
 
     Args:
@@ -381,8 +379,7 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
     bad = sorted(set(find_kwargs) & {"model", "runs", "progress"})
     if bad:
         raise TransferError(f"find_kwargs may not set {bad}")
-    unknown = sorted(set(transfer_kwargs) - {"init_trials", "top_fraction", "max_eval_examples", "batch_size",
-                                              "figures"})
+    unknown = sorted(set(transfer_kwargs) - {"init_trials", "top_fraction", "max_eval_examples", "batch_size"})
     if unknown:
         raise TransferError(f"unknown transfer settings {unknown}")
     model_name = model if isinstance(model, str) else model_spec(model).name
@@ -402,10 +399,10 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
         # tasks are compared by their selection-split predictivity: no held-out pass is needed
         neurons.append(load_or_find(model, runs[t], out / "neurons" / task_slug(t), progress=progress,
                                     **{"confirm_split": None, **find_kwargs}))
-    kw = dict(init_trials=1, top_fraction=0.02, max_eval_examples=None, batch_size=None, figures=True)
+    kw = dict(init_trials=1, top_fraction=0.02, max_eval_examples=None, batch_size=None)
     kw.update(transfer_kwargs)
     result = _transfer(model, neurons, runs, out, transfer_steps, kw["init_trials"], kw["top_fraction"],
-                       kw["max_eval_examples"], kw["batch_size"], kw["figures"], progress, loaded)
+                       kw["max_eval_examples"], kw["batch_size"], progress, loaded)
     info = StudyResult(
         model=spec.name, model_spec=spec.to_dict(), tasks=tasks, seeds=seeds, tune_config=asdict(cfg),
         find_kwargs=find_kwargs, transfer_steps=transfer_steps, transfer_kwargs=dict(transfer_kwargs),
@@ -414,7 +411,7 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
                       "test_accuracy": mean_finite([r.metrics.get("test_accuracy", math.nan) for r in runs[t]]),
                       "best_predictivity": sn.best_predictivity}
                   for t, sn in zip(tasks, neurons)},
-        transfer_json=str(out / TRANSFER_JSON), correlations=result.correlations, figures=result.figures)
+        transfer_json=str(out / TRANSFER_JSON), correlations=result.correlations)
     info = StudyResult(**info.to_dict())
     info.save(out)
     return info

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .compat import WRAPPER, hf_model_of, hf_param_name, is_bridge, is_masked_lm
+from tl_skill.compat.core import WRAPPER, hf_model_of, hf_param_name, is_bridge, is_masked_lm, label_logits
 
 # Hugging Face `model_type`s whose view is tested against the bridge (tests/test_prefix.py). Not GPT-2:
 # its bridge computes with its own split copies of the fused QKV weights, which the view would not
@@ -62,8 +62,6 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 
 def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
     """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
-    import copy
-
     # Copy the module tree with the tensors shared, then (if asked) clone only the
     # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
     memo: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
@@ -313,8 +311,6 @@ def plain_prompt_logits(model: torch.nn.Module, view: torch.nn.Module, vectors: 
 
     `vectors` [P, d_model]: the prompt, written where the bridge's `embed.hook_out` would carry it;
     `attention_mask` [batch, L + P]: the cached input's mask, then the prompt's ones."""
-    from .compat import label_logits
-
     P = vectors.shape[0]
     B = attention_mask.shape[0]
     dtype = next(view.parameters()).dtype

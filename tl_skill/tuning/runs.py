@@ -20,23 +20,23 @@ from typing import Any, Sequence
 
 import torch
 
-from . import compat, distributed
-from .files import (FileFormatError, OutputDirError, atomic_json, check_str_list, check_types, claim_dir, read_json,
-                    tensor_digest)
-from .models import model_spec
-from .prompt import SoftPrompt, Verbalizer, layout_for
-from .tasks import Task, load_task, subsample
-from .train import (CHECKPOINT, LEGACY_CHECKPOINT, LoopConfig, TrainingError, evaluate, majority_accuracy,  # noqa: F401
-                    remove_checkpoint, train_loop)
+from tl_skill import compat, distributed
+from tl_skill.files import (FileFormatError, OutputDirError, atomic_json, check_str_list, check_types,
+    claim_dir, read_json, tensor_digest)
+from tl_skill.models import model_spec
+from tl_skill.tuning.parallel import prompt_data_parallel
+from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, layout_for
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.data.sources import load_task
+from tl_skill.tuning.loop import (CHECKPOINT, LEGACY_CHECKPOINT, LoopConfig, TrainingError, evaluate,
+    majority_accuracy, remove_checkpoint, train_loop)
+from tl_skill.errors import RunError  # noqa: F401 - re-exported
+from tl_skill.tuning.prefix import use_prefix_cache
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 PROMPT_FILE = "prompt.safetensors"
-
-
-class RunError(ValueError):
-    """A run directory that is missing, incomplete or inconsistent."""
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TuneConfig(LoopConfig):
 
     def __post_init__(self):
         optional = lambda v: v is None or v >= 1
-        self._check(ValueError, "tuning", prompt_length=self.prompt_length >= 1, task_seed=self.task_seed >= 0,
+        self._check(TrainingError, "tuning", prompt_length=self.prompt_length >= 1, task_seed=self.task_seed >= 0,
                     max_train_examples=optional(self.max_train_examples),
                     max_dev_examples=optional(self.max_dev_examples),
                     max_test_examples=optional(self.max_test_examples))
@@ -192,7 +192,7 @@ def run_identity(model_name: str, task: Task, cfg: TuneConfig, init_prompt: Soft
         identity["task_digest"] = task.spec.digest
     if init_prompt is not None:
         if init_prompt.length != cfg.prompt_length:
-            raise ValueError(f"init_prompt has length {init_prompt.length}, the config asks for "
+            raise RunError(f"init_prompt has length {init_prompt.length}, the config asks for "
                              f"prompt_length={cfg.prompt_length}")
         identity["init_prompt"] = tensor_digest(init_prompt.vectors)
     return identity
@@ -234,8 +234,6 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     before any work (`files.claim_dir`).
     """
     if prefix_cache is not None:  # for the steps and the dev and test evaluations alike
-        from .prefix import use_prefix_cache
-
         with use_prefix_cache(prefix_cache):
             return tune(model, task, out, config, progress, evaluate_test, init_prompt, evaluate_dev)
     cfg = config or TuneConfig()
@@ -261,7 +259,7 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
         prompt = SoftPrompt.from_vocab(model, cfg.prompt_length, seed=cfg.seed)
     prompt = prompt.to(device)
     # Under torchrun: rank 0 writes the files; the prompt's gradient is averaged over processes.
-    ddp = distributed.prompt_data_parallel(model, verbalizer, prompt, cfg.batch_size)
+    ddp = prompt_data_parallel(model, verbalizer, prompt, cfg.batch_size)
 
     info = {**identity, "model_spec": spec.to_dict(), "task_spec": data.spec.to_dict(),
             "prompt_length": cfg.prompt_length, "verbalizer": verbalizer.to_dict(),

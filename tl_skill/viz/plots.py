@@ -11,6 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.comparisons import top_mask
+from tl_skill.neurons import SkillNeurons
+
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
@@ -162,8 +166,6 @@ def plot_ablation(result, path: str | Path) -> Path:
     from matplotlib.ticker import NullFormatter
 
     if isinstance(result, (str, Path)):
-        from .experiments.ablation import AblationResult
-
         result = AblationResult.load(result)
     nan = float("nan")
     val = lambda v: nan if v is None else float(v)  # noqa: E731
@@ -319,3 +321,48 @@ def plot_predictivity_scatter(x: np.ndarray, y: np.ndarray, path: str | Path, xl
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
+    """The origin study's figures from its `origin.json` (an `OriginResult`) and the neuron directories it
+    names: predictivity pretrained vs random weights, original vs other label words, and each tuned
+    model's perturbation curve (file names as each section's `figure` records them)."""
+    out_dir = Path(out_dir)
+    parts = {name: sec for name, sec in result.parts().items() if sec.get("status") == "done"}
+    if not parts:
+        return []
+    source = SkillNeurons.load(result.source["neurons_dir"])
+    paths = []
+    rw = parts.get("random_weights")
+    if rw:
+        rand = SkillNeurons.load(rw["neurons_dir"])
+        paths.append(plot_predictivity_histogram(
+            {"pretrained": source.predictivity.reshape(-1).numpy(), "random weights": rand.predictivity.reshape(-1).numpy()},
+            out_dir / rw["figure"], f"{source.model} / {source.task}: neuron predictivity, pretrained vs random weights"))
+    lw = parts.get("label_words")
+    if lw:
+        alt = SkillNeurons.load(lw["neurons_dir"])
+        k = lw["top_per_layer"]
+        rho, overlap = lw.get("spearman"), lw.get("top_overlap")
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        paths.append(plot_predictivity_scatter(
+            source.predictivity.reshape(-1).numpy(), alt.predictivity.reshape(-1).numpy(), out_dir / lw["figure"],
+            xlabel=f"predictivity with {'/'.join(w.strip() for w in lw['original'])}",
+            ylabel=f"predictivity with {'/'.join(w.strip() for w in lw['alternative'])}",
+            title=f"{source.model} / {source.task}: label words\n(Spearman {fmt(rho)}, top overlap {fmt(overlap)})",
+            highlight=(top_mask(source.predictivity, k) | top_mask(alt.predictivity, k)).reshape(-1).numpy()))
+    settings = result.settings
+    for method in ("lora", "bitfit"):
+        sec = parts.get(method)
+        if not sec:
+            continue
+        what = "LoRA" if method == "lora" else f"BitFit ({'normalisation weights' if sec.get('fallback') else 'biases'})"
+        noise = settings.get("mode") == "noise"
+        paths.append(plot_ablation(
+            {"rows": sec["rows"], "model": f"{source.model} ({what})", "task": source.task,
+             "seeds": settings.get("seeds", []), "n_examples": sec["n_examples"],
+             "majority_accuracy": sec.get("majority_accuracy"),
+             "settings": {"std": settings.get("std") if noise else None, "relative": settings.get("relative"),
+                          "per_layer": True}},
+            out_dir / sec["figure"]))
+    return paths

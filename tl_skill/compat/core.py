@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tl_skill.errors import UnsupportedModelError  # noqa: F401 - re-exported
 
 try:  # TransformerLens >= 3 keeps it here
     from transformer_lens.hook_points import HookedRootModule
@@ -48,10 +49,6 @@ log = logging.getLogger(__name__)
 EMBED_HOOK = "embed.hook_out"
 # HookedTransformer's word-embedding output (it adds positions after this hook).
 HOOKED_EMBED_HOOK = "hook_embed"
-
-
-class UnsupportedModelError(ValueError):
-    """A model class or TransformerLens version that cannot do what was asked."""
 
 
 def embed_hook(model: HookedRootModule) -> str:
@@ -239,7 +236,7 @@ def context_length(model: HookedRootModule) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Exception] = ValueError) -> None:
+def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Exception] = UnsupportedModelError) -> None:
     """Refuse a hook point whose last axis is not the width the caller's units assume.
 
     On a pruned model `mlp.hook_post` has the kept width; on mixture-of-experts
@@ -260,7 +257,7 @@ def mixture_of_experts(model: HookedRootModule) -> bool:
     return any(word in n for n in names for word in ("expert", "router"))
 
 
-def check_neuron_axis(model: HookedRootModule, error: type[Exception] = ValueError) -> None:
+def check_neuron_axis(model: HookedRootModule, error: type[Exception] = UnsupportedModelError) -> None:
     """Refuse, before any work, a model whose MLP hook point does not hold one value per neuron."""
     if mixture_of_experts(model):
         raise error(
@@ -447,15 +444,3 @@ def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tens
         out = out + b[rows].to(h.dtype)
     cap = final_logit_softcap(model)
     return out if cap is None else cap * torch.tanh(out / cap)
-
-
-# The key/value-cache half of the compatibility layer lives in compat_cache.py (imported last: it
-# builds on the helpers above); `compat.<name>` stays the one way to reach it.
-from .compat_cache import (  # noqa: E402,F401
-    copy_kv_cache, final_resid_hook, forward_with_cache, has_forward_hooks, last_kv_hook, merge_kv_caches,
-    new_kv_cache, pad_token_id, prefix_cache_supported,
-)
-# Plain Hugging Face models from a bridge (copies, and the shared-tensor view for passes nobody hears).
-from .compat_plain import (  # noqa: E402,F401
-    plain_hf_copy, plain_input_cache, plain_prompt_logits, plain_view, unwrapped,
-)

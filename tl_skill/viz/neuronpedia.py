@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import claim_dir, temp_path
+from tl_skill.files import claim_dir, temp_path
 
 FEATURE_FIELDS = (
     "modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector", "vectorLabel",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from tl_skill.errors import TaskError  # noqa: F401 - re-exported
 
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -29,10 +30,6 @@ BUNDLED_TASKS = (
         ("politics", "sport"), ("tech", "entertainment"),
     )),
 )
-
-
-class TaskError(ValueError):
-    """A task that cannot be loaded or is not a usable classification task."""
 
 
 @dataclass(frozen=True)
@@ -191,51 +188,6 @@ def validate_task(task: Task) -> None:
             raise TaskError(
                 f"task {spec.name!r}: {len(empty)} empty text(s) in {split!r} (first at row {empty[0]})"
             )
-
-
-def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None,
-              digest: str | None = None) -> Task:
-    """Load a task by name.
-
-    Args:
-        name: a bundled task (`rotten_tomatoes`, `subjectivity`, `word_sentiment`,
-            `bbc_news`, `bbc_news:A-vs-B`), `csv:PATH`, `jsonl:PATH`, or a
-            Hugging Face dataset id (`glue/sst2`) where the hub is reachable.
-        seed: split seed; the same seed gives the same train/dev/test split.
-        label_words: one word per class, replacing the task's defaults: a list in
-            class order, a {label name: word} mapping, or a string `w0,w1` /
-            `name=word,name=word`. A leading space is added where missing, since
-            causal LMs read label words as continuations. The classes of a
-            csv/jsonl file with text labels are numbered in the mapping's order
-            when one is given, else in the order the labels first appear.
-        digest: for csv/jsonl files, the sha256 the file must still have (a run's
-            record); a changed file is refused before it is read.
-
-    csv/jsonl tasks are named by the file's absolute path and record its sha256
-    in `TaskSpec.digest`.
-    """
-    from . import sources
-
-    label_words = sources.parse_label_words(label_words)
-    if name in ("rotten_tomatoes", "subjectivity", "word_sentiment") or name == "bbc_news" or name.startswith(
-            "bbc_news:"):
-        task = sources.bundled_task(name, seed)
-    elif name.startswith(("csv:", "jsonl:")):
-        kind, path = name.split(":", 1)
-        return sources.user_file_task(kind, path, seed, label_words, digest)
-    elif "/" in name and not name.startswith(("/", ".")):
-        return sources.hub_task(name, seed, label_words)
-    else:
-        raise TaskError(
-            f"unknown task {name!r}. Known: {', '.join(BUNDLED_TASKS)}; or csv:PATH, jsonl:PATH, "
-            "or a Hugging Face dataset id such as glue/sst2"
-        )
-    if label_words is not None:
-        words = sources.words_for(task.spec.label_names, label_words, f"task {name!r}")
-        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words),
-                                           "label_names": task.spec.label_names}))
-        validate_task(task)
-    return task
 
 
 def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed: int = 0) -> Task:

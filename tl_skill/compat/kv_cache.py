@@ -1,12 +1,14 @@
 """Key/value caches behind `compat`: continuing a causal prefix on a bridge (a Hugging Face cache) or a
-HookedTransformer (TransformerLens' own cache). Used by `prefix.py`; reach it as `compat.<name>`."""
+HookedTransformer (TransformerLens' own cache). Used by `tuning.prefix`; reach it as `compat.<name>`."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .compat import HAS_HOOKED_TRANSFORMER, UNEMBED_IN_HOOK, HookedRootModule, is_masked_lm, hf_model_of, \
-    is_bridge, model_device
+from tl_skill.compat.core import (HAS_HOOKED_TRANSFORMER, UNEMBED_IN_HOOK, HookedRootModule, is_masked_lm,
+    hf_model_of, is_bridge, model_device)
 
 def prefix_cache_supported(model: HookedRootModule) -> bool:
     """Whether `model` can run a causal prefix once and continue from its keys/values: a bridge over a
@@ -86,8 +88,6 @@ def has_forward_hooks(model: HookedRootModule) -> bool:
 
 def copy_kv_cache(cache):
     """An independent copy of a key/value cache (to continue it several ways)."""
-    import copy
-
     return copy.deepcopy(cache)
 
 

@@ -25,12 +25,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import nn
 
-from . import compat
-from .models import model_spec
-
-
-class VerbalizerError(ValueError):
-    """Label words that cannot serve as a verbalizer for this tokenizer."""
+from tl_skill import compat, distributed
+from tl_skill.data.tasks import column, label_array
+from tl_skill.files import FileFormatError, read_tensors
+from tl_skill.models import model_spec
+from tl_skill.errors import PromptError, VerbalizerError# noqa: F401 - re-exported
 
 
 class Verbalizer:
@@ -115,21 +114,21 @@ class Layout:
     def __init__(self, tokenizer, family: str, prompt_length: int, max_input_tokens: int = 128,
                  padding_side: str | None = None, prefix_ids: Sequence[int] | None = None):
         if family not in ("causal", "masked"):
-            raise ValueError(f"unknown model family {family!r}")
+            raise PromptError(f"unknown model family {family!r}")
         if prompt_length < 0:
-            raise ValueError(f"prompt length must be >= 0, got {prompt_length}")
+            raise PromptError(f"prompt length must be >= 0, got {prompt_length}")
         self.tokenizer = tokenizer
         self.family = family
         self.prompt_length = prompt_length
         self.max_input_tokens = max_input_tokens
         self.padding_side = padding_side or ("left" if family == "causal" else "right")
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise PromptError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         if family == "masked":
             if tokenizer.mask_token_id is None:
-                raise ValueError("a masked-LM layout needs a tokenizer with a mask token")
+                raise PromptError("a masked-LM layout needs a tokenizer with a mask token")
             cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
             sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
             self.head = [int(cls)] if cls is not None else []
@@ -149,7 +148,7 @@ class Layout:
     def check_fits(self, n_ctx: int | None) -> None:
         """Refuse a prompt and input length that would overrun the model's positions, before any work."""
         if n_ctx is not None and self.max_length > n_ctx:
-            raise ValueError(
+            raise PromptError(
                 f"prompt length {self.prompt_length} + max input tokens {self.max_input_tokens}"
                 + (" + special tokens" if self.family == "masked" else "")
                 + f" = {self.max_length} positions, more than the model's context of {n_ctx}: "
@@ -175,7 +174,7 @@ class Layout:
         for ids in token_lists:
             if self.family == "causal":
                 if not ids and P == 0 and not self.head:
-                    raise ValueError("an empty input with no prompt has no prediction position")
+                    raise PromptError("an empty input with no prompt has no prediction position")
                 row = self.head + list(ids) + [self.pad_id] * P
                 starts.append(len(self.head) + len(ids))
                 preds.append(len(row) - 1)
@@ -222,11 +221,8 @@ def iterate_batches(layout: Layout, task, split: str, batch_size: int, sort: boo
     `shard` under torch.distributed, only this process's batches (every world-th one):
     each batch is the one a single process would see.
     """
-    from . import distributed
-    from .tasks import column, label_array
-
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise PromptError(f"batch size must be >= 1, got {batch_size}")
     ds = task[split]
     tb = column(ds, "text_b") if "text_b" in ds.column_names else None
     tokens = layout.tokenize(column(ds, "text"), tb)
@@ -259,9 +255,9 @@ class SoftPrompt(nn.Module):
     def __init__(self, vectors: Float[torch.Tensor, "prompt d_model"]):
         super().__init__()
         if vectors.ndim != 2 or vectors.shape[0] < 1:
-            raise ValueError(f"a soft prompt is [P, d_model] with P >= 1, got shape {tuple(vectors.shape)}")
+            raise PromptError(f"a soft prompt is [P, d_model] with P >= 1, got shape {tuple(vectors.shape)}")
         if not torch.isfinite(vectors).all():
-            raise ValueError("soft prompt contains NaN or inf")
+            raise PromptError("soft prompt contains NaN or inf")
         self.vectors = nn.Parameter(vectors.detach().clone().float())
         self._batch: Batch | None = None
 
@@ -291,7 +287,7 @@ class SoftPrompt(nn.Module):
         """Initialise from the embeddings of `text`'s tokens (cycled to `length`)."""
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"prompt text {text!r} has no tokens")
+            raise PromptError(f"prompt text {text!r} has no tokens")
         if length is not None:
             ids = [ids[i % len(ids)] for i in range(length)]
         return cls(_token_embeddings(model, ids))
@@ -321,12 +317,12 @@ class SoftPrompt(nn.Module):
         """
         P, T = self.length, embed.shape[1]
         if start < 0 or start + P > T:
-            raise ValueError(
+            raise PromptError(
                 f"the input has {T} position(s), too few for a prompt of {P} at position {max(start, 0)}: "
                 "build the input with Layout.encode (layout_for(model, prompt.length)), which makes room")
         placeholder = self._placeholder.to(device=embed.device, dtype=embed.dtype)
         if not torch.equal(embed[:, start:start + P], placeholder.expand(embed.shape[0], P, -1)):
-            raise ValueError(
+            raise PromptError(
                 f"positions {start}-{start + P - 1} of the input are not prompt placeholders (token id "
                 f"{self._placeholder_id}): the prompt would overwrite real tokens. Build the input with "
                 "Layout.encode (layout_for(model, prompt.length)), or pass the Batch to applied(model, batch)")
@@ -341,7 +337,7 @@ class SoftPrompt(nn.Module):
         """
         spec = model_spec(model)
         if spec.d_model != self.vectors.shape[1]:
-            raise ValueError(
+            raise PromptError(
                 f"prompt width {self.vectors.shape[1]} does not match the model's d_model {spec.d_model}"
             )
         layout = layout_for(model, self.length)
@@ -364,8 +360,6 @@ class SoftPrompt(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "SoftPrompt":
-        from .files import FileFormatError, read_tensors
-
         tensors = read_tensors(path, "prompt file", ["prompt"])
         try:
             return cls(tensors["prompt"])

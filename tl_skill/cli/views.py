@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_for, subparser, units_spec
+from tl_skill.cli.options import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_for, subparser, units_spec
+from tl_skill.experiments.dashboard import dashboard_data
+from tl_skill.neurons import SkillNeurons
+from tl_skill.tuning.runs import Run
+from tl_skill.viz.dashboard import write_dashboard, unit_label
+from tl_skill.viz.neuronpedia import claim_export_dir, default_source_set, export_neuronpedia
+from tl_skill import distributed
+from tl_skill.pipelines import DemoConfig, run_demo
 
 
 # ----------------------------------------------------------------------- dashboards
@@ -33,10 +40,6 @@ def _dashboard_options(p) -> None:
 
 
 def _dashboard(args, out):
-    from .experiments.dashboard import dashboard_data
-    from .neurons import SkillNeurons
-    from .tuning import Run
-
     run = Run.load(args.run)
     return dashboard_data(lambda: load_model_for(args, run.model_name), run, SkillNeurons.load(args.neurons_dir), out,
                           top=args.top, max_examples=args.max_examples or None, n_examples=args.examples,
@@ -45,12 +48,8 @@ def _dashboard(args, out):
 
 
 def cmd_dashboard(args):
-    from .dashboard_html import write_dashboard
-
     res = _dashboard(args, args.out)
     index = write_dashboard(res, args.out)
-    from .dashboard_html import unit_label
-
     lines = [f"{'unit':>12} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
     lines += [f"{unit_label(r):>12} {r['predictivity']:>12.4f} "
               f"{(r['heldout_predictivity'] if r['heldout_predictivity'] is not None else float('nan')):>9.4f} "
@@ -71,10 +70,6 @@ def add_export(sub):
 
 
 def cmd_export(args):
-    from .neuronpedia import claim_export_dir, default_source_set, export_neuronpedia
-    from .neurons import SkillNeurons
-    from .tuning import Run
-
     if args.source_set is None:
         args.source_set = default_source_set(args.units or SkillNeurons.load(args.neurons_dir).units)
     claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
@@ -102,9 +97,6 @@ def cmd_demo(args):
     import time
 
     from tqdm.auto import tqdm
-
-    from . import distributed
-    from .experiments.demo import DemoConfig, run_demo
 
     kw = dict(model=args.model, task=args.task)
     if args.batch_size:

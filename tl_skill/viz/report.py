@@ -1,7 +1,7 @@
 """The demo's self-contained report (`report.md`, `report.html`), written from saved results only.
 
 It reads the run, the skill neurons, the trace and the `AblationResult` the
-demo (`experiments.demo`) saved; it never runs the model.
+demo (`pipelines.run_demo`) saved; it never runs the model.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from .experiments.ablation import AblationResult
-from .experiments.demo import DemoResult
-from .neurons import SkillNeurons
-from .tuning import Run
+from tl_skill.viz import plots
+from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.demo import DemoResult
+from tl_skill.neurons import SkillNeurons
+from tl_skill.tuning.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def write_report(out: str | Path) -> Path:
         tr["values"][:, 0], tr["labels"], float(tr["baselines"][0]), fig / "best_neuron.png",
         f"Best skill neuron L{best['layer']}.{best['neuron']} (position {best['position']}, "
         f"predictivity {best['predictivity']:.3f})", sn.label_names)
-    ab_png = out / "ablation" / "ablation.png"
-    if ab_png.exists():
-        figs["ablation"] = ab_png
+    figs["ablation"] = plots.plot_ablation(abl, fig / "ablation.png")
     m = run.metrics
     cfg = demo.config if demo is not None else {}
     quick = cfg.get("quick", False)
@@ -131,8 +129,7 @@ def write_report(out: str | Path) -> Path:
         md.append(f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
                   f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} | {ci} | {mc} |")
     md += ["", f"**{abl.verdict().sentence}**", ""]
-    if "ablation" in figs:
-        md += ["![ablation](ablation/ablation.png)", ""]
+    md += ["![ablation](figures/ablation.png)", ""]
     if (out / "dashboard" / "index.html").exists():
         md += ["## Neuron dashboards", "",
                "What each top neuron does: activations by class, top and bottom examples with token-level "

@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 from jaxtyping import Float
 
-from . import compat
-from .prompt import Batch, SoftPrompt, Verbalizer, class_logits
+from tl_skill import compat
+from tl_skill.tuning.prompt import Batch, SoftPrompt, Verbalizer, class_logits
 
 
 _DEFAULT = {"on": True}

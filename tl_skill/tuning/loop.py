@@ -31,11 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import compat, distributed
-from .files import FileFormatError, load_state, save_state
-from .prefix import class_logits_cached, prefix_cache_default, resolve_prefix_cache
-from .prompt import SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for, train_batch_indices
-from .tasks import Task, column, label_array
+from tl_skill import compat, distributed
+from tl_skill.files import FileFormatError, load_state, save_state
+from tl_skill.tuning.prefix import class_logits_cached, prefix_cache_default, resolve_prefix_cache
+from tl_skill.tuning.prompt import (SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for,
+    train_batch_indices)
+from tl_skill.data.tasks import Task, column, label_array
+from tl_skill.errors import TrainingError  # noqa: F401 - re-exported
+from tl_skill.tuning.prefix import class_logits_many
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,7 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle: never loaded
 
 
-class TrainingError(ValueError):
-    """Impossible training settings, or a checkpoint that cannot be resumed from."""
-
-
-def check_training_settings(cfg, error: type[Exception] = ValueError, what: str = "tuning", **more: bool) -> None:
+def check_training_settings(cfg, error: type[Exception] = TrainingError, what: str = "tuning", **more: bool) -> None:
     """Refuse impossible training settings of a config, naming each bad field.
 
     Used by `LoopConfig` (and so `TuneConfig`, `variants.FinetuneConfig`); `more` adds {field: is it valid}.
@@ -167,7 +166,7 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
         out: directory for the checkpoint (None: no checkpoint, no resume).
         evaluate_dev: without dev evaluations the last step's parameters are kept.
         ddp: under torchrun, a callable `(batch, global batch size) -> loss` that averages the
-            gradient over processes (`distributed.prompt_data_parallel`).
+            gradient over processes (`tuning.parallel.prompt_data_parallel`).
         prefix_cache: run each batch's input once without grad and only the prompt positions
             with grad against its cached keys/values (`prefix.class_logits_cached`; causal
             models with a prompt that is the only trained tensor; elsewhere the full pass).
@@ -336,8 +335,6 @@ def evaluate_prompts(model, task: Task, split: str, verbalizer: Verbalizer, prom
     With the prefix cache (`prefix.class_logits_many`) K prompts cost one input pass plus K
     prompt passes; the results are `evaluate`'s for each prompt.
     """
-    from .prefix import class_logits_many
-
     lengths = {p.length for p in prompts}
     if len(lengths) != 1:
         raise TrainingError(f"evaluate_prompts needs prompts of one length, got lengths {sorted(lengths)}")

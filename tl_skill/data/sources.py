@@ -1,6 +1,6 @@
 """Where a task's examples come from: the bundled offline data, users' csv/jsonl files, the hub.
 
-`tasks.load_task` dispatches here by name; each source returns a `Task` cut
+`load_task` dispatches by name; each source returns a `Task` cut
 into train/dev/test with `tasks.split_examples` (bundled sources and files
 without splits) and checked with `tasks.validate_task`.
 """
@@ -16,7 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .tasks import BBC_TOPICS, BUNDLED_TASKS, SPLITS, Task, TaskError, TaskSpec, build_task, split_examples
+from tl_skill.data.tasks import (BBC_TOPICS, BUNDLED_TASKS, SPLITS, Task, TaskError, TaskSpec, build_task,
+                                 split_examples, validate_task)
+from tl_skill.files import file_digest, hub_unreachable
 
 BBC_FOLDERS = {"business": "business", "entertainment": "entertainment",
                 "politics": "politics", "sport": "sports", "tech": "tech"}
@@ -235,8 +237,6 @@ def words_for(names: Sequence[str], label_words, where: str) -> list[str]:
 
 
 def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | None = None) -> Task:
-    from .files import file_digest
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise TaskError(f"{kind} file not found: {path}" + (f" (resolved to {p.resolve()})" if not p.is_absolute() else ""))
@@ -314,8 +314,6 @@ _HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sente
 def hub_task(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
     from datasets import load_dataset
 
-    from .files import hub_unreachable
-
     args = name.split("/")
     offline = hub_unreachable()
     hint = (f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH")
@@ -371,3 +369,46 @@ def bundled_task(name: str, seed: int) -> Task:
     if name == "word_sentiment":
         return _word_sentiment(seed)
     return _bbc(name, seed)
+
+
+def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None,
+              digest: str | None = None) -> Task:
+    """Load a task by name.
+
+    Args:
+        name: a bundled task (`rotten_tomatoes`, `subjectivity`, `word_sentiment`,
+            `bbc_news`, `bbc_news:A-vs-B`), `csv:PATH`, `jsonl:PATH`, or a
+            Hugging Face dataset id (`glue/sst2`) where the hub is reachable.
+        seed: split seed; the same seed gives the same train/dev/test split.
+        label_words: one word per class, replacing the task's defaults: a list in
+            class order, a {label name: word} mapping, or a string `w0,w1` /
+            `name=word,name=word`. A leading space is added where missing, since
+            causal LMs read label words as continuations. The classes of a
+            csv/jsonl file with text labels are numbered in the mapping's order
+            when one is given, else in the order the labels first appear.
+        digest: for csv/jsonl files, the sha256 the file must still have (a run's
+            record); a changed file is refused before it is read.
+
+    csv/jsonl tasks are named by the file's absolute path and record its sha256
+    in `TaskSpec.digest`.
+    """
+    label_words = parse_label_words(label_words)
+    if name in ("rotten_tomatoes", "subjectivity", "word_sentiment") or name == "bbc_news" or name.startswith(
+            "bbc_news:"):
+        task = bundled_task(name, seed)
+    elif name.startswith(("csv:", "jsonl:")):
+        kind, path = name.split(":", 1)
+        return user_file_task(kind, path, seed, label_words, digest)
+    elif "/" in name and not name.startswith(("/", ".")):
+        return hub_task(name, seed, label_words)
+    else:
+        raise TaskError(
+            f"unknown task {name!r}. Known: {', '.join(BUNDLED_TASKS)}; or csv:PATH, jsonl:PATH, "
+            "or a Hugging Face dataset id such as glue/sst2"
+        )
+    if label_words is not None:
+        words = words_for(task.spec.label_names, label_words, f"task {name!r}")
+        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words),
+                                           "label_names": task.spec.label_names}))
+        validate_task(task)
+    return task
