@@ -28,16 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tl_skill import SoftPrompt, TuneConfig, compat, load_model, load_task  # noqa: E402
-from tl_skill.tuning import Verbalizer, layout_for
-from tl_skill import evaluate, tune  # noqa: E402
+from tl_skill import SoftPrompt, TuneConfig, compat, evaluate, load_model, load_task, tune
 from tl_skill.data import subsample
-from tl_skill.find import record_runs  # noqa: E402
-from tl_skill.neurons import make_subtasks  # noqa: E402
-from tl_skill.tuning.prefix import class_logits_cached  # noqa: E402
+from tl_skill.find import record_runs
+from tl_skill.predictivity import make_subtasks
+from tl_skill.tuning import Verbalizer, layout_for
+from tl_skill.tuning.prefix import class_logits_cached
 
 DTYPES = ("float32", "bfloat16")
 
@@ -119,8 +118,14 @@ def main(argv=None) -> dict:
             rec_t[d].append(time.perf_counter() - t0)
     pred = {d: torch.maximum(r.accuracy[0], 1 - r.accuracy[0]).amax(1) for d, r in rec.items()}  # [L, D]
 
-    cfg = TuneConfig(prompt_length=P, steps=args.tune_steps, eval_every=args.tune_steps, batch_size=B,
-                     max_dev_examples=100, max_test_examples=args.test)
+    cfg = TuneConfig(
+        prompt_length=P,
+        steps=args.tune_steps,
+        eval_every=args.tune_steps,
+        batch_size=B,
+        max_dev_examples=100,
+        max_test_examples=args.test,
+    )
     import tempfile
 
     acc, tune_s = {}, {}
@@ -139,30 +144,54 @@ def main(argv=None) -> dict:
     med = {d: statistics.median(step_t[d]) for d in DTYPES}
     rmed = {d: statistics.median(rec_t[d]) for d in DTYPES}
     result = {
-        "model": args.model, "batch_size": B, "prompt_length": P, "steps": args.steps, "warmup": args.warmup,
-        "step_seconds": step_t, "step_median_seconds": med, "step_ratio_bf16_over_fp32": med["bfloat16"] / med["float32"],
-        "record_examples": {"train": args.record_train, "dev": args.record_dev}, "record_seconds": rec_t,
-        "record_median_seconds": rmed, "record_ratio_bf16_over_fp32": rmed["bfloat16"] / rmed["float32"],
-        "tune_steps": args.tune_steps, "tune_seconds": tune_s, "test_examples": args.test,
-        "test_accuracy": acc, "test_accuracy_difference_bf16_minus_fp32": acc["bfloat16"] - acc["float32"],
+        "model": args.model,
+        "batch_size": B,
+        "prompt_length": P,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "step_seconds": step_t,
+        "step_median_seconds": med,
+        "step_ratio_bf16_over_fp32": med["bfloat16"] / med["float32"],
+        "record_examples": {"train": args.record_train, "dev": args.record_dev},
+        "record_seconds": rec_t,
+        "record_median_seconds": rmed,
+        "record_ratio_bf16_over_fp32": rmed["bfloat16"] / rmed["float32"],
+        "tune_steps": args.tune_steps,
+        "tune_seconds": tune_s,
+        "test_examples": args.test,
+        "test_accuracy": acc,
+        "test_accuracy_difference_bf16_minus_fp32": acc["bfloat16"] - acc["float32"],
         "fp32_prompt_accuracy": {"float32": same, "bfloat16": cross},
-        "predictivity": {"best": {d: float(p.max()) for d, p in pred.items()},
-                         "max_abs_difference": float((pred["bfloat16"] - pred["float32"]).abs().max()),
-                         "mean_abs_difference": float((pred["bfloat16"] - pred["float32"]).abs().mean()),
-                         "top1pct_overlap": top_overlap(pred["float32"], pred["bfloat16"])},
-        "cpu_flags": sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f")
-                             if f in Path("/proc/cpuinfo").read_text()}) if Path("/proc/cpuinfo").exists() else [],
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "predictivity": {
+            "best": {d: float(p.max()) for d, p in pred.items()},
+            "max_abs_difference": float((pred["bfloat16"] - pred["float32"]).abs().max()),
+            "mean_abs_difference": float((pred["bfloat16"] - pred["float32"]).abs().mean()),
+            "top1pct_overlap": top_overlap(pred["float32"], pred["bfloat16"]),
+        },
+        "cpu_flags": sorted(
+            {f for f in ("avx512_bf16", "amx_bf16", "avx512f") if f in Path("/proc/cpuinfo").read_text()}
+        )
+        if Path("/proc/cpuinfo").exists()
+        else [],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
     }
-    print(f"{args.model}: tuning step fp32 {med['float32']:.3f} s, bf16 {med['bfloat16']:.3f} s "
-          f"(x{result['step_ratio_bf16_over_fp32']:.2f}); recording fp32 {rmed['float32']:.1f} s, "
-          f"bf16 {rmed['bfloat16']:.1f} s (x{result['record_ratio_bf16_over_fp32']:.2f})")
-    print(f"test accuracy after {args.tune_steps} steps: fp32 {acc['float32']:.3f}, bf16 {acc['bfloat16']:.3f}; "
-          f"the fp32 prompt in bf16: {cross:.3f} (fp32 {same:.3f})")
-    print(f"predictivity: best fp32 {result['predictivity']['best']['float32']:.4f}, "
-          f"bf16 {result['predictivity']['best']['bfloat16']:.4f}; largest difference "
-          f"{result['predictivity']['max_abs_difference']:.4f}; top-1% overlap "
-          f"{result['predictivity']['top1pct_overlap']:.3f}")
+    print(
+        f"{args.model}: tuning step fp32 {med['float32']:.3f} s, bf16 {med['bfloat16']:.3f} s "
+        f"(x{result['step_ratio_bf16_over_fp32']:.2f}); recording fp32 {rmed['float32']:.1f} s, "
+        f"bf16 {rmed['bfloat16']:.1f} s (x{result['record_ratio_bf16_over_fp32']:.2f})"
+    )
+    print(
+        f"test accuracy after {args.tune_steps} steps: fp32 {acc['float32']:.3f}, bf16 {acc['bfloat16']:.3f}; "
+        f"the fp32 prompt in bf16: {cross:.3f} (fp32 {same:.3f})"
+    )
+    print(
+        f"predictivity: best fp32 {result['predictivity']['best']['float32']:.4f}, "
+        f"bf16 {result['predictivity']['best']['bfloat16']:.4f}; largest difference "
+        f"{result['predictivity']['max_abs_difference']:.4f}; top-1% overlap "
+        f"{result['predictivity']['top1pct_overlap']:.3f}"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

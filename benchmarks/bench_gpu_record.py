@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from tl_skill import SoftPrompt, compat, distributed, load_model, load_task, model_spec  # noqa: E402
-from tl_skill.data import subsample  # noqa: E402
-from tl_skill.find import record_run  # noqa: E402
-from tl_skill.neurons import make_subtasks  # noqa: E402
-from tl_skill.tuning.prompt import iterate_batches, layout_for  # noqa: E402
+from tl_skill import SoftPrompt, compat, distributed, load_model, load_task, model_spec
+from tl_skill.data import subsample
+from tl_skill.find import record_run
+from tl_skill.predictivity import make_subtasks
+from tl_skill.tuning.prompt import iterate_batches, layout_for
 
 
 def _sync(device: torch.device) -> None:
@@ -48,12 +48,15 @@ def _tokens(layout, task, split: str, batch_size: int) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="local Hugging Face directory, hub id, or tiny-llama for a smoke check")
+    p.add_argument(
+        "--model", required=True, help="local Hugging Face directory, hub id, or tiny-llama for a smoke check"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     # torchrun's own parser takes "--n" for an abbreviation of its options: use --examples there.
-    p.add_argument("--n", "--examples", dest="n", type=int, default=1000,
-                   help="examples in each of the train and dev passes")
+    p.add_argument(
+        "--n", "--examples", dest="n", type=int, default=1000, help="examples in each of the train and dev passes"
+    )
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prompt-length", type=int, default=16)
@@ -83,8 +86,10 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     layout = layout_for(model, args.prompt_length, args.max_input_tokens)
-    counts = torch.tensor([*_tokens(layout, task, "train", args.batch_size),
-                           *_tokens(layout, task, "dev", args.batch_size)], dtype=torch.long)
+    counts = torch.tensor(
+        [*_tokens(layout, task, "train", args.batch_size), *_tokens(layout, task, "dev", args.batch_size)],
+        dtype=torch.long,
+    )
     real_train, pad_train, real_dev, pad_dev = distributed.all_reduce_sum(counts).tolist()
 
     distributed.barrier()
@@ -97,18 +102,29 @@ def main(argv=None) -> dict:
 
     tokens = real_train + real_dev
     result = {
-        "model": args.model, "architecture": spec.architecture, "n_params": n_params,
-        "n_layers": spec.n_layers, "d_mlp": spec.d_mlp, "dtype": args.dtype, "device": str(device),
+        "model": args.model,
+        "architecture": spec.architecture,
+        "n_params": n_params,
+        "n_layers": spec.n_layers,
+        "d_mlp": spec.d_mlp,
+        "dtype": args.dtype,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "world_size": group.world_size, "batch_size": args.batch_size, "prompt_length": args.prompt_length,
-        "n_train": stats.n_train, "n_dev": stats.n_eval,
-        "tokens": tokens, "padded_tokens": pad_train + pad_dev,
-        "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "world_size": group.world_size,
+        "batch_size": args.batch_size,
+        "prompt_length": args.prompt_length,
+        "n_train": stats.n_train,
+        "n_dev": stats.n_eval,
+        "tokens": tokens,
+        "padded_tokens": pad_train + pad_dev,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
         "examples_per_s": (stats.n_train + stats.n_eval) / seconds,
         "load_seconds": load_seconds,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "best_predictivity": float(stats.accuracy.double().sub(0.5).abs().add(0.5).amax()),
-        "torch": torch.__version__, "transformer_lens": compat.TL_VERSION,
+        "torch": torch.__version__,
+        "transformer_lens": compat.TL_VERSION,
     }
     if group.is_main:
         text = json.dumps(result, indent=2)

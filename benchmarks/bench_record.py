@@ -47,13 +47,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec  # noqa: E402
-from tl_skill.tuning import layout_for
+from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec
 from tl_skill.data import subsample
-from tl_skill.record import MomentStats, Recorder  # noqa: E402
-from tl_skill.tuning.prompt import iterate_batches  # noqa: E402
+from tl_skill.record import MomentStats, Recorder
+from tl_skill.tuning import layout_for
+from tl_skill.tuning.prompt import iterate_batches
 
 MODES = ("forward", "recorder", "cache")
 
@@ -69,12 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--growth", type=int, default=8, help="memory check: N and growth x N examples")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 avoids OpenMP spin-waits on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 avoids OpenMP spin-waits on a busy machine",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the child processes")
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--child", nargs=2, metavar=("MODE", "REPEAT"), default=None,
-                   help=argparse.SUPPRESS)  # internal: one memory measurement
+    p.add_argument(
+        "--child", nargs=2, metavar=("MODE", "REPEAT"), default=None, help=argparse.SUPPRESS
+    )  # internal: one memory measurement
     return p.parse_args(argv)
 
 
@@ -112,19 +117,25 @@ def run_recorder(model, prompt, batches):
     with rec.attached():
         for b in batches:
             rec.run(b, prompt)
-    return {"class_means": [stats.mean([c]) for c in range(2)], "mean": stats.mean(), "std": stats.std(),
-            "min": stats.min, "max": stats.max}
+    return {
+        "class_means": [stats.mean([c]) for c in range(2)],
+        "mean": stats.mean(),
+        "std": stats.std(),
+        "min": stats.min,
+        "max": stats.max,
+    }
 
 
 @torch.no_grad()
 def run_cache(model, prompt, batches):
     """Plain TransformerLens: cache every layer's neurons, keep the prompt positions, reduce at the end."""
-    L, P = model.cfg.n_layers, prompt.length
+    L = model.cfg.n_layers
     kept, labels = [], []
     for b in batches:
         with prompt.applied(model, b):
-            _, cache = model.run_with_cache(b.input_ids, attention_mask=b.attention_mask,
-                                            names_filter=lambda n: n.endswith("mlp.hook_post"))
+            _, cache = model.run_with_cache(
+                b.input_ids, attention_mask=b.attention_mask, names_filter=lambda n: n.endswith("mlp.hook_post")
+            )
         pos = b.prompt_positions()  # [B, P]
         rows = torch.arange(len(pos), device=pos.device)[:, None]
         kept.append(torch.stack([cache[f"blocks.{l}.mlp.hook_post"][rows, pos] for l in range(L)], 1))
@@ -132,8 +143,13 @@ def run_cache(model, prompt, batches):
         del cache
     acts, y = torch.cat(kept), torch.cat(labels)  # [N, L, P, D]
     del kept
-    return {"class_means": [acts[y == c].double().mean(0) for c in range(2)], "mean": acts.double().mean(0),
-            "std": acts.double().std(0, correction=0), "min": acts.amin(0), "max": acts.amax(0)}
+    return {
+        "class_means": [acts[y == c].double().mean(0) for c in range(2)],
+        "mean": acts.double().mean(0),
+        "std": acts.double().std(0, correction=0),
+        "min": acts.amin(0),
+        "max": acts.amax(0),
+    }
 
 
 RUNNERS = {"forward": run_forward, "recorder": run_recorder, "cache": run_cache}
@@ -183,9 +199,15 @@ def child(args) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = _rss_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"mode": mode, "examples": sum(len(b.input_ids) for b in batches) * repeat, "method": method,
-           "rss_after_load_mib": rss0 / 1024, "peak_rss_mib": peak / 1024, "delta_rss_mib": (peak - rss0) / 1024,
-           "seconds": seconds}
+    out = {
+        "mode": mode,
+        "examples": sum(len(b.input_ids) for b in batches) * repeat,
+        "method": method,
+        "rss_after_load_mib": rss0 / 1024,
+        "peak_rss_mib": peak / 1024,
+        "delta_rss_mib": (peak - rss0) / 1024,
+        "seconds": seconds,
+    }
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["cuda_delta_mib"] = (torch.cuda.max_memory_allocated(device) - cuda0) / 2**20
@@ -193,9 +215,23 @@ def child(args) -> dict:
 
 
 def measure_memory(args, mode: str, repeat: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(repeat), "--model", args.model,
-           "--n", str(args.n), "--batch-size", str(args.batch_size), "--prompt-length", str(args.prompt_length),
-           "--max-input-tokens", str(args.max_input_tokens)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        mode,
+        str(repeat),
+        "--model",
+        args.model,
+        "--n",
+        str(args.n),
+        "--batch-size",
+        str(args.batch_size),
+        "--prompt-length",
+        str(args.prompt_length),
+        "--max-input-tokens",
+        str(args.max_input_tokens),
+    ]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--threads", args.threads)):
         if value:
             cmd += [flag, str(value)]
@@ -230,7 +266,7 @@ def main(argv=None) -> dict:
     diff = check_same_statistics(run_recorder(model, prompt, batches), run_cache(model, prompt, batches))
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for rep in range(args.reps):
-        for m in MODES[rep % 3:] + MODES[:rep % 3]:
+        for m in MODES[rep % 3 :] + MODES[: rep % 3]:
             _sync(device)
             t0 = time.perf_counter()
             results[m] = RUNNERS[m](model, prompt, batches)
@@ -238,16 +274,27 @@ def main(argv=None) -> dict:
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
     report = {
-        "model": spec.name, "device": str(device), "dtype": str(compat.model_dtype(model)),
-        "n_layers": spec.n_layers, "d_mlp": spec.d_mlp, "examples": n, "batch_size": args.batch_size,
-        "batches": len(batches), "prompt_length": args.prompt_length,
-        "tokens": sum(b.n_tokens for b in batches), "reps": args.reps,
-        "seconds": times, "median_seconds": med,
+        "model": spec.name,
+        "device": str(device),
+        "dtype": str(compat.model_dtype(model)),
+        "n_layers": spec.n_layers,
+        "d_mlp": spec.d_mlp,
+        "examples": n,
+        "batch_size": args.batch_size,
+        "batches": len(batches),
+        "prompt_length": args.prompt_length,
+        "tokens": sum(b.n_tokens for b in batches),
+        "reps": args.reps,
+        "seconds": times,
+        "median_seconds": med,
         "ratio_recorder_vs_forward": med["recorder"] / med["forward"],
         "ratio_recorder_vs_cache": med["recorder"] / med["cache"],
         "max_abs_difference_recorder_vs_cache": diff,
-        "torch": torch.__version__, "transformer_lens": compat.TL_VERSION, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "torch": torch.__version__,
+        "transformer_lens": compat.TL_VERSION,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
     }
     if not args.no_memory:
         mem = {
@@ -271,29 +318,39 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     med = r["median_seconds"]
-    print(f"{r['model']} on {r['device']} ({r['dtype']}): {r['examples']} examples, {r['batches']} batches of "
-          f"{r['batch_size']}, {r['tokens']} tokens, P={r['prompt_length']}, {r['n_layers']} layers x "
-          f"{r['d_mlp']} neurons, {r['reps']} interleaved reps")
+    print(
+        f"{r['model']} on {r['device']} ({r['dtype']}): {r['examples']} examples, {r['batches']} batches of "
+        f"{r['batch_size']}, {r['tokens']} tokens, P={r['prompt_length']}, {r['n_layers']} layers x "
+        f"{r['d_mlp']} neurons, {r['reps']} interleaved reps"
+    )
     print(f"{'mode':<10} {'median s':>9} {'min s':>8} {'vs forward':>11}")
     for m in MODES:
         print(f"{m:<10} {med[m]:>9.3f} {min(r['seconds'][m]):>8.3f} {med[m] / med['forward']:>11.3f}")
-    print(f"(a) recorder / bare forward: {r['ratio_recorder_vs_forward']:.3f}   "
-          f"(b) recorder / run_with_cache: {r['ratio_recorder_vs_cache']:.3f}   "
-          f"statistics agree to {r['max_abs_difference_recorder_vs_cache']:.2e}")
+    print(
+        f"(a) recorder / bare forward: {r['ratio_recorder_vs_forward']:.3f}   "
+        f"(b) recorder / run_with_cache: {r['ratio_recorder_vs_cache']:.3f}   "
+        f"statistics agree to {r['max_abs_difference_recorder_vs_cache']:.2e}"
+    )
     if "memory" in r:
-        print(f"{'memory':<12} {'examples':>8} {'after load MiB':>15} {'peak MiB':>9} {'delta MiB':>10}"
-              + ("  cuda peak MiB" if "cuda_peak_mib" in r["memory"]["recorder_n"] else ""))
+        print(
+            f"{'memory':<12} {'examples':>8} {'after load MiB':>15} {'peak MiB':>9} {'delta MiB':>10}"
+            + ("  cuda peak MiB" if "cuda_peak_mib" in r["memory"]["recorder_n"] else "")
+        )
         for name, m in r["memory"].items():
-            line = (f"{name:<12} {m['examples']:>8} {m['rss_after_load_mib']:>15.1f} {m['peak_rss_mib']:>9.1f} "
-                    f"{m['delta_rss_mib']:>10.1f}")
+            line = (
+                f"{name:<12} {m['examples']:>8} {m['rss_after_load_mib']:>15.1f} {m['peak_rss_mib']:>9.1f} "
+                f"{m['delta_rss_mib']:>10.1f}"
+            )
             if "cuda_peak_mib" in m:
                 line += f"  {m['cuda_peak_mib']:>13.1f}"
             print(line)
         mem = list(r["memory"].values())
-        print(f"(c) recorder peak RSS {mem[0]['examples']} -> {mem[1]['examples']} examples: "
-              f"{r['recorder_peak_growth']:+.2%} (delta {r['recorder_delta_growth_mib']:+.1f} MiB); the cache way "
-              f"needs {r['cache_vs_recorder_delta_mib']:+.1f} MiB more than the recorder at "
-              f"{mem[0]['examples']} [{mem[0]['method']}]")
+        print(
+            f"(c) recorder peak RSS {mem[0]['examples']} -> {mem[1]['examples']} examples: "
+            f"{r['recorder_peak_growth']:+.2%} (delta {r['recorder_delta_growth_mib']:+.1f} MiB); the cache way "
+            f"needs {r['cache_vs_recorder_delta_mib']:+.1f} MiB more than the recorder at "
+            f"{mem[0]['examples']} [{mem[0]['method']}]"
+        )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tl_skill import SoftPrompt, compat, load_model, load_task  # noqa: E402
+from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec
 from tl_skill.tuning import Verbalizer, class_logits, layout_for
-from tl_skill import model_spec  # noqa: E402
-from tl_skill.tuning.prefix import class_logits_cached  # noqa: E402
+from tl_skill.tuning.prefix import class_logits_cached
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="which training examples form the batch")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--peft-logits-to-keep", type=int, default=1,
-                   help="positions whose logits PEFT's model computes (0: all, as plain HF does)")
+    p.add_argument(
+        "--peft-logits-to-keep",
+        type=int,
+        default=1,
+        help="positions whose logits PEFT's model computes (0: all, as plain HF does)",
+    )
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.prompt_length < 1 or args.warmup < 0:
@@ -107,6 +110,7 @@ def main(argv=None) -> dict:
 
     # tl_skill: input + prompt, left padding (the tuning default)
     ours_batch = layout_for(model, P, args.max_input_tokens).encode(texts, labels.tolist()).to(device)
+
     def prompt_step(forward):
         """One AdamW step of a fresh prompt (the same start for every side) through `forward`."""
         prompt = SoftPrompt.from_vocab(model, P, seed=0).to(device)
@@ -159,13 +163,16 @@ def main(argv=None) -> dict:
     seq_peft = plain.input_ids.shape[1] + P
     if seq_ours != seq_peft:
         raise SystemExit(f"sequence lengths differ: tl_skill {seq_ours}, PEFT {seq_peft}")
-    attn = {"tl_skill (bridge's HF model)": hf.config._attn_implementation,
-            "peft (plain HF copy)": peft_model.base_model.config._attn_implementation}
-    print(f"model {args.model} on {device} ({compat.model_dtype(model)}), batch {B}, prompt {P}, "
-          f"sequence length {seq_ours} (tl_skill: input + prompt; PEFT: prompt + input)")
+    attn = {
+        "tl_skill (bridge's HF model)": hf.config._attn_implementation,
+        "peft (plain HF copy)": peft_model.base_model.config._attn_implementation,
+    }
+    print(
+        f"model {args.model} on {device} ({compat.model_dtype(model)}), batch {B}, prompt {P}, "
+        f"sequence length {seq_ours} (tl_skill: input + prompt; PEFT: prompt + input)"
+    )
     print("attention implementation: " + ", ".join(f"{k}={v}" for k, v in attn.items()))
-    print(f"PEFT logits: {'last position only' if keep else 'all positions'}; "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"PEFT logits: {'last position only' if keep else 'all positions'}; torch threads {torch.get_num_threads()}")
 
     for _ in range(args.warmup):
         ours_step()
@@ -184,29 +191,43 @@ def main(argv=None) -> dict:
 
     ours_med, peft_med, cached_med = statistics.median(ours_t), statistics.median(peft_t), statistics.median(cached_t)
     result = {
-        "model": args.model, "device": str(device), "dtype": str(compat.model_dtype(model)),
-        "batch_size": B, "prompt_length": P, "sequence_length": seq_ours, "steps": args.steps,
-        "warmup": args.warmup, "attn_implementation": attn, "peft_logits_to_keep": keep.get("logits_to_keep", 0),
-        "tl_skill_step_seconds": ours_t, "peft_step_seconds": peft_t,
-        "tl_skill_median_seconds": ours_med, "peft_median_seconds": peft_med,
+        "model": args.model,
+        "device": str(device),
+        "dtype": str(compat.model_dtype(model)),
+        "batch_size": B,
+        "prompt_length": P,
+        "sequence_length": seq_ours,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "attn_implementation": attn,
+        "peft_logits_to_keep": keep.get("logits_to_keep", 0),
+        "tl_skill_step_seconds": ours_t,
+        "peft_step_seconds": peft_t,
+        "tl_skill_median_seconds": ours_med,
+        "peft_median_seconds": peft_med,
         "ratio_tl_skill_over_peft": ours_med / peft_med,
-        "cached_step_seconds": cached_t, "cached_median_seconds": cached_med,
-        "ratio_cached_vs_peft": cached_med / peft_med, "ratio_cached_vs_uncached": cached_med / ours_med,
+        "cached_step_seconds": cached_t,
+        "cached_median_seconds": cached_med,
+        "ratio_cached_vs_peft": cached_med / peft_med,
+        "ratio_cached_vs_uncached": cached_med / ours_med,
         # the same start and the same batch: the two tl_skill sides follow the same losses
         "cached_loss_max_abs_difference": max(abs(a - b) for a, b in zip(ours_loss, cached_loss)),
         "tl_skill_loss_first_last": [ours_loss[0], ours_loss[-1]],
         "peft_loss_first_last": [peft_loss[0], peft_loss[-1]],
         "versions": {k: _version(k) for k in ("torch", "transformers", "transformer-lens", "peft")},
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     print()
     print(f"{'':<10} {'median s/step':>14} {'min':>9} {'max':>9}")
     for name, ts in (("tl_skill", ours_t), ("cached", cached_t), ("peft", peft_t)):
         print(f"{name:<10} {statistics.median(ts):>14.4f} {min(ts):>9.4f} {max(ts):>9.4f}")
-    print(f"ratio tl_skill / PEFT: {result['ratio_tl_skill_over_peft']:.3f}; cached / PEFT: "
-          f"{result['ratio_cached_vs_peft']:.3f}; cached / uncached: {result['ratio_cached_vs_uncached']:.3f} "
-          f"(prompt length {P})")
+    print(
+        f"ratio tl_skill / PEFT: {result['ratio_tl_skill_over_peft']:.3f}; cached / PEFT: "
+        f"{result['ratio_cached_vs_peft']:.3f}; cached / uncached: {result['ratio_cached_vs_uncached']:.3f} "
+        f"(prompt length {P})"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

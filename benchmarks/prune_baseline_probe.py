@@ -19,10 +19,10 @@ import time
 import torch
 
 from tl_skill import compat, load_model
-from tl_skill.neurons import SkillNeurons
-from tl_skill.tuning.prompt import class_logits, layout_for
-from tl_skill.prune import prune_model
 from tl_skill.data.tasks import Task, column, label_array, subsample
+from tl_skill.neurons import SkillNeurons
+from tl_skill.prune import prune_model
+from tl_skill.tuning.prompt import class_logits, layout_for
 from tl_skill.tuning.runs import Run, evaluate
 
 
@@ -43,12 +43,13 @@ def all_position_means(model, run: Run, task: Task, n_train: int, batch_size: in
     def adder(layer):
         def hook(act, hook):
             sums[layer] += (act.double() * mask["m"][..., None]).sum((0, 1)).cpu()
+
         return hook
 
     hooks = [(compat.mlp_post_hook(layer), adder(layer)) for layer in range(n_layers)]
     with torch.no_grad():
         for i in range(0, len(tokens), batch_size):
-            batch = layout.collate(tokens[i:i + batch_size], labels[i:i + batch_size]).to(device)
+            batch = layout.collate(tokens[i : i + batch_size], labels[i : i + batch_size]).to(device)
             mask["m"] = batch.attention_mask.double()
             count += int(batch.attention_mask.sum())
             class_logits(model, batch, verbalizer, prompt, extra_hooks=hooks)
@@ -79,9 +80,15 @@ def main() -> None:
     test = subsample(task, {"test": args.n_test}, seed=cfg.task_seed)
     kw = dict(batch_size=32, max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)
     verbalizer = run.verbalizer(model)
-    result = {"run": args.run_dir, "neurons": args.neurons_dir, "keep": args.keep, "layers": layers,
-              "n_train": args.n_train, "n_test": args.n_test,
-              "unpruned": evaluate(model, test, "test", verbalizer, run.prompt, **kw)["accuracy"]}
+    result = {
+        "run": args.run_dir,
+        "neurons": args.neurons_dir,
+        "keep": args.keep,
+        "layers": layers,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "unpruned": evaluate(model, test, "test", verbalizer, run.prompt, **kw)["accuracy"],
+    }
     other = copy.copy(sn)
     rows = torch.stack([means[layer] for layer in sn.layers]).to(sn.baseline.dtype)
     other.baseline = rows[None, :, None, :].expand_as(sn.baseline).clone()  # same mean over subtasks and positions

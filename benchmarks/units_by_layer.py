@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tl_skill.neurons import SkillNeurons  # noqa: E402
-from tl_skill.viz.plots import plot_units_by_layer  # noqa: E402
+from tl_skill.neurons import SkillNeurons
+from tl_skill.viz.plots import plot_units_by_layer
 
 
 def main(argv=None) -> None:
@@ -34,15 +34,22 @@ def main(argv=None) -> None:
         pred = sn.predictivity
         k = max(1, pred.shape[1] // 100)
         best = pred.max(1).values
-        out[name] = {"units": sn.units, "width": int(pred.shape[1]), "layers": list(sn.layers),
-                     "best_by_layer": best.tolist(), "top1pct_by_layer": pred.sort(1).values[:, -k:].mean(1).tolist(),
-                     "best": float(best.max()), "best_layer": int(sn.layers[int(best.argmax())])}
+        out[name] = {
+            "units": sn.units,
+            "width": int(pred.shape[1]),
+            "layers": list(sn.layers),
+            "best_by_layer": best.tolist(),
+            "top1pct_by_layer": pred.sort(1).values[:, -k:].mean(1).tolist(),
+            "best": float(best.max()),
+            "best_layer": int(sn.layers[int(best.argmax())]),
+        }
     first = next(iter(found.values()))
     title = f"{first.model} / {first.task}: predictivity by unit source"
     plot_units_by_layer(found, args.figure, title)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": first.model, "task": first.task, "sources": out,
-                                          "command": " ".join(sys.argv)}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({"model": first.model, "task": first.task, "sources": out, "command": " ".join(sys.argv)}, indent=1)
+    )
     for name, r in out.items():
         print(f"{name:>6}: width {r['width']:5d}  best {r['best']:.3f} at layer {r['best_layer']}")
 

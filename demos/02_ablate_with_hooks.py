@@ -14,8 +14,8 @@ import tempfile
 import torch
 
 import tl_skill
-from tl_skill.perturb import Perturbation
 from tl_skill.neurons import random_mask_like
+from tl_skill.perturb import Perturbation
 from tl_skill.tuning.runs import TuneConfig
 
 parser = argparse.ArgumentParser()
@@ -24,13 +24,23 @@ args = parser.parse_args()
 
 model = tl_skill.load_model("tiny-llama" if args.fast else "smollm2-135m", device="cpu")
 task = tl_skill.data.subsample(tl_skill.load_task("rotten_tomatoes"), {"test": 60 if args.fast else 200})
-cfg = TuneConfig(prompt_length=4 if args.fast else 8, steps=10 if args.fast else 60, eval_every=10 if args.fast else 30,
-                 max_train_examples=200 if args.fast else None, max_dev_examples=60 if args.fast else 150,
-                 max_test_examples=60 if args.fast else 200)
+cfg = TuneConfig(
+    prompt_length=4 if args.fast else 8,
+    steps=10 if args.fast else 60,
+    eval_every=10 if args.fast else 30,
+    max_train_examples=200 if args.fast else None,
+    max_dev_examples=60 if args.fast else 150,
+    max_test_examples=60 if args.fast else 200,
+)
 out = tempfile.mkdtemp(prefix="tl_skill_demo2_")
 run = tl_skill.tune(model, task, f"{out}/run", cfg, progress=not args.fast)
-neurons = tl_skill.find_skill_neurons(model, [run], max_train_examples=300 if args.fast else 1000,
-                                      max_eval_examples=100 if args.fast else 400, progress=not args.fast)
+neurons = tl_skill.find_skill_neurons(
+    model,
+    [run],
+    max_train_examples=300 if args.fast else 1000,
+    max_eval_examples=100 if args.fast else 400,
+    progress=not args.fast,
+)
 skill = neurons.select(fraction=0.1)  # top 10% of every layer
 control = random_mask_like(skill, seed=0)  # as many random neurons per layer
 

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from tl_skill.compat import mlp_post_hook
+from tl_skill.data.sources import load_task
+from tl_skill.data.tasks import subsample
 from tl_skill.experiments import runner
 from tl_skill.experiments.ablation import AblationError, ablation_experiment
 from tl_skill.files import OutputDirError
-from tl_skill.viz.plots import plot_ablation
-from tl_skill.perturb import Perturbation, PerturbationError, neuron_index, perturbed
-from tl_skill.compat import mlp_post_hook
+from tl_skill.find import find_skill_neurons
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, Subtask, random_mask_like
-from tl_skill.find import find_skill_neurons
-from tl_skill.data.sources import load_task
-from tl_skill.data.tasks import subsample
+from tl_skill.perturb import Perturbation, PerturbationError, neuron_index, perturbed
 from tl_skill.tuning.runs import TuneConfig, evaluate, tune
+from tl_skill.viz.plots import plot_ablation
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -30,11 +30,18 @@ def fake_skill(model, layers=None, runs=2, positions=3, seed=0) -> SkillNeurons:
     g = torch.Generator().manual_seed(seed)
     shape = (runs, len(layers), positions, spec.d_mlp)
     return SkillNeurons(
-        model=spec.name, task="fake", runs=[f"r{i}" for i in range(runs)], label_names=["a", "b"],
-        label_words=[" a", " b"], subtasks=[Subtask("b vs a", (1,), (0,))], layers=layers, positions="prompt",
+        model=spec.name,
+        task="fake",
+        runs=[f"r{i}" for i in range(runs)],
+        label_names=["a", "b"],
+        label_words=[" a", " b"],
+        subtasks=[Subtask("b vs a", (1,), (0,))],
+        layers=layers,
+        positions="prompt",
         accuracy=torch.rand((runs, 1) + shape[1:], generator=g, dtype=torch.float64),
         baseline=torch.randn(shape, generator=g, dtype=torch.float64),
-        std=torch.rand(shape, generator=g) + 0.5, constant=torch.zeros(shape, dtype=torch.bool),
+        std=torch.rand(shape, generator=g) + 0.5,
+        constant=torch.zeros(shape, dtype=torch.bool),
     )
 
 
@@ -54,6 +61,7 @@ def forward_pre_post(model, ids, am, make_context, layers):
     def grab(store, l):
         def hook(act, hook):
             store[l] = act.detach().clone()
+
         return hook
 
     with model.hooks(fwd_hooks=[(mlp_post_hook(l), grab(pre, l)) for l in layers]):
@@ -90,7 +98,7 @@ def test_each_mode_changes_exactly_the_chosen_neurons(tiny_model, mode):
     skill = fake_skill(tiny_model)
     mask = some_mask(tiny_model)
     ids, am = tokens(tiny_model)
-    fn = lambda x, layer, idx: 2 * x + layer + 1  # noqa: E731
+    fn = lambda x, layer, idx: 2 * x + layer + 1
     kwargs = dict(mode=fn if mode == "fn" else mode, std=0.1, seed=3, skill=skill)
     pert_holder = {}
 
@@ -218,8 +226,9 @@ def test_noise_std_absolute_and_relative(tiny_gpt2):
 def test_layer_range_restricts(tiny_llama):
     mask = some_mask(tiny_llama, k=5)
     ids, am = tokens(tiny_llama)
-    pre, post = forward_pre_post(tiny_llama, ids, am, lambda: perturbed(tiny_llama, mask, "zero", layers=[1]),
-                                 all_layers(tiny_llama))
+    pre, post = forward_pre_post(
+        tiny_llama, ids, am, lambda: perturbed(tiny_llama, mask, "zero", layers=[1]), all_layers(tiny_llama)
+    )
     clean, _ = forward_pre_post(tiny_llama, ids, am, _null, all_layers(tiny_llama))
     assert torch.equal(post[0], clean[0])
     assert torch.equal(pre[0], post[0])
@@ -313,9 +322,15 @@ def test_random_control_keeps_per_layer_counts():
 def tiny_run(tiny_gpt2, tmp_path_factory):
     # tuned on the task as `load_task` gives it (as the CLI does), so that the experiment's
     # test set (the run's task, cut as the run's config says) is the run's own test set
-    run = tune(tiny_gpt2, load_task("rotten_tomatoes"), tmp_path_factory.mktemp("ablate") / "run",
-               TuneConfig(prompt_length=4, steps=4, eval_every=4, max_train_examples=32, max_dev_examples=24,
-                          max_test_examples=20), progress=False)
+    run = tune(
+        tiny_gpt2,
+        load_task("rotten_tomatoes"),
+        tmp_path_factory.mktemp("ablate") / "run",
+        TuneConfig(
+            prompt_length=4, steps=4, eval_every=4, max_train_examples=32, max_dev_examples=24, max_test_examples=20
+        ),
+        progress=False,
+    )
     sn = find_skill_neurons(tiny_gpt2, [run], max_train_examples=32, max_eval_examples=24, progress=False)
     return run, sn
 
@@ -358,16 +373,30 @@ def test_ablation_experiment_rows_plot_and_resume(tiny_gpt2, tiny_run, tmp_path,
         assert key in res
     assert res["seeds"] == [0, 1] and res["n_examples"] == 20
     for row in res["rows"]:
-        assert set(row) >= {"mode", "fraction", "clean_accuracy", "skill_accuracy", "random_accuracy",
-                            "random_accuracy_std"}
+        assert set(row) >= {
+            "mode",
+            "fraction",
+            "clean_accuracy",
+            "skill_accuracy",
+            "random_accuracy",
+            "random_accuracy_std",
+        }
         assert row["mode"] == "noise" and len(row["random_accuracies"]) == 2
 
     # clean accuracy = the prompted model without hooks; skill/random = evaluate with hand-made hooks
     cfg = run.config
     task = subsample(run.load_task(), {"test": cfg.max_test_examples}, seed=cfg.task_seed)
-    ev = lambda hooks: evaluate(tiny_gpt2, task, "test", run.verbalizer(tiny_gpt2), run.prompt,  # noqa: E731
-                                batch_size=7, max_input_tokens=cfg.max_input_tokens,
-                                extra_hooks=hooks, padding_side=cfg.padding_side)["accuracy"]
+    ev = lambda hooks: evaluate(
+        tiny_gpt2,
+        task,
+        "test",
+        run.verbalizer(tiny_gpt2),
+        run.prompt,
+        batch_size=7,
+        max_input_tokens=cfg.max_input_tokens,
+        extra_hooks=hooks,
+        padding_side=cfg.padding_side,
+    )["accuracy"]
     clean = ev([])
     assert clean == pytest.approx(run.metrics["test_accuracy"])
     row = res["rows"][1]
@@ -416,8 +445,9 @@ def test_ablation_experiment_zero_mode_and_layers(tiny_gpt2, tiny_run, monkeypat
     run, sn = tiny_run
     counter = _Counter()
     monkeypatch.setattr(runner, "evaluate", counter)
-    res = ablation_experiment(tiny_gpt2, run, sn, None, mode="zero", fractions=(1.0,), seeds=1, layers=[1],
-                              progress=False)
+    res = ablation_experiment(
+        tiny_gpt2, run, sn, None, mode="zero", fractions=(1.0,), seeds=1, layers=[1], progress=False
+    )
     row = res["rows"][0]
     assert row["layer_counts"] == [0, model_spec(tiny_gpt2).d_mlp]
     # every neuron of layer 1: the random control is the same set, and zero mode draws nothing
@@ -438,13 +468,19 @@ def test_prompts_in_memory_give_what_their_run_directories_give(tiny_gpt2, tiny_
     prompt = SoftPrompt(run.prompt.vectors.detach().clone())
     mem = Run.in_memory(prompt, task, run.model_name, cfg)
     other = SoftPrompt.from_vocab(tiny_gpt2, 4, seed=7)
-    from_memory = find_skill_neurons(tiny_gpt2, [mem, Run.in_memory(other, task, run.model_name, cfg, name="b")],
-                                     max_train_examples=32, max_eval_examples=24, progress=False)
+    from_memory = find_skill_neurons(
+        tiny_gpt2,
+        [mem, Run.in_memory(other, task, run.model_name, cfg, name="b")],
+        max_train_examples=32,
+        max_eval_examples=24,
+        progress=False,
+    )
     assert torch.equal(from_memory.accuracy[0], sn.accuracy[0])  # the run's prompt: the same numbers
     assert not torch.equal(from_memory.accuracy[1], sn.accuracy[0])  # another prompt: others
     # the short form takes TuneConfig()'s layout: the same as the run's here but for the input cap
-    short = find_skill_neurons(tiny_gpt2, task, prompts=[prompt], max_train_examples=32, max_eval_examples=24,
-                               progress=False)
+    short = find_skill_neurons(
+        tiny_gpt2, task, prompts=[prompt], max_train_examples=32, max_eval_examples=24, progress=False
+    )
     assert short.runs == ["<in-memory prompt 0>"] and short.predictivity.shape == sn.predictivity.shape
     with pytest.raises(NeuronsError, match="prompts"):
         find_skill_neurons(tiny_gpt2, task)

@@ -10,24 +10,30 @@ import time
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, TuneConfig, load_task, tune
-from tl_skill.tuning import layout_for
-from tl_skill.data import subsample
-from tl_skill import files
-from tl_skill.experiments.ablation import AblationError
-from tl_skill.perturb import Perturbation, PerturbationError
+from tl_skill import SoftPrompt, TuneConfig, files, load_task, tune
 from tl_skill.cli import main
-from tl_skill.models import ModelLoadError, load_model
-from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons
+from tl_skill.data import subsample
+from tl_skill.data.tasks import TaskError
 from tl_skill.find import find_skill_neurons
-from tl_skill.tuning.prompt import Layout
+from tl_skill.models import load_model
+from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons
+from tl_skill.perturb import Perturbation, PerturbationError
 from tl_skill.prune import prune_model
 from tl_skill.record import MomentStats, Recorder, RecordingError
-from tl_skill.data.tasks import TaskError
-from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, Run, RunError
+from tl_skill.tuning import layout_for
+from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, Run
 
-CFG = dict(prompt_length=3, steps=2, eval_every=2, batch_size=8, max_train_examples=24,
-           max_dev_examples=16, max_test_examples=16, max_input_tokens=16, eval_batch_size=16)
+CFG = dict(
+    prompt_length=3,
+    steps=2,
+    eval_every=2,
+    batch_size=8,
+    max_train_examples=24,
+    max_dev_examples=16,
+    max_test_examples=16,
+    max_input_tokens=16,
+    eval_batch_size=16,
+)
 FIND = ["--max-train-examples", "24", "--max-eval-examples", "16", "-q"]
 
 
@@ -40,8 +46,7 @@ def tiny_run(tiny_gpt2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_neurons(tiny_gpt2, tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "neurons"
-    find_skill_neurons(tiny_gpt2, [tiny_run], max_train_examples=24, max_eval_examples=16,
-                       progress=False).save(out)
+    find_skill_neurons(tiny_gpt2, [tiny_run], max_train_examples=24, max_eval_examples=16, progress=False).save(out)
     return out
 
 
@@ -62,12 +67,28 @@ def _no_work(monkeypatch):
 
 # ------------------------------------------------------------- crashes after the work
 def test_transfer_with_two_tasks_prints_na(tiny_gpt2, tiny_run, tiny_neurons, tmp_path, capsys):
-    other = tune(tiny_gpt2, subsample(load_task("word_sentiment"), {"train": 48, "dev": 16, "test": 16}),
-                 tmp_path / "ws_run", TuneConfig(**CFG), progress=False)
+    other = tune(
+        tiny_gpt2,
+        subsample(load_task("word_sentiment"), {"train": 48, "dev": 16, "test": 16}),
+        tmp_path / "ws_run",
+        TuneConfig(**CFG),
+        progress=False,
+    )
     assert main(["find", str(other.path), "--out", str(tmp_path / "ws"), *FIND]) == 0
     capsys.readouterr()
-    args = ["transfer", str(tiny_neurons), str(tmp_path / "ws"), "--out", str(tmp_path / "t"),
-            "--transfer-steps", "0", "--no-figures", "--max-eval-examples", "16", "-q"]
+    args = [
+        "transfer",
+        str(tiny_neurons),
+        str(tmp_path / "ws"),
+        "--out",
+        str(tmp_path / "t"),
+        "--transfer-steps",
+        "0",
+        "--no-figures",
+        "--max-eval-examples",
+        "16",
+        "-q",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "n/a" in out and "3+ pairs" in out and "saved to" in out
@@ -78,17 +99,40 @@ def test_transfer_with_two_tasks_prints_na(tiny_gpt2, tiny_run, tiny_neurons, tm
 
 
 def test_study_with_two_tasks_prints(tmp_path, capsys):
-    args = ["study", "--model", "tiny-gpt2", "--tasks", "rotten_tomatoes,word_sentiment", "--out",
-            str(tmp_path / "s"), "--steps", "2", "--prompt-length", "2", "--max-dev-examples", "16",
-            "--max-test-examples", "16", "--find-train-examples", "24", "--find-eval-examples", "16",
-            "--transfer-steps", "0", "--max-eval-examples", "16", "--device", "cpu", "-q"]
+    args = [
+        "study",
+        "--model",
+        "tiny-gpt2",
+        "--tasks",
+        "rotten_tomatoes,word_sentiment",
+        "--out",
+        str(tmp_path / "s"),
+        "--steps",
+        "2",
+        "--prompt-length",
+        "2",
+        "--max-dev-examples",
+        "16",
+        "--max-test-examples",
+        "16",
+        "--find-train-examples",
+        "24",
+        "--find-eval-examples",
+        "16",
+        "--transfer-steps",
+        "0",
+        "--max-eval-examples",
+        "16",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     assert main(args) == 0
     assert "n/a" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["find", "prune", "ablate"])
-def test_out_that_is_a_file_is_refused_before_work(command, tiny_run, tiny_neurons, tmp_path, capsys,
-                                                   monkeypatch):
+def test_out_that_is_a_file_is_refused_before_work(command, tiny_run, tiny_neurons, tmp_path, capsys, monkeypatch):
     _no_work(monkeypatch)
     target = tmp_path / "a_file"
     target.write_text("x")
@@ -107,16 +151,35 @@ def test_unwritable_out_is_refused_before_work(tiny_run, capsys, monkeypatch):
 
 def test_prune_max_examples_zero_means_the_test_set(tiny_run, tiny_neurons, tmp_path, capsys):
     out = tmp_path / "p"
-    assert main(["prune", str(tiny_run.path), "--neurons", str(tiny_neurons), "--out", str(out),
-                 "--max-examples", "0", "--keep", "0.1", "--timing-repeats", "1", "--json", "-q"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_run.path),
+                "--neurons",
+                str(tiny_neurons),
+                "--out",
+                str(out),
+                "--max-examples",
+                "0",
+                "--keep",
+                "0.1",
+                "--timing-repeats",
+                "1",
+                "--json",
+                "-q",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["n_test"] == 16  # the run's whole (capped) test split
     assert (out / "prune.json").exists() and (out / "pruned.safetensors").exists()
 
 
 def test_refused_prune_leaves_nothing(tiny_gpt2, tiny_run, tiny_neurons, tmp_path):
-    from tl_skill.prune import PruneError
     from tl_skill.experiments.pruning import prune_experiment
+    from tl_skill.prune import PruneError
 
     out = tmp_path / "p"
     with pytest.raises(PruneError, match="max_examples"):
@@ -125,25 +188,28 @@ def test_refused_prune_leaves_nothing(tiny_gpt2, tiny_run, tiny_neurons, tmp_pat
 
 
 # ------------------------------------------------------------------ numeric options
-@pytest.mark.parametrize("argv, option", [
-    (["evaluate", "RUN", "--batch-size", "-3"], "--batch-size"),
-    (["transfer", "N1", "N2", "--out", "o", "--batch-size", "-3"], "--batch-size"),
-    (["tune", "--out", "o", "--patience", "-1"], "--patience"),
-    (["find", "RUN", "--out", "o", "--top", "-5"], "--top"),
-    (["find", "RUN", "--out", "o", "--layers", "1-0"], "--layers"),
-    (["find", "RUN", "--out", "o", "--layers", "a"], "--layers"),
-    (["tune", "--out", "o", "--seed", "-1"], "--seed"),
-    (["tune", "--out", "o", "--seeds", "0,x"], "--seeds"),
-    (["tune", "--out", "o", "--prompt-length", "0"], "--prompt-length"),
-    (["tune", "--out", "o", "--lr", "nan"], "--lr"),
-    (["ablate", "RUN", "--neurons", "N", "--out", "o", "--fractions", "0.1,1.5"], "--fractions"),
-    (["ablate", "RUN", "--neurons", "N", "--out", "o", "--std", "0"], "--std"),
-    (["prune", "RUN", "--neurons", "N", "--out", "o", "--keep", "2"], "--keep"),
-    (["study", "--tasks", "a,b", "--out", "o", "--steps", "0"], "--steps"),
-    (["origin", "--out", "o", "--seeds", "0"], "--seeds"),
-    (["evaluate", "RUN", "--device", "gpu"], "--device"),
-    (["evaluate", "RUN", "--device", "xla"], "--device"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["evaluate", "RUN", "--batch-size", "-3"], "--batch-size"),
+        (["transfer", "N1", "N2", "--out", "o", "--batch-size", "-3"], "--batch-size"),
+        (["tune", "--out", "o", "--patience", "-1"], "--patience"),
+        (["find", "RUN", "--out", "o", "--top", "-5"], "--top"),
+        (["find", "RUN", "--out", "o", "--layers", "1-0"], "--layers"),
+        (["find", "RUN", "--out", "o", "--layers", "a"], "--layers"),
+        (["tune", "--out", "o", "--seed", "-1"], "--seed"),
+        (["tune", "--out", "o", "--seeds", "0,x"], "--seeds"),
+        (["tune", "--out", "o", "--prompt-length", "0"], "--prompt-length"),
+        (["tune", "--out", "o", "--lr", "nan"], "--lr"),
+        (["ablate", "RUN", "--neurons", "N", "--out", "o", "--fractions", "0.1,1.5"], "--fractions"),
+        (["ablate", "RUN", "--neurons", "N", "--out", "o", "--std", "0"], "--std"),
+        (["prune", "RUN", "--neurons", "N", "--out", "o", "--keep", "2"], "--keep"),
+        (["study", "--tasks", "a,b", "--out", "o", "--steps", "0"], "--steps"),
+        (["origin", "--out", "o", "--seeds", "0"], "--seeds"),
+        (["evaluate", "RUN", "--device", "gpu"], "--device"),
+        (["evaluate", "RUN", "--device", "xla"], "--device"),
+    ],
+)
 def test_bad_numbers_are_refused_while_parsing(argv, option, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -156,8 +222,22 @@ def test_bad_numbers_are_refused_while_parsing(argv, option, capsys):
 
 def test_prompt_longer_than_the_context_is_refused_before_the_run_exists(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["tune", "--model", "tiny-gpt2", "--out", str(out), "--prompt-length", "600", "--steps", "1",
-                 "--device", "cpu", "-q"])
+    code = main(
+        [
+            "tune",
+            "--model",
+            "tiny-gpt2",
+            "--out",
+            str(out),
+            "--prompt-length",
+            "600",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "prompt length 600" in err and "context of 512" in err
@@ -189,10 +269,13 @@ def test_find_refuses_the_same_run_twice(tiny_run, capsys, monkeypatch):
     assert "the same run is given twice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("task", "word_sentiment", "task mismatch"), ("label_words", [" bad", " good"], "label words differ")])
-def test_prune_refuses_neurons_of_another_task(tiny_run, tiny_neurons, tmp_path, capsys, monkeypatch,
-                                               field, value, message):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("task", "word_sentiment", "task mismatch"), ("label_words", [" bad", " good"], "label words differ")],
+)
+def test_prune_refuses_neurons_of_another_task(
+    tiny_run, tiny_neurons, tmp_path, capsys, monkeypatch, field, value, message
+):
     _no_work(monkeypatch)
     other = _copy(tiny_neurons, tmp_path / "n")
     info = json.loads((other / NEURONS_JSON).read_text())
@@ -209,12 +292,26 @@ def _csv(path, rows):
 
 
 def _labelled(n=24):
-    return [(f"a {'fine' if i % 2 else 'poor'} example number {i}", "positive" if i % 2 else "negative")
-            for i in range(n)]
+    return [
+        (f"a {'fine' if i % 2 else 'poor'} example number {i}", "positive" if i % 2 else "negative") for i in range(n)
+    ]
 
 
-TINY_TUNE = ["--model", "tiny-gpt2", "--steps", "2", "--eval-every", "2", "--prompt-length", "2",
-             "--max-input-tokens", "16", "--device", "cpu", "-q"]
+TINY_TUNE = [
+    "--model",
+    "tiny-gpt2",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--prompt-length",
+    "2",
+    "--max-input-tokens",
+    "16",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 def test_csv_task_is_stored_absolute_and_fingerprinted(tmp_path, capsys, monkeypatch):
@@ -268,8 +365,21 @@ def test_label_words_mapping_is_explicit(tmp_path):
 def test_run_keeps_the_label_mapping(tmp_path, capsys):
     path = _csv(tmp_path / "t.csv", _labelled(40))
     out = tmp_path / "run"
-    assert main(["tune", "--task", f"csv:{path}", "--label-words", "positive=good,negative=bad",
-                 "--out", str(out), *TINY_TUNE]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--task",
+                f"csv:{path}",
+                "--label-words",
+                "positive=good,negative=bad",
+                "--out",
+                str(out),
+                *TINY_TUNE,
+            ]
+        )
+        == 0
+    )
     run = Run.load(out)
     assert run.info["task_spec"]["label_names"] == ["positive", "negative"]
     assert run.info["label_words"] == [" good", " bad"]
@@ -308,23 +418,33 @@ def test_hook_width_is_checked(tiny_gpt2, tiny_neurons, tiny_run):
     with rec.attached(), pytest.raises(RecordingError, match=r"blocks\.1\.mlp\.hook_post has width 25"):
         rec.run(batch, tiny_run.prompt)
     pert = Perturbation(pruned, [(1, 3)], "zero")
-    with torch.no_grad(), pert.attached(), tiny_run.prompt.applied(pruned, batch), \
-            pytest.raises(PerturbationError, match="width 25, but 256"):
+    with (
+        torch.no_grad(),
+        pert.attached(),
+        tiny_run.prompt.applied(pruned, batch),
+        pytest.raises(PerturbationError, match="width 25, but 256"),
+    ):
         pruned(batch.input_ids, attention_mask=batch.attention_mask)
     assert not pruned.hook_dict["blocks.1.mlp.hook_post"].fwd_hooks  # nothing left behind
 
 
 # ----------------------------------------------------------------- unreadable files
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / PROMPT_FILE).write_bytes((d / PROMPT_FILE).read_bytes()[:40]), "prompt.safetensors is not a readable"),
-    (lambda d: (d / PROMPT_FILE).write_bytes(b"garbage" * 10), "prompt.safetensors is not a readable"),
-    (lambda d: (d / RUN_JSON).write_text('{"model": "tiny-gpt2", '), "run.json is not valid JSON"),
-    (lambda d: (d / RUN_JSON).write_text("[1, 2]"), "must hold a JSON object"),
-    (lambda d: _edit(d / RUN_JSON, task_seed="zero"), "'task_seed' must be an integer"),
-    (lambda d: _edit(d / RUN_JSON, label_words=[1, 2]), "'label_words' must be a list of strings"),
-    (lambda d: _edit(d / RUN_JSON, config={"steps": "many"}), "'config' is not a valid tuning config"),
-    (lambda d: _edit(d / RUN_JSON, drop="model"), "lacks 'model'"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda d: (d / PROMPT_FILE).write_bytes((d / PROMPT_FILE).read_bytes()[:40]),
+            "prompt.safetensors is not a readable",
+        ),
+        (lambda d: (d / PROMPT_FILE).write_bytes(b"garbage" * 10), "prompt.safetensors is not a readable"),
+        (lambda d: (d / RUN_JSON).write_text('{"model": "tiny-gpt2", '), "run.json is not valid JSON"),
+        (lambda d: (d / RUN_JSON).write_text("[1, 2]"), "must hold a JSON object"),
+        (lambda d: _edit(d / RUN_JSON, task_seed="zero"), "'task_seed' must be an integer"),
+        (lambda d: _edit(d / RUN_JSON, label_words=[1, 2]), "'label_words' must be a list of strings"),
+        (lambda d: _edit(d / RUN_JSON, config={"steps": "many"}), "'config' is not a valid tuning config"),
+        (lambda d: _edit(d / RUN_JSON, drop="model"), "lacks 'model'"),
+    ],
+)
 def test_corrupt_run_files_name_the_file(tiny_run, tmp_path, capsys, monkeypatch, damage, message):
     _no_work(monkeypatch)
     run = _copy(tiny_run.path, tmp_path / "run")
@@ -342,15 +462,17 @@ def _edit(path, drop=None, **changes):
     path.write_text(json.dumps(info))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / PREDICTIVITY_FILE).write_bytes(b"\x00" * 64), "predictivity.safetensors is not a readable"),
-    (lambda d: (d / NEURONS_JSON).write_text("{"), "neurons.json is not valid JSON"),
-    (lambda d: _edit(d / NEURONS_JSON, layers="all"), "'layers' must be a list"),
-    (lambda d: _edit(d / NEURONS_JSON, layers=[0]), "do not fit"),
-    (lambda d: _edit(d / NEURONS_JSON, drop="subtasks"), "lacks 'subtasks'"),
-])
-def test_corrupt_neuron_files_name_the_file(tiny_run, tiny_neurons, tmp_path, capsys, monkeypatch,
-                                            damage, message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / PREDICTIVITY_FILE).write_bytes(b"\x00" * 64), "predictivity.safetensors is not a readable"),
+        (lambda d: (d / NEURONS_JSON).write_text("{"), "neurons.json is not valid JSON"),
+        (lambda d: _edit(d / NEURONS_JSON, layers="all"), "'layers' must be a list"),
+        (lambda d: _edit(d / NEURONS_JSON, layers=[0]), "do not fit"),
+        (lambda d: _edit(d / NEURONS_JSON, drop="subtasks"), "lacks 'subtasks'"),
+    ],
+)
+def test_corrupt_neuron_files_name_the_file(tiny_run, tiny_neurons, tmp_path, capsys, monkeypatch, damage, message):
     _no_work(monkeypatch)
     neurons = _copy(tiny_neurons, tmp_path / "n")
     damage(neurons)
@@ -368,16 +490,28 @@ def test_hub_offline_is_said_at_once(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # as a user sets it: before start
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "tl_skill", "evaluate", "RUN", "--help"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tl_skill", "evaluate", "RUN", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     startup = time.perf_counter() - t0
-    for argv, message in [(["tune", "--model", "someone/no-such-model", "--out", str(tmp_path / "r")],
-                           "HF_HUB_OFFLINE is set, and no copy is in the local Hugging Face cache"),
-                          (["tune", "--task", "someone/no-such-dataset", "--out", str(tmp_path / "r")],
-                           "cannot load Hugging Face dataset 'someone/no-such-dataset'")]:
+    for argv, message in [
+        (
+            ["tune", "--model", "someone/no-such-model", "--out", str(tmp_path / "r")],
+            "HF_HUB_OFFLINE is set, and no copy is in the local Hugging Face cache",
+        ),
+        (
+            ["tune", "--task", "someone/no-such-dataset", "--out", str(tmp_path / "r")],
+            "cannot load Hugging Face dataset 'someone/no-such-dataset'",
+        ),
+    ]:
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "tl_skill", *argv, "-q"], env=env, capture_output=True,
-                             text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "tl_skill", *argv, "-q"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1  # one line, no hub warnings even with -q
         assert time.perf_counter() - t0 < startup + 10  # no rounds of retries

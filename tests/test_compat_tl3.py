@@ -52,17 +52,19 @@ def hf_forward(hf, batch, prompt=None, zero: torch.Tensor | None = None):
     if prompt is not None:
         emb = emb.clone()
         for i, start in enumerate(batch.prompt_start.tolist()):
-            emb[i, start:start + prompt.length] = prompt.vectors.to(emb.dtype)
+            emb[i, start : start + prompt.length] = prompt.vectors.to(emb.dtype)
     n_layers = hf.config.num_hidden_layers
     acts: list[torch.Tensor | None] = [None] * n_layers
     handles = []
     for layer in range(n_layers):
+
         def pre_hook(module, args, layer=layer):
             x = args[0]
             if zero is not None:
                 x = x.masked_fill(zero[layer].to(x.device), 0.0)
             acts[layer] = x
             return (x,)
+
         handles.append(_mlp_out_proj(hf, layer).register_forward_pre_hook(pre_hook))
     try:
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -88,6 +90,7 @@ def hooked_activations(model, batch, prompt=None) -> torch.Tensor:
     def keep(name):
         def hook(act, hook):
             seen[name] = act.detach().clone()
+
         return hook
 
     with maybe_applied(prompt, model, batch), model.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
@@ -103,11 +106,11 @@ def reference_predictivity(hf, task, prompt, layout, batch_size: int = 32) -> to
         out = []
         texts, labels = task.texts(split), task.labels(split).copy()
         for i in range(0, len(texts), batch_size):
-            batch = layout.encode(texts[i:i + batch_size], labels[i:i + batch_size])
+            batch = layout.encode(texts[i : i + batch_size], labels[i : i + batch_size])
             with torch.no_grad():
                 _, acts = hf_forward(hf, batch, prompt)  # [L, B, T, D]
             for b, start in enumerate(batch.prompt_start.tolist()):
-                out.append(acts[:, b, start:start + prompt.length].double())
+                out.append(acts[:, b, start : start + prompt.length].double())
         return torch.stack(out), torch.as_tensor(labels)  # [N, L, P, D]
 
     train, _ = prompt_acts("train")
@@ -144,10 +147,8 @@ def bridge():
 def trained_run(hooked, small_task, tmp_path_factory):
     from tl_skill.tuning.runs import TuneConfig, tune
 
-    cfg = TuneConfig(prompt_length=4, steps=8, eval_every=4, batch_size=16, max_train_examples=160,
-                     max_input_tokens=48)
-    return tune(hooked, small_task, tmp_path_factory.mktemp("tl3") / "run", cfg, progress=False,
-                evaluate_test=False)
+    cfg = TuneConfig(prompt_length=4, steps=8, eval_every=4, batch_size=16, max_train_examples=160, max_input_tokens=48)
+    return tune(hooked, small_task, tmp_path_factory.mktemp("tl3") / "run", cfg, progress=False, evaluate_test=False)
 
 
 def _texts(task, n=6):
@@ -166,11 +167,19 @@ def test_load_model_builds_an_unprocessed_hooked_transformer(hooked, hf_gpt2):
     assert not any(p.requires_grad for p in hooked.parameters())
     spec = model_spec(hooked)
     assert (spec.family, spec.n_layers, spec.d_mlp, spec.d_model, spec.d_vocab, spec.gated_mlp) == (
-        "causal", 2, 256, 64, 4096, False)
+        "causal",
+        2,
+        256,
+        64,
+        4096,
+        False,
+    )
     # tl_skill's own tokenizer is attached unchanged (no BOS-adding reload)
     assert hooked.tokenizer.name_or_path == str(tiny_tokenizer_dir())
-    assert hooked.tokenizer("a fine film", add_special_tokens=False)["input_ids"] == hooked.tokenizer(
-        "a fine film")["input_ids"]
+    assert (
+        hooked.tokenizer("a fine film", add_special_tokens=False)["input_ids"]
+        == hooked.tokenizer("a fine film")["input_ids"]
+    )
     # no weight processing: the weights are the Hugging Face model's, as they are
     assert hooked.cfg.normalization_type == "LN"
     for layer in range(2):
@@ -228,8 +237,9 @@ def test_soft_prompt_logits_and_gradient_match_inputs_embeds(hooked, hf_gpt2, sm
     with torch.no_grad():
         for i in range(len(texts)):
             alone = layout_for(hooked, 4, max_input_tokens=40).encode([texts[i]], [labels[i]])
-            torch.testing.assert_close(class_logits(hooked, alone, verbalizer, prompt)[0], got[i].detach(),
-                                       atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                class_logits(hooked, alone, verbalizer, prompt)[0], got[i].detach(), atol=2e-5, rtol=1e-4
+            )
 
 
 def test_prompt_tuning_trains_the_prompt_only(hooked, trained_run, small_task):
@@ -242,8 +252,14 @@ def test_prompt_tuning_trains_the_prompt_only(hooked, trained_run, small_task):
     assert not torch.allclose(trained_run.prompt.vectors, start.vectors), "the prompt did not move"
     assert trained_run.metrics["steps_run"] == 8
     # the saved dev accuracy is the accuracy of the saved prompt
-    acc = evaluate(hooked, small_task, "dev", trained_run.verbalizer(hooked), trained_run.prompt,
-                   max_input_tokens=trained_run.config.max_input_tokens)["accuracy"]
+    acc = evaluate(
+        hooked,
+        small_task,
+        "dev",
+        trained_run.verbalizer(hooked),
+        trained_run.prompt,
+        max_input_tokens=trained_run.config.max_input_tokens,
+    )["accuracy"]
     assert acc == pytest.approx(trained_run.metrics["dev_accuracy"])
     after = hooked.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -272,9 +288,9 @@ def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked
 
 def test_predictivity_matches_the_hf_reference_and_the_bridge(hooked, hf_gpt2, trained_run, request):
     """Done-when of the compatibility issue: the same ranking on a HookedTransformer and a bridge."""
+    from tl_skill.data.tasks import subsample
     from tl_skill.find import find_skill_neurons
     from tl_skill.tuning.prompt import layout_for
-    from tl_skill.data.tasks import subsample
 
     limits = dict(max_train_examples=120, max_eval_examples=80)
     found = find_skill_neurons(hooked, [trained_run], progress=False, **limits)
@@ -282,8 +298,9 @@ def test_predictivity_matches_the_hf_reference_and_the_bridge(hooked, hf_gpt2, t
     assert pred.shape == (2, 256)
 
     task = trained_run.load_task()
-    task = subsample(task, {"train": limits["max_train_examples"], "dev": limits["max_eval_examples"]},
-                     seed=task.spec.seed)
+    task = subsample(
+        task, {"train": limits["max_train_examples"], "dev": limits["max_eval_examples"]}, seed=task.spec.seed
+    )
     cfg = trained_run.config
     layout = layout_for(hooked, trained_run.prompt.length, cfg.max_input_tokens, cfg.padding_side)
     ref = reference_predictivity(hf_gpt2, task, trained_run.prompt, layout)
@@ -316,8 +333,7 @@ def test_pruning_is_bridge_only(hooked, trained_run):
     from tl_skill.find import find_skill_neurons
     from tl_skill.prune import PruneError, prune_model
 
-    found = find_skill_neurons(hooked, [trained_run], progress=False, max_train_examples=32,
-                               max_eval_examples=32)
+    found = find_skill_neurons(hooked, [trained_run], progress=False, max_train_examples=32, max_eval_examples=32)
     with pytest.raises(PruneError, match="kind='bridge'"):
         prune_model(hooked, found, keep=0.1)
 
@@ -346,8 +362,8 @@ def test_prompt_room_check_on_a_hooked_transformer(hooked):
 def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, tmp_path):
     """A HookedTransformer built from a config (trainable, not from load_model) is tuned, probed and
     perturbed; its weights and requires_grad flags are what they were."""
-    from transformers import AutoTokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
 
     from tl_skill import TuneConfig, evaluate, tune
     from tl_skill.data import subsample
@@ -356,14 +372,30 @@ def test_a_users_own_hooked_transformer_runs_the_pipeline_unchanged(small_task, 
     from tl_skill.perturb import Perturbation
 
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=128, d_vocab=4096, n_ctx=128,
-                                  act_fn="gelu", normalization_type="LN")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=64,
+        d_head=16,
+        n_heads=4,
+        d_mlp=128,
+        d_vocab=4096,
+        n_ctx=128,
+        act_fn="gelu",
+        normalization_type="LN",
+    )
     model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
     assert all(p.requires_grad for p in model.parameters())  # as a user builds it
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = subsample(small_task, {"train": 48, "dev": 24, "test": 24})
-    run = tune(model, task, tmp_path / "run", TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=48,
-                                                          max_dev_examples=24, max_test_examples=24), progress=False)
+    run = tune(
+        model,
+        task,
+        tmp_path / "run",
+        TuneConfig(
+            prompt_length=4, steps=2, eval_every=2, max_train_examples=48, max_dev_examples=24, max_test_examples=24
+        ),
+        progress=False,
+    )
     sn = find_skill_neurons(model, [run], max_train_examples=48, max_eval_examples=24, progress=False)
     assert sn.predictivity.shape == (2, 128) and 0.5 <= sn.best_predictivity <= 1
     pert = Perturbation(model, sn.select(fraction=0.5), "zero", skill=sn)
@@ -379,8 +411,8 @@ def test_hooked_transformer_prefix_cache_equals_the_full_pass(name, side, small_
     """HookedTransformer continues its own key/value cache: logits, prompt gradient and several prompts at
     once equal the full pass, with a zero perturbation active in both passes."""
     from tl_skill import SoftPrompt, load_model
-    from tl_skill.tuning import Verbalizer, class_logits, layout_for
     from tl_skill.perturb import Perturbation
+    from tl_skill.tuning import Verbalizer, class_logits, layout_for
     from tl_skill.tuning.prefix import class_logits_cached, class_logits_many
 
     model = load_model(name, device="cpu", seed=SEED)
@@ -433,8 +465,7 @@ def test_attn_out_vectors_on_a_hooked_transformer():
 def test_hooked_transformer_grouped_input_pass_equals_the_full_pass(small_task, monkeypatch):
     """No hook attached: rows run in length groups whose TransformerLens caches are merged."""
     from tl_skill import SoftPrompt, load_model
-    from tl_skill.tuning import Verbalizer, class_logits, layout_for
-    from tl_skill.tuning import prefix
+    from tl_skill.tuning import Verbalizer, class_logits, layout_for, prefix
 
     model = load_model("tiny-llama", device="cpu", seed=SEED)
     if compat.DEFAULT_KIND == "bridge":
@@ -442,8 +473,11 @@ def test_hooked_transformer_grouped_input_pass_equals_the_full_pass(small_task, 
     monkeypatch.setattr(prefix, "GROUP_OVERHEAD_TOKENS", 0)
     calls = []
     run_input = prefix._run_input
-    monkeypatch.setattr(prefix, "_run_input", lambda m, ids, mask, hooks, stop: calls.append(ids.shape[0])
-                        or run_input(m, ids, mask, hooks, stop))
+    monkeypatch.setattr(
+        prefix,
+        "_run_input",
+        lambda m, ids, mask, hooks, stop: calls.append(ids.shape[0]) or run_input(m, ids, mask, hooks, stop),
+    )
     batch = layout_for(model, 4, 80).encode(small_task.texts("train")[:9], small_task.labels("train")[:9])
     v = Verbalizer(model.tokenizer, small_task.spec.label_words)
     full_p = SoftPrompt.from_vocab(model, 4, seed=0)

@@ -16,13 +16,13 @@ import torch
 
 from tl_skill import TuneConfig, compat, evaluate, load_task, tune
 from tl_skill.cli import main
-from tl_skill.viz.dashboard import page_name, write_dashboard
 from tl_skill.experiments.dashboard import DashboardError, DashboardResult, dashboard_data
 from tl_skill.experiments.runner import EvalSet
 from tl_skill.find import find_skill_neurons, trace_activations
-from tl_skill.viz.neuronpedia import ACTIVATION_FIELDS, FEATURE_FIELDS, export_neuronpedia
 from tl_skill.perturb import Perturbation
 from tl_skill.tuning.prompt import layout_for
+from tl_skill.viz.dashboard import page_name, write_dashboard
+from tl_skill.viz.neuronpedia import ACTIVATION_FIELDS, FEATURE_FIELDS, export_neuronpedia
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def made(tiny_gpt2, tmp_path_factory):
     base = tmp_path_factory.mktemp("dashboard")
-    run = tune(tiny_gpt2, load_task("rotten_tomatoes"), base / "run",
-               TuneConfig(prompt_length=4, steps=3, eval_every=3, max_train_examples=48, max_dev_examples=24,
-                          max_test_examples=30, max_input_tokens=24), progress=False)
+    run = tune(
+        tiny_gpt2,
+        load_task("rotten_tomatoes"),
+        base / "run",
+        TuneConfig(
+            prompt_length=4,
+            steps=3,
+            eval_every=3,
+            max_train_examples=48,
+            max_dev_examples=24,
+            max_test_examples=30,
+            max_input_tokens=24,
+        ),
+        progress=False,
+    )
     sn = find_skill_neurons(tiny_gpt2, [run], max_train_examples=48, max_eval_examples=24, progress=False)
     sn.save(base / "neurons")
     res = dashboard_data(tiny_gpt2, run, sn, base / "dash", top=4, n_examples=3, progress=False)
@@ -62,8 +74,15 @@ def test_activations_and_top_examples_equal_slow_references(tiny_gpt2, made):
     for k, row in enumerate(res.neurons):
         l, i = row["layer"], row["neuron"]
         # the activation at the best prompt position on every example = trace_activations
-        values, labels = trace_activations(tiny_gpt2, es.task, "test", run.prompt, [(l, i)], progress=False,
-                                           max_input_tokens=run.config.max_input_tokens)
+        values, labels = trace_activations(
+            tiny_gpt2,
+            es.task,
+            "test",
+            run.prompt,
+            [(l, i)],
+            progress=False,
+            max_input_tokens=run.config.max_input_tokens,
+        )
         want = values[:, 0, row["position"]]
         torch.testing.assert_close(res.activations[:, k], want.float(), rtol=1e-5, atol=1e-6)
         assert torch.equal(res.labels, labels.long())
@@ -116,11 +135,19 @@ def test_single_neuron_ablation_equals_perturb(tiny_gpt2, made):
     assert res.clean_accuracy == clean["accuracy"]
     for row in res.neurons:
         pert = Perturbation(tiny_gpt2, [(row["layer"], row["neuron"])], "mean", skill=sn)
-        got = evaluate(tiny_gpt2, es.task, "test", es.verbalizer, run.prompt, max_input_tokens=es.max_input_tokens,
-                       extra_hooks=pert.fwd_hooks())
+        got = evaluate(
+            tiny_gpt2,
+            es.task,
+            "test",
+            es.verbalizer,
+            run.prompt,
+            max_input_tokens=es.max_input_tokens,
+            extra_hooks=pert.fwd_hooks(),
+        )
         assert row["ablated_accuracy"] == got["accuracy"]
-        assert row["ablation_changed"] == int(((got["predictions"] == es.task.labels("test"))
-                                               != (clean["predictions"] == es.task.labels("test"))).sum())
+        assert row["ablation_changed"] == int(
+            ((got["predictions"] == es.task.labels("test")) != (clean["predictions"] == es.task.labels("test"))).sum()
+        )
 
 
 def test_saved_result_and_html(tiny_gpt2, made, tmp_path):
@@ -156,8 +183,9 @@ def test_neuronpedia_export_has_the_documented_fields(made, tmp_path):
     assert len(features) == len(res.neurons)
     for feat in features:
         assert tuple(feat) == FEATURE_FIELDS
-        row = next(r for r in res.neurons if str(r["neuron"]) == feat["index"] and feat["layer"].startswith(
-            f"{r['layer']}-"))
+        row = next(
+            r for r in res.neurons if str(r["neuron"]) == feat["index"] and feat["layer"].startswith(f"{r['layer']}-")
+        )
         assert feat["hookName"] == f"blocks.{row['layer']}.mlp.hook_post"
         assert sum(feat["freq_hist_data_bar_heights"]) == res.n_examples
         assert feat["pos_str"] == row["logit_lens"]["pos_str"] and len(feat["neg_values"]) == 10
@@ -170,8 +198,20 @@ def test_neuronpedia_export_has_the_documented_fields(made, tmp_path):
 
 def test_cli_dashboard_and_export(made, tmp_path, capsys):
     base, run, _, _ = made
-    args = [str(base / "neurons"), "--run", str(run.path), "--top", "2", "--examples", "2", "--max-examples", "20",
-            "--device", "cpu", "-q"]
+    args = [
+        str(base / "neurons"),
+        "--run",
+        str(run.path),
+        "--top",
+        "2",
+        "--examples",
+        "2",
+        "--max-examples",
+        "20",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     assert main(["dashboard", *args, "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "index.html").exists() and len(list((tmp_path / "d").glob("neuron_L*.html"))) == 2
     assert main(["export", "neuronpedia", *args, "--out", str(tmp_path / "e")]) == 0
@@ -180,13 +220,19 @@ def test_cli_dashboard_and_export(made, tmp_path, capsys):
     assert "other settings: top (2 there, 3 here)" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
-                    reason="the browser check needs Chromium (Debian package `chromium`)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+    reason="the browser check needs Chromium (Debian package `chromium`)",
+)
 def test_dashboard_opens_in_headless_chromium(made, tmp_path):
     base, _, _, res = made
     write_dashboard(res, tmp_path / "html")
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "browser" / "check_dashboard.py"), str(tmp_path / "html")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "browser" / "check_dashboard.py"), str(tmp_path / "html")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "html" / "index.png").stat().st_size > 2000
 
@@ -195,8 +241,9 @@ def test_dashboard_opens_in_headless_chromium(made, tmp_path):
 @pytest.fixture(scope="module", params=["attn", "resid"])
 def unit_dash(request, tiny_gpt2, made):
     base, run, _, _ = made
-    sn = find_skill_neurons(tiny_gpt2, [run], max_train_examples=48, max_eval_examples=24, progress=False,
-                            units=request.param)
+    sn = find_skill_neurons(
+        tiny_gpt2, [run], max_train_examples=48, max_eval_examples=24, progress=False, units=request.param
+    )
     res = dashboard_data(tiny_gpt2, run, sn, base / f"dash_{request.param}", top=3, n_examples=2, progress=False)
     return request.param, run, sn, res
 
@@ -264,8 +311,15 @@ def test_unit_dashboards_direct_effect_and_ablation_by_hand(tiny_gpt2, unit_dash
         per_example = (rows @ ((v - v.mean()) * ln.weight.detach().double()))[None, :] / scale[:, None]
         np.testing.assert_allclose(row["direct_effect_per_unit"], per_example.mean(0).numpy(), rtol=1e-4, atol=1e-9)
         pert = Perturbation(tiny_gpt2, [(l, i)], "mean", skill=sn)  # the neurons' own units
-        got = evaluate(tiny_gpt2, es.task, "test", es.verbalizer, run.prompt, max_input_tokens=es.max_input_tokens,
-                       extra_hooks=pert.fwd_hooks())
+        got = evaluate(
+            tiny_gpt2,
+            es.task,
+            "test",
+            es.verbalizer,
+            run.prompt,
+            max_input_tokens=es.max_input_tokens,
+            extra_hooks=pert.fwd_hooks(),
+        )
         assert row["ablated_accuracy"] == got["accuracy"]
         assert row["ablation_delta"] == pytest.approx(got["accuracy"] - clean["accuracy"])
 

@@ -28,8 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 FIND_KW = dict(max_train_examples=150, max_eval_examples=96, batch_size=16)
 EVAL_EXAMPLES = 100
-TUNE_KW = dict(prompt_length=4, steps=6, batch_size=7, eval_every=3, lr=3e-3, warmup_fraction=0.0,
-               max_train_examples=64, max_dev_examples=40, max_test_examples=40, eval_batch_size=16)
+TUNE_KW = dict(
+    prompt_length=4,
+    steps=6,
+    batch_size=7,
+    eval_every=3,
+    lr=3e-3,
+    warmup_fraction=0.0,
+    max_train_examples=64,
+    max_dev_examples=40,
+    max_test_examples=40,
+    eval_batch_size=16,
+)
 
 
 def _tune_task():
@@ -64,23 +74,55 @@ def _noisy_eval(model, run, batch_size: int):
     mask = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.bool)
     mask[:, ::4] = True
     pert = Perturbation(model, mask, "noise", std=3.0, seed=3)
-    return evaluate(model, _eval_task(run), "test", run.verbalizer(model), run.prompt, batch_size=batch_size,
-                    extra_hooks=pert.fwd_hooks())
+    return evaluate(
+        model,
+        _eval_task(run),
+        "test",
+        run.verbalizer(model),
+        run.prompt,
+        batch_size=batch_size,
+        extra_hooks=pert.fwd_hooks(),
+    )
 
 
 # --------------------------------------------------------------------------- the worker
 def _worker(run_dir: str, out_dir: str) -> None:
-    from tl_skill import TuneConfig, distributed, evaluate, find_skill_neurons, load_model, tune
-    from tl_skill import cli
+    from tl_skill import TuneConfig, cli, distributed, evaluate, find_skill_neurons, load_model, tune
     from tl_skill.files import save_state
     from tl_skill.tuning.runs import Run
 
     out = Path(out_dir)
     r = int(os.environ["RANK"])
-    argv_eval = ["evaluate", run_dir, "--split", "test", "--max-examples", str(EVAL_EXAMPLES),
-                 "--batch-size", "16", "--device", "cpu", "--json", "-q"]
-    argv_find = ["find", run_dir, "--out", str(out / "cli_neurons"), "--max-train-examples", "150",
-                 "--max-eval-examples", "96", "--batch-size", "16", "--device", "cpu", "--json", "-q"]
+    argv_eval = [
+        "evaluate",
+        run_dir,
+        "--split",
+        "test",
+        "--max-examples",
+        str(EVAL_EXAMPLES),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+    ]
+    argv_find = [
+        "find",
+        run_dir,
+        "--out",
+        str(out / "cli_neurons"),
+        "--max-train-examples",
+        "150",
+        "--max-eval-examples",
+        "96",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+    ]
     for name, argv in (("cli_evaluate", argv_eval), ("cli_find", argv_find)):
         with open(out / f"{name}.rank{r}.txt", "w") as f, contextlib.redirect_stdout(f):
             code = cli.main(argv)  # the first call joins the process group
@@ -96,13 +138,23 @@ def _worker(run_dir: str, out_dir: str) -> None:
     noisy = _noisy_eval(model, run, batch_size=16)
     ddp_run = tune(model, _tune_task(), out / "ddp_run", TuneConfig(**TUNE_KW), progress=False)
     ablation, zero_shot = _noisy_experiments(model, run, sn, out / "ablation", batch_size=16)
-    save_state(out / f"rank{r}.safetensors", {
-        "baseline": sn.baseline, "accuracy": sn.accuracy, "std": sn.std, "constant": sn.constant,
-        "predictions": torch.from_numpy(res["predictions"]), "eval_accuracy": res["accuracy"],
-        "noisy_predictions": torch.from_numpy(noisy["predictions"]),
-        "prompt": ddp_run.prompt.vectors.detach().clone(), "history": ddp_run.info["history"],
-        "metrics": ddp_run.metrics, "ablation": ablation, "zero_shot": zero_shot,
-    })
+    save_state(
+        out / f"rank{r}.safetensors",
+        {
+            "baseline": sn.baseline,
+            "accuracy": sn.accuracy,
+            "std": sn.std,
+            "constant": sn.constant,
+            "predictions": torch.from_numpy(res["predictions"]),
+            "eval_accuracy": res["accuracy"],
+            "noisy_predictions": torch.from_numpy(noisy["predictions"]),
+            "prompt": ddp_run.prompt.vectors.detach().clone(),
+            "history": ddp_run.info["history"],
+            "metrics": ddp_run.metrics,
+            "ablation": ablation,
+            "zero_shot": zero_shot,
+        },
+    )
 
 
 def _noisy_experiments(model, run, sn, out, batch_size: int) -> tuple[dict, dict]:
@@ -137,22 +189,42 @@ def launched(tmp_path_factory, tiny_gpt2):
 
     base = tmp_path_factory.mktemp("dist")
     with _threads(1):
-        run = tune(tiny_gpt2, _tune_task(), base / "run",
-                   TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=32,
-                              max_dev_examples=20, max_test_examples=20), progress=False, evaluate_test=False)
+        run = tune(
+            tiny_gpt2,
+            _tune_task(),
+            base / "run",
+            TuneConfig(
+                prompt_length=4, steps=2, eval_every=2, max_train_examples=32, max_dev_examples=20, max_test_examples=20
+            ),
+            progress=False,
+            evaluate_test=False,
+        )
     out = base / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(Path(__file__).resolve()), str(run.path), str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(Path(__file__).resolve()),
+        str(run.path),
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     # The references run while the workers start up.
     with _threads(1):
         ref_sn = find_skill_neurons(tiny_gpt2, [run], progress=False, **FIND_KW)
-        ref_eval = evaluate(tiny_gpt2, _eval_task(run), "test", run.verbalizer(tiny_gpt2), run.prompt,
-                            batch_size=16)
+        ref_eval = evaluate(tiny_gpt2, _eval_task(run), "test", run.verbalizer(tiny_gpt2), run.prompt, batch_size=16)
         ref_run = tune(tiny_gpt2, _tune_task(), base / "ref_run", TuneConfig(**TUNE_KW), progress=False)
         ref_noisy = {bs: _noisy_eval(tiny_gpt2, run, bs)["predictions"] for bs in (16, 7)}
         ref_experiments = _noisy_experiments(tiny_gpt2, run, ref_sn, base / "ref_ablation", batch_size=7)
@@ -166,8 +238,16 @@ def launched(tmp_path_factory, tiny_gpt2):
     from tl_skill.files import load_state
 
     ranks = [load_state(out / f"rank{r}.safetensors") for r in range(WORLD)]
-    return {"run": run, "out": out, "ranks": ranks, "sn": ref_sn, "eval": ref_eval, "tuned": ref_run,
-            "noisy": ref_noisy, "experiments": ref_experiments}
+    return {
+        "run": run,
+        "out": out,
+        "ranks": ranks,
+        "sn": ref_sn,
+        "eval": ref_eval,
+        "tuned": ref_run,
+        "noisy": ref_noisy,
+        "experiments": ref_experiments,
+    }
 
 
 def test_recording_equals_one_process(launched):
@@ -316,10 +396,10 @@ def _merged(parts):
 
 
 def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, tiny_gpt2, small_task):
-    from tl_skill.record import MomentStats
     from tl_skill import Recorder, SoftPrompt, distributed
-    from tl_skill.tuning import layout_for
     from tl_skill.data import subsample
+    from tl_skill.record import MomentStats
+    from tl_skill.tuning import layout_for
     from tl_skill.tuning.prompt import iterate_batches
 
     task = subsample(small_task, {"train": 72})
@@ -351,10 +431,9 @@ def test_sharded_statistics_are_exact_for_any_world_size_and_order(monkeypatch, 
 
 def test_bfloat16_activations_are_summed_exactly(tiny_gpt2, small_task):
     """bf16 model: float64/int64 statistics equal an exact reference over the same bf16 activations."""
-    from tl_skill.record import MomentStats, ThresholdStats
     from tl_skill import Recorder, SoftPrompt, compat, load_model
+    from tl_skill.record import MomentStats, ThresholdStats, exact_parts, exact_total
     from tl_skill.tuning import layout_for
-    from tl_skill.record import exact_parts, exact_total
     from tl_skill.tuning.prompt import iterate_batches
 
     model = load_model("tiny-gpt2", device="cpu", dtype="bfloat16")
@@ -371,12 +450,16 @@ def test_bfloat16_activations_are_summed_exactly(tiny_gpt2, small_task):
             assert act.dtype == torch.bfloat16
             rows = torch.arange(act.shape[0])[:, None]
             seen[layer].append(act[rows, batch.prompt_positions()].detach().clone())
+
         return hook
 
     labels = torch.cat([b.labels for b in batches])
     for batch in batches:
-        with prompt.applied(model, batch), torch.no_grad(), model.hooks(
-                fwd_hooks=[(compat.mlp_post_hook(l), grab(l, batch)) for l in (0, 1)]):
+        with (
+            prompt.applied(model, batch),
+            torch.no_grad(),
+            model.hooks(fwd_hooks=[(compat.mlp_post_hook(l), grab(l, batch)) for l in (0, 1)]),
+        ):
             compat.forward(model, batch.input_ids, batch.attention_mask)
     acts = torch.stack([torch.cat(seen[l]) for l in (0, 1)], 1)  # [N, L, T, D] bf16
     x64 = acts.double()

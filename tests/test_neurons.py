@@ -21,15 +21,15 @@ import torch
 from datasets import DatasetDict
 
 from tl_skill import compat, load_model, load_task
-from tl_skill.data import subsample
 from tl_skill.cli import main as cli_main
-from tl_skill.models import model_spec
-from tl_skill.find import find_skill_neurons, record_run, trace_activations
-from tl_skill.neurons import (NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, make_subtasks,
-    random_mask_like)
-from tl_skill.tuning.prompt import SoftPrompt, layout_for
-from tl_skill.record import MomentStats, Recorder
+from tl_skill.data import subsample
 from tl_skill.data.tasks import Task
+from tl_skill.find import find_skill_neurons, record_run, trace_activations
+from tl_skill.models import model_spec
+from tl_skill.neurons import NEURONS_JSON, PREDICTIVITY_FILE, NeuronsError, SkillNeurons, random_mask_like
+from tl_skill.predictivity import make_subtasks
+from tl_skill.record import MomentStats, Recorder
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
 from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, RunError, TuneConfig, tune
 
 P = 4
@@ -43,11 +43,13 @@ def reference_activations(model, task, split, prompt, max_input_tokens, indices=
     idx = list(range(len(texts))) if indices is None else list(indices)
     batch = layout_for(model, prompt.length, max_input_tokens).encode([texts[i] for i in idx], labels[idx])
     with prompt.applied(model, batch), torch.no_grad():
-        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                        names_filter=lambda n: n.endswith("mlp.hook_post"))
+        _, cache = model.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n.endswith("mlp.hook_post")
+        )
     acts = torch.stack([cache[compat.mlp_post_hook(l)] for l in range(model_spec(model).n_layers)], 1)
-    return np.stack([acts[r, :, int(s):int(s) + prompt.length].numpy()
-                     for r, s in enumerate(batch.prompt_start)]), labels[idx]
+    return np.stack(
+        [acts[r, :, int(s) : int(s) + prompt.length].numpy() for r, s in enumerate(batch.prompt_start)]
+    ), labels[idx]
 
 
 def ref_mean(acts):
@@ -73,13 +75,27 @@ def ref_order(scores):
     return np.lexsort((np.arange(flat.size), -flat))
 
 
-def write_run(path: Path, model_name, prompt, task="rotten_tomatoes", label_words=(" negative", " positive"),
-              metrics=None, max_input_tokens=MAX_TOKENS) -> Path:
+def write_run(
+    path: Path,
+    model_name,
+    prompt,
+    task="rotten_tomatoes",
+    label_words=(" negative", " positive"),
+    metrics=None,
+    max_input_tokens=MAX_TOKENS,
+) -> Path:
     """A finished run directory in the format `tune` writes (without tuning)."""
     path.mkdir(parents=True)
     cfg = asdict(TuneConfig(prompt_length=prompt.length, max_input_tokens=max_input_tokens))
-    info = {"model": model_name, "task": task, "task_seed": 0, "label_words": list(label_words),
-            "config": cfg, "status": "done", "metrics": metrics or {}}
+    info = {
+        "model": model_name,
+        "task": task,
+        "task_seed": 0,
+        "label_words": list(label_words),
+        "config": cfg,
+        "status": "done",
+        "metrics": metrics or {},
+    }
     (path / RUN_JSON).write_text(json.dumps(info))
     prompt.save(path / PROMPT_FILE)
     return path
@@ -90,9 +106,16 @@ def write_run(path: Path, model_name, prompt, task="rotten_tomatoes", label_word
 def rt_runs(tmp_path_factory, tiny_gpt2, small_task):
     root = tmp_path_factory.mktemp("runs")
     words = small_task.spec.label_words
-    return [write_run(root / f"seed{s}", "tiny-gpt2", SoftPrompt.from_vocab(tiny_gpt2, P, seed=s), label_words=words,
-                      metrics={"dev_accuracy": 0.5 + s / 10, "test_accuracy": 0.4 + s / 10})
-            for s in (1, 2)]
+    return [
+        write_run(
+            root / f"seed{s}",
+            "tiny-gpt2",
+            SoftPrompt.from_vocab(tiny_gpt2, P, seed=s),
+            label_words=words,
+            metrics={"dev_accuracy": 0.5 + s / 10, "test_accuracy": 0.4 + s / 10},
+        )
+        for s in (1, 2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +132,9 @@ def found(tiny_gpt2, rt_runs):
     from tl_skill.tuning.prefix import use_prefix_cache
 
     with use_prefix_cache(False):
-        return find_skill_neurons(tiny_gpt2, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV,
-                                  batch_size=64, progress=False)
+        return find_skill_neurons(
+            tiny_gpt2, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV, batch_size=64, progress=False
+        )
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +163,7 @@ def test_find_skill_neurons_matches_reference(found, reference, tiny_gpt2):
     assert torch.equal(found.predictivity, torch.from_numpy(per_run.mean(0)))
     assert torch.equal(dataclasses.replace(found, aggregate_runs="min").predictivity, torch.from_numpy(per_run.min(0)))
     assert found.best_predictivity == per_run.mean(0).max()
-    assert 0.5 <= found.predictivity.min() and found.predictivity.max() <= 1
+    assert found.predictivity.min() >= 0.5 and found.predictivity.max() <= 1
 
 
 def test_ranking_top_and_dataframe(found):
@@ -166,7 +190,9 @@ def test_select_per_layer_and_global(found, fraction):
         assert set(torch.nonzero(mask[l]).flatten().tolist()) == want
     glob = found.select(fraction=fraction, per_layer=False)
     assert int(glob.sum()) == int(fraction * L * D)
-    assert set(torch.nonzero(glob.flatten()).flatten().tolist()) == set(ref_order(pred)[: int(fraction * L * D)].tolist())
+    assert set(torch.nonzero(glob.flatten()).flatten().tolist()) == set(
+        ref_order(pred)[: int(fraction * L * D)].tolist()
+    )
 
 
 def test_select_top_k_and_bad_arguments(found):
@@ -175,8 +201,13 @@ def test_select_top_k_and_bad_arguments(found):
         mask = found.select(k=k, per_layer=False)
         assert set(torch.nonzero(mask.flatten()).flatten().tolist()) == set(ref_order(pred)[:k].tolist())
     assert found.layer_counts(found.select(k=3)) == [3] * found.n_layers
-    for kwargs in ({}, {"fraction": 0.1, "k": 3}, {"fraction": 1.5}, {"k": found.d_mlp + 1},
-                   {"k": 3, "multiclass": "best"}):
+    for kwargs in (
+        {},
+        {"fraction": 0.1, "k": 3},
+        {"fraction": 1.5},
+        {"k": found.d_mlp + 1},
+        {"k": 3, "multiclass": "best"},
+    ):
         with pytest.raises(NeuronsError):
             found.select(**kwargs)
 
@@ -199,8 +230,20 @@ def test_save_load_round_trip(found, rt_runs, tmp_path):
         a, b = getattr(found, key), getattr(back, key)
         assert a.dtype == b.dtype and torch.equal(a, b), key
     assert torch.equal(back.predictivity, found.predictivity)
-    for key in ("model", "task", "runs", "label_names", "label_words", "subtasks", "layers", "positions",
-                "run_metrics", "aggregate_runs", "aggregate_subtasks", "meta"):
+    for key in (
+        "model",
+        "task",
+        "runs",
+        "label_names",
+        "label_words",
+        "subtasks",
+        "layers",
+        "positions",
+        "run_metrics",
+        "aggregate_runs",
+        "aggregate_subtasks",
+        "meta",
+    ):
         assert getattr(back, key) == getattr(found, key), key
 
     info = json.loads((tmp_path / "sn" / NEURONS_JSON).read_text())
@@ -209,7 +252,7 @@ def test_save_load_round_trip(found, rt_runs, tmp_path):
     assert info["best_predictivity"] == float(found.predictivity.max())
     order = ref_order(found.predictivity.numpy())
     top = info["top"]
-    assert [(t["layer"], t["neuron"]) for t in top] == [divmod(int(i), found.d_mlp) for i in order[:len(top)]]
+    assert [(t["layer"], t["neuron"]) for t in top] == [divmod(int(i), found.d_mlp) for i in order[: len(top)]]
     preds = [t["predictivity"] for t in top]
     assert preds == sorted(preds, reverse=True)
     assert info["prompt_dev_accuracy"] == pytest.approx(0.65)  # mean of the runs' 0.6 and 0.7
@@ -230,8 +273,9 @@ def test_constant_neuron_has_majority_predictivity(rt_runs, rt_task):
     with torch.no_grad():
         W_in[:, 7] = 0.0
         b_in[7] = 0.5
-    sn = find_skill_neurons(model, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV, batch_size=64,
-                            progress=False)
+    sn = find_skill_neurons(
+        model, rt_runs, max_train_examples=N_TRAIN, max_eval_examples=N_DEV, batch_size=64, progress=False
+    )
     y = rt_task.labels("dev")
     majority = max(y.mean(), 1 - y.mean())
     assert sn.constant[:, 0, :, 7].all()
@@ -245,8 +289,9 @@ def test_constant_neuron_has_majority_predictivity(rt_runs, rt_task):
 def test_trace_activations_match_reference(tiny_gpt2, rt_runs, rt_task):
     prompt = SoftPrompt.load(rt_runs[0] / PROMPT_FILE)
     neurons = [(1, 3), (0, 7), (1, 200), (1, 4)]
-    values, labels = trace_activations(tiny_gpt2, rt_task, "dev", prompt, neurons, batch_size=64,
-                                       max_input_tokens=MAX_TOKENS, progress=False)
+    values, labels = trace_activations(
+        tiny_gpt2, rt_task, "dev", prompt, neurons, batch_size=64, max_input_tokens=MAX_TOKENS, progress=False
+    )
     dev, y = reference_activations(tiny_gpt2, rt_task, "dev", prompt, MAX_TOKENS)
     assert torch.equal(labels, torch.from_numpy(y))
     want = np.stack([dev[:, l, :, i] for l, i in neurons], 1).astype(np.float64)  # [N, n, T]
@@ -260,8 +305,10 @@ def test_trace_activations_match_reference(tiny_gpt2, rt_runs, rt_task):
 def mc(tiny_gpt2, small_multiclass_task):
     """5-class BBC News: record_run with one-vs-rest and pairwise subtasks, and the reference activations."""
     task = small_multiclass_task
-    lens = [len(ids) for ids in tiny_gpt2.tokenizer(task.texts("train") + task.texts("dev"),
-                                                     add_special_tokens=False)["input_ids"]]
+    lens = [
+        len(ids)
+        for ids in tiny_gpt2.tokenizer(task.texts("train") + task.texts("dev"), add_special_tokens=False)["input_ids"]
+    ]
     assert min(lens) >= MAX_TOKENS  # truncation gives every example the same length
     prompt = SoftPrompt.from_vocab(tiny_gpt2, P, seed=5)
     subtasks = make_subtasks(task.spec.label_names, "ovr") + make_subtasks(task.spec.label_names, "pairwise")
@@ -292,7 +339,7 @@ def test_multiclass_subtasks_match_reference(mc, tiny_gpt2):
     texts, y = mc["task"].texts("train"), mc["task"].labels("train")
     with rec.attached():
         for s in range(0, len(texts), 64):
-            rec.run(layout.encode(texts[s:s + 64], y[s:s + 64]), mc["prompt"])
+            rec.run(layout.encode(texts[s : s + 64], y[s : s + 64]), mc["prompt"])
     for sub in subtasks[5:]:
         want = ref_mean(mc["train"][np.isin(mc["ytr"], sub.classes)])
         assert torch.equal(moments.mean(sub.classes), torch.from_numpy(want)), sub.name
@@ -301,10 +348,20 @@ def test_multiclass_subtasks_match_reference(mc, tiny_gpt2):
 def _multiclass_neurons(mc, aggregate_subtasks="max"):
     st = mc["stats"]
     return SkillNeurons(
-        model="tiny-gpt2", task="bbc_news", runs=["r0"], label_names=list(mc["task"].spec.label_names),
-        label_words=list(mc["task"].spec.label_words), subtasks=mc["subtasks"][:5], layers=[0, 1],
-        positions="prompt", accuracy=st.accuracy[None, :5], baseline=st.baseline[None], std=st.std[None],
-        constant=st.constant[None], aggregate_subtasks=aggregate_subtasks)
+        model="tiny-gpt2",
+        task="bbc_news",
+        runs=["r0"],
+        label_names=list(mc["task"].spec.label_names),
+        label_words=list(mc["task"].spec.label_words),
+        subtasks=mc["subtasks"][:5],
+        layers=[0, 1],
+        positions="prompt",
+        accuracy=st.accuracy[None, :5],
+        baseline=st.baseline[None],
+        std=st.std[None],
+        constant=st.constant[None],
+        aggregate_subtasks=aggregate_subtasks,
+    )
 
 
 def test_multiclass_scores_and_round_robin_selection(mc):
@@ -360,13 +417,19 @@ def test_inconsistent_or_missing_runs_are_refused(tmp_path, tiny_gpt2, rt_runs):
 def test_single_class_split_refused_before_recording(tiny_gpt2, small_task):
     dev = small_task["dev"]
     only_pos = dev.select([i for i, y in enumerate(dev["label"]) if y == 1])
-    task = Task(DatasetDict({"train": small_task["train"], "dev": only_pos, "test": small_task["test"]}),
-                small_task.spec)
+    task = Task(
+        DatasetDict({"train": small_task["train"], "dev": only_pos, "test": small_task["test"]}), small_task.spec
+    )
     calls = []
     with tiny_gpt2.hooks(fwd_hooks=[(compat.embed_hook(tiny_gpt2), lambda a, hook: calls.append(1))]):
         with pytest.raises(NeuronsError, match="only classes \\[1\\]"):
-            record_run(tiny_gpt2, task, SoftPrompt.from_vocab(tiny_gpt2, P), make_subtasks(task.spec.label_names),
-                       progress=False)
+            record_run(
+                tiny_gpt2,
+                task,
+                SoftPrompt.from_vocab(tiny_gpt2, P),
+                make_subtasks(task.spec.label_names),
+                progress=False,
+            )
     assert not calls  # no forward pass ran
 
 
@@ -377,13 +440,35 @@ def test_unknown_multiclass_mode(small_multiclass_task):
 
 # ----------------------------------------------------------------------------------- CLI
 def test_cli_find_on_a_tuned_run(tmp_path, tiny_gpt2, small_task, capsys):
-    cfg = TuneConfig(prompt_length=P, steps=2, eval_every=2, batch_size=8, max_train_examples=16,
-                     max_dev_examples=16, max_test_examples=16, max_input_tokens=16)
+    cfg = TuneConfig(
+        prompt_length=P,
+        steps=2,
+        eval_every=2,
+        batch_size=8,
+        max_train_examples=16,
+        max_dev_examples=16,
+        max_test_examples=16,
+        max_input_tokens=16,
+    )
     run = tune(tiny_gpt2, small_task, tmp_path / "run", cfg, progress=False)
     out = tmp_path / "neurons"
     capsys.readouterr()
-    code = cli_main(["find", str(run.path), "--out", str(out), "--max-train-examples", "50",
-                     "--max-eval-examples", "60", "--top", "5", "--json", "-q"])
+    code = cli_main(
+        [
+            "find",
+            str(run.path),
+            "--out",
+            str(out),
+            "--max-train-examples",
+            "50",
+            "--max-eval-examples",
+            "60",
+            "--top",
+            "5",
+            "--json",
+            "-q",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert (out / PREDICTIVITY_FILE).exists() and (out / NEURONS_JSON).exists()

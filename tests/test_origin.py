@@ -11,20 +11,30 @@ import torch
 
 import tl_skill.find
 import tl_skill.tuning.loop
-from tl_skill.viz.plots import plot_origin_figures
 from tl_skill import TuneConfig, compat, model_spec, variants
 from tl_skill.data import subsample
 from tl_skill.experiments import origin
 from tl_skill.experiments.ablation import verdict
-from tl_skill.files import OutputDirError
-from tl_skill.tuning.loop import TrainingError
-from tl_skill.perturb import Perturbation
 from tl_skill.experiments.comparisons import ComparisonError
 from tl_skill.experiments.origin import ORIGIN_JSON, PARTS, OriginError, compare_predictivity, origin_study
-from tl_skill.variants import (BITFIT_BIASES, BITFIT_NORMS, FinetuneConfig, VariantError, add_lora,
-    bitfit_parameters, clean_hf_copy, copy_model, finetune, random_weights_model)
+from tl_skill.files import OutputDirError
+from tl_skill.perturb import Perturbation
+from tl_skill.tuning.loop import TrainingError
 from tl_skill.tuning.prompt import Verbalizer
 from tl_skill.tuning.runs import evaluate
+from tl_skill.variants import (
+    BITFIT_BIASES,
+    BITFIT_NORMS,
+    FinetuneConfig,
+    VariantError,
+    add_lora,
+    bitfit_parameters,
+    clean_hf_copy,
+    copy_model,
+    finetune,
+    random_weights_model,
+)
+from tl_skill.viz.plots import plot_origin_figures
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +124,9 @@ def test_lora_trains_only_attention_adapters(name, tiny_gpt2, tiny_llama, tiny_t
     batch = _batch(model)
     torch.testing.assert_close(_logits(tuned, batch), _logits(model, batch))  # B = 0 at the start
     before = _raw(tuned)
-    info = finetune(tuned, tiny_task, params, FinetuneConfig(steps=4, lr=5e-2, batch_size=8, eval_every=2),
-                    progress=False)
+    info = finetune(
+        tuned, tiny_task, params, FinetuneConfig(steps=4, lr=5e-2, batch_size=8, eval_every=2), progress=False
+    )
     after = _raw(tuned)
     lora_ids = {id(p) for p in params.values()}
     raw_lora = {n for n, p in tuned.named_parameters() if id(p) in lora_ids}
@@ -150,8 +161,9 @@ def test_lora_bridge_matches_peft_on_plain_llama(tiny_llama):
     params = add_lora(tuned, rank=4, alpha=8, seed=0)
     _set_lora_b(params)
     ref = clean_hf_copy(tiny_llama)
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), ref)
+    inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), ref
+    )
     ref_params = dict(ref.named_parameters())
     with torch.no_grad():
         for n, p in params.items():
@@ -178,6 +190,7 @@ def test_lora_bridge_matches_manual_lora_on_gpt2(tiny_gpt2):
 
     handles = []
     for l, block in enumerate(ref.transformer.h):
+
         def qkv_hook(mod, inputs, output, l=l):
             x = inputs[0]
             return output + torch.cat([delta(l, "q", x), delta(l, "k", x), delta(l, "v", x)], -1)
@@ -225,8 +238,9 @@ def test_finetune_keeps_the_best_dev_parameters(tiny_gpt2, tiny_task, monkeypatc
         return {"accuracy": next(scores)}
 
     monkeypatch.setattr(tl_skill.tuning.loop, "evaluate", scripted_dev)
-    info = finetune(tuned, tiny_task, params, FinetuneConfig(steps=6, lr=5e-2, batch_size=8, eval_every=2),
-                    progress=False)
+    info = finetune(
+        tuned, tiny_task, params, FinetuneConfig(steps=6, lr=5e-2, batch_size=8, eval_every=2), progress=False
+    )
     assert len(seen) == 3 and info["best_step"] == 4 and info["dev_accuracy"] == 0.9
     assert all(torch.equal(p, seen[1][n]) for n, p in params.items())
     assert not all(torch.equal(p, seen[2][n]) for n, p in params.items())
@@ -239,8 +253,9 @@ def test_bitfit_on_llama_falls_back_to_norm_weights(tiny_llama, tiny_task):
     params, label = bitfit_parameters(tuned)
     assert label == BITFIT_NORMS and "normalisation" in label
     n_layers = model_spec(tiny_llama).n_layers
-    assert sorted(params) == sorted([f"blocks.{l}.{ln}.weight" for l in range(n_layers) for ln in ("ln1", "ln2")]
-                                    + ["ln_final.weight"])
+    assert sorted(params) == sorted(
+        [f"blocks.{l}.{ln}.weight" for l in range(n_layers) for ln in ("ln1", "ln2")] + ["ln_final.weight"]
+    )
     before = _raw(tuned)
     finetune(tuned, tiny_task, params, FinetuneConfig(steps=4, lr=5e-2, batch_size=8, eval_every=2), progress=False)
     after = _raw(tuned)
@@ -286,15 +301,25 @@ def test_origin_study_validates_before_work(tmp_path):
     with pytest.raises(OriginError, match="prompt_steps"):
         origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, prompt_steps=0)
     with pytest.raises(OriginError, match="task's own"):
-        origin_study("tiny-gpt2", "rotten_tomatoes", tmp_path, parts=["label_words"],
-                     alt_label_words="Negative,positive")
+        origin_study(
+            "tiny-gpt2", "rotten_tomatoes", tmp_path, parts=["label_words"], alt_label_words="Negative,positive"
+        )
     assert not (tmp_path / ORIGIN_JSON).exists()
 
 
-STUDY = dict(tune_config=TuneConfig(prompt_length=4, steps=6, eval_every=3, max_train_examples=96,
-                                    max_dev_examples=40, max_test_examples=40),
-             steps=6, eval_every=3, fractions=(0.05, 0.2), seeds=1, find_train_examples=96,
-             find_eval_examples=40, prompt_steps=4, progress=False)
+STUDY = dict(
+    tune_config=TuneConfig(
+        prompt_length=4, steps=6, eval_every=3, max_train_examples=96, max_dev_examples=40, max_test_examples=40
+    ),
+    steps=6,
+    eval_every=3,
+    fractions=(0.05, 0.2),
+    seeds=1,
+    find_train_examples=96,
+    find_eval_examples=40,
+    prompt_steps=4,
+    progress=False,
+)
 
 
 def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
@@ -341,13 +366,16 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
     tuned = copy_model(tiny_gpt2, "lora")
     params = add_lora(tuned, seed=0)
     variants.load_trained(params, out / "lora" / variants.TRAINED_FILE)
-    from tl_skill.neurons import SkillNeurons
     from tl_skill.data.sources import load_task
+    from tl_skill.neurons import SkillNeurons
 
     sn = SkillNeurons.load(out / "neurons")
     cfg = STUDY["tune_config"]
-    data = subsample(load_task("rotten_tomatoes"), {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples,
-                                                   "test": cfg.max_test_examples}, seed=cfg.task_seed)
+    data = subsample(
+        load_task("rotten_tomatoes"),
+        {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": cfg.max_test_examples},
+        seed=cfg.task_seed,
+    )
     verbalizer = Verbalizer(tuned.tokenizer, data.spec.label_words)
     kw = dict(max_input_tokens=cfg.max_input_tokens)
     assert evaluate(tuned, data, "test", verbalizer, None, **kw)["accuracy"] == saved["lora"]["clean_accuracy"]
@@ -357,8 +385,16 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
 
     # An existing run and its neurons are reused as they are (and refused for another model).
     reuse = {k: v for k, v in STUDY.items() if k != "tune_config"}
-    other = origin_study("tiny-gpt2", None, tmp_path / "reuse", model=tiny_gpt2, run_dir=out / "prompt",
-                         neurons_dir=out / "neurons", parts=["label_words"], **reuse)
+    other = origin_study(
+        "tiny-gpt2",
+        None,
+        tmp_path / "reuse",
+        model=tiny_gpt2,
+        run_dir=out / "prompt",
+        neurons_dir=out / "neurons",
+        parts=["label_words"],
+        **reuse,
+    )
     assert other["status"] == "partial" and list(other.parts()) == ["label_words"]
     assert other["source"]["run"] == str(out / "prompt") and not (tmp_path / "reuse" / "prompt").exists()
     assert other["label_words"]["spearman"] == saved["label_words"]["spearman"]
@@ -403,8 +439,14 @@ def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
 
     def fake(model, task, out, **kw):
         seen.append((model, task, str(out), kw))
-        return origin.OriginResult(model=model, task=task, status="partial", settings={}, source={},
-                                   random_weights={"claim_holds": True, "statement": "stated"})
+        return origin.OriginResult(
+            model=model,
+            task=task,
+            status="partial",
+            settings={},
+            source={},
+            random_weights={"claim_holds": True, "statement": "stated"},
+        )
 
     import tl_skill.cli.experiments
 
@@ -416,8 +458,22 @@ def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
     assert kw["prompt_steps"] == 150 and kw["max_test_examples"] == 300 and kw["steps"] == 200
     assert kw["fractions"] == (0.01, 0.05, 0.1, 0.2) and kw["seeds"] == 2
     assert "random_weights  holds: stated" in capsys.readouterr().out
-    main(["origin", "--out", str(tmp_path), "--prompt-steps", "0", "--max-test-examples", "0",
-          "--parts", "lora,bitfit", "--alt-label-words", "bad,good", "-q"])
+    main(
+        [
+            "origin",
+            "--out",
+            str(tmp_path),
+            "--prompt-steps",
+            "0",
+            "--max-test-examples",
+            "0",
+            "--parts",
+            "lora,bitfit",
+            "--alt-label-words",
+            "bad,good",
+            "-q",
+        ]
+    )
     kw = seen[-1][3]
     assert kw["prompt_steps"] is None and kw["max_test_examples"] is None  # 0: the source run's
     assert kw["parts"] == ("lora", "bitfit") and kw["alt_label_words"] == ["bad", "good"]

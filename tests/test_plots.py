@@ -25,7 +25,7 @@ TASKS = ["a", "b", "c"]
 
 
 def _texts(fig):
-    return [t for t in fig.axes[0].texts]
+    return list(fig.axes[0].texts)
 
 
 def test_similarity_colours_span_the_off_diagonal_only(captured, tmp_path):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, TuneConfig, tune
-from tl_skill.tuning import Verbalizer, class_logits, layout_for
-from tl_skill import compat
+from tl_skill import SoftPrompt, TuneConfig, compat, tune
 from tl_skill.perturb import Perturbation
+from tl_skill.tuning import Verbalizer, class_logits, layout_for
 from tl_skill.tuning.prefix import class_logits_cached
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32, relative to the values compared
@@ -70,14 +69,22 @@ def test_a_perturbation_applies_at_every_position_of_both_passes(tiny_llama, sma
 
 
 def test_tuning_with_the_prefix_cache_gives_the_same_prompt(tiny_gpt2, small_task, tmp_path):
-    cfg = TuneConfig(prompt_length=4, steps=4, eval_every=2, batch_size=8, max_train_examples=48,
-                     max_dev_examples=24, max_test_examples=24, max_input_tokens=24)
-    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False,
-                prefix_cache=False)
+    cfg = TuneConfig(
+        prompt_length=4,
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        max_train_examples=48,
+        max_dev_examples=24,
+        max_test_examples=24,
+        max_input_tokens=24,
+    )
+    full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False, prefix_cache=False)
     cached = tune(tiny_gpt2, small_task, tmp_path / "cached", cfg, progress=False, evaluate_test=False)  # default
     torch.testing.assert_close(cached.prompt.vectors, full.prompt.vectors, rtol=1e-4, atol=1e-6)
-    assert [h["loss"] for h in cached.info["history"]] == pytest.approx([h["loss"] for h in full.info["history"]],
-                                                                        rel=1e-5)
+    assert [h["loss"] for h in cached.info["history"]] == pytest.approx(
+        [h["loss"] for h in full.info["history"]], rel=1e-5
+    )
 
 
 def test_masked_lms_keep_the_full_pass(tiny_bert, small_task):
@@ -91,8 +98,8 @@ def test_masked_lms_keep_the_full_pass(tiny_bert, small_task):
 
 def test_several_prompts_share_one_input_pass_and_match_evaluate(tiny_llama, small_task):
     from tl_skill import evaluate
-    from tl_skill.tuning.prefix import class_logits_many
     from tl_skill.tuning.loop import evaluate_prompts
+    from tl_skill.tuning.prefix import class_logits_many
 
     v = Verbalizer(tiny_llama.tokenizer, small_task.spec.label_words)
     prompts = [SoftPrompt.from_vocab(tiny_llama, 4, seed=s) for s in range(3)]
@@ -128,8 +135,11 @@ def test_length_groups_is_the_cheapest_contiguous_split():
         groups = length_groups(lengths, over)
         assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
         order = sorted(range(len(lengths)), key=lambda r: (lengths[r], r))
-        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, over)
-                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        best = min(
+            cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, over)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
         assert cost(groups, lengths, over) == best
 
 
@@ -149,8 +159,11 @@ def test_rows_grouped_by_length_give_the_full_pass(name, side, small_task, monke
     monkeypatch.setattr(prefix, "GROUP_OVERHEAD_TOKENS", 0)
     calls = []
     run_input = prefix._run_input
-    monkeypatch.setattr(prefix, "_run_input", lambda m, ids, mask, hooks, stop: calls.append((ids.shape, stop))
-                        or run_input(m, ids, mask, hooks, stop))
+    monkeypatch.setattr(
+        prefix,
+        "_run_input",
+        lambda m, ids, mask, hooks, stop: calls.append((ids.shape, stop)) or run_input(m, ids, mask, hooks, stop),
+    )
     full_p = SoftPrompt.from_vocab(model, 4, seed=1)
     cached_p = SoftPrompt(full_p.vectors.detach().clone())
     full = class_logits(model, batch, v, full_p)
@@ -175,8 +188,8 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
     """With nobody listening, both passes run through the plain Hugging Face view: it holds the bridge's
     own tensors, the input rows run packed (forced into several packs here; tiny-gemma3's rows are
     longer than its sliding window of 8), and logits and prompt gradients equal the bridge's full pass."""
-    from tl_skill.compat import plain as compat_plain
     from tl_skill import load_model
+    from tl_skill.compat import plain as compat_plain
 
     model = load_model(name, device="cpu")
     hf = compat.hf_model_of(model)
@@ -188,7 +201,9 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
     monkeypatch.setattr(compat_plain, "PACK_TOKENS", 20)
     packed, prompt_passes = [], []
     real_in, real_pp = compat_plain.base_forward, compat.plain_prompt_logits
-    monkeypatch.setattr(compat_plain, "base_forward", lambda base, cache, **kw: packed.append(kw) or real_in(base, cache, **kw))
+    monkeypatch.setattr(
+        compat_plain, "base_forward", lambda base, cache, **kw: packed.append(kw) or real_in(base, cache, **kw)
+    )
     monkeypatch.setattr(compat, "plain_prompt_logits", lambda *a: prompt_passes.append(1) or real_pp(*a))
     v = Verbalizer(model.tokenizer, small_task.spec.label_words)
     batch = _batch(model, small_task, side, n=9, tokens=80)  # rows of many lengths
@@ -213,8 +228,10 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
     ids, mask, _ = split_batch(batch, compat.pad_token_id(model))
     ran = []
     layers = view.base_model._modules.get("layers", view.base_model._modules.get("h"))
-    handles = [layers[0].mlp.register_forward_hook(lambda *a: ran.append(0)),
-               layers[1].register_forward_hook(lambda *a: ran.append(1))]
+    handles = [
+        layers[0].mlp.register_forward_hook(lambda *a: ran.append(0)),
+        layers[1].register_forward_hook(lambda *a: ran.append(1)),
+    ]
     cache = compat.plain_input_cache(model, view, ids, mask, 0)
     for h in handles:
         h.remove()
@@ -222,8 +239,8 @@ def test_the_plain_view_packs_the_input_and_gives_the_full_pass(name, side, smal
 
 
 def test_no_plain_view_where_someone_listens_or_the_model_changed(small_task):
-    from tl_skill.compat import plain as compat_plain
     from tl_skill import load_model
+    from tl_skill.compat import plain as compat_plain
 
     model = load_model("tiny-llama", device="cpu")
     hf = compat.hf_model_of(model)
@@ -261,13 +278,12 @@ def test_no_plain_view_where_someone_listens_or_the_model_changed(small_task):
     assert compat_plain._agrees(model, compat.plain_view(model))
 
 
-def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_gpt2, small_task, tmp_path,
-                                                                          monkeypatch):
+def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_gpt2, small_task, tmp_path, monkeypatch):
     """tune/evaluate use the cached path by default; `prefix_cache=False`, `use_prefix_cache(False)` and the CLI's
     --no-prefix-cache turn it off; training anything besides the prompt (LoRA, BitFit) keeps the full pass."""
     from tl_skill import evaluate
-    from tl_skill.tuning import loop as train
     from tl_skill.cli import main
+    from tl_skill.tuning import loop as train
     from tl_skill.tuning.prefix import prefix_cache_default, use_prefix_cache
 
     calls = []
@@ -287,25 +303,67 @@ def test_the_cache_is_the_default_where_it_is_exact_and_can_be_turned_off(tiny_g
     pert = Perturbation(tiny_gpt2, torch.ones(2, 256, dtype=torch.bool), "noise", std=1.0, seed=0)
     hooked = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24, extra_hooks=pert.fwd_hooks())
     assert not calls
-    forced = evaluate(tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24, extra_hooks=pert.fwd_hooks(),
-                      prefix_cache=True)
+    forced = evaluate(
+        tiny_gpt2, small_task, "dev", v, prompt, max_input_tokens=24, extra_hooks=pert.fwd_hooks(), prefix_cache=True
+    )
     assert calls and (forced["predictions"] == hooked["predictions"]).all()
     assert (hooked["predictions"] != base["predictions"]).any()  # the noise did something
     calls.clear()
-    cfg = TuneConfig(prompt_length=4, steps=2, eval_every=2, batch_size=8, max_train_examples=16,
-                     max_dev_examples=8, max_test_examples=8, max_input_tokens=24)
+    cfg = TuneConfig(
+        prompt_length=4,
+        steps=2,
+        eval_every=2,
+        batch_size=8,
+        max_train_examples=16,
+        max_dev_examples=8,
+        max_test_examples=8,
+        max_input_tokens=24,
+    )
     tune(tiny_gpt2, small_task, tmp_path / "off", cfg, progress=False, evaluate_test=False, prefix_cache=False)
     assert not calls
     # a model parameter trains beside the prompt: its input keys/values change, so the full pass
     bias = dict(tiny_gpt2.named_parameters())
     name = next(n for n in bias if n.endswith("bias"))
-    train.train_loop(tiny_gpt2, small_task, v, {"prompt": prompt.vectors, name: bias[name]}, cfg, prompt=prompt,
-                     progress=False, evaluate_dev=False)
+    train.train_loop(
+        tiny_gpt2,
+        small_task,
+        v,
+        {"prompt": prompt.vectors, name: bias[name]},
+        cfg,
+        prompt=prompt,
+        progress=False,
+        evaluate_dev=False,
+    )
     assert not calls
     run = tmp_path / "run"
-    assert main(["tune", "--model", "tiny-gpt2", "--task", "rotten_tomatoes", "--out", str(run), "--steps", "2",
-                 "--prompt-length", "4", "--max-train-examples", "16", "--max-dev-examples", "8",
-                 "--max-test-examples", "8", "--no-prefix-cache", "-q", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "rotten_tomatoes",
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--prompt-length",
+                "4",
+                "--max-train-examples",
+                "16",
+                "--max-dev-examples",
+                "8",
+                "--max-test-examples",
+                "8",
+                "--no-prefix-cache",
+                "-q",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert not calls and prefix_cache_default()
 
 
@@ -315,25 +373,33 @@ def test_recording_several_trials_reads_the_input_once(name, small_task, monkeyp
     baselines, std, counts and accuracies equal each prompt recorded alone on the full pass."""
     from tl_skill import load_model
     from tl_skill.data import subsample
-    from tl_skill.tuning import prefix
     from tl_skill.find import record_run, record_runs
-    from tl_skill.neurons import make_subtasks
+    from tl_skill.predictivity import make_subtasks
+    from tl_skill.tuning import prefix
 
     model = load_model(name, device="cpu")
     task = subsample(small_task, {"train": 40, "dev": 24, "test": 24}, seed=0)
     subtasks = make_subtasks(task.spec.label_names)
     prompts = [SoftPrompt.from_vocab(model, 4, seed=s) for s in range(3)]
     layers = [0, 1]
-    kw = dict(split="dev", layers=layers, batch_size=16, max_input_tokens=40, progress=False, confirm_split="test",
-              control_seed=3)
+    kw = dict(
+        split="dev",
+        layers=layers,
+        batch_size=16,
+        max_input_tokens=40,
+        progress=False,
+        confirm_split="test",
+        control_seed=3,
+    )
     with prefix.use_prefix_cache(False):
         alone = [record_run(model, task, p, subtasks, **kw) for p in prompts]
     inputs, passes = [], []
     import tl_skill.find as find_module
 
     real_in, real_pp = prefix.input_pass_through, prefix.prompt_pass_for_hooks
-    monkeypatch.setattr(find_module, "input_pass_through",
-                        lambda m, i, k, last: inputs.append(last) or real_in(m, i, k, last))
+    monkeypatch.setattr(
+        find_module, "input_pass_through", lambda m, i, k, last: inputs.append(last) or real_in(m, i, k, last)
+    )
     monkeypatch.setattr(find_module, "prompt_pass_for_hooks", lambda *a: passes.append(1) or real_pp(*a))
     together = record_runs(model, task, prompts, subtasks, **kw)
     n_batches = sum(-(-len(task[s]) // 16) for s in ("train", "dev", "test"))
@@ -343,8 +409,9 @@ def test_recording_several_trials_reads_the_input_once(name, small_task, monkeyp
         torch.testing.assert_close(b.std, a.std, rtol=1e-4, atol=1e-6)
         assert torch.equal(b.accuracy, a.accuracy) and torch.equal(b.constant, a.constant)
         for which in ("eval", "confirm", "control"):
-            assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a.counts[which],
-                                                                                      b.counts[which]))
+            assert all(
+                torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a.counts[which], b.counts[which])
+            )
     # one prompt, or positions that are not prompt positions, keep the full pass
     inputs.clear()
     record_runs(model, task, prompts[:1], subtasks, **kw)
@@ -356,7 +423,9 @@ def _bench(name):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -366,8 +435,22 @@ def test_tuning_step_benchmark_writes_the_cached_ratio(tmp_path):
     """The benchmark's JSON (tiny model, one step): the cached step's ratio to PEFT, its P, and the same loss."""
     import json
 
-    _bench("bench_tuning_step").main(["--model", "tiny-llama", "--steps", "2", "--warmup", "1", "--prompt-length", "4",
-                                      "--device", "cpu", "--out", str(tmp_path / "b.json")])
+    _bench("bench_tuning_step").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--prompt-length",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     got = json.loads((tmp_path / "b.json").read_text())
     assert got["prompt_length"] == 4 and got["ratio_cached_vs_peft"] > 0
     assert got["ratio_cached_vs_peft"] == pytest.approx(got["cached_median_seconds"] / got["peft_median_seconds"])
@@ -377,11 +460,31 @@ def test_tuning_step_benchmark_writes_the_cached_ratio(tmp_path):
 def test_bf16_benchmark_writes_timings_and_differences(tmp_path):
     import json
 
-    _bench("bench_bf16").main(["--model", "tiny-llama", "--steps", "1", "--warmup", "0", "--tune-steps", "2",
-                               "--test", "20", "--record-train", "24", "--record-dev", "12", "--record-reps", "1",
-                               "--out", str(tmp_path / "b.json")])
+    _bench("bench_bf16").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--tune-steps",
+            "2",
+            "--test",
+            "20",
+            "--record-train",
+            "24",
+            "--record-dev",
+            "12",
+            "--record-reps",
+            "1",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     got = json.loads((tmp_path / "b.json").read_text())
     assert set(got["step_median_seconds"]) == {"float32", "bfloat16"}
     assert 0 <= got["predictivity"]["top1pct_overlap"] <= 1 and got["predictivity"]["max_abs_difference"] >= 0
-    assert got["step_ratio_bf16_over_fp32"] == pytest.approx(got["step_median_seconds"]["bfloat16"]
-                                                             / got["step_median_seconds"]["float32"])
+    assert got["step_ratio_bf16_over_fp32"] == pytest.approx(
+        got["step_median_seconds"]["bfloat16"] / got["step_median_seconds"]["float32"]
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tl_skill.tuning import Batch, Verbalizer, class_logits, layout_for
 from tl_skill import SoftPrompt, compat, model_spec
+from tl_skill.tuning import Batch, Verbalizer, class_logits, layout_for
 from tl_skill.tuning.prompt import Layout, VerbalizerError
 
 TEXTS = [
@@ -41,10 +41,7 @@ def _batch(model, texts=TEXTS, padding_side=None, labels=LABELS) -> Batch:
 
 
 def _hook_counts(model) -> dict[str, int]:
-    return {name: len(hp._forward_hooks) + len(hp._forward_pre_hooks)
-            for name, hp in model.hook_dict.items()}
-
-
+    return {name: len(hp._forward_hooks) + len(hp._forward_pre_hooks) for name, hp in model.hook_dict.items()}
 
 
 def _hand_built_logits(model, batch: Batch, prompt: SoftPrompt) -> torch.Tensor:
@@ -53,11 +50,10 @@ def _hand_built_logits(model, batch: Batch, prompt: SoftPrompt) -> torch.Tensor:
     embeds = hf.get_input_embeddings().weight[batch.input_ids].clone()
     for i in range(len(embeds)):
         start = int(batch.prompt_start[i])
-        embeds[i, start:start + P] = prompt.vectors.detach()
+        embeds[i, start : start + P] = prompt.vectors.detach()
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return hf(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                  position_ids=position_ids).logits
+        return hf(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=position_ids).logits
 
 
 # ------------------------------------------------------------------------ verbalizer
@@ -93,13 +89,13 @@ def test_causal_layout_puts_prompt_after_input(tiny_gpt2):
     assert (b.prompt_start == T - P).all() and (b.pred_pos == T - 1).all()  # left padding
     for i, ids in enumerate(tokens):
         n = len(ids)
-        assert b.input_ids[i, T - P - n:T - P].tolist() == ids
+        assert b.input_ids[i, T - P - n : T - P].tolist() == ids
         assert b.attention_mask[i].tolist() == [0] * (T - P - n) + [1] * (n + P)
         assert (b.input_start[i], b.input_end[i]) == (T - P - n, T - P)
     right = layout_for(tiny_gpt2, P, padding_side="right").collate(tokens, LABELS)
     for i, ids in enumerate(tokens):
         assert right.prompt_start[i] == len(ids) and right.pred_pos[i] == len(ids) + P - 1
-        assert right.input_ids[i, :len(ids)].tolist() == ids
+        assert right.input_ids[i, : len(ids)].tolist() == ids
 
 
 def test_masked_layout(tiny_bert):
@@ -110,7 +106,7 @@ def test_masked_layout(tiny_bert):
     for i, ids in enumerate(tokens):
         row = b.input_ids[i].tolist()
         assert row[0] == tok.cls_token_id and row[1] == tok.mask_token_id
-        assert row[2 + P:2 + P + len(ids)] == ids and row[2 + P + len(ids)] == tok.sep_token_id
+        assert row[2 + P : 2 + P + len(ids)] == ids and row[2 + P + len(ids)] == tok.sep_token_id
         assert b.attention_mask[i].sum() == len(ids) + P + 3
     assert (b.pred_pos == 1).all() and (b.prompt_start == 2).all()
 
@@ -130,7 +126,7 @@ def test_soft_prompt_construction(tiny_gpt2, tmp_path):
     assert torch.equal(a.vectors, SoftPrompt.from_vocab(tiny_gpt2, 6, seed=1).vectors)
     assert not torch.equal(a.vectors, SoftPrompt.from_vocab(tiny_gpt2, 6, seed=2).vectors)
     for row in a.vectors:  # every row is a real token's embedding
-        assert (W_E == row).all(-1).any()
+        assert (row == W_E).all(-1).any()
     a.save(tmp_path / "p.safetensors")
     assert torch.equal(SoftPrompt.load(tmp_path / "p.safetensors").vectors, a.vectors)
     with pytest.raises(ValueError, match="NaN"):
@@ -147,8 +143,9 @@ def test_prompt_activations_depend_on_input(model):
     batch = _batch(model, TEXTS[:2])
     names = [compat.mlp_post_hook(l) for l in range(model_spec(model).n_layers)]
     with torch.no_grad(), prompt.applied(model, batch):
-        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                        names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names
+        )
     pos = batch.prompt_positions()
     for name in names:
         acts = cache[name][torch.arange(2)[:, None], pos]  # [2, P, d_mlp]
@@ -222,8 +219,9 @@ def test_padding_never_changes_a_prediction(model, padding_side):
     v = Verbalizer(model.tokenizer, WORDS)
     with torch.no_grad():
         batched = class_logits(model, _batch(model, padding_side=padding_side), v, prompt)
-        alone = torch.cat([class_logits(model, _batch(model, [t], padding_side, [y]), v, prompt)
-                           for t, y in zip(TEXTS, LABELS)])
+        alone = torch.cat(
+            [class_logits(model, _batch(model, [t], padding_side, [y]), v, prompt) for t, y in zip(TEXTS, LABELS)]
+        )
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
     # the examples really differ, so equality above is not trivial
     assert (alone - alone[0]).abs().max() > 1e-4
@@ -237,8 +235,9 @@ def test_padding_does_not_change_prompt_activations(model):
     def prompt_acts(texts):
         b = _batch(model, texts)
         with torch.no_grad(), prompt.applied(model, b):
-            _, cache = model.run_with_cache(b.input_ids, attention_mask=b.attention_mask,
-                                            names_filter=lambda n: n == name)
+            _, cache = model.run_with_cache(
+                b.input_ids, attention_mask=b.attention_mask, names_filter=lambda n: n == name
+            )
         return cache[name][torch.arange(len(texts))[:, None], b.prompt_positions()]
 
     batched = prompt_acts(TEXTS)
@@ -263,8 +262,9 @@ def test_class_logits_equal_full_logits(model):
     with torch.no_grad():
         zero_shot = class_logits(model, b0, v, None)
         plain = model(b0.input_ids, attention_mask=b0.attention_mask)
-    torch.testing.assert_close(zero_shot, plain[torch.arange(len(TEXTS)), b0.pred_pos][:, v.token_ids],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        zero_shot, plain[torch.arange(len(TEXTS)), b0.pred_pos][:, v.token_ids], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_class_logits_extra_hooks_apply(tiny_llama):

@@ -8,14 +8,21 @@ import math
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, SkillNeurons, TuneConfig, evaluate, load_model, model_spec, tune
-from tl_skill.neurons import Subtask
-from tl_skill.tuning import layout_for
-from tl_skill import compat
+from tl_skill import SkillNeurons, SoftPrompt, TuneConfig, compat, evaluate, load_model, model_spec, tune
 from tl_skill.compat import unwrapped
 from tl_skill.experiments.pruning import PruneResult, prune_experiment
-from tl_skill.prune import (PRUNE_JSON, PruneError, count_parameters, default_layers, load_pruned, prune_model,
-    pruning_of, save_pruned)
+from tl_skill.neurons import Subtask
+from tl_skill.prune import (
+    PRUNE_JSON,
+    PruneError,
+    count_parameters,
+    default_layers,
+    load_pruned,
+    prune_model,
+    pruning_of,
+    save_pruned,
+)
+from tl_skill.tuning import layout_for
 
 TEXTS = ["a fine, moving film", "dull and far too long", "ok", "the best thing this year, by far"]
 
@@ -27,12 +34,18 @@ def fake_neurons(model, seed=0, runs=2, positions=3, layers=None, name=None, d_m
     L, D = len(layers), d_mlp or spec.d_mlp
     g = torch.Generator().manual_seed(seed)
     return SkillNeurons(
-        model=name or spec.name, task="rotten_tomatoes", runs=[f"run{r}" for r in range(runs)],
-        label_names=["negative", "positive"], label_words=[" negative", " positive"],
-        subtasks=[Subtask("positive vs negative", (1,), (0,))], layers=layers, positions="prompt",
+        model=name or spec.name,
+        task="rotten_tomatoes",
+        runs=[f"run{r}" for r in range(runs)],
+        label_names=["negative", "positive"],
+        label_words=[" negative", " positive"],
+        subtasks=[Subtask("positive vs negative", (1,), (0,))],
+        layers=layers,
+        positions="prompt",
         accuracy=torch.rand(runs, 1, L, positions, D, generator=g, dtype=torch.float64),
         baseline=0.5 + 0.3 * torch.randn(runs, L, positions, D, generator=g, dtype=torch.float64),
-        std=torch.ones(runs, L, positions, D), constant=torch.zeros(runs, L, positions, D, dtype=torch.bool),
+        std=torch.ones(runs, L, positions, D),
+        constant=torch.zeros(runs, L, positions, D, dtype=torch.bool),
     )
 
 
@@ -115,6 +128,7 @@ def test_kept_neurons_are_the_most_predictive_and_hooks_have_kept_width(model):
     def grab(layer):
         def hook(act, hook):
             widths[layer] = act.shape[-1]
+
         return hook
 
     with torch.no_grad(), pruned.hooks(fwd_hooks=[(compat.mlp_post_hook(l), grab(l)) for l in range(spec.n_layers)]):
@@ -226,15 +240,32 @@ def test_errors(tiny_gpt2, tiny_llama, tmp_path):
 
 
 def test_prune_experiment(tiny_gpt2, small_task, tmp_path):
-    cfg = TuneConfig(prompt_length=4, steps=4, eval_every=4, max_train_examples=32, max_dev_examples=20,
-                     max_test_examples=40, eval_batch_size=16)
+    cfg = TuneConfig(
+        prompt_length=4,
+        steps=4,
+        eval_every=4,
+        max_train_examples=32,
+        max_dev_examples=20,
+        max_test_examples=40,
+        eval_batch_size=16,
+    )
     run = tune(tiny_gpt2, small_task, tmp_path / "run", cfg, progress=False, evaluate_test=False)
     sn = fake_neurons(tiny_gpt2, seed=6, positions=4)
     sn.save(tmp_path / "neurons")
     with pytest.raises(PruneError, match="retune_steps"):
         prune_experiment(tiny_gpt2, run, sn, tmp_path / "bad", retune_steps=-1)
-    res = prune_experiment(tiny_gpt2, run.path, tmp_path / "neurons", tmp_path / "out", keep=0.1,
-                           retune_steps=2, max_examples=30, batch_size=8, progress=False, timing_repeats=2)
+    res = prune_experiment(
+        tiny_gpt2,
+        run.path,
+        tmp_path / "neurons",
+        tmp_path / "out",
+        keep=0.1,
+        retune_steps=2,
+        max_examples=30,
+        batch_size=8,
+        progress=False,
+        timing_repeats=2,
+    )
     saved = json.loads((tmp_path / "out" / PRUNE_JSON).read_text())
     assert saved == json.loads(json.dumps(res.to_dict())) and PruneResult.load(tmp_path / "out") == res
     assert res["kept_fraction"] == 0.1 and res["layers"] == [1] and res["n_test"] == 30
@@ -247,9 +278,9 @@ def test_prune_experiment(tiny_gpt2, small_task, tmp_path):
 
     data = subsample(run.load_task(), {"test": 30}, seed=cfg.task_seed)
     verb = run.verbalizer(tiny_gpt2)
-    acc = lambda m, hooks=(), prompt=run.prompt: evaluate(m, data, "test", verb, prompt, batch_size=16,
-                                                          max_input_tokens=cfg.max_input_tokens,
-                                                          extra_hooks=hooks)["accuracy"]
+    acc = lambda m, hooks=(), prompt=run.prompt: evaluate(
+        m, data, "test", verb, prompt, batch_size=16, max_input_tokens=cfg.max_input_tokens, extra_hooks=hooks
+    )["accuracy"]
     assert res["accuracy_before"] == acc(tiny_gpt2)
     assert res["accuracy_after"] == acc(pruned)
     assert res["accuracy_after"] == acc(tiny_gpt2, baseline_hooks(tiny_gpt2, sn, pruning_of(pruned).kept))

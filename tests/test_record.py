@@ -21,20 +21,21 @@ import torch
 from datasets import DatasetDict
 
 from tl_skill import compat
-from tl_skill.models import model_spec
-from tl_skill.neurons import make_subtasks
-from tl_skill.find import record_run
-from tl_skill.tuning.prompt import SoftPrompt, layout_for
-from tl_skill.record import MomentStats, Recorder, RecordingError, ThresholdStats, exact_parts, exact_total
 from tl_skill.data.tasks import SPLITS, Task
+from tl_skill.find import record_run
+from tl_skill.models import model_spec
+from tl_skill.predictivity import make_subtasks
+from tl_skill.record import MomentStats, Recorder, RecordingError, ThresholdStats, exact_parts, exact_total
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
 
 EQ_TOKENS = 8  # every example truncated to this many tokens: no padding anywhere
 P = 4
 
 
 # ----------------------------------------------------------------------------- reference
-def reference_activations(model, task, split, prompt, positions="prompt", max_input_tokens=EQ_TOKENS,
-                          padding_side=None, groups=None):
+def reference_activations(
+    model, task, split, prompt, positions="prompt", max_input_tokens=EQ_TOKENS, padding_side=None, groups=None
+):
     """Activations [N, L, T, D] (dataset order, float32; float64 for "mean") and labels, via run_with_cache.
 
     `groups`: lists of example indices run together (default: the whole split in one batch).
@@ -46,15 +47,16 @@ def reference_activations(model, task, split, prompt, positions="prompt", max_in
     for idx in groups or [list(range(len(texts)))]:
         batch = layout.encode([texts[i] for i in idx], labels[idx])
         with prompt.applied(model, batch), torch.no_grad():
-            _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                            names_filter=lambda n: n.endswith("mlp.hook_post"))
+            _, cache = model.run_with_cache(
+                batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n.endswith("mlp.hook_post")
+            )
         acts = torch.stack([cache[compat.mlp_post_hook(l)] for l in range(L)], 1)  # [B, L, pos, D]
         for r, i in enumerate(idx):
             s, a, e = int(batch.prompt_start[r]), int(batch.input_start[r]), int(batch.input_end[r])
             if positions == "prompt":
-                out[i] = acts[r, :, s:s + prompt.length].numpy()
+                out[i] = acts[r, :, s : s + prompt.length].numpy()
             elif positions == "last":
-                out[i] = acts[r, :, e - 1:e].numpy()
+                out[i] = acts[r, :, e - 1 : e].numpy()
             else:
                 out[i] = acts[r, :, a:e].double().mean(1, keepdim=True).numpy()
     return np.stack(out), labels
@@ -77,8 +79,10 @@ def ref_accuracy(acts, labels, baseline, positive, negative) -> torch.Tensor:
 
 def no_hooks_left(model) -> bool:
     """Only the bridge's own permanent hooks remain (tiny-bert wires some at load time)."""
-    return all(all(h.is_permanent for h in hp.fwd_hooks) and len(hp._forward_hooks) == len(hp.fwd_hooks)
-               for hp in model.hook_dict.values())
+    return all(
+        all(h.is_permanent for h in hp.fwd_hooks) and len(hp._forward_hooks) == len(hp.fwd_hooks)
+        for hp in model.hook_dict.values()
+    )
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -93,7 +97,7 @@ def eq_task(small_task, tiny_gpt2):
     keep = {}
     for s in SPLITS:
         lens = [len(ids) for ids in tiny_gpt2.tokenizer(small_task.texts(s), add_special_tokens=False)["input_ids"]]
-        keep[s] = [i for i, n in enumerate(lens) if n >= EQ_TOKENS][:sizes[s]]
+        keep[s] = [i for i, n in enumerate(lens) if n >= EQ_TOKENS][: sizes[s]]
     task = _take(small_task, keep)
     for s in ("train", "dev"):
         assert set(task.labels(s)) == {0, 1}
@@ -127,12 +131,16 @@ def test_moment_and_threshold_stats_independent_of_chunking():
     labels = torch.randint(0, K, (N,), generator=gen)
     labels[:K] = torch.arange(K)
     results = []
-    for chunks, order in (([N], torch.arange(N)), ([1] * N, torch.arange(N)), ([3] * 19, torch.randperm(N, generator=gen)),
-                          ([20, 30, 7], torch.randperm(N, generator=gen))):
+    for chunks, order in (
+        ([N], torch.arange(N)),
+        ([1] * N, torch.arange(N)),
+        ([3] * 19, torch.randperm(N, generator=gen)),
+        ([20, 30, 7], torch.randperm(N, generator=gen)),
+    ):
         m = MomentStats(K, L, T, D)
         start = 0
         for c in chunks:
-            idx = order[start:start + c]
+            idx = order[start : start + c]
             start += c
             m.count_batch(labels[idx])
             for l in range(L):
@@ -204,8 +212,9 @@ def test_recorder_with_padding_matches_reference(tiny_gpt2, small_task, padding_
     model, prompt = tiny_gpt2, prompt_for(tiny_gpt2, seed=2)
     task = _take(small_task, {"train": list(range(30)), "dev": list(range(20)), "test": [0, 1]})
     groups = [list(range(0, 7)), list(range(7, 30))]
-    acts, y = reference_activations(model, task, "train", prompt, max_input_tokens=96,
-                                    padding_side=padding_side, groups=groups)
+    acts, y = reference_activations(
+        model, task, "train", prompt, max_input_tokens=96, padding_side=padding_side, groups=groups
+    )
     layout = layout_for(model, P, 96, padding_side)
     texts = task.texts("train")
     spec = model_spec(model)
@@ -239,8 +248,10 @@ def test_batch_size_and_order_do_not_change_results(tiny_gpt2, eq_task):
     shuffled = Task(DatasetDict({s: task[s].shuffle(seed=5) for s in SPLITS}), task.spec)
     assert not np.array_equal(shuffled.labels("train"), task.labels("train"))
     subtasks = make_subtasks(task.spec.label_names)
-    runs = [record_run(model, t, prompt, subtasks, batch_size=bs, max_input_tokens=EQ_TOKENS, progress=False)
-            for t, bs in ((task, 32), (task, 1), (task, 3), (shuffled, 3))]
+    runs = [
+        record_run(model, t, prompt, subtasks, batch_size=bs, max_input_tokens=EQ_TOKENS, progress=False)
+        for t, bs in ((task, 32), (task, 1), (task, 3), (shuffled, 3))
+    ]
     train, _ = reference_activations(model, task, "train", prompt)
     assert torch.equal(runs[0].baseline, ref_mean(train))
     for r in runs[1:]:
@@ -253,8 +264,16 @@ def test_position_modes_match_reference(tiny_llama, eq_task, positions):
     model, prompt = tiny_llama, prompt_for(tiny_llama, seed=4)
     train, _ = reference_activations(model, eq_task, "train", prompt, positions)
     dev, ydev = reference_activations(model, eq_task, "dev", prompt, positions)
-    got = record_run(model, eq_task, prompt, make_subtasks(eq_task.spec.label_names), positions=positions,
-                     batch_size=32, max_input_tokens=EQ_TOKENS, progress=False)
+    got = record_run(
+        model,
+        eq_task,
+        prompt,
+        make_subtasks(eq_task.spec.label_names),
+        positions=positions,
+        batch_size=32,
+        max_input_tokens=EQ_TOKENS,
+        progress=False,
+    )
     spec = model_spec(model)
     assert got.baseline.shape == (spec.n_layers, 1, spec.d_mlp)
     baseline = ref_mean(train)
@@ -279,15 +298,23 @@ def test_recorder_stops_after_last_recorded_layer(tiny_gpt2, eq_task):
     def counter(name):
         def hook(act, hook):
             fired[name] = fired.get(name, 0) + 1
+
         return hook
 
-    watch = [compat.embed_hook(model), "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre",
-             compat.mlp_post_hook(1), compat.UNEMBED_IN_HOOK]
+    watch = [
+        compat.embed_hook(model),
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_pre",
+        compat.mlp_post_hook(1),
+        compat.UNEMBED_IN_HOOK,
+    ]
     extra = [(n, counter(n)) for n in watch]
-    for layers, stop, reached in (([0], True, set(watch[:2])),
-                                  # the counter on layer 1's hook_post runs after the recorder's, which stops
-                                  (None, True, set(watch[:3])),
-                                  ([0], False, set(watch))):
+    for layers, stop, reached in (
+        ([0], True, set(watch[:2])),
+        # the counter on layer 1's hook_post runs after the recorder's, which stops
+        (None, True, set(watch[:3])),
+        ([0], False, set(watch)),
+    ):
         fired.clear()
         spec = model_spec(model)
         n_l = 1 if layers else spec.n_layers
@@ -312,8 +339,13 @@ def test_statistics_memory_does_not_grow_with_examples(tiny_gpt2, eq_task):
             rec = Recorder(model, stats)
             with rec.attached():
                 for s in range(0, n, 16):
-                    rec.run(layout.encode(eq_task.texts("train")[s:s + min(16, n - s)],
-                                          eq_task.labels("train")[s:s + min(16, n - s)]), prompt)
+                    rec.run(
+                        layout.encode(
+                            eq_task.texts("train")[s : s + min(16, n - s)],
+                            eq_task.labels("train")[s : s + min(16, n - s)],
+                        ),
+                        prompt,
+                    )
         out = {}
         for stats in (m, th):
             for k, v in vars(stats).items():

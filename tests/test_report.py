@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tl_skill import cli
-from tl_skill.pipelines import DemoConfig, run_demo
 from tl_skill.experiments.ablation import verdict
+from tl_skill.pipelines import DemoConfig, run_demo
 from tl_skill.tuning.runs import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_demo_config() -> DemoConfig:
     return DemoConfig(
-        model="tiny-gpt2", task="rotten_tomatoes",
-        tune=TuneConfig(prompt_length=4, steps=6, eval_every=3, max_train_examples=120,
-                        max_dev_examples=40, max_test_examples=40),
-        find_train_examples=80, find_dev_examples=40, ablation_fractions=(0.05, 0.2),
-        ablation_seeds=2, ablation_examples=40,
+        model="tiny-gpt2",
+        task="rotten_tomatoes",
+        tune=TuneConfig(
+            prompt_length=4, steps=6, eval_every=3, max_train_examples=120, max_dev_examples=40, max_test_examples=40
+        ),
+        find_train_examples=80,
+        find_dev_examples=40,
+        ablation_fractions=(0.05, 0.2),
+        ablation_seeds=2,
+        ablation_examples=40,
     )
 
 
@@ -33,10 +38,18 @@ def tiny_demo_config() -> DemoConfig:
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     phases = []
-    run_demo(out, tiny_demo_config(), device="cpu", progress=False,
-             on_phase=lambda name, s, summary: phases.append(name))
-    assert phases == ["load model", "prompt tuning", "finding skill neurons", "tracing the best neurons",
-                      "perturbation", "dashboards", "report"]
+    run_demo(
+        out, tiny_demo_config(), device="cpu", progress=False, on_phase=lambda name, s, summary: phases.append(name)
+    )
+    assert phases == [
+        "load model",
+        "prompt tuning",
+        "finding skill neurons",
+        "tracing the best neurons",
+        "perturbation",
+        "dashboards",
+        "report",
+    ]
     return out
 
 
@@ -81,21 +94,29 @@ def test_report_numbers_equal_json(demo_dir):
     neurons = json.loads((demo_dir / "neurons" / "neurons.json").read_text())
     abl = json.loads((demo_dir / "ablation" / "ablation.json").read_text())
     m = run["metrics"]
-    for label, key in [("dev accuracy (best checkpoint)", "dev_accuracy"), ("test accuracy", "test_accuracy"),
-                       ("zero-shot accuracy (verbalizer, no prompt)", "zero_shot_accuracy"),
-                       ("majority-class accuracy", "majority_accuracy")]:
+    for label, key in [
+        ("dev accuracy (best checkpoint)", "dev_accuracy"),
+        ("test accuracy", "test_accuracy"),
+        ("zero-shot accuracy (verbalizer, no prompt)", "zero_shot_accuracy"),
+        ("majority-class accuracy", "majority_accuracy"),
+    ]:
         assert f"| {label} | {m[key]:.3f} |" in md
     assert f"Best neuron predictivity **{neurons['best_predictivity']:.3f}**" in md
     rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \|", md, re.M)
     assert len(rows) == 10
-    for (rank, layer, neuron, pred), ref in zip(rows, neurons["top"]):
+    for (_rank, layer, neuron, pred), ref in zip(rows, neurons["top"]):
         assert (int(layer), int(neuron)) == (ref["layer"], ref["neuron"])
         assert pred == f"{ref['predictivity']:.4f}"
     table = re.findall(r"^\| (\d+)% \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) ± ([0-9.]+) \|", md, re.M)
     assert len(table) == len(abl["rows"]) == 2
     for got, ref in zip(table, abl["rows"]):
-        assert got == (f"{ref['fraction'] * 100:.0f}", f"{ref['clean_accuracy']:.3f}", f"{ref['skill_accuracy']:.3f}",
-                       f"{ref['random_accuracy']:.3f}", f"{ref['random_accuracy_std']:.3f}")
+        assert got == (
+            f"{ref['fraction'] * 100:.0f}",
+            f"{ref['clean_accuracy']:.3f}",
+            f"{ref['skill_accuracy']:.3f}",
+            f"{ref['random_accuracy']:.3f}",
+            f"{ref['random_accuracy_std']:.3f}",
+        )
     assert verdict(abl["rows"]).sentence in md
 
 
@@ -148,16 +169,17 @@ def test_every_subcommand_has_help_with_examples(capsys):
 
 @pytest.mark.parametrize("script", ["01_find_and_inspect.py", "02_ablate_with_hooks.py", "03_compare_tasks.py"])
 def test_demo_scripts_run_fast(script):
-    res = subprocess.run([sys.executable, str(ROOT / "demos" / script), "--fast"], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "demos" / script), "--fast"], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "accuracy" in res.stdout
 
 
 def test_cli_demo_prints_phases_once_on_the_main_process(monkeypatch, tmp_path, capsys):
+    import tl_skill.cli.views as report
     from tl_skill import distributed
     from tl_skill.cli import main
-    import tl_skill.cli.views as report
 
     def fake_run_demo(out, cfg, on_phase=None, **kw):
         assert cfg.model == "tiny-gpt2" and cfg.task == "word_sentiment"

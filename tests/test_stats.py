@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
 
-from tl_skill import TuneConfig, find_skill_neurons, load_task, tune
-from tl_skill import stats
+from tl_skill import TuneConfig, find_skill_neurons, load_task, stats, tune
+from tl_skill.data.tasks import subsample
 from tl_skill.experiments.ablation import paired_comparison
 from tl_skill.neurons import SkillNeurons
-from tl_skill.data.tasks import subsample
 
 TOKENS = 8
 
@@ -86,8 +83,15 @@ def _long_text_csv(tmp_path, n=240):
 def long_run(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stats")
     task = load_task(f"csv:{_long_text_csv(tmp)}")
-    cfg = TuneConfig(prompt_length=3, steps=2, eval_every=2, batch_size=8, max_input_tokens=TOKENS,
-                     max_dev_examples=24, max_test_examples=24)
+    cfg = TuneConfig(
+        prompt_length=3,
+        steps=2,
+        eval_every=2,
+        batch_size=8,
+        max_input_tokens=TOKENS,
+        max_dev_examples=24,
+        max_test_examples=24,
+    )
     return tune(tiny_gpt2, task, tmp / "run", cfg, progress=False, evaluate_test=False)
 
 
@@ -101,11 +105,15 @@ def _activations(model, task, split, prompt):
     for text in task.texts(split):
         batch = layout.encode([text])
         with prompt.applied(model, batch), torch.no_grad():
-            _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                            names_filter=lambda n: n.endswith("mlp.hook_post"))
+            _, cache = model.run_with_cache(
+                batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n.endswith("mlp.hook_post")
+            )
         s = int(batch.prompt_start[0])
-        out.append(torch.stack([cache[compat.mlp_post_hook(l)][0, s:s + prompt.length]
-                                for l in range(model.cfg.n_layers)]).double())
+        out.append(
+            torch.stack(
+                [cache[compat.mlp_post_hook(l)][0, s : s + prompt.length] for l in range(model.cfg.n_layers)]
+            ).double()
+        )
     return torch.stack(out), torch.as_tensor(task.labels(split))
 
 
@@ -142,8 +150,16 @@ def test_heldout_predictivity_equals_a_slow_reference(tiny_gpt2, long_run):
 def test_shuffled_labels_give_chance_p_values(tiny_gpt2, long_run):
     fractions, n_sig = [], []
     for seed in range(3):
-        sn = find_skill_neurons(tiny_gpt2, [long_run], max_train_examples=None, max_eval_examples=None,
-                                progress=False, confirm_split=None, control="shuffled", control_seed=seed)
+        sn = find_skill_neurons(
+            tiny_gpt2,
+            [long_run],
+            max_train_examples=None,
+            max_eval_examples=None,
+            progress=False,
+            confirm_split=None,
+            control="shuffled",
+            control_seed=seed,
+        )
         c = sn.control_summary()
         fractions.append(c["fraction_position_p_below_0.05"])
         n_sig.append(c["n_significant"])

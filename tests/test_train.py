@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from conftest import interrupted
 
 from tl_skill import TuneConfig, tune
 from tl_skill.tuning import loop as train
 from tl_skill.tuning.loop import CHECKPOINT, TrainingError
 from tl_skill.variants import FinetuneConfig, bitfit_parameters, copy_model, finetune
-
-from conftest import interrupted
 
 CFG = FinetuneConfig(steps=7, lr=5e-2, batch_size=8, eval_every=2, max_input_tokens=24, eval_batch_size=24)
 
@@ -33,11 +32,14 @@ def _values(params):
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("where, when", [
-    ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
-    ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
-    ("between_steps", 3),  # at the start of step 3's batch
-])
+@pytest.mark.parametrize(
+    "where, when",
+    [
+        ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
+        ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
+        ("between_steps", 3),  # at the start of step 3's batch
+    ],
+)
 def test_finetune_resumes_exactly_after_any_interrupt(tiny_gpt2, tiny_task, tmp_path, monkeypatch, where, when):
     full_model, full_params = _bitfit(tiny_gpt2)
     full = finetune(full_model, tiny_task, full_params, CFG, progress=False, out=tmp_path / "full")
@@ -69,8 +71,11 @@ def test_finetune_resumes_exactly_after_any_interrupt(tiny_gpt2, tiny_task, tmp_
 def test_checkpoint_of_other_parameters_is_refused(tiny_gpt2, tiny_task, tmp_path, monkeypatch):
     model, params = _bitfit(tiny_gpt2)
     real = train.train_batch_indices
-    monkeypatch.setattr(train, "train_batch_indices",
-                        lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else real(step, *a, **k))
+    monkeypatch.setattr(
+        train,
+        "train_batch_indices",
+        lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else real(step, *a, **k),
+    )
     with pytest.raises(KeyboardInterrupt):
         finetune(model, tiny_task, params, CFG, progress=False, out=tmp_path / "ft")
     monkeypatch.setattr(train, "train_batch_indices", real)
@@ -81,8 +86,16 @@ def test_checkpoint_of_other_parameters_is_refused(tiny_gpt2, tiny_task, tmp_pat
 
 def test_tuning_freezes_a_trainable_model_and_restores_it(tiny_gpt2, small_task, tmp_path):
     """A model whose parameters require grad (a freshly booted bridge) is tuned frozen and given back as it was."""
-    cfg = TuneConfig(prompt_length=4, steps=3, eval_every=3, batch_size=8, max_train_examples=32,
-                     max_dev_examples=16, max_test_examples=16, max_input_tokens=24)
+    cfg = TuneConfig(
+        prompt_length=4,
+        steps=3,
+        eval_every=3,
+        batch_size=8,
+        max_train_examples=32,
+        max_dev_examples=16,
+        max_test_examples=16,
+        max_input_tokens=24,
+    )
     ref = tune(tiny_gpt2, small_task, tmp_path / "frozen", cfg, progress=False, evaluate_test=False)
     before = {n: p.detach().clone() for n, p in tiny_gpt2.named_parameters()}
     flags = {n: p.requires_grad for n, p in tiny_gpt2.named_parameters()}
@@ -110,15 +123,33 @@ def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, t
     from tl_skill.models import tiny_tokenizer_dir
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=128,
-                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=4096,
+            n_positions=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            attn_implementation="eager",
+        )
+    )
     bridge = compat.build_bridge(hf, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()), "gpt2", device="cpu")
     assert all(p.requires_grad for p in bridge.parameters())
     before = {n: p.detach().clone() for n, p in bridge.named_parameters()}
     task = subsample(small_task, {"train": 48, "dev": 24, "test": 24})
-    run = tune(bridge, task, tmp_path / "run", TuneConfig(prompt_length=4, steps=2, eval_every=2,
-                                                          max_train_examples=48, max_dev_examples=24,
-                                                          max_test_examples=24), progress=False)
+    run = tune(
+        bridge,
+        task,
+        tmp_path / "run",
+        TuneConfig(
+            prompt_length=4, steps=2, eval_every=2, max_train_examples=48, max_dev_examples=24, max_test_examples=24
+        ),
+        progress=False,
+    )
     sn = find_skill_neurons(bridge, [run], max_train_examples=48, max_eval_examples=24, progress=False)
     assert sn.model == run.model_name and sn.predictivity.shape == (2, 128)
     from tl_skill import evaluate

@@ -11,10 +11,10 @@ import torch
 
 from tl_skill import indicators as tr
 from tl_skill.experiments import transfer as xt
-from tl_skill.viz.plots import plot_transfer_figures
+from tl_skill.indicators import TransferError
 from tl_skill.neurons import SkillNeurons, Subtask
 from tl_skill.tuning.prompt import SoftPrompt
-from tl_skill.indicators import TransferError
+from tl_skill.viz.plots import plot_transfer_figures
 
 
 def make_neurons(pred: list[list[float]], model: str = "tiny-gpt2", task: str = "t") -> SkillNeurons:
@@ -22,9 +22,17 @@ def make_neurons(pred: list[list[float]], model: str = "tiny-gpt2", task: str = 
     acc = torch.tensor(pred, dtype=torch.float64)[None, None, :, None, :]  # [R, S, L, T, D]
     L, D = acc.shape[2], acc.shape[4]
     return SkillNeurons(
-        model=model, task=task, runs=[], label_names=["neg", "pos"], label_words=[" neg", " pos"],
-        subtasks=[Subtask("pos vs neg", (1,), (0,))], layers=list(range(L)), positions="prompt",
-        accuracy=acc, baseline=torch.zeros(1, L, 1, D, dtype=torch.float64), std=torch.ones(1, L, 1, D),
+        model=model,
+        task=task,
+        runs=[],
+        label_names=["neg", "pos"],
+        label_words=[" neg", " pos"],
+        subtasks=[Subtask("pos vs neg", (1,), (0,))],
+        layers=list(range(L)),
+        positions="prompt",
+        accuracy=acc,
+        baseline=torch.zeros(1, L, 1, D, dtype=torch.float64),
+        std=torch.ones(1, L, 1, D),
         constant=torch.zeros(1, L, 1, D, dtype=torch.bool),
     )
 
@@ -84,7 +92,9 @@ def test_neuron_similarity_hand_computed():
     assert got["neuron_cosine"] == pytest.approx(dot / math.sqrt(sum(u * u for u in fa) * sum(v * v for v in fb)))
     ca, cb = [u - 0.5 for u in fa], [v - 0.5 for v in fb]
     dot = sum(u * v for u, v in zip(ca, cb))
-    assert got["neuron_cosine_centered"] == pytest.approx(dot / math.sqrt(sum(u * u for u in ca) * sum(v * v for v in cb)))
+    assert got["neuron_cosine_centered"] == pytest.approx(
+        dot / math.sqrt(sum(u * u for u in ca) * sum(v * v for v in cb))
+    )
     # top-1 per layer: a = {(0,2), (1,1)}, b = {(0,2), (1,0)}
     assert got["neuron_topk_jaccard"] == pytest.approx(1 / 3)
     # top_fraction 1/3 of d_mlp=3 is one per layer, the same sets
@@ -133,11 +143,12 @@ def _reference_states(model, prompt, ids, start):
 
     L = model_spec(model).n_layers
     got = {}
-    hooks = [(compat.mlp_post_hook(l), (lambda l: lambda act, hook: got.__setitem__(l, act.detach()))(l))
-             for l in range(L)]
+    hooks = [
+        (compat.mlp_post_hook(l), (lambda l: lambda act, hook: got.__setitem__(l, act.detach()))(l)) for l in range(L)
+    ]
     with torch.no_grad(), prompt.applied(model), model.hooks(fwd_hooks=hooks):
         model(ids, attention_mask=torch.ones_like(ids), return_type="logits")
-    return torch.stack([got[l][0, start:start + prompt.length] for l in range(L)]) > 0
+    return torch.stack([got[l][0, start : start + prompt.length] for l in range(L)]) > 0
 
 
 def test_prompt_activation_states_causal(tiny_gpt2):
@@ -182,8 +193,16 @@ TASKS = ["word_sentiment", "rotten_tomatoes", "subjectivity"]
 def _tune_config():
     from tl_skill import TuneConfig
 
-    return TuneConfig(prompt_length=2, steps=2, eval_every=2, batch_size=8, max_train_examples=24,
-                      max_dev_examples=16, max_test_examples=16, max_input_tokens=24)
+    return TuneConfig(
+        prompt_length=2,
+        steps=2,
+        eval_every=2,
+        batch_size=8,
+        max_train_examples=24,
+        max_dev_examples=16,
+        max_test_examples=16,
+        max_input_tokens=24,
+    )
 
 
 FIND = {"max_train_examples": 24, "max_eval_examples": 16}
@@ -192,8 +211,16 @@ FIND = {"max_train_examples": 24, "max_eval_examples": 16}
 @pytest.fixture(scope="module")
 def study_dir(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    info = xt.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
-                    transfer_steps=1, progress=False)
+    info = xt.study(
+        tiny_gpt2,
+        TASKS,
+        out,
+        seeds=(0, 1),
+        tune_config=_tune_config(),
+        find_kwargs=FIND,
+        transfer_steps=1,
+        progress=False,
+    )
     return out, info
 
 
@@ -216,7 +243,10 @@ def test_study_writes_documented_transfer_json(study_dir):
         assert set(by_kind) == set(tr.TRANSFER_KINDS)
         # the top level repeats the main measure's numbers: {name: {spearman, kendall, ...}}
         assert main["transfer"] == "init_gain" and {**main, "transfer": None, "by_transfer": None} == {
-            **by_kind["init_gain"], "transfer": None, "by_transfer": None}
+            **by_kind["init_gain"],
+            "transfer": None,
+            "by_transfer": None,
+        }
         for c in by_kind.values():
             assert {"spearman", "kendall"} <= set(c) and c["n"] == 6
             for v in (c["spearman"], c["kendall"]):
@@ -250,20 +280,31 @@ def test_zero_shot_transfer_is_source_prompt_with_target_verbalizer(study_dir, t
     cfg = target.config
     test = subsample(target.load_task(), {"test": cfg.max_test_examples}, seed=cfg.task_seed)
     verb = target.verbalizer(tiny_gpt2)
-    accs = [evaluate(tiny_gpt2, test, "test", verb, Run.load(out / "runs" / "word_sentiment" / f"seed{s}").prompt,
-                     max_input_tokens=cfg.max_input_tokens)["accuracy"] for s in (0, 1)]
+    accs = [
+        evaluate(
+            tiny_gpt2,
+            test,
+            "test",
+            verb,
+            Run.load(out / "runs" / "word_sentiment" / f"seed{s}").prompt,
+            max_input_tokens=cfg.max_input_tokens,
+        )["accuracy"]
+        for s in (0, 1)
+    ]
     i, j = TASKS.index("word_sentiment"), TASKS.index("subjectivity")
     assert data["transfer"]["zero_shot"][i][j] == pytest.approx(np.mean(accs))
     assert data["transfer"]["zero_shot_relative"][i][j] == pytest.approx(
-        np.mean(accs) / data["transfer"]["zero_shot"][j][j])
+        np.mean(accs) / data["transfer"]["zero_shot"][j][j]
+    )
 
 
 def test_tune_starts_from_init_prompt(tiny_gpt2, small_task, tmp_path):
     from tl_skill import TuneConfig, tune
 
     init = SoftPrompt(torch.randn(2, 64) * 0.3)
-    cfg = TuneConfig(prompt_length=2, steps=1, eval_every=1, lr=1e-9, max_train_examples=8,
-                     max_dev_examples=8, max_test_examples=8)
+    cfg = TuneConfig(
+        prompt_length=2, steps=1, eval_every=1, lr=1e-9, max_train_examples=8, max_dev_examples=8, max_test_examples=8
+    )
     run = tune(tiny_gpt2, small_task, tmp_path / "r", cfg, progress=False, evaluate_test=False, init_prompt=init)
     assert torch.allclose(run.prompt.vectors, init.vectors, atol=1e-6)
     with pytest.raises(ValueError, match="length"):
@@ -285,8 +326,16 @@ def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
 
     monkeypatch.setattr("tl_skill.tuning.loop.class_logits", no_forward)
     monkeypatch.setattr("tl_skill.find.find_skill_neurons", no_find)
-    again = xt.study(tiny_gpt2, TASKS, out, seeds=(0, 1), tune_config=_tune_config(), find_kwargs=FIND,
-                     transfer_steps=1, progress=False)
+    again = xt.study(
+        tiny_gpt2,
+        TASKS,
+        out,
+        seeds=(0, 1),
+        tune_config=_tune_config(),
+        find_kwargs=FIND,
+        transfer_steps=1,
+        progress=False,
+    )
     assert calls == {"train_or_eval": 0, "find": 0}
     after = json.loads((out / "transfer.json").read_text())
     assert after["transfer"] == before["transfer"] and after["indicators"] == before["indicators"]
@@ -296,22 +345,21 @@ def test_study_rerun_reuses_everything(study_dir, tiny_gpt2, monkeypatch):
 def test_transfer_from_dirs_matches_study(study_dir, tiny_gpt2, tmp_path):
     out, _ = study_dir
     neurons = [out / "neurons" / tr.task_slug(t) for t in TASKS]
-    got = xt.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0,
-                                progress=False)
+    got = xt.transfer_from_dirs(tiny_gpt2, neurons, None, tmp_path / "t", transfer_steps=0, progress=False)
     study = json.loads((out / "transfer.json").read_text())
     assert set(got["transfer"]) == {"zero_shot", "zero_shot_relative"}
     for name, c in got["correlations"].items():  # without the init setting, zero-shot is the main measure
         assert c["transfer"] == "zero_shot" and c["spearman"] == c["by_transfer"]["zero_shot"]["spearman"]
-        assert c["spearman"] == pytest.approx(study["correlations"][name]["by_transfer"]["zero_shot"]["spearman"],
-                                              nan_ok=True)
+        assert c["spearman"] == pytest.approx(
+            study["correlations"][name]["by_transfer"]["zero_shot"]["spearman"], nan_ok=True
+        )
     as_np = lambda m: np.asarray(m, dtype=float)
     assert np.allclose(as_np(got["transfer"]["zero_shot"]), as_np(study["transfer"]["zero_shot"]))
     for name, m in study["indicators"].items():
         assert np.allclose(as_np(got["indicators"][name]), as_np(m), equal_nan=True), name
     # explicit run directories, in any order, give the same tasks
     runs = sorted((out / "runs").glob("*/seed*"))
-    again = xt.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0,
-                                  progress=False)
+    again = xt.transfer_from_dirs(tiny_gpt2, neurons, runs, tmp_path / "t2", transfer_steps=0, progress=False)
     assert again["tasks"] == TASKS
 
 
@@ -320,8 +368,9 @@ def test_mismatched_models_are_refused(study_dir, tiny_gpt2, tmp_path, monkeypat
     other = make_neurons(PA, model="tiny-llama", task="x")
     other.save(tmp_path / "other")
     with pytest.raises(TransferError, match="different models"):
-        xt.transfer_from_dirs(tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None,
-                              tmp_path / "t", progress=False)
+        xt.transfer_from_dirs(
+            tiny_gpt2, [out / "neurons" / "word_sentiment", tmp_path / "other"], None, tmp_path / "t", progress=False
+        )
     # a study over a directory holding another model's runs stops before tuning anything
     monkeypatch.setattr("tl_skill.tuning.runs.tune", lambda *a, **k: pytest.fail("tuned despite the mismatch"))
     bad = tmp_path / "s" / "runs" / "subjectivity" / "seed0"

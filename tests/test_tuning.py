@@ -10,17 +10,27 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted
 
 from tl_skill import SoftPrompt, TuneConfig, compat, evaluate, tune
-from tl_skill.tuning import Verbalizer
-from tl_skill.tuning import loop as train, runs as tuning
 from tl_skill.cli import main
+from tl_skill.tuning import Verbalizer
+from tl_skill.tuning import loop as train
+from tl_skill.tuning import runs as tuning
+from tl_skill.tuning.loop import CHECKPOINT
+from tl_skill.tuning.runs import PROMPT_FILE, RUN_JSON, Run, RunError
 
-from conftest import interrupted
-from tl_skill.tuning.runs import CHECKPOINT, PROMPT_FILE, RUN_JSON, Run, RunError
-
-SMALL = dict(prompt_length=4, steps=6, eval_every=3, batch_size=8, max_train_examples=64,
-             max_dev_examples=24, max_test_examples=24, max_input_tokens=24, eval_batch_size=24)
+SMALL = dict(
+    prompt_length=4,
+    steps=6,
+    eval_every=3,
+    batch_size=8,
+    max_train_examples=64,
+    max_dev_examples=24,
+    max_test_examples=24,
+    max_input_tokens=24,
+    eval_batch_size=24,
+)
 
 
 def _cfg(**kw) -> TuneConfig:
@@ -53,16 +63,17 @@ def test_gradient_reaches_only_the_prompt(tiny_llama, small_task, tmp_path, monk
 
     def spy(params, *args, **kwargs):
         params = list(params)
-        seen.append({
-            "prompt_grads": [p.grad.detach().clone() for p in params],
-            "shapes": [tuple(p.shape) for p in params],
-            "model_grads": [p.grad is not None for p in tiny_llama.parameters()],
-        })
+        seen.append(
+            {
+                "prompt_grads": [p.grad.detach().clone() for p in params],
+                "shapes": [tuple(p.shape) for p in params],
+                "model_grads": [p.grad is not None for p in tiny_llama.parameters()],
+            }
+        )
         return clip(params, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    tune(tiny_llama, small_task, tmp_path / "run", _cfg(steps=3, eval_every=3), progress=False,
-         evaluate_test=False)
+    tune(tiny_llama, small_task, tmp_path / "run", _cfg(steps=3, eval_every=3), progress=False, evaluate_test=False)
     assert len(seen) == 3
     for s in seen:
         assert s["shapes"] == [(4, 64)]  # only the prompt is optimised
@@ -77,8 +88,7 @@ def test_same_seed_same_prompt(tiny_gpt2, small_task, tmp_path, finished_run):
     assert torch.equal(again.prompt.vectors, run.prompt.vectors)
     assert again.metrics["dev_accuracy"] == run.metrics["dev_accuracy"]
     assert [h["loss"] for h in again.info["history"]] == [h["loss"] for h in run.info["history"]]
-    other = tune(tiny_gpt2, small_task, tmp_path / "other", _cfg(seed=1), progress=False,
-                 evaluate_test=False)
+    other = tune(tiny_gpt2, small_task, tmp_path / "other", _cfg(seed=1), progress=False, evaluate_test=False)
     assert not torch.equal(other.prompt.vectors, run.prompt.vectors)
 
 
@@ -89,24 +99,24 @@ def test_without_dev_checks_the_prompt_is_the_last_steps(tiny_gpt2, small_task, 
     calls = []
     real = tuning.evaluate
     monkeypatch.setattr(tuning, "evaluate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    quick = tune(tiny_gpt2, small_task, tmp_path / "quick", cfg, progress=False, evaluate_test=False,
-                 evaluate_dev=False)
+    quick = tune(
+        tiny_gpt2, small_task, tmp_path / "quick", cfg, progress=False, evaluate_test=False, evaluate_dev=False
+    )
     assert calls == []  # no dev (or test) evaluation at all
     assert torch.equal(quick.prompt.vectors, checked.prompt.vectors)
     assert quick.metrics["dev_accuracy"] is None and quick.metrics["best_step"] == 4
     assert [h["loss"] for h in quick.info["history"]] == [h["loss"] for h in checked.info["history"]]
     # with several steps between checks the best dev prompt may be an earlier one; without, it is the last
     cfg = _cfg(steps=6, eval_every=2)
-    last = tune(tiny_gpt2, small_task, tmp_path / "last", cfg, progress=False, evaluate_test=False,
-                evaluate_dev=False)
-    ref = tune(tiny_gpt2, small_task, tmp_path / "ref", _cfg(steps=6, eval_every=6), progress=False,
-               evaluate_test=False)
+    last = tune(tiny_gpt2, small_task, tmp_path / "last", cfg, progress=False, evaluate_test=False, evaluate_dev=False)
+    ref = tune(
+        tiny_gpt2, small_task, tmp_path / "ref", _cfg(steps=6, eval_every=6), progress=False, evaluate_test=False
+    )
     assert torch.equal(last.prompt.vectors, ref.prompt.vectors)
 
 
 @pytest.mark.parametrize("interrupt_at", [4, 3])  # between evaluations / right after one
-def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, monkeypatch,
-                                               interrupt_at):
+def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, monkeypatch, interrupt_at):
     cfg = _cfg(steps=7, eval_every=3)
     full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
 
@@ -142,16 +152,20 @@ def test_resume_gives_the_uninterrupted_prompt(tiny_gpt2, small_task, tmp_path, 
 
 def _interrupted_then_resumed(tiny_gpt2, small_task, out, cfg, monkeypatch, target, attr, when):
     """Run `tune` with `target.attr` raising KeyboardInterrupt on its `when`-th call, then rerun it."""
-    interrupted(monkeypatch, target, attr, when, tune, tiny_gpt2, small_task, out, cfg, progress=False,
-                evaluate_test=False)
+    interrupted(
+        monkeypatch, target, attr, when, tune, tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False
+    )
     assert (out / CHECKPOINT).exists()
     return tune(tiny_gpt2, small_task, out, cfg, progress=False, evaluate_test=False)
 
 
-@pytest.mark.parametrize("where, when", [
-    ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
-    ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
-])
+@pytest.mark.parametrize(
+    "where, when",
+    [
+        ("dev_evaluation", 2),  # inside the second dev evaluation (step 4)
+        ("after_optimizer_step", 5),  # between the optimiser step of step 5 and its checkpoint
+    ],
+)
 def test_resume_is_exact_after_any_interrupt(tiny_gpt2, small_task, tmp_path, monkeypatch, where, when):
     cfg = _cfg(steps=7, eval_every=2)
     full = tune(tiny_gpt2, small_task, tmp_path / "full", cfg, progress=False, evaluate_test=False)
@@ -160,8 +174,9 @@ def test_resume_is_exact_after_any_interrupt(tiny_gpt2, small_task, tmp_path, mo
     else:  # the scheduler steps right after the optimiser, before the step is recorded
         target, attr = torch.optim.lr_scheduler.LambdaLR, "step"
         when += 1  # LambdaLR steps once at construction
-    resumed = _interrupted_then_resumed(tiny_gpt2, small_task, tmp_path / "resumed", cfg, monkeypatch,
-                                        target, attr, when)
+    resumed = _interrupted_then_resumed(
+        tiny_gpt2, small_task, tmp_path / "resumed", cfg, monkeypatch, target, attr, when
+    )
     assert resumed.info["history"] == full.info["history"]  # every dev evaluation kept, none repeated
     assert [h["step"] for h in resumed.info["history"] if "dev_accuracy" in h] == [2, 4, 6, 7]
     assert torch.equal(resumed.prompt.vectors, full.prompt.vectors)
@@ -183,7 +198,7 @@ def test_pickle_checkpoints_are_never_loaded(tiny_gpt2, small_task, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / RUN_JSON).write_text(json.dumps({**first.info, "status": "running"}))
-    (out / tuning.LEGACY_CHECKPOINT).write_bytes(pickle.dumps({"x": Hostile()}))
+    (out / train.LEGACY_CHECKPOINT).write_bytes(pickle.dumps({"x": Hostile()}))
     run = tune(tiny_gpt2, small_task, out, _cfg(steps=2, eval_every=2), progress=False, evaluate_test=False)
     assert not marker.exists() and run.metrics["steps_run"] == 2
     with pytest.raises(RunError, match="checkpoint .*checkpoint.safetensors is not a readable"):
@@ -232,8 +247,9 @@ def test_run_directory_contents(tiny_gpt2, small_task, finished_run):
     data = tuning._pick(small_task, run.config)
     v = Verbalizer(tiny_gpt2.tokenizer, info["label_words"])
     prompt = SoftPrompt.load(run.path / PROMPT_FILE)
-    acc = lambda split, p: evaluate(tiny_gpt2, data, split, v, p,
-                                    max_input_tokens=SMALL["max_input_tokens"])["accuracy"]
+    acc = lambda split, p: evaluate(tiny_gpt2, data, split, v, p, max_input_tokens=SMALL["max_input_tokens"])[
+        "accuracy"
+    ]
     assert acc("dev", prompt) == metrics["dev_accuracy"]
     assert acc("test", prompt) == metrics["test_accuracy"]
     assert acc("test", None) == metrics["zero_shot_accuracy"]
@@ -292,10 +308,31 @@ def test_bad_config_refused():
 
 
 # ------------------------------------------------------------------------------ CLI
-CLI_TUNE = ["--model", "tiny-gpt2", "--task", "rotten_tomatoes", "--steps", "4", "--eval-every", "2",
-            "--prompt-length", "4", "--max-train-examples", "48", "--max-dev-examples", "20",
-            "--max-test-examples", "20", "--max-input-tokens", "24", "--batch-size", "8",
-            "--device", "cpu", "-q"]
+CLI_TUNE = [
+    "--model",
+    "tiny-gpt2",
+    "--task",
+    "rotten_tomatoes",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--prompt-length",
+    "4",
+    "--max-train-examples",
+    "48",
+    "--max-dev-examples",
+    "20",
+    "--max-test-examples",
+    "20",
+    "--max-input-tokens",
+    "24",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 def test_cli_tune_and_evaluate(tmp_path, capsys):
@@ -307,22 +344,21 @@ def test_cli_tune_and_evaluate(tmp_path, capsys):
     assert run.config.steps == 4 and run.config.prompt_length == 4 and run.config.batch_size == 8
     assert run.prompt.vectors.shape == (4, 64)
 
-    assert main(["evaluate", str(out), "--split", "test", "--max-examples", "20", "--json",
-                 "--device", "cpu", "-q"]) == 0
+    assert (
+        main(["evaluate", str(out), "--split", "test", "--max-examples", "20", "--json", "--device", "cpu", "-q"]) == 0
+    )
     ev = json.loads(capsys.readouterr().out)
     assert ev["split"] == "test" and ev["n"] == 20
     # the same 20 test examples the run was scored on
     assert ev["accuracy"] == run.metrics["test_accuracy"]
     assert ev["majority_accuracy"] == run.metrics["majority_accuracy"]
 
-    assert main(["evaluate", str(out), "--split", "dev", "--max-examples", "20", "-q",
-                 "--device", "cpu"]) == 0
+    assert main(["evaluate", str(out), "--split", "dev", "--max-examples", "20", "-q", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("dev accuracy")
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert main(["tune", "--out", str(tmp_path / "x"), "--task", "no_such_task", "--model",
-                 "tiny-gpt2", "-q"]) == 2
+    assert main(["tune", "--out", str(tmp_path / "x"), "--task", "no_such_task", "--model", "tiny-gpt2", "-q"]) == 2
     err = capsys.readouterr().err
     assert "no_such_task" in err and "rotten_tomatoes" in err
     assert main(["evaluate", str(tmp_path / "nothing"), "-q"]) == 2
@@ -343,8 +379,7 @@ def test_cli_help_lists_subcommands(capsys):
 
 
 def test_module_entry_point():
-    res = subprocess.run([sys.executable, "-m", "tl_skill", "--help"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "tl_skill", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "evaluate" in res.stdout
 
 

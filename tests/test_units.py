@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tl_skill import SoftPrompt, compat, load_task, model_spec
-from tl_skill.tuning import layout_for
+from tl_skill import SoftPrompt, TuneConfig, compat, load_task, model_spec
 from tl_skill.data import subsample
 from tl_skill.find import find_skill_neurons
 from tl_skill.perturb import Perturbation, PerturbationError
 from tl_skill.record import Recorder, RecordingError
+from tl_skill.tuning import layout_for
 from tl_skill.units import SAE, UnitError, head_scores, unit_source
-
-from tl_skill import TuneConfig  # noqa: E402
 
 P, N_TRAIN, N_DEV = 3, 40, 30
 TOKENS = TuneConfig().max_input_tokens  # the layout of prompts probed in memory
@@ -35,12 +33,21 @@ def prompt(tiny_llama):
 
 
 def _find(model, task, prompt, units):
-    return find_skill_neurons(model, task, prompts=[prompt], max_train_examples=N_TRAIN, max_eval_examples=N_DEV,
-                              confirm_split=None, progress=False, units=units)
+    return find_skill_neurons(
+        model,
+        task,
+        prompts=[prompt],
+        max_train_examples=N_TRAIN,
+        max_eval_examples=N_DEV,
+        confirm_split=None,
+        progress=False,
+        units=units,
+    )
 
 
 def _slow_predictivity(model, task, prompt, hook_of, layers, flatten=lambda a: a):
     """Every activation stored (one batch per split), baseline by math.fsum, accuracy by counting."""
+
     def acts(split):
         texts, labels = task.texts(split), task.labels(split)
         batch = layout_for(model, prompt.length, TOKENS).encode(texts, labels)
@@ -49,7 +56,7 @@ def _slow_predictivity(model, task, prompt, hook_of, layers, flatten=lambda a: a
         out = []
         for l in layers:
             a = flatten(cache[hook_of(l)])
-            out.append(np.stack([a[r, int(s):int(s) + P].double().numpy() for r, s in enumerate(batch.prompt_start)]))
+            out.append(np.stack([a[r, int(s) : int(s) + P].double().numpy() for r, s in enumerate(batch.prompt_start)]))
         return np.stack(out, 1), labels  # [N, L, P, D]
 
     train, _ = acts("train")
@@ -67,18 +74,26 @@ def test_resid_and_attn_predictivity_equal_a_slow_reference(tiny_llama, task, pr
     if units == "mlp":  # the reference itself, against the path every other test checks
         want = _slow_predictivity(tiny_llama, task, prompt, compat.mlp_post_hook, range(spec.n_layers))
     elif units == "resid":
-        want = _slow_predictivity(tiny_llama, task, prompt, lambda l: f"blocks.{l}.hook_resid_post",
-                                  range(spec.n_layers))
+        want = _slow_predictivity(
+            tiny_llama, task, prompt, lambda l: f"blocks.{l}.hook_resid_post", range(spec.n_layers)
+        )
         assert sn.predictivity.shape == (spec.n_layers, spec.d_model)
     else:
-        want = _slow_predictivity(tiny_llama, task, prompt, lambda l: f"blocks.{l}.attn.hook_z",
-                                  range(spec.n_layers), flatten=lambda a: a.flatten(-2))
+        want = _slow_predictivity(
+            tiny_llama,
+            task,
+            prompt,
+            lambda l: f"blocks.{l}.attn.hook_z",
+            range(spec.n_layers),
+            flatten=lambda a: a.flatten(-2),
+        )
         h = tiny_llama.cfg.n_heads
         assert sn.predictivity.shape == (spec.n_layers, h * tiny_llama.cfg.d_head)
         heads = head_scores(sn.predictivity, h)
         assert heads.shape == (spec.n_layers, h)
-        torch.testing.assert_close(heads, torch.as_tensor(want).reshape(spec.n_layers, h, -1).max(-1).values.to(
-            heads.dtype))
+        torch.testing.assert_close(
+            heads, torch.as_tensor(want).reshape(spec.n_layers, h, -1).max(-1).values.to(heads.dtype)
+        )
     assert sn.units == units and (units == "mlp") == ("units" not in sn.meta)
     np.testing.assert_array_equal(sn.predictivity.double().numpy(), want)
 
@@ -88,8 +103,9 @@ def _write_sae(path, hook, W_enc, b_enc, W_dec, b_dec, architecture="jumprelu", 
 
     path.mkdir(parents=True, exist_ok=True)
     d_in, d_sae = W_enc.shape
-    (path / "cfg.json").write_text(json.dumps({"hook_name": hook, "d_in": d_in, "d_sae": d_sae,
-                                               "architecture": architecture}))
+    (path / "cfg.json").write_text(
+        json.dumps({"hook_name": hook, "d_in": d_in, "d_sae": d_sae, "architecture": architecture})
+    )
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if threshold is not None:
         tensors["threshold"] = threshold
@@ -104,13 +120,21 @@ def permutation_sae(tiny_llama, tmp_path_factory):
     perm = torch.randperm(d, generator=torch.Generator().manual_seed(0))
     E = torch.zeros(d, d)
     E[perm, torch.arange(d)] = 1.0
-    path = _write_sae(tmp_path_factory.mktemp("sae") / "perm", "blocks.1.mlp.hook_post", E, torch.zeros(d), E.T.clone(),
-                      torch.zeros(d), threshold=torch.full((d,), -1e30))
+    path = _write_sae(
+        tmp_path_factory.mktemp("sae") / "perm",
+        "blocks.1.mlp.hook_post",
+        E,
+        torch.zeros(d),
+        E.T.clone(),
+        torch.zeros(d),
+        threshold=torch.full((d,), -1e30),
+    )
     return path, perm
 
 
 def test_an_sae_that_copies_neurons_gives_their_predictivity_and_their_perturbation(
-        tiny_llama, task, prompt, permutation_sae):
+    tiny_llama, task, prompt, permutation_sae
+):
     path, perm = permutation_sae
     source = unit_source(tiny_llama, f"sae:{path}")
     assert source.layers == (1,) and source.width == model_spec(tiny_llama).d_mlp
@@ -176,8 +200,15 @@ def test_width_mismatches_and_bad_sources_are_refused(tiny_llama, tiny_gpt2, tmp
         unit_source(tiny_llama, "heads")
     with pytest.raises(UnitError, match="cfg.json"):
         unit_source(tiny_llama, f"sae:{tmp_path}")
-    bad = _write_sae(tmp_path / "bad", "blocks.0.hook_resid_post", torch.zeros(64, 8), torch.zeros(8),
-                     torch.zeros(8, 32), torch.zeros(64), "standard")
+    bad = _write_sae(
+        tmp_path / "bad",
+        "blocks.0.hook_resid_post",
+        torch.zeros(64, 8),
+        torch.zeros(8),
+        torch.zeros(8, 32),
+        torch.zeros(64),
+        "standard",
+    )
     with pytest.raises(UnitError, match="W_dec has shape"):
         unit_source(tiny_llama, f"sae:{bad}")
     with pytest.raises(PerturbationError, match="units per layer"):
@@ -231,8 +262,19 @@ def test_cli_find_takes_units_and_refuses_bad_ones_before_work(tmp_path, tiny_ll
     from tests.test_neurons import write_run
 
     write_run(run, "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=2), max_input_tokens=TOKENS)
-    common = ["find", str(run), "--max-train-examples", "20", "--max-eval-examples", "10", "--confirm-split", "none",
-              "-q", "--device", "cpu"]
+    common = [
+        "find",
+        str(run),
+        "--max-train-examples",
+        "20",
+        "--max-eval-examples",
+        "10",
+        "--confirm-split",
+        "none",
+        "-q",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit):
         main(common + ["--out", str(tmp_path / "x"), "--units", "heads"])
     assert "unknown units" in capsys.readouterr().err and not (tmp_path / "x").exists()
@@ -249,7 +291,8 @@ def test_units_by_layer_figure_and_numbers(tiny_llama, task, prompt, tmp_path):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "units_by_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "units_by_layer.py")
+        "units_by_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "units_by_layer.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     dirs = []
@@ -274,8 +317,16 @@ def test_sae_latent_dashboards_equal_the_neurons_they_copy(tiny_llama, task, pro
     path, perm = permutation_sae
     run = Run.in_memory(prompt, task, "tiny-llama", TuneConfig(prompt_length=P, max_test_examples=20))
     latents = _find(tiny_llama, task, prompt, f"sae:{path}")
-    neurons = find_skill_neurons(tiny_llama, task, prompts=[prompt], max_train_examples=N_TRAIN,
-                                 max_eval_examples=N_DEV, confirm_split=None, progress=False, layers=[1])
+    neurons = find_skill_neurons(
+        tiny_llama,
+        task,
+        prompts=[prompt],
+        max_train_examples=N_TRAIN,
+        max_eval_examples=N_DEV,
+        confirm_split=None,
+        progress=False,
+        layers=[1],
+    )
     d = model_spec(tiny_llama).d_mlp
     lat = dashboard_data(tiny_llama, run, latents, tmp_path / "lat", top=4, n_examples=3, progress=False)
     neu = dashboard_data(tiny_llama, run, neurons, None, top=d, n_examples=3, progress=False)
@@ -286,8 +337,16 @@ def test_sae_latent_dashboards_equal_the_neurons_they_copy(tiny_llama, task, pro
         kn = by_neuron[int(perm[row["neuron"]])]
         ref = neu.neurons[kn]
         assert torch.equal(lat.activations[:, k], neu.activations[:, kn])
-        for key in ("predictivity", "position", "direction", "direct_effect_per_unit", "direct_effect_mean",
-                    "logit_lens", "ablated_accuracy", "examples"):
+        for key in (
+            "predictivity",
+            "position",
+            "direction",
+            "direct_effect_per_unit",
+            "direct_effect_mean",
+            "logit_lens",
+            "ablated_accuracy",
+            "examples",
+        ):
             assert row[key] == ref[key], key
 
 
@@ -307,8 +366,15 @@ def test_ablation_units_override_is_checked(tiny_llama, task, prompt, permutatio
     assert again.rows == first.rows and again.settings["units"] == f"sae:{moved}"
     with pytest.raises(AblationError, match="are other units"):
         ablation_experiment(tiny_llama, prompt, latents, tmp_path / "c", units="mlp", **kw)
-    small = _write_sae(tmp_path / "small", "blocks.1.mlp.hook_post", torch.zeros(192, 8), torch.zeros(8),
-                       torch.zeros(8, 192), torch.zeros(192), "standard")
+    small = _write_sae(
+        tmp_path / "small",
+        "blocks.1.mlp.hook_post",
+        torch.zeros(192, 8),
+        torch.zeros(8),
+        torch.zeros(8, 192),
+        torch.zeros(192),
+        "standard",
+    )
     with pytest.raises(AblationError, match="192 units per layer but the model's .* 8 wide"):
         ablation_experiment(tiny_llama, prompt, latents, tmp_path / "d", units=f"sae:{small}", **kw)
     assert not (tmp_path / "c").exists()
@@ -327,8 +393,7 @@ def test_transfer_indicators_on_resid_units_equal_slow_references(tiny_llama, ta
     prompts = {t.name: SoftPrompt.from_vocab(tiny_llama, P, seed=s) for t, s in ((task, 4), (other, 5))}
     runs = {t.name: [Run.in_memory(prompts[t.name], t, "tiny-llama")] for t in (task, other)}
     sns = [_find(tiny_llama, t, prompts[t.name], "resid") for t in (task, other)]
-    res = run_transfer(tiny_llama, sns, runs, tmp_path / "tr", transfer_steps=0, max_eval_examples=10,
-                       progress=False)
+    res = run_transfer(tiny_llama, sns, runs, tmp_path / "tr", transfer_steps=0, max_eval_examples=10, progress=False)
     assert res.settings["units"] == "resid" and res.settings["top_k_per_layer"] == 1
     rho = spearmanr(sns[0].predictivity.flatten().numpy(), sns[1].predictivity.flatten().numpy())[0]
     assert res.indicators["neuron_spearman"][0][1] == pytest.approx(rho, abs=1e-12)
@@ -339,7 +404,7 @@ def test_transfer_indicators_on_resid_units_equal_slow_references(tiny_llama, ta
         with p.applied(tiny_llama, batch), torch.no_grad():
             _, cache = tiny_llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
         n = model_spec(tiny_llama).n_layers
-        return np.stack([cache[f"blocks.{l}.hook_resid_post"][0, -p.length:].numpy() > 0 for l in range(n)])
+        return np.stack([cache[f"blocks.{l}.hook_resid_post"][0, -p.length :].numpy() > 0 for l in range(n)])
 
     a, b = states(prompts[task.name]), states(prompts[other.name])
     assert res.indicators["activated_jaccard"][0][1] == pytest.approx((a & b).sum() / (a | b).sum(), abs=1e-12)
@@ -375,29 +440,86 @@ def test_cli_ablate_dashboard_transfer_take_units(tmp_path, tiny_llama, capsys):
     from tl_skill.cli import main
 
     ws_words = load_task("word_sentiment").spec.label_words
-    runs = {"rt": write_run(tmp_path / "rt", "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=2),
-                            max_input_tokens=TOKENS),
-            "ws": write_run(tmp_path / "ws", "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=3),
-                            task="word_sentiment", label_words=ws_words, max_input_tokens=TOKENS)}
+    runs = {
+        "rt": write_run(
+            tmp_path / "rt", "tiny-llama", SoftPrompt.from_vocab(tiny_llama, P, seed=2), max_input_tokens=TOKENS
+        ),
+        "ws": write_run(
+            tmp_path / "ws",
+            "tiny-llama",
+            SoftPrompt.from_vocab(tiny_llama, P, seed=3),
+            task="word_sentiment",
+            label_words=ws_words,
+            max_input_tokens=TOKENS,
+        ),
+    }
     common = ["--device", "cpu", "-q"]
     for t, run in runs.items():
-        assert main(["find", str(run), "--out", str(tmp_path / f"n_{t}"), "--units", "attn", "--max-train-examples",
-                     "20", "--max-eval-examples", "10", "--confirm-split", "none", *common]) in (0, None)
-    abl = ["ablate", str(runs["rt"]), "--neurons", str(tmp_path / "n_rt"), "--fractions", "0.05", "--seeds", "1",
-           "--mode", "zero", "--max-examples", "10", *common]
+        assert main(
+            [
+                "find",
+                str(run),
+                "--out",
+                str(tmp_path / f"n_{t}"),
+                "--units",
+                "attn",
+                "--max-train-examples",
+                "20",
+                "--max-eval-examples",
+                "10",
+                "--confirm-split",
+                "none",
+                *common,
+            ]
+        ) in (0, None)
+    abl = [
+        "ablate",
+        str(runs["rt"]),
+        "--neurons",
+        str(tmp_path / "n_rt"),
+        "--fractions",
+        "0.05",
+        "--seeds",
+        "1",
+        "--mode",
+        "zero",
+        "--max-examples",
+        "10",
+        *common,
+    ]
     assert main(abl + ["--out", str(tmp_path / "a_bad"), "--units", "resid"]) == 2
     assert "found on 'attn' units; units 'resid' are other units" in capsys.readouterr().err
     assert not (tmp_path / "a_bad").exists()
     assert main(abl + ["--out", str(tmp_path / "a"), "--units", "attn"]) in (0, None)
     assert json.loads((tmp_path / "a" / "ablation.json").read_text())["settings"]["units"] == "attn"
-    dash = ["dashboard", str(tmp_path / "n_rt"), "--run", str(runs["rt"]), "--top", "2", "--examples", "1",
-            "--max-examples", "10", *common]
+    dash = [
+        "dashboard",
+        str(tmp_path / "n_rt"),
+        "--run",
+        str(runs["rt"]),
+        "--top",
+        "2",
+        "--examples",
+        "1",
+        "--max-examples",
+        "10",
+        *common,
+    ]
     assert main(dash + ["--out", str(tmp_path / "d_bad"), "--units", "mlp"]) == 2
     assert not (tmp_path / "d_bad").exists()
     assert main(dash + ["--out", str(tmp_path / "d")]) in (0, None)
     assert "attention unit" in (tmp_path / "d" / "index.html").read_text()
-    tr = ["transfer", str(tmp_path / "n_rt"), str(tmp_path / "n_ws"), "--transfer-steps", "0", "--max-eval-examples",
-          "10", "--no-figures", *common]
+    tr = [
+        "transfer",
+        str(tmp_path / "n_rt"),
+        str(tmp_path / "n_ws"),
+        "--transfer-steps",
+        "0",
+        "--max-eval-examples",
+        "10",
+        "--no-figures",
+        *common,
+    ]
     assert main(tr + ["--out", str(tmp_path / "t_bad"), "--units", "mlp"]) == 2
     assert not (tmp_path / "t_bad").exists()
     capsys.readouterr()

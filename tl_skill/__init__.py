@@ -10,7 +10,13 @@ import importlib.metadata as _metadata
 from tl_skill.data import Task, load_task
 from tl_skill.errors import TLSkillError
 from tl_skill.experiments import (
-    AblationConfig, OriginConfig, ablation_experiment, dashboard_data, origin_study, prune_experiment, study,
+    AblationConfig,
+    OriginConfig,
+    ablation_experiment,
+    dashboard_data,
+    origin_study,
+    prune_experiment,
+    study,
     transfer_from_dirs,
 )
 from tl_skill.find import FindConfig, find_skill_neurons, load_or_find
@@ -30,17 +36,40 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that 
 
 __all__ = [
     # models and data
-    "load_model", "model_spec", "load_task", "Task",
+    "load_model",
+    "model_spec",
+    "load_task",
+    "Task",
     # 1. prompt tuning
-    "tune", "TuneConfig", "Run", "SoftPrompt", "evaluate",
+    "tune",
+    "TuneConfig",
+    "Run",
+    "SoftPrompt",
+    "evaluate",
     # 2-5. recording, predictivity, selection
-    "find_skill_neurons", "load_or_find", "FindConfig", "SkillNeurons", "Recorder",
+    "find_skill_neurons",
+    "load_or_find",
+    "FindConfig",
+    "SkillNeurons",
+    "Recorder",
     # 6-7. perturbation and pruning
-    "perturbed", "Perturbation", "prune_model", "load_pruned",
+    "perturbed",
+    "Perturbation",
+    "prune_model",
+    "load_pruned",
     # experiments
-    "ablation_experiment", "AblationConfig", "prune_experiment", "study", "transfer_from_dirs", "origin_study",
-    "OriginConfig", "dashboard_data",
+    "ablation_experiment",
+    "AblationConfig",
+    "prune_experiment",
+    "study",
+    "transfer_from_dirs",
+    "origin_study",
+    "OriginConfig",
+    "dashboard_data",
     # views and pipelines
-    "write_dashboard", "export_neuronpedia", "run_demo",
-    "TLSkillError", "__version__",
+    "write_dashboard",
+    "export_neuronpedia",
+    "run_demo",
+    "TLSkillError",
+    "__version__",
 ]

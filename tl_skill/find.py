@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,16 +24,22 @@ from tqdm.auto import tqdm
 
 from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
+from tl_skill.data.tasks import Task, subsample
 from tl_skill.files import claim_dir, read_json, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import NEURONS_JSON, SkillNeurons
 from tl_skill.predictivity import NeuronsError, Subtask, accuracy_of_counts, make_subtasks, subtask_counts
-from tl_skill.tuning.prompt import SoftPrompt, iterate_batches, layout_for
 from tl_skill.record import LabelSets, MomentStats, Recorder, ThresholdStats, TraceStats, n_positions
-from tl_skill.data.tasks import Task, subsample
+from tl_skill.tuning.prefix import (
+    input_pass_through,
+    prefix_cache_default,
+    prompt_pass_for_hooks,
+    split_batch,
+    usable_for,
+)
+from tl_skill.tuning.prompt import SoftPrompt, iterate_batches, layout_for
 from tl_skill.tuning.runs import Run
 from tl_skill.units import UnitSource, check_source, unit_source
-from tl_skill.tuning.prefix import input_pass_through, prefix_cache_default, prompt_pass_for_hooks, split_batch, usable_for
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +59,24 @@ class RunStats:
     counts: dict[str, tuple] = field(default_factory=dict)
 
 
-def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[Subtask],
-               split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
-               batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
-               padding_side: str | None = None, progress: bool = True, desc: str = "",
-               confirm_split: str | None = None, control_seed: int | None = None,
-               units: "str | UnitSource | None" = None) -> RunStats:
+def record_run(
+    model: HookedRootModule,
+    task: Task,
+    prompt: SoftPrompt | None,
+    subtasks: Sequence[Subtask],
+    split: str = "dev",
+    layers: Sequence[int] | None = None,
+    positions: str = "prompt",
+    batch_size: int = 32,
+    max_input_tokens: int = 96,
+    prompt_length: int | None = None,
+    padding_side: str | None = None,
+    progress: bool = True,
+    desc: str = "",
+    confirm_split: str | None = None,
+    control_seed: int | None = None,
+    units: str | UnitSource | None = None,
+) -> RunStats:
     """Baselines from train, then the above-baseline counts on `split`, in fixed memory.
 
     Args:
@@ -65,16 +84,44 @@ def record_run(model, task: Task, prompt: SoftPrompt | None, subtasks: Sequence[
         control_seed: also count with the labels of `split` permuted by this seed, in the
             same pass (the shuffled-label control).
     """
-    return record_runs(model, task, [prompt], subtasks, split, layers, positions, batch_size, max_input_tokens,
-                       prompt_length, padding_side, progress, desc, confirm_split, control_seed, units)[0]
+    return record_runs(
+        model,
+        task,
+        [prompt],
+        subtasks,
+        split,
+        layers,
+        positions,
+        batch_size,
+        max_input_tokens,
+        prompt_length,
+        padding_side,
+        progress,
+        desc,
+        confirm_split,
+        control_seed,
+        units,
+    )[0]
 
 
-def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtasks: Sequence[Subtask],
-                split: str = "dev", layers: Sequence[int] | None = None, positions: str = "prompt",
-                batch_size: int = 32, max_input_tokens: int = 96, prompt_length: int | None = None,
-                padding_side: str | None = None, progress: bool = True, desc: str = "",
-                confirm_split: str | None = None, control_seed: int | None = None,
-                units: "str | UnitSource | None" = None) -> list[RunStats]:
+def record_runs(
+    model: HookedRootModule,
+    task: Task,
+    prompts: Sequence[SoftPrompt | None],
+    subtasks: Sequence[Subtask],
+    split: str = "dev",
+    layers: Sequence[int] | None = None,
+    positions: str = "prompt",
+    batch_size: int = 32,
+    max_input_tokens: int = 96,
+    prompt_length: int | None = None,
+    padding_side: str | None = None,
+    progress: bool = True,
+    desc: str = "",
+    confirm_split: str | None = None,
+    control_seed: int | None = None,
+    units: str | UnitSource | None = None,
+) -> list[RunStats]:
     """`record_run` for several prompts (trials) of one length on the same examples.
 
     With the prefix cache (causal LMs, `positions="prompt"`, `prefix.prefix_cache_default()`) and
@@ -96,15 +143,23 @@ def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtask
         present = set(task.labels(which).tolist())
         for sub in subtasks:
             if not present & set(sub.positive) or not present & set(sub.negative):
-                raise NeuronsError(f"the {which!r} split of {task.name!r} has only classes {sorted(present)}: "
-                                   f"subtask {sub.name!r} needs examples of both sides")
+                raise NeuronsError(
+                    f"the {which!r} split of {task.name!r} has only classes {sorted(present)}: "
+                    f"subtask {sub.name!r} needs examples of both sides"
+                )
     device = compat.model_device(model)
     layout = layout_for(model, P, max_input_tokens, padding_side)
     prompts = [p.to(device) if p is not None else None for p in prompts]
     # one prompt gains nothing from the cache here: its batches are grouped by length (little padding)
     # and the prompt pass is one pass more (SmolLM2, 256 + 128 examples: 16.7 s full, 17.8 s cached)
-    shared = (positions == "prompt" and len(prompts) > 1 and all(p is not None for p in prompts)
-              and prefix_cache_default() and P > 0 and compat.prefix_cache_supported(model))
+    shared = (
+        positions == "prompt"
+        and len(prompts) > 1
+        and all(p is not None for p in prompts)
+        and prefix_cache_default()
+        and P > 0
+        and compat.prefix_cache_supported(model)
+    )
 
     def run_pass(make_stats, which: str, shuffled: np.ndarray | None = None):
         stats = [make_stats() for _ in prompts]
@@ -112,15 +167,20 @@ def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtask
         n = len(task[which])
         bar = tqdm(total=n, desc=f"{desc}record {which}", disable=not progress, leave=False, unit="ex")
         for idx, batch in iterate_batches(layout, task, which, batch_size, shard=True):
-            if shuffled is not None:  # labels [batch, 2]: true, then permuted by global example id
+            if shuffled is not None and batch.labels is not None:  # labels [batch, 2]: true, then permuted
                 batch.labels = torch.stack([batch.labels, torch.as_tensor(shuffled[idx])], 1)
             batch = batch.to(device)
             if shared and usable_for(model, batch):
                 ids, mask, chunk = split_batch(batch, compat.pad_token_id(model))
                 cache = input_pass_through(model, ids, mask, max(layer_list))
                 for r, (rec, prompt) in enumerate(zip(recs, prompts)):
-                    rec.run_prompt_pass(chunk, prompt, compat.copy_kv_cache(cache) if r < len(recs) - 1 else cache,
-                                        prompt_pass_for_hooks)
+                    assert prompt is not None  # `shared` holds only when every prompt is given
+                    rec.run_prompt_pass(
+                        chunk,
+                        prompt,
+                        compat.copy_kv_cache(cache) if r < len(recs) - 1 else cache,
+                        prompt_pass_for_hooks,
+                    )
             else:
                 for rec, prompt in zip(recs, prompts):
                     with rec.attached():
@@ -166,12 +226,19 @@ def record_runs(model, task: Task, prompts: Sequence[SoftPrompt | None], subtask
         for r, h in enumerate(held):
             found[r]["confirm"] = subtask_counts(h.above.cpu(), h.count.cpu(), subtasks, baseline_index)
     seconds = (time.perf_counter() - t0) / len(prompts)
-    return [RunStats(
-        accuracy=accuracy_of_counts(*found[r]["eval"]), baseline=moments[r].mean().cpu(),
-        std=moments[r].std().float().cpu(),
-        constant=(moments[r].constant() & counts[r].min.eq(counts[r].max) & counts[r].min.eq(moments[r].min)).cpu(),
-        n_train=int(moments[r].count.sum()), n_eval=int(counts[r].count.sum()), seconds=seconds, counts=found[r],
-    ) for r in range(len(prompts))]
+    return [
+        RunStats(
+            accuracy=accuracy_of_counts(*found[r]["eval"]),
+            baseline=moments[r].mean().cpu(),
+            std=moments[r].std().float().cpu(),
+            constant=(moments[r].constant() & counts[r].min.eq(counts[r].max) & counts[r].min.eq(moments[r].min)).cpu(),
+            n_train=int(moments[r].count.sum()),
+            n_eval=int(counts[r].count.sum()),
+            seconds=seconds,
+            counts=found[r],
+        )
+        for r in range(len(prompts))
+    ]
 
 
 def check_runs(runs: Sequence[Run]) -> None:
@@ -186,12 +253,13 @@ def check_runs(runs: Sequence[Run]) -> None:
     for run in runs:
         key = Path(run.path).resolve()
         if key in seen:
-            raise NeuronsError(f"the same run is given twice ({seen[key]} and {run.path}); "
-                               "trials must be different runs")
+            raise NeuronsError(
+                f"the same run is given twice ({seen[key]} and {run.path}); trials must be different runs"
+            )
         seen[key] = run.path
     first = runs[0]
     for run in runs[1:]:
-        for key, a, b in (
+        for what, a, b in (
             ("model", first.model_name, run.model_name),
             ("task", first.task_name, run.task_name),
             ("task seed", first.info["task_seed"], run.info["task_seed"]),
@@ -201,7 +269,7 @@ def check_runs(runs: Sequence[Run]) -> None:
             ("padding_side", first.config.padding_side, run.config.padding_side),
         ):
             if a != b:
-                raise NeuronsError(f"runs differ in {key}: {first.path} has {a!r}, {run.path} has {b!r}")
+                raise NeuronsError(f"runs differ in {what}: {first.path} has {a!r}, {run.path} has {b!r}")
 
 
 POSITIONS = ("prompt", "last", "mean")
@@ -304,13 +372,21 @@ def _config(config: FindConfig | None, settings: dict[str, Any]) -> FindConfig:
         return config
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(FindConfig)})
     if unknown:
-        raise TypeError(f"unknown find setting(s) {unknown}; FindConfig has {[f.name for f in dataclasses.fields(FindConfig)]}")
+        raise TypeError(
+            f"unknown find setting(s) {unknown}; FindConfig has {[f.name for f in dataclasses.fields(FindConfig)]}"
+        )
     return FindConfig(**settings)
 
 
-def find_skill_neurons(model: HookedRootModule, runs: Sequence[Run | str | Path] | Task,
-                       config: FindConfig | None = None, *, prompts: Sequence[SoftPrompt] | None = None,
-                       progress: bool = True, **settings: Any) -> SkillNeurons:
+def find_skill_neurons(
+    model: HookedRootModule,
+    runs: Sequence[Run | str | Path] | Task,
+    config: FindConfig | None = None,
+    *,
+    prompts: Sequence[SoftPrompt] | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> SkillNeurons:
     """Predictivity of every neuron for the task of `runs` (one or more prompts of one task).
 
     `runs` are run directories (or `Run`s); or give the `Task` itself in their place and the
@@ -344,31 +420,60 @@ def find_skill_neurons(model: HookedRootModule, runs: Sequence[Run | str | Path]
     layers = list(cfg.layers) if cfg.layers is not None else None
     # all runs' prompts together: with the prefix cache each batch's input is read once for all of them
     stats = record_runs(
-        model, task, [run.prompt for run in run_list], subtasks, split, layers, cfg.positions,
-        cfg.batch_size, run_cfg.max_input_tokens, padding_side=run_cfg.padding_side, progress=progress,
-        desc=f"[{len(run_list)} run{'s' if len(run_list) > 1 else ''}] ", confirm_split=confirm_split,
-        control_seed=cfg.control_seed if cfg.control else None, units=source,
+        model,
+        task,
+        [run.prompt for run in run_list],
+        subtasks,
+        split,
+        layers,
+        cfg.positions,
+        cfg.batch_size,
+        run_cfg.max_input_tokens,
+        padding_side=run_cfg.padding_side,
+        progress=progress,
+        desc=f"[{len(run_list)} run{'s' if len(run_list) > 1 else ''}] ",
+        confirm_split=confirm_split,
+        control_seed=cfg.control_seed if cfg.control else None,
+        units=source,
     )
     log.info("recorded %d run(s) in %.1fs", len(run_list), sum(s.seconds for s in stats))
     return SkillNeurons(
-        model=spec.name, task=task.name, runs=[str(r.path) for r in run_list],
-        label_names=list(task.spec.label_names), label_words=list(task.spec.label_words),
-        subtasks=subtasks, layers=list(source.layers) if layers is None else layers,
+        model=spec.name,
+        task=task.name,
+        runs=[str(r.path) for r in run_list],
+        label_names=list(task.spec.label_names),
+        label_words=list(task.spec.label_words),
+        subtasks=subtasks,
+        layers=list(source.layers) if layers is None else layers,
         positions=cfg.positions,
-        accuracy=torch.stack([s.accuracy for s in stats]), baseline=torch.stack([s.baseline for s in stats]),
-        std=torch.stack([s.std for s in stats]), constant=torch.stack([s.constant for s in stats]),
-        run_metrics=[dict(r.metrics) for r in run_list], aggregate_runs=cfg.aggregate_runs,
+        accuracy=torch.stack([s.accuracy for s in stats]),
+        baseline=torch.stack([s.baseline for s in stats]),
+        std=torch.stack([s.std for s in stats]),
+        constant=torch.stack([s.constant for s in stats]),
+        run_metrics=[dict(r.metrics) for r in run_list],
+        aggregate_runs=cfg.aggregate_runs,
         aggregate_subtasks=cfg.aggregate_subtasks,
-        meta={"split": split, "n_train": stats[0].n_train, "n_eval": stats[0].n_eval,
-              "record_seconds": [s.seconds for s in stats], "multiclass": cfg.multiclass,
-              "max_train_examples": cfg.max_train_examples, "confirm_split": confirm_split,
-              "n_confirm": len(task[confirm_split]) if confirm_split else None,
-              "control": cfg.control, "control_seed": cfg.control_seed if cfg.control else None,
-              **({} if source.name == "mlp" else {"units": source.name, "unit_hook": source.template})},
-        counts={f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
-                for which in stats[0].counts for j, name in ((0, "pos_above"), (1, "neg_above"))},
-        class_counts={which: {"n_pos": stats[0].counts[which][2], "n_neg": stats[0].counts[which][3]}
-                      for which in stats[0].counts},
+        meta={
+            "split": split,
+            "n_train": stats[0].n_train,
+            "n_eval": stats[0].n_eval,
+            "record_seconds": [s.seconds for s in stats],
+            "multiclass": cfg.multiclass,
+            "max_train_examples": cfg.max_train_examples,
+            "confirm_split": confirm_split,
+            "n_confirm": len(task[confirm_split]) if confirm_split else None,
+            "control": cfg.control,
+            "control_seed": cfg.control_seed if cfg.control else None,
+            **({} if source.name == "mlp" else {"units": source.name, "unit_hook": source.template}),
+        },
+        counts={
+            f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()
+            for which in stats[0].counts
+            for j, name in ((0, "pos_above"), (1, "neg_above"))
+        },
+        class_counts={
+            which: {"n_pos": stats[0].counts[which][2], "n_neg": stats[0].counts[which][3]} for which in stats[0].counts
+        },
     )
 
 
@@ -386,9 +491,13 @@ def _runs_of(runs, prompts: Sequence[SoftPrompt] | None, model_name: str) -> lis
 
 def find_identity(runs: Sequence[Run], config: FindConfig) -> dict[str, Any]:
     """What decides `find_skill_neurons(model, runs, config)`: the runs (paths, prompts) and the config."""
-    return {"model": runs[0].model_name, "task": runs[0].task_name,
-            "runs": [str(Path(r.path).resolve()) for r in runs],
-            "prompts": [tensor_digest(r.prompt.vectors) for r in runs], **config.identity()}
+    return {
+        "model": runs[0].model_name,
+        "task": runs[0].task_name,
+        "runs": [str(Path(r.path).resolve()) for r in runs],
+        "prompts": [tensor_digest(r.prompt.vectors) for r in runs],
+        **config.identity(),
+    }
 
 
 def _legacy_identity(path: Path) -> dict[str, Any] | None:
@@ -396,13 +505,22 @@ def _legacy_identity(path: Path) -> dict[str, Any] | None:
     if not (path / NEURONS_JSON).exists():
         return None
     info = read_json(path / NEURONS_JSON, "skill-neuron file")
-    return {"model": info.get("model"), "task": info.get("task"),
-            "runs": [str(Path(p).resolve()) for p in info.get("runs", [])]}
+    return {
+        "model": info.get("model"),
+        "task": info.get("task"),
+        "runs": [str(Path(p).resolve()) for p in info.get("runs", [])],
+    }
 
 
-def load_or_find(model: HookedRootModule | Callable[[], HookedRootModule], runs: Sequence[Run | str | Path],
-                 path: str | Path, config: FindConfig | None = None, *, progress: bool = True,
-                 **settings: Any) -> SkillNeurons:
+def load_or_find(
+    model: HookedRootModule | Callable[[], HookedRootModule],
+    runs: Sequence[Run | str | Path],
+    path: str | Path,
+    config: FindConfig | None = None,
+    *,
+    progress: bool = True,
+    **settings: Any,
+) -> SkillNeurons:
     """`find_skill_neurons(model, runs, config)` saved in `path`, or what is there from the same call.
 
     `path` is claimed first (`files.claim_dir`): a directory holding neurons of other runs or
@@ -417,20 +535,24 @@ def load_or_find(model: HookedRootModule | Callable[[], HookedRootModule], runs:
     if (path / NEURONS_JSON).exists():
         log.info("reusing the skill neurons in %s", path)
         return SkillNeurons.load(path)
-    if not isinstance(model, torch.nn.Module) and callable(model):
-        model = model()
-    sn = find_skill_neurons(model, run_list, cfg, progress=progress)
+    loaded = cast(HookedRootModule, model) if isinstance(model, torch.nn.Module) else model()
+    sn = find_skill_neurons(loaded, run_list, cfg, progress=progress)
     sn.save(path)
     return sn
 
 
-
-
-
-def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,
-                      neurons: Sequence[tuple[int, int]], positions: str = "prompt", batch_size: int = 32,
-                      max_input_tokens: int = 96, padding_side: str | None = None,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def trace_activations(
+    model: HookedRootModule,
+    task: Task,
+    split: str,
+    prompt: SoftPrompt | None,
+    neurons: Sequence[tuple[int, int]],
+    positions: str = "prompt",
+    batch_size: int = 32,
+    max_input_tokens: int = 96,
+    padding_side: str | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of a few neurons on every example of `split`: (values [N, n, T], labels [N]).
 
     Memory is O(N x len(neurons) x T): meant for inspecting a handful of neurons
@@ -442,8 +564,9 @@ def trace_activations(model, task: Task, split: str, prompt: SoftPrompt | None,
     spec = model_spec(model)
     for l, i in neurons:
         if not (0 <= l < spec.n_layers and 0 <= i < spec.d_mlp):
-            raise NeuronsError(f"neuron ({l}, {i}) does not exist in {spec.name} "
-                               f"({spec.n_layers} layers x {spec.d_mlp} neurons)")
+            raise NeuronsError(
+                f"neuron ({l}, {i}) does not exist in {spec.name} ({spec.n_layers} layers x {spec.d_mlp} neurons)"
+            )
     layers = sorted({l for l, _ in neurons})
     P = prompt.length if prompt is not None else 0
     layout = layout_for(model, P, max_input_tokens, padding_side)

@@ -28,18 +28,19 @@ import itertools
 import logging
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Bool
 
 from tl_skill import compat
-from tl_skill.models import model_spec
+from tl_skill.compat import HookedRootModule
+from tl_skill.errors import TransferError
 from tl_skill.neurons import SkillNeurons
-from tl_skill.tuning.prompt import SoftPrompt, layout_for
 from tl_skill.record import Recorder
-from tl_skill.errors import TransferError  # noqa: F401 - re-exported
+from tl_skill.tuning.prompt import SoftPrompt, layout_for
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,20 @@ def mean_finite(values: Sequence[float]) -> float:
 def check_comparable(a: SkillNeurons, b: SkillNeurons) -> None:
     """Refuse to compare the skill neurons of different models or layer sets."""
     if a.model != b.model:
-        raise TransferError(f"skill neurons of different models cannot be compared: "
-                            f"{a.task!r} was found on {a.model!r}, {b.task!r} on {b.model!r}")
+        raise TransferError(
+            f"skill neurons of different models cannot be compared: "
+            f"{a.task!r} was found on {a.model!r}, {b.task!r} on {b.model!r}"
+        )
     if a.units != b.units:
-        raise TransferError(f"skill neurons of {a.task!r} were found on {a.units!r} units, those of {b.task!r} "
-                            f"on {b.units!r}: find both with the same units")
+        raise TransferError(
+            f"skill neurons of {a.task!r} were found on {a.units!r} units, those of {b.task!r} "
+            f"on {b.units!r}: find both with the same units"
+        )
     if list(a.layers) != list(b.layers) or a.d_mlp != b.d_mlp:
-        raise TransferError(f"skill neurons of {a.task!r} (layers {a.layers}, d_mlp {a.d_mlp}) and "
-                            f"{b.task!r} (layers {b.layers}, d_mlp {b.d_mlp}) cover different neurons")
+        raise TransferError(
+            f"skill neurons of {a.task!r} (layers {a.layers}, d_mlp {a.d_mlp}) and "
+            f"{b.task!r} (layers {b.layers}, d_mlp {b.d_mlp}) cover different neurons"
+        )
 
 
 def top_mask(sn: SkillNeurons, top_fraction: float | None = 0.02, top_k: int | None = None) -> torch.Tensor:
@@ -149,8 +156,9 @@ def top_mask(sn: SkillNeurons, top_fraction: float | None = 0.02, top_k: int | N
     return sn.select(k=top_k, per_layer=True)
 
 
-def neuron_similarity(a: SkillNeurons, b: SkillNeurons, top_fraction: float | None = 0.02,
-                      top_k: int | None = None) -> dict[str, float]:
+def neuron_similarity(
+    a: SkillNeurons, b: SkillNeurons, top_fraction: float | None = 0.02, top_k: int | None = None
+) -> dict[str, float]:
     """Skill-neuron indicators of two tasks.
 
     Returns:
@@ -166,8 +174,9 @@ def neuron_similarity(a: SkillNeurons, b: SkillNeurons, top_fraction: float | No
         "neuron_spearman": spearman(pa, pb),
         "neuron_cosine": cosine(pa, pb),
         "neuron_cosine_centered": cosine(pa - 0.5, pb - 0.5),
-        "neuron_topk_jaccard": jaccard(top_mask(a, top_fraction, top_k).numpy(),
-                                       top_mask(b, top_fraction, top_k).numpy()),
+        "neuron_topk_jaccard": jaccard(
+            top_mask(a, top_fraction, top_k).numpy(), top_mask(b, top_fraction, top_k).numpy()
+        ),
     }
 
 
@@ -205,7 +214,9 @@ class _LastActivations:
 
 
 @torch.no_grad()
-def prompt_activation_states(model, prompt: SoftPrompt, units=None) -> Bool[torch.Tensor, "n_layers prompt d_mlp"]:
+def prompt_activation_states(
+    model: HookedRootModule, prompt: SoftPrompt, units=None
+) -> Bool[torch.Tensor, "n_layers prompt d_mlp"]:
     """Which neurons the soft prompt alone activates (activation > 0), at each prompt position.
 
     The model reads the prompt with no input text (Su et al., 2021): the prompt
@@ -220,7 +231,10 @@ def prompt_activation_states(model, prompt: SoftPrompt, units=None) -> Bool[torc
     batch = layout_for(model, prompt.length).collate([[]], [0]).to(compat.model_device(model))
     with rec.attached():
         rec.run(batch, prompt.to(compat.model_device(model)))
-    return torch.stack(stats.acts) > 0
+    acts = [a for a in stats.acts if a is not None]
+    if len(acts) != len(stats.acts):
+        raise TransferError("the prompt's pass did not reach every recorded layer")
+    return torch.stack(acts) > 0
 
 
 def activation_overlap(states_a: Sequence[torch.Tensor], states_b: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -233,7 +247,8 @@ def activation_overlap(states_a: Sequence[torch.Tensor], states_b: Sequence[torc
     for sa in states_a:
         for sb in states_b:
             if sa.shape != sb.shape:
-                jac.append(math.nan), cos.append(math.nan)
+                jac.append(math.nan)
+                cos.append(math.nan)
                 continue
             a, b = sa.numpy().astype(bool), sb.numpy().astype(bool)
             jac.append(jaccard(a, b))
@@ -253,8 +268,9 @@ def _off_diagonal_spearman(ind: np.ndarray, tr: np.ndarray) -> float:
     return spearman(xs, ys) if len(xs) >= 3 else math.nan
 
 
-def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_random: int = 9999,
-                   seed: int = 0) -> tuple[float, int]:
+def mantel_p_value(
+    indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_random: int = 9999, seed: int = 0
+) -> tuple[float, int]:
     """One-sided Mantel permutation test of the off-diagonal Spearman correlation.
 
     Task pairs share tasks, so the pairs are not independent and the usual p-value of a
@@ -269,6 +285,7 @@ def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_ran
     observed = _off_diagonal_spearman(ind, tr)
     if not math.isfinite(observed):
         return math.nan, 0
+    perms: Iterable[tuple[int, ...]]
     if n <= max_exact:
         perms = itertools.permutations(range(n))
     else:
@@ -283,9 +300,11 @@ def mantel_p_value(indicator, transfer, max_exact: int = MANTEL_EXACT_MAX, n_ran
     return hits / total, total
 
 
-def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
-                           transfer: Mapping[str, Sequence[Sequence[float]]],
-                           mantel: bool = True) -> dict[str, dict[str, dict]]:
+def indicator_correlations(
+    indicators: Mapping[str, Sequence[Sequence[float]] | np.ndarray],
+    transfer: Mapping[str, Sequence[Sequence[float]] | np.ndarray],
+    mantel: bool = True,
+) -> dict[str, dict[str, dict]]:
     """Spearman and Kendall correlation of each indicator with each transfer matrix over pairs A != B.
 
     Pairs where either value is missing (None/NaN) are left out; `n` says how many were used.
@@ -293,17 +312,22 @@ def indicator_correlations(indicators: Mapping[str, Sequence[Sequence[float]]],
     correlation (`mantel_p_value`) and `mantel_permutations` how many relabellings it used.
     """
     out: dict[str, dict[str, dict]] = {}
-    for name, ind in indicators.items():
-        ind = _as_array(ind)
+    for name, ind_values in indicators.items():
+        ind = _as_array(ind_values)
         out[name] = {}
-        for kind, tr in transfer.items():
-            tr = _as_array(tr)
+        for kind, tr_values in transfer.items():
+            tr = _as_array(tr_values)
             if ind.shape != tr.shape or ind.shape[0] != ind.shape[1]:
-                raise TransferError(f"indicator {name!r} {ind.shape} and transfer {kind!r} {tr.shape} "
-                                    "must be square matrices of the same size")
+                raise TransferError(
+                    f"indicator {name!r} {ind.shape} and transfer {kind!r} {tr.shape} "
+                    "must be square matrices of the same size"
+                )
             xs, ys = _off_diagonal_values(ind, tr)
-            out[name][kind] = {"spearman": spearman(xs, ys) if len(xs) >= 3 else math.nan,
-                               "kendall": kendall(xs, ys) if len(xs) >= 3 else math.nan, "n": len(xs)}
+            out[name][kind] = {
+                "spearman": spearman(xs, ys) if len(xs) >= 3 else math.nan,
+                "kendall": kendall(xs, ys) if len(xs) >= 3 else math.nan,
+                "n": len(xs),
+            }
             if mantel:
                 p, count = mantel_p_value(ind, tr)
                 out[name][kind].update(mantel_p=p, mantel_permutations=count)

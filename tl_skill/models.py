@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import logging
 import os
 import re
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,14 @@ from typing import Any
 import torch
 
 from tl_skill import compat
-from tl_skill.bundled import (  # noqa: F401 - re-exported
-    BUNDLED_MODELS, GEMMA3, SMOLLM2, SMOLLM2_GGUF, bundled_dir, cache_dir, smollm2_dir,
-)
+from tl_skill.bundled import BUNDLED_MODELS, SMOLLM2, bundled_dir, cache_dir
+from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import rotten_tomatoes_frame
 from tl_skill.errors import DeviceError, ModelLoadError
 from tl_skill.files import hub_unreachable
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-gemma3", "tiny-gemma2")
-KNOWN_MODELS = (*BUNDLED_MODELS, *TINY_MODELS)
 DEFAULT_MODEL = SMOLLM2
 TINY_VOCAB = 4096
 _MASKED_ARCHS = ("ForMaskedLM",)
@@ -70,8 +66,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"device {device!r} is not supported; choose one of {DEVICE_NAMES}")
-    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
-            and dev.index >= torch.cuda.device_count():
+    if (
+        dev.type == "cuda"
+        and dev.index is not None
+        and torch.cuda.is_available()
+        and dev.index >= torch.cuda.device_count()
+    ):
         raise DeviceError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} asked for, but torch sees no CUDA device")
@@ -121,7 +121,8 @@ def tiny_tokenizer_dir(bos: bool = False) -> Path:
         tk = Tokenizer.from_file(str(tiny_tokenizer_dir() / "tokenizer.json"))
         bos_id = tk.token_to_id("<bos>")
         tk.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
+        )
     else:
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -151,61 +152,87 @@ def tiny_tokenizer_dir(bos: bool = False) -> Path:
     return target
 
 
-def _tiny_hf_model(name: str, seed: int):
-    from transformers import (
-        BertConfig,
-        BertForMaskedLM,
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    common = dict(vocab_size=TINY_VOCAB, attn_implementation="eager")
-    if name == "tiny-gpt2":
-        cls, cfg = GPT2LMHeadModel, GPT2Config(
-            n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
-        )
-    elif name == "tiny-llama":
-        cls, cfg = LlamaForCausalLM, LlamaConfig(
-            hidden_size=64, intermediate_size=192, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **common,
-        )
-    elif name == "tiny-gemma3":  # sliding and full attention layers, q/k norms, scaled embeddings, BOS
-        cls, cfg = Gemma3ForCausalLM, Gemma3TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=8,
+# The tiny random models the tests use: (Hugging Face model class, config class, config settings).
+# Each is a few layers of small width with the family's distinctive parts; the tokenizer is the tiny BPE.
+TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "tiny-gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=256)),
+    "tiny-llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # sliding and full attention layers, q/k norms, scaled embeddings, BOS
+    "tiny-gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=8,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
-        )
-    elif name == "tiny-gemma2":  # final-logit soft-capping
-        cls, cfg = Gemma2ForCausalLM, Gemma2Config(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=2.0,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common,
-        )
-    else:
-        cls, cfg = BertForMaskedLM, BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=256, max_position_embeddings=512, pad_token_id=0, **common,
-        )
+        ),
+    ),
+    # final-logit soft-capping
+    "tiny-gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            final_logit_softcapping=2.0,
+        ),
+    ),
+    "tiny-bert": (
+        "BertForMaskedLM",
+        "BertConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=512,
+        ),
+    ),
+}
+_TINY_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+TINY_MODELS = tuple(TINY_CONFIGS)
+KNOWN_MODELS = (*BUNDLED_MODELS, *TINY_MODELS)
+
+
+def _tiny_hf_model(name: str, seed: int) -> torch.nn.Module:
+    import transformers
+
+    model_class, config_class, settings = TINY_CONFIGS[name]
+    cls = getattr(transformers, model_class)
+    tokens = {"pad_token_id": 0} if model_class.startswith("Bert") else _TINY_TOKENS
+    cfg = getattr(transformers, config_class)(vocab_size=TINY_VOCAB, attn_implementation="eager", **tokens, **settings)
     cfg.architectures = [cls.__name__]  # what a saved config says; the bridge picks its adapter by it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(cfg)
 
 
-def _spec_from(model, name: str, hf) -> ModelSpec:
+def _spec_from(model: HookedRootModule, name: str, hf) -> ModelSpec:
     archs = list(getattr(hf.config, "architectures", None) or [type(hf).__name__])
-    masked = any(a.endswith(_MASKED_ARCHS) for a in archs) or type(hf).__name__.endswith(
-        _MASKED_ARCHS
-    )
+    masked = any(a.endswith(_MASKED_ARCHS) for a in archs) or type(hf).__name__.endswith(_MASKED_ARCHS)
     gated = compat.gated_mlp(model)
     cfg = model.cfg
     return ModelSpec(
@@ -225,11 +252,7 @@ def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str, local_on
 
     config = AutoConfig.from_pretrained(path_or_id, local_files_only=local_only)
     archs = getattr(config, "architectures", None) or []
-    auto = (
-        AutoModelForMaskedLM
-        if any(a.endswith(_MASKED_ARCHS) for a in archs)
-        else AutoModelForCausalLM
-    )
+    auto = AutoModelForMaskedLM if any(a.endswith(_MASKED_ARCHS) for a in archs) else AutoModelForCausalLM
     tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
     hf = auto.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, local_files_only=local_only)
     return hf, tok
@@ -300,8 +323,11 @@ def _load_model(name, device, dtype, seed, attn_implementation, kind):
         try:  # offline: only a copy already in the local Hugging Face cache, without retries
             hf, tok = _load_hf_pretrained(name, torch.float32, attn, local_only=offline is not None)
         except (OSError, ValueError) as exc:
-            why = (f"{offline}, and no copy is in the local Hugging Face cache" if offline else
-                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            why = (
+                f"{offline}, and no copy is in the local Hugging Face cache"
+                if offline
+                else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
             raise ModelLoadError(
                 f"cannot load {name!r} from the Hugging Face hub ({why}). Use the bundled offline model "
                 f"{SMOLLM2!r} or a local model directory."
@@ -321,11 +347,28 @@ def _load_model(name, device, dtype, seed, attn_implementation, kind):
     return model
 
 
-def model_spec(model) -> ModelSpec:
-    """The `ModelSpec` of a model loaded by `load_model` (or inferred from its config)."""
+_SPECS: weakref.WeakKeyDictionary[torch.nn.Module, ModelSpec] = weakref.WeakKeyDictionary()
+
+
+def model_spec(model: HookedRootModule) -> ModelSpec:
+    """The `ModelSpec` of a model loaded by `load_model` (or inferred from its config, once per model).
+
+    A model you built yourself is inferred the first time and remembered beside it (a weak reference:
+    nothing is stored on the model), so every later step reads the same facts.
+    """
     spec = getattr(model, "_tl_skill_spec", None)
     if spec is not None:
         return spec
+    cached = _SPECS.get(model)
+    cfg = model.cfg
+    if cached is not None and (cached.n_layers, cached.d_mlp) == (int(cfg.n_layers), int(cfg.d_mlp)):
+        return cached
+    spec = _infer_spec(model)
+    _SPECS[model] = spec
+    return spec
+
+
+def _infer_spec(model: HookedRootModule) -> ModelSpec:
     hf = getattr(model, "original_model", None)
     name = getattr(model.cfg, "model_name", None) or "unknown"
     if hf is not None:
@@ -342,7 +385,7 @@ def model_spec(model) -> ModelSpec:
             architecture=str(getattr(cfg, "original_architecture", None) or "HookedTransformer"),
             gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
         )
-    return spec  # not cached on the model: a user's model is left as it was
+    return spec
 
 
 def spec_json(spec: ModelSpec) -> str:

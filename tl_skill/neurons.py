@@ -27,10 +27,14 @@ from jaxtyping import Float
 
 from tl_skill import distributed
 from tl_skill.files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
-from tl_skill.predictivity import (NeuronsError, Subtask, accuracy_from_counts, accuracy_of_counts,
-    make_subtasks, predictivity_of, subtask_counts)
+from tl_skill.predictivity import (
+    NeuronsError,
+    Subtask,
+    accuracy_of_counts,
+    predictivity_of,
+)
+from tl_skill.stats import benjamini_hochberg, hypergeom_p_values, trial_stability
 from tl_skill.tuning.runs import Run
-from tl_skill.stats import hypergeom_p_values, benjamini_hochberg, trial_stability
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +79,11 @@ class SkillNeurons:
 
     def _need(self, which: str) -> None:
         if not self.has_counts(which):
-            what = {"eval": "the evaluation counts (found before this version: run find again)",
-                    "confirm": "a held-out split (find with confirm_split='test')",
-                    "control": "the shuffled-label control (find with control='shuffled')"}[which]
+            what = {
+                "eval": "the evaluation counts (found before this version: run find again)",
+                "confirm": "a held-out split (find with confirm_split='test')",
+                "control": "the shuffled-label control (find with control='shuffled')",
+            }[which]
             raise NeuronsError(f"these skill neurons lack {what}")
 
     def position_p_values(self, which: str = "eval", alternative: str = "two-sided") -> torch.Tensor:
@@ -85,8 +91,13 @@ class SkillNeurons:
         self._need(which)
         pos, neg = self.counts[f"{which}.pos_above"], self.counts[f"{which}.neg_above"]
         cc = self.class_counts[which]
-        return torch.stack([hypergeom_p_values(pos[:, j], neg[:, j], cc["n_pos"][j], cc["n_neg"][j], alternative)
-                            for j in range(pos.shape[1])], 1)
+        return torch.stack(
+            [
+                hypergeom_p_values(pos[:, j], neg[:, j], cc["n_pos"][j], cc["n_neg"][j], alternative)
+                for j in range(pos.shape[1])
+            ],
+            1,
+        )
 
     def p_value(self, which: str = "eval") -> Float[torch.Tensor, "l d"]:
         """Per neuron: Bonferroni over subtasks and positions of the smallest p, then the largest over runs."""
@@ -118,8 +129,9 @@ class SkillNeurons:
         """
         self._need("confirm")
         cc = self.class_counts["confirm"]
-        held = accuracy_of_counts(self.counts["confirm.pos_above"], self.counts["confirm.neg_above"],
-                                  cc["n_pos"], cc["n_neg"])
+        held = accuracy_of_counts(
+            self.counts["confirm.pos_above"], self.counts["confirm.neg_above"], cc["n_pos"], cc["n_neg"]
+        )
         best, up = self._confirm_rule()
         chosen = torch.gather(einops.rearrange(held, "r s l t d -> r l d (s t)"), 3, best)[..., 0]
         return self._runs_agg(torch.where(up, chosen, 1 - chosen))
@@ -137,13 +149,18 @@ class SkillNeurons:
         p_pos = self.position_p_values("control")
         p = (p_pos.amin(dim=(1, 3)) * (p_pos.shape[1] * p_pos.shape[3])).clamp(max=1.0).amax(0)
         cc = self.class_counts["control"]
-        acc = accuracy_of_counts(self.counts["control.pos_above"], self.counts["control.neg_above"],
-                                 cc["n_pos"], cc["n_neg"])
+        acc = accuracy_of_counts(
+            self.counts["control.pos_above"], self.counts["control.neg_above"], cc["n_pos"], cc["n_neg"]
+        )
         pred = self._runs_agg(predictivity_of(acc).amax(3).amax(1))
-        return {"kind": "shuffled", "seed": self.meta.get("control_seed"),
-                "fraction_position_p_below_0.05": float((p_pos < 0.05).double().mean()),
-                "n_significant": int((benjamini_hochberg(p) <= q).sum()),
-                "best_predictivity": float(pred.max()), "mean_predictivity": float(pred.mean())}
+        return {
+            "kind": "shuffled",
+            "seed": self.meta.get("control_seed"),
+            "fraction_position_p_below_0.05": float((p_pos < 0.05).double().mean()),
+            "n_significant": int((benjamini_hochberg(p) <= q).sum()),
+            "best_predictivity": float(pred.max()),
+            "mean_predictivity": float(pred.mean()),
+        }
 
     def stability(self, fraction: float = 0.01) -> dict[str, Any]:
         """Agreement between the trials (runs), see `stats.trial_stability`."""
@@ -165,12 +182,23 @@ class SkillNeurons:
         held = self.heldout_predictivity() if self.has_counts("confirm") else None
         held_p = self.heldout_p_value() if held is not None else None
         rows = []
+
         for row in self.top(top):
             l, i = self.layers.index(row["layer"]), row["neuron"]
-            rows.append({"layer": row["layer"], "neuron": i, "predictivity": row["predictivity"],
-                         "p_value": float(pv[l, i]), "q_value": float(qv[l, i]),
-                         **({"heldout_predictivity": float(held[l, i]), "heldout_p_value": float(held_p[l, i])}
-                            if held is not None else {})})
+            rows.append(
+                {
+                    "layer": row["layer"],
+                    "neuron": i,
+                    "predictivity": row["predictivity"],
+                    "p_value": float(pv[l, i]),
+                    "q_value": float(qv[l, i]),
+                    **(
+                        {"heldout_predictivity": float(held[l, i]), "heldout_p_value": float(held_p[l, i])}
+                        if held is not None and held_p is not None
+                        else {}
+                    ),
+                }
+            )
         out["top"] = rows
         if held is not None:
             out["confirm_split"] = self.meta.get("confirm_split")
@@ -228,8 +256,9 @@ class SkillNeurons:
         return torch.where(chosen >= 0.5, 1, -1)
 
     # --- selection -------------------------------------------------------
-    def select(self, fraction: float | None = None, k: int | None = None, per_layer: bool = True,
-               multiclass: str = "score") -> torch.Tensor:
+    def select(
+        self, fraction: float | None = None, k: int | None = None, per_layer: bool = True, multiclass: str = "score"
+    ) -> torch.Tensor:
         """Boolean mask [n_layers, d_mlp] of skill neurons.
 
         Args:
@@ -246,6 +275,7 @@ class SkillNeurons:
             if not 0 <= fraction <= 1:
                 raise NeuronsError(f"fraction must be in [0, 1], got {fraction}")
             k = int(fraction * (D if per_layer else L * D))
+        assert k is not None
         if k < 0 or k > (D if per_layer else L * D):
             raise NeuronsError(f"k={k} out of range")
         scores = [self.predictivity] if multiclass == "score" else list(self.per_subtask)
@@ -285,9 +315,16 @@ class SkillNeurons:
         out = []
         for flat in order:
             l, i = divmod(int(flat), self.d_mlp)
-            out.append({"layer": self.layers[l], "neuron": i, "predictivity": float(pred[l, i]),
-                        "position": int(pos[l, i]), "direction": int(direc[l, i]),
-                        "constant": bool(self.constant[0, l, :, i].all())})
+            out.append(
+                {
+                    "layer": self.layers[l],
+                    "neuron": i,
+                    "predictivity": float(pred[l, i]),
+                    "position": int(pos[l, i]),
+                    "direction": int(direc[l, i]),
+                    "constant": bool(self.constant[0, l, :, i].all()),
+                }
+            )
         return out
 
     def to_dataframe(self):
@@ -296,19 +333,21 @@ class SkillNeurons:
         pred = self.predictivity
         L, D = pred.shape
         layer = np.repeat(np.asarray(self.layers), D)
-        frame = pd.DataFrame({
-            "layer": layer,
-            "neuron": np.tile(np.arange(D), L),
-            "predictivity": pred.reshape(-1).numpy(),
-            "position": self.best_position().reshape(-1).numpy(),
-            "direction": self.direction().reshape(-1).numpy(),
-        })
+        frame = pd.DataFrame(
+            {
+                "layer": layer,
+                "neuron": np.tile(np.arange(D), L),
+                "predictivity": pred.reshape(-1).numpy(),
+                "position": self.best_position().reshape(-1).numpy(),
+                "direction": self.direction().reshape(-1).numpy(),
+            }
+        )
         for s, sub in enumerate(self.subtasks if len(self.subtasks) > 1 else []):
             frame[f"predictivity[{sub.name}]"] = self.per_subtask[s].reshape(-1).numpy()
         return frame.sort_values("predictivity", ascending=False, kind="stable").reset_index(drop=True)
 
     def prompt_accuracy(self, key: str = "dev_accuracy") -> float | None:
-        vals = [m.get(key) for m in self.run_metrics if m.get(key) is not None]
+        vals = [float(m[key]) for m in self.run_metrics if m.get(key) is not None]
         return float(np.mean(vals)) if vals else None
 
     def _top1pct_mask(self) -> torch.Tensor:
@@ -317,7 +356,9 @@ class SkillNeurons:
     def summary(self, k: int = 10) -> dict[str, Any]:
         mask = self._top1pct_mask()
         return {
-            "model": self.model, "task": self.task, "runs": self.runs,
+            "model": self.model,
+            "task": self.task,
+            "runs": self.runs,
             "best_predictivity": self.best_predictivity,
             "prompt_dev_accuracy": self.prompt_accuracy("dev_accuracy"),
             "prompt_test_accuracy": self.prompt_accuracy("test_accuracy"),
@@ -352,12 +393,19 @@ class SkillNeurons:
         save_file(tensors, str(tmp))
         tmp.replace(path / PREDICTIVITY_FILE)
         info = {
-            "model": self.model, "task": self.task, "runs": self.runs,
-            "label_names": self.label_names, "label_words": self.label_words,
-            "subtasks": [s.to_dict() for s in self.subtasks], "layers": self.layers,
-            "positions": self.positions, "aggregate_runs": self.aggregate_runs,
-            "aggregate_subtasks": self.aggregate_subtasks, "run_metrics": self.run_metrics,
-            "meta": self.meta, "class_counts": self.class_counts,
+            "model": self.model,
+            "task": self.task,
+            "runs": self.runs,
+            "label_names": self.label_names,
+            "label_words": self.label_words,
+            "subtasks": [s.to_dict() for s in self.subtasks],
+            "layers": self.layers,
+            "positions": self.positions,
+            "aggregate_runs": self.aggregate_runs,
+            "aggregate_subtasks": self.aggregate_subtasks,
+            "run_metrics": self.run_metrics,
+            "meta": self.meta,
+            "class_counts": self.class_counts,
             **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
         }
         (path / NEURONS_JSON).write_text(json.dumps(info, indent=2))
@@ -365,17 +413,29 @@ class SkillNeurons:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SkillNeurons":
+    def load(cls, path: str | Path) -> SkillNeurons:
         path = Path(path)
         missing = [f for f in (PREDICTIVITY_FILE, NEURONS_JSON) if not (path / f).exists()]
         if missing:
             raise NeuronsError(f"{path} holds no skill neurons: missing {', '.join(missing)}")
         where = path / NEURONS_JSON
         try:
-            info = read_json(where, "skill-neurons file", {
-                "model": str, "task": str, "runs": list, "label_names": list, "label_words": list,
-                "subtasks": list, "layers": list, "positions": str, "aggregate_runs": str,
-                "aggregate_subtasks": str})
+            info = read_json(
+                where,
+                "skill-neurons file",
+                {
+                    "model": str,
+                    "task": str,
+                    "runs": list,
+                    "label_names": list,
+                    "label_words": list,
+                    "subtasks": list,
+                    "layers": list,
+                    "positions": str,
+                    "aggregate_runs": str,
+                    "aggregate_subtasks": str,
+                },
+            )
             for key in ("runs", "label_names", "label_words"):
                 check_str_list(info, key, f"skill-neurons file {where}")
             for sub in info["subtasks"]:
@@ -384,26 +444,39 @@ class SkillNeurons:
                 check_types(sub, {"name": str, "positive": list, "negative": list}, f"skill-neurons file {where}")
             if not all(isinstance(l, int) and not isinstance(l, bool) for l in info["layers"]):
                 raise FileFormatError(f"skill-neurons file {where}: 'layers' must be a list of integers")
-            t = read_tensors(path / PREDICTIVITY_FILE, "predictivity file",
-                             ["accuracy", "baseline", "std", "constant"])
+            t = read_tensors(path / PREDICTIVITY_FILE, "predictivity file", ["accuracy", "baseline", "std", "constant"])
         except FileFormatError as exc:
             raise NeuronsError(str(exc)) from None
         R, S, L = (t["accuracy"].shape + (0, 0, 0))[:3] if t["accuracy"].ndim == 5 else (-1, -1, -1)
-        if R < 1 or S != len(info["subtasks"]) or L != len(info["layers"]) or t["baseline"].shape != (
-                R, *t["accuracy"].shape[2:]):
+        if (
+            R < 1
+            or len(info["subtasks"]) != S
+            or len(info["layers"]) != L
+            or t["baseline"].shape != (R, *t["accuracy"].shape[2:])
+        ):
             raise NeuronsError(
                 f"predictivity file {path / PREDICTIVITY_FILE}: tensor shapes (accuracy "
                 f"{tuple(t['accuracy'].shape)}, baseline {tuple(t['baseline'].shape)}) do not fit {where} "
-                f"({len(info['subtasks'])} subtask(s), {len(info['layers'])} layer(s))")
+                f"({len(info['subtasks'])} subtask(s), {len(info['layers'])} layer(s))"
+            )
         return cls(
-            model=info["model"], task=info["task"], runs=info["runs"],
-            label_names=info["label_names"], label_words=info["label_words"],
+            model=info["model"],
+            task=info["task"],
+            runs=info["runs"],
+            label_names=info["label_names"],
+            label_words=info["label_words"],
             subtasks=[Subtask(s["name"], tuple(s["positive"]), tuple(s["negative"])) for s in info["subtasks"]],
-            layers=info["layers"], positions=info["positions"], accuracy=t["accuracy"],
-            baseline=t["baseline"], std=t["std"], constant=t["constant"].bool(),
-            run_metrics=info.get("run_metrics", []), aggregate_runs=info["aggregate_runs"],
-            aggregate_subtasks=info["aggregate_subtasks"], meta=info.get("meta", {}),
-            counts={k[len("counts."):]: v.long() for k, v in t.items() if k.startswith("counts.")},
+            layers=info["layers"],
+            positions=info["positions"],
+            accuracy=t["accuracy"],
+            baseline=t["baseline"],
+            std=t["std"],
+            constant=t["constant"].bool(),
+            run_metrics=info.get("run_metrics", []),
+            aggregate_runs=info["aggregate_runs"],
+            aggregate_subtasks=info["aggregate_subtasks"],
+            meta=info.get("meta", {}),
+            counts={k[len("counts.") :]: v.long() for k, v in t.items() if k.startswith("counts.")},
             class_counts=info.get("class_counts", {}),
         )
 
@@ -432,12 +505,15 @@ def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
-def check_neurons_for_run(run: Run, neurons: "SkillNeurons", model_name: str | None = None,
-                          error: type[Exception] = NeuronsError) -> None:
+def check_neurons_for_run(
+    run: Run, neurons: SkillNeurons, model_name: str | None = None, error: type[Exception] = NeuronsError
+) -> None:
     """Refuse skill neurons of another model, task or label words than `run` (and the model)."""
     if run.model_name != neurons.model or (model_name is not None and model_name != run.model_name):
-        raise error(f"model mismatch: the run was tuned on {run.model_name!r}, the skill neurons come from "
-                    f"{neurons.model!r}" + (f", the model is {model_name!r}" if model_name else ""))
+        raise error(
+            f"model mismatch: the run was tuned on {run.model_name!r}, the skill neurons come from "
+            f"{neurons.model!r}" + (f", the model is {model_name!r}" if model_name else "")
+        )
     if run.task_name != neurons.task:
         raise error(f"task mismatch: the run is for {run.task_name!r}, the skill neurons for {neurons.task!r}")
     if list(run.info["label_words"]) != list(neurons.label_words):

@@ -33,9 +33,10 @@ runner (`tl_skill.experiments`) builds them from a condition's definition.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,10 +44,11 @@ from jaxtyping import Float
 
 from tl_skill import compat
 from tl_skill.compat import HookedRootModule
+from tl_skill.errors import PerturbationError
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons
+from tl_skill.tuning.prompt import NumberedHook
 from tl_skill.units import UnitSource, check_source, unit_source
-from tl_skill.errors import PerturbationError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,11 @@ def neuron_index(neurons, n_layers: int, d_mlp: int, rows: Sequence[int] | None 
             if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
                 raise PerturbationError(f"a neuron mask must be boolean (or 0/1), got dtype {mask.dtype}")
             mask = mask.bool()
-        hint = "" if rows is not None else (
-            "; a mask from SkillNeurons.select has one row per SkillNeurons.layers: pass skill=<SkillNeurons>")
+        hint = (
+            ""
+            if rows is not None
+            else ("; a mask from SkillNeurons.select has one row per SkillNeurons.layers: pass skill=<SkillNeurons>")
+        )
         rows = list(range(n_layers)) if rows is None else [int(r) for r in rows]
         if mask.ndim != 2 or mask.shape != (len(rows), d_mlp):
             raise PerturbationError(f"neuron mask has shape {tuple(mask.shape)}, expected ({len(rows)}, {d_mlp}){hint}")
@@ -80,7 +85,7 @@ def neuron_index(neurons, n_layers: int, d_mlp: int, rows: Sequence[int] | None 
         if bad:
             raise PerturbationError(f"mask rows map to layers {bad}, out of range: the model has {n_layers} layers")
         mask = mask.cpu()
-        out = {}
+        out: dict[int, torch.Tensor] = {}
         for r, layer in enumerate(rows):
             idx = torch.nonzero(mask[r]).flatten()
             if len(idx):
@@ -89,11 +94,15 @@ def neuron_index(neurons, n_layers: int, d_mlp: int, rows: Sequence[int] | None 
     try:
         pairs = [(int(l), int(i)) for l, i in neurons]
     except (TypeError, ValueError) as exc:
-        raise PerturbationError("neurons must be a boolean mask [layers, d_mlp] or a list of (layer, neuron) "
-                            f"pairs, got {type(neurons).__name__}") from exc
-    bad = [(l, i) for l, i in pairs if not (0 <= l < n_layers and 0 <= i < d_mlp)]
-    if bad:
-        raise PerturbationError(f"neurons {bad[:5]} out of range: the model has {n_layers} layers of {d_mlp} neurons")
+        raise PerturbationError(
+            "neurons must be a boolean mask [layers, d_mlp] or a list of (layer, neuron) "
+            f"pairs, got {type(neurons).__name__}"
+        ) from exc
+    bad_pairs = [(l, i) for l, i in pairs if not (0 <= l < n_layers and 0 <= i < d_mlp)]
+    if bad_pairs:
+        raise PerturbationError(
+            f"neurons {bad_pairs[:5]} out of range: the model has {n_layers} layers of {d_mlp} neurons"
+        )
     by_layer: dict[int, set[int]] = {}
     for l, i in pairs:
         by_layer.setdefault(l, set()).add(i)
@@ -112,13 +121,14 @@ def _per_layer(values: torch.Tensor, n_layers: int, d_mlp: int, what: str) -> di
     """{real layer: [d_mlp] values} from a tensor [n_layers, d_mlp] indexed by real layer."""
     values = torch.as_tensor(values)
     if values.shape != (n_layers, d_mlp):
-        raise PerturbationError(f"{what} must have shape ({n_layers}, {d_mlp}) (one row per model layer), "
-                            f"got {tuple(values.shape)}")
+        raise PerturbationError(
+            f"{what} must have shape ({n_layers}, {d_mlp}) (one row per model layer), got {tuple(values.shape)}"
+        )
     return {l: values[l] for l in range(n_layers)}
 
 
 def _from_skill(x: torch.Tensor, skill: SkillNeurons) -> dict[int, torch.Tensor]:
-    """{real layer: [d_mlp]} from a SkillNeurons tensor [runs, rows, positions, d_mlp], averaged over runs and positions."""
+    """{real layer: [d_mlp]} of a SkillNeurons tensor [runs, rows, positions, d_mlp], averaged over runs, positions."""
     mean = x.double().mean(dim=(0, 2))
     return {layer: mean[r] for r, layer in enumerate(skill.layers)}
 
@@ -141,13 +151,26 @@ class Perturbation:
         baseline, neuron_std: [n_layers, d_mlp] tensors indexed by real layer.
     """
 
-    def __init__(self, model, neurons, mode: str | PerturbFn = "noise", *, std: float = 0.1,
-                 relative: bool = False, seed: int = 0, layers: Iterable[int] | None = None,
-                 skill: SkillNeurons | None = None, baseline: torch.Tensor | None = None,
-                 neuron_std: torch.Tensor | None = None, units: "str | UnitSource | None" = None):
+    def __init__(
+        self,
+        model: HookedRootModule,
+        neurons,
+        mode: str | PerturbFn = "noise",
+        *,
+        std: float = 0.1,
+        relative: bool = False,
+        seed: int = 0,
+        layers: Iterable[int] | None = None,
+        skill: SkillNeurons | None = None,
+        baseline: torch.Tensor | None = None,
+        neuron_std: torch.Tensor | None = None,
+        units: str | UnitSource | None = None,
+    ):
         spec = model_spec(model)
-        self.units = unit_source(model, units if units is not None else (skill.units if skill is not None else None))
-        check_source(model, self.units, PerturbationError)
+        if not isinstance(units, UnitSource):  # a source resolved by the caller was checked there
+            units = unit_source(model, units if units is not None else (skill.units if skill is not None else None))
+            check_source(model, units, PerturbationError)
+        self.units = units
         self.model = model
         self.n_layers, self.d_mlp = spec.n_layers, self.units.width
         if not callable(mode) and mode not in MODES:
@@ -155,17 +178,22 @@ class Perturbation:
         if mode == "noise" and not (np.isfinite(std) and std >= 0):
             raise PerturbationError(f"noise std must be finite and >= 0, got {std}")
         if skill is not None and skill.d_mlp != self.d_mlp:
-            raise PerturbationError(f"skill neurons have {skill.d_mlp} units per layer but the {self.units.name!r} "
-                                    f"units of the model have {self.d_mlp}")
+            raise PerturbationError(
+                f"skill neurons have {skill.d_mlp} units per layer but the {self.units.name!r} "
+                f"units of the model have {self.d_mlp}"
+            )
         self.mode = mode
         self.std = float(std)
         self.relative = bool(relative)
         self.seed = int(seed)
-        rows = skill.layers if skill is not None else (
-            list(self.units.layers) if len(self.units.layers) < spec.n_layers else None)  # an SAE's one layer
+        rows = (
+            skill.layers
+            if skill is not None
+            else (list(self.units.layers) if len(self.units.layers) < spec.n_layers else None)
+        )  # an SAE's one layer
         index = neuron_index(neurons, spec.n_layers, self.d_mlp, rows)
         if layers is not None:
-            keep = sorted(set(int(l) for l in layers))
+            keep = sorted({int(l) for l in layers})
             bad = [l for l in keep if not 0 <= l < spec.n_layers]
             if bad:
                 raise PerturbationError(f"layers {bad} out of range: the model has {spec.n_layers} layers")
@@ -183,8 +211,9 @@ class Perturbation:
                 self.scale = {l: torch.full((len(idx),), self.std, dtype=torch.float64) for l, idx in index.items()}
         outside = [l for l in index if l not in self.units.layers]
         if outside:
-            raise PerturbationError(f"layers {outside} have no {self.units.name!r} units "
-                                    f"(they exist at layers {list(self.units.layers)})")
+            raise PerturbationError(
+                f"layers {outside} have no {self.units.name!r} units (they exist at layers {list(self.units.layers)})"
+            )
         self._device_cache: dict[tuple, torch.Tensor] = {}
         self._noise: dict[int, torch.Tensor] = {}
         self._next_example = 0
@@ -195,10 +224,14 @@ class Perturbation:
         elif skill is not None:
             per_layer = _from_skill(getattr(skill, attr), skill)
         else:
-            raise PerturbationError(f"{need}: pass skill=<SkillNeurons> or {'baseline' if attr == 'baseline' else 'neuron_std'}=")
+            raise PerturbationError(
+                f"{need}: pass skill=<SkillNeurons> or {'baseline' if attr == 'baseline' else 'neuron_std'}="
+            )
         lacking = [l for l in self.index if l not in per_layer]
         if lacking:
-            raise PerturbationError(f"no {attr} for layers {lacking}: the skill neurons cover layers {sorted(per_layer)}")
+            raise PerturbationError(
+                f"no {attr} for layers {lacking}: the skill neurons cover layers {sorted(per_layer)}"
+            )
         return {l: per_layer[l].double()[idx] for l, idx in self.index.items()}
 
     # --- state ---------------------------------------------------------------
@@ -222,8 +255,9 @@ class Perturbation:
         """Standard-normal draws of the chosen neurons for the given example numbers (float64)."""
         out = {l: torch.empty(len(examples), len(idx), dtype=torch.float64) for l, idx in self.index.items()}
         for row, j in enumerate(examples):
-            z = torch.from_numpy(np.random.default_rng([self.seed, int(j)]).standard_normal(
-                (self.n_layers, self.d_mlp)))
+            z = torch.from_numpy(
+                np.random.default_rng([self.seed, int(j)]).standard_normal((self.n_layers, self.d_mlp))
+            )
             for l, idx in self.index.items():
                 out[l][row] = z[l, idx]
         return out
@@ -255,39 +289,46 @@ class Perturbation:
             if first:
                 self._start_batch(act.shape[0])
             idx = self._on("idx", layer, act.device, torch.long)
+            change: Callable[[torch.Tensor], torch.Tensor]
             if self.mode == "zero":
                 change = torch.zeros_like
             elif self.mode == "mean":
                 target = self._on("target", layer, act.device, act.dtype)
-                change = lambda u: target.expand_as(u)  # noqa: E731
+                change = lambda u: target.expand_as(u)
             elif self.mode == "noise":
                 noise = self._noise[layer].to(device=act.device, dtype=act.dtype)
-                change = lambda u: u + noise[:, None, :]  # noqa: E731
+                change = lambda u: u + noise[:, None, :]
             else:
-                def change(u):
-                    new = self.mode(u, layer, idx)
-                    if tuple(new.shape) != tuple(u.shape):
-                        raise PerturbationError(f"the perturbation function returned shape {tuple(new.shape)} "
-                                                f"for activations of shape {tuple(u.shape)}")
-                    return new
+                change = functools.partial(self._call_mode, layer=layer, idx=idx)
             return self.units.apply(act, idx, change)
 
         return hook
 
-    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+    def _call_mode(self, u: torch.Tensor, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        assert callable(self.mode)
+        new = self.mode(u, layer, idx)
+        if tuple(new.shape) != tuple(u.shape):
+            raise PerturbationError(
+                f"the perturbation function returned shape {tuple(new.shape)} for activations of shape {tuple(u.shape)}"
+            )
+        return new
+
+    def fwd_hooks(self) -> list[tuple[str | Callable, Callable]]:
         """`(hook name, function)` pairs, for `model.hooks(fwd_hooks=...)` or `extra_hooks=`.
 
-        The first hook carries `start_batch(n)` (= `reset`): `tuning.evaluate` calls it with
+        The first hook is a `NumberedHook` whose `start_batch(n)` is `reset`: `evaluate` calls it with
         each batch's global example number, so noise is a function of (seed, example) under
         any batch size and any number of processes.
         """
-        hooks = [(self.units.hook(l), self._hook_for(l)) for l in sorted(self.index)]
+        hooks: list[tuple[str | Callable, Callable]] = [
+            (self.units.hook(l), self._hook_for(l)) for l in sorted(self.index)
+        ]
         if hooks:
-            hooks[0][1].start_batch = self.reset
+            hooks[0] = (hooks[0][0], NumberedHook(hooks[0][1], self.reset))
         return hooks
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["Perturbation"]:
+    def attached(self) -> Iterator[Perturbation]:
         with self.model.hooks(fwd_hooks=self.fwd_hooks()):
             yield self
 
@@ -306,6 +347,9 @@ def perturbed(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise",
 
 def perturb(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise", **kwargs):
     """Deprecated name of `perturbed` (kept for one release: `tl_skill.perturb` is this module)."""
-    warnings.warn("tl_skill.perturb.perturb is deprecated; use tl_skill.perturbed (the same context manager)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "tl_skill.perturb.perturb is deprecated; use tl_skill.perturbed (the same context manager)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return perturbed(model, neurons, mode, **kwargs)

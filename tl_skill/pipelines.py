@@ -9,26 +9,24 @@ or perturbation run), so Ctrl-C never loses more than the phase in progress.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
-from tl_skill.files import claim_dir, read_json
-from tl_skill.find import load_or_find, trace_activations
-from tl_skill.models import load_model
 from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import subsample
-from tl_skill.tuning.runs import TuneConfig, tune
-from tl_skill.viz.dashboard import write_dashboard
-from tl_skill.viz.report import write_report
 from tl_skill.experiments.ablation import ablation_experiment
 from tl_skill.experiments.dashboard import dashboard_data
 from tl_skill.experiments.demo import DEMO_JSON, DemoConfig, DemoResult, legacy_demo_identity
+from tl_skill.files import claim_dir
+from tl_skill.find import load_or_find, trace_activations
+from tl_skill.models import load_model
+from tl_skill.tuning.runs import tune
+from tl_skill.viz.dashboard import write_dashboard
+from tl_skill.viz.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +51,14 @@ def _phase(name: str, on_phase: PhaseCallback | None):
     return _Timer()
 
 
-def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dtype=None,
-             progress: bool = True, on_phase: PhaseCallback | None = None) -> Path:
+def run_demo(
+    out: str | Path,
+    config: DemoConfig | None = None,
+    device=None,
+    dtype=None,
+    progress: bool = True,
+    on_phase: PhaseCallback | None = None,
+) -> Path:
     """Run the whole skill-neuron pipeline and write `report.html` and `report.md` into `out`."""
     cfg = config or DemoConfig()
     task = load_task(cfg.task)  # validates the task before any long work
@@ -79,12 +83,21 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dty
     with _phase("prompt tuning", cb) as ph:
         run = tune(model, task, out / "run", cfg.tune, progress=progress)
         m = run.metrics
-        ph.summary = (f"dev {m['dev_accuracy']:.3f}, test {m['test_accuracy']:.3f} "
-                      f"(zero-shot {m['zero_shot_accuracy']:.3f}, majority {m['majority_accuracy']:.3f})")
+        ph.summary = (
+            f"dev {m['dev_accuracy']:.3f}, test {m['test_accuracy']:.3f} "
+            f"(zero-shot {m['zero_shot_accuracy']:.3f}, majority {m['majority_accuracy']:.3f})"
+        )
     with _phase("finding skill neurons", cb) as ph:
-        sn = load_or_find(model, [run], out / "neurons", max_train_examples=cfg.find_train_examples,
-                          max_eval_examples=cfg.find_dev_examples, batch_size=cfg.batch_size,
-                          progress=progress, control="shuffled")
+        sn = load_or_find(
+            model,
+            [run],
+            out / "neurons",
+            max_train_examples=cfg.find_train_examples,
+            max_eval_examples=cfg.find_dev_examples,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            control="shuffled",
+        )
         best = sn.top(1)[0]
         ph.summary = f"best neuron L{best['layer']}.{best['neuron']} predictivity {best['predictivity']:.3f}"
     with _phase("tracing the best neurons", cb) as ph:
@@ -94,33 +107,58 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, device=None, dty
             dev = subsample(run.load_task(), {"dev": cfg.find_dev_examples}, seed=run.info["task_seed"])
             layer_slot = {l: s for s, l in enumerate(sn.layers)}
             values, labels = trace_activations(
-                model, dev, "dev", run.prompt.to(next(model.parameters()).device),
-                [(r["layer"], r["neuron"]) for r in top3], batch_size=cfg.batch_size, progress=progress,
-                max_input_tokens=run.config.max_input_tokens)
+                model,
+                dev,
+                "dev",
+                run.prompt.to(next(model.parameters()).device),
+                [(r["layer"], r["neuron"]) for r in top3],
+                batch_size=cfg.batch_size,
+                progress=progress,
+                max_input_tokens=run.config.max_input_tokens,
+            )
             picked = np.stack([values[:, j, r["position"]].numpy() for j, r in enumerate(top3)], 1)
-            baselines = np.asarray([float(sn.baseline[0, layer_slot[r["layer"]], r["position"], r["neuron"]])
-                                    for r in top3])
+            baselines = np.asarray(
+                [float(sn.baseline[0, layer_slot[r["layer"]], r["position"], r["neuron"]]) for r in top3]
+            )
             np.savez(trace_file, values=picked, labels=labels.numpy(), baselines=baselines)
         ph.summary = f"{len(top3)} neurons traced on the dev split"
     with _phase("perturbation", cb) as ph:
-        abl = ablation_experiment(model, run, sn, out / "ablation", mode=cfg.ablation_mode,
-                                  fractions=cfg.ablation_fractions, seeds=cfg.ablation_seeds,
-                                  max_examples=cfg.ablation_examples, batch_size=cfg.batch_size,
-                                  progress=progress)
+        abl = ablation_experiment(
+            model,
+            run,
+            sn,
+            out / "ablation",
+            mode=cfg.ablation_mode,
+            fractions=cfg.ablation_fractions,
+            seeds=cfg.ablation_seeds,
+            max_examples=cfg.ablation_examples,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         last = abl.rows[-1]
-        ph.summary = (f"at {last['fraction']:.0%}: skill {last['skill_accuracy']:.3f} vs random "
-                      f"{last['random_accuracy']:.3f} (clean {last['clean_accuracy']:.3f})")
+        ph.summary = (
+            f"at {last['fraction']:.0%}: skill {last['skill_accuracy']:.3f} vs random "
+            f"{last['random_accuracy']:.3f} (clean {last['clean_accuracy']:.3f})"
+        )
     with _phase("dashboards", cb) as ph:
-        dash = dashboard_data(model, run, sn, out / "dashboard", top=cfg.dashboard_top,
-                              max_examples=cfg.dashboard_examples, ablation=abl, batch_size=cfg.batch_size,
-                              progress=progress)
+        dash = dashboard_data(
+            model,
+            run,
+            sn,
+            out / "dashboard",
+            top=cfg.dashboard_top,
+            max_examples=cfg.dashboard_examples,
+            ablation=abl,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         index = write_dashboard(dash, out / "dashboard")
         worst = min(dash.neurons, key=lambda r: r["ablation_delta"])
-        ph.summary = (f"{len(dash.neurons)} neuron pages in {index.parent.name}/; alone, L{worst['layer']}."
-                      f"{worst['neuron']} costs the most ({worst['ablation_delta']:+.3f})")
+        ph.summary = (
+            f"{len(dash.neurons)} neuron pages in {index.parent.name}/; alone, L{worst['layer']}."
+            f"{worst['neuron']} costs the most ({worst['ablation_delta']:+.3f})"
+        )
     with _phase("report", cb) as ph:
         path = write_report(out)
         ph.summary = str(path)
     return path
-
-

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
-from tl_skill.errors import NeuronsError  # noqa: F401 - re-exported
+
+from tl_skill.errors import NeuronsError
 
 
 @dataclass(frozen=True)
@@ -37,16 +39,15 @@ def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask
     if k == 2:
         return [Subtask(f"{label_names[1]} vs {label_names[0]}", (1,), (0,))]
     if mode == "ovr":
-        return [Subtask(f"{label_names[c]} vs rest", (c,), tuple(x for x in range(k) if x != c))
-                for c in range(k)]
+        return [Subtask(f"{label_names[c]} vs rest", (c,), tuple(x for x in range(k) if x != c)) for c in range(k)]
     if mode == "pairwise":
-        return [Subtask(f"{label_names[j]} vs {label_names[i]}", (j,), (i,))
-                for i in range(k) for j in range(i + 1, k)]
+        return [Subtask(f"{label_names[j]} vs {label_names[i]}", (j,), (i,)) for i in range(k) for j in range(i + 1, k)]
     raise NeuronsError(f"unknown multi-class mode {mode!r}; choose 'ovr' or 'pairwise'")
 
 
-def subtask_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
-                   baseline_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+def subtask_counts(
+    above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask], baseline_index: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Per subtask: positives above baseline [S, l, t, d], negatives above, n_pos [S] and n_neg [S].
 
     `above[b, c]` counts class-c examples above baseline b; `count[c]` is the
@@ -59,13 +60,16 @@ def subtask_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[
         n_pos.append(int(count[list(sub.positive)].sum()))
         n_neg.append(int(count[list(sub.negative)].sum()))
         if n_pos[-1] == 0 or n_neg[-1] == 0:
-            raise NeuronsError(f"subtask {sub.name!r} has no {'positive' if n_pos[-1] == 0 else 'negative'} "
-                               "examples in the evaluation split")
+            raise NeuronsError(
+                f"subtask {sub.name!r} has no {'positive' if n_pos[-1] == 0 else 'negative'} "
+                "examples in the evaluation split"
+            )
     return torch.stack(pos), torch.stack(neg), n_pos, n_neg
 
 
-def accuracy_of_counts(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: Sequence[int],
-                       n_neg: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
+def accuracy_of_counts(
+    pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: Sequence[int], n_neg: Sequence[int]
+) -> Float[torch.Tensor, "s l t d"]:
     """Accuracy of the rule "above baseline -> positive" from per-subtask counts (subtask axis -4)."""
     shape = (-1,) + (1,) * 3
     npos = torch.tensor(n_pos, dtype=torch.float64).reshape(shape)
@@ -73,8 +77,9 @@ def accuracy_of_counts(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: 
     return (pos_above.double() + nneg - neg_above.double()) / (npos + nneg)
 
 
-def accuracy_from_counts(above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask],
-                         baseline_index: Sequence[int]) -> Float[torch.Tensor, "s l t d"]:
+def accuracy_from_counts(
+    above: torch.Tensor, count: torch.Tensor, subtasks: Sequence[Subtask], baseline_index: Sequence[int]
+) -> Float[torch.Tensor, "s l t d"]:
     """Accuracy of the rule "above baseline -> positive" for each subtask."""
     return accuracy_of_counts(*subtask_counts(above, count, subtasks, baseline_index))
 

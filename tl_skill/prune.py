@@ -31,21 +31,22 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from tl_skill import compat
 from tl_skill.compat import HookedRootModule
+from tl_skill.errors import PruneError
 from tl_skill.files import atomic_json, temp_path
 from tl_skill.models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
 from tl_skill.neurons import SkillNeurons
-from tl_skill.errors import PruneError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,21 @@ class Pruning:
         return sorted(self.kept)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "d_mlp": self.d_mlp, "layers": self.layers,
-                "kept": {str(l): list(self.kept[l]) for l in self.layers}}
+        return {
+            "keep": self.keep,
+            "d_mlp": self.d_mlp,
+            "layers": self.layers,
+            "kept": {str(l): list(self.kept[l]) for l in self.layers},
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Pruning":
-        return cls(float(d["keep"]), int(d["d_mlp"]),
-                   {int(l): tuple(int(i) for i in idx) for l, idx in d["kept"].items()})
+    def from_dict(cls, d: dict[str, Any]) -> Pruning:
+        return cls(
+            float(d["keep"]), int(d["d_mlp"]), {int(l): tuple(int(i) for i in idx) for l, idx in d["kept"].items()}
+        )
 
 
-def pruning_of(model) -> Pruning | None:
+def pruning_of(model: HookedRootModule) -> Pruning | None:
     """The `Pruning` of a model made by `prune` or `load_pruned`; None for an unpruned model."""
     return getattr(model, "_tl_skill_pruning", None)
 
@@ -93,17 +99,26 @@ def _get(obj, path: str):
     return obj
 
 
-_LAYER_LISTS = ("transformer.h", "model.layers", "bert.encoder.layer", "roberta.encoder.layer",
-                "encoder.layer", "model.decoder.layers", "layers")
+_LAYER_LISTS = (
+    "transformer.h",
+    "model.layers",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "encoder.layer",
+    "model.decoder.layers",
+    "layers",
+)
 
 
-def _layer_list(hf: nn.Module) -> nn.ModuleList:
+def _layer_list(hf: Any) -> nn.ModuleList:
     for path in _LAYER_LISTS:
         obj = _get(hf, path)
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise PruneError(f"pruning does not know where {type(hf).__name__} keeps its layers "
-                     "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)")
+    raise PruneError(
+        f"pruning does not know where {type(hf).__name__} keeps its layers "
+        "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)"
+    )
 
 
 @dataclass
@@ -114,7 +129,7 @@ class _MLP:
     out: tuple[nn.Module, str]  # W_out: one output vector per neuron
 
 
-def _mlp_of(hf: nn.Module, layer: int) -> _MLP:
+def _mlp_of(hf: Any, layer: int) -> _MLP:
     block = _layer_list(hf)[layer]
     mlp = getattr(block, "mlp", None)
     if mlp is not None and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2
@@ -124,27 +139,29 @@ def _mlp_of(hf: nn.Module, layer: int) -> _MLP:
     inter, output = getattr(block, "intermediate", None), getattr(block, "output", None)
     if inter is not None and output is not None and hasattr(inter, "dense") and hasattr(output, "dense"):
         return _MLP([(inter, "dense")], (output, "dense"))  # BERT / RoBERTa
-    raise PruneError(f"pruning does not know the MLP of {type(block).__name__} "
-                     "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)")
+    raise PruneError(
+        f"pruning does not know the MLP of {type(block).__name__} "
+        "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)"
+    )
 
 
-def _is_conv1d(m: nn.Module) -> bool:
+def _is_conv1d(m: Any) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
 
 
-def _check_linear(m: nn.Module, where: str) -> None:
+def _check_linear(m: Any, where: str) -> None:
     if not (_is_conv1d(m) or isinstance(m, nn.Linear)):
         raise PruneError(f"{where} is a {type(m).__name__}; pruning handles nn.Linear and Conv1D only")
 
 
-def _neuron_count(m: nn.Module, side: str) -> int:
+def _neuron_count(m: Any, side: str) -> int:
     """Neurons a map produces (`side="in"`) or consumes (`side="out"`)."""
     if _is_conv1d(m):
         return m.nf if side == "in" else m.nx
     return m.out_features if side == "in" else m.in_features
 
 
-def _slice_in(m: nn.Module, kept: torch.Tensor) -> None:
+def _slice_in(m: Any, kept: torch.Tensor) -> None:
     """Keep only the output units `kept` of W_in / W_gate (and b_in)."""
     dim = 1 if _is_conv1d(m) else 0  # Conv1D stores [d_model, d_mlp], Linear [d_mlp, d_model]
     m.weight = nn.Parameter(m.weight.detach().index_select(dim, kept).clone(), requires_grad=False)
@@ -156,17 +173,20 @@ def _slice_in(m: nn.Module, kept: torch.Tensor) -> None:
         m.out_features = len(kept)
 
 
-def _out_vectors(m: nn.Module) -> torch.Tensor:
+def _out_vectors(m: Any) -> torch.Tensor:
     """W_out as [d_mlp, d_model]: neuron i adds `activation_i * row i` to the residual stream."""
     return m.weight.detach() if _is_conv1d(m) else m.weight.detach().T
 
 
-def _slice_out(m: nn.Module, kept: torch.Tensor, fold: torch.Tensor) -> None:
+def _slice_out(m: Any, kept: torch.Tensor, fold: torch.Tensor) -> None:
     """Keep only the input units `kept` of W_out and add `fold` [d_model] to its bias (created if absent)."""
     dim = 0 if _is_conv1d(m) else 1
     w = m.weight.detach()
-    bias = m.bias.detach().double() if m.bias is not None else torch.zeros(fold.shape, dtype=torch.float64,
-                                                                           device=w.device)
+    bias = (
+        m.bias.detach().double()
+        if m.bias is not None
+        else torch.zeros(fold.shape, dtype=torch.float64, device=w.device)
+    )
     m.weight = nn.Parameter(w.index_select(dim, kept).clone(), requires_grad=False)
     m.bias = nn.Parameter((bias + fold.to(bias.device)).to(w.dtype), requires_grad=False)
     if _is_conv1d(m):
@@ -175,7 +195,7 @@ def _slice_out(m: nn.Module, kept: torch.Tensor, fold: torch.Tensor) -> None:
         m.in_features = len(kept)
 
 
-def _prune_layer(hf: nn.Module, layer: int, kept: torch.Tensor, baseline: torch.Tensor | None) -> None:
+def _prune_layer(hf: Any, layer: int, kept: torch.Tensor, baseline: torch.Tensor | None) -> None:
     """Slice layer `layer` to `kept`; removed neurons frozen at `baseline` [d_mlp] (None: fold nothing)."""
     mlp = _mlp_of(hf, layer)
     out_parent, out_attr = mlp.out
@@ -198,7 +218,7 @@ def _prune_layer(hf: nn.Module, layer: int, kept: torch.Tensor, baseline: torch.
     _slice_out(out, kept, fold)
 
 
-def count_parameters(model) -> int:
+def count_parameters(model: HookedRootModule) -> int:
     """Parameters of the Hugging Face model under a bridge (shared tensors counted once).
 
     Counted on the unwrapped model: some bridge components (GPT-2's joint QKV
@@ -212,17 +232,21 @@ def default_layers(layers: Sequence[int], fraction: float = DEFAULT_LAYER_FRACTI
     """The top `fraction` of `layers` (at least one): the top 9 of 12 for the default 0.75."""
     layers = sorted(layers)
     n = max(1, int(fraction * len(layers)))
-    return layers[len(layers) - n:]
+    return layers[len(layers) - n :]
 
 
 def check_mlp_units(neurons: SkillNeurons) -> None:
     """Pruning removes MLP neurons: refuse skill units of any other source (resid, attn, SAE latents)."""
     if neurons.units != "mlp":
-        raise PruneError(f"pruning removes MLP neurons, but these skill units are {neurons.units!r} units; "
-                         "find skill neurons with units='mlp' (the default) to prune")
+        raise PruneError(
+            f"pruning removes MLP neurons, but these skill units are {neurons.units!r} units; "
+            "find skill neurons with units='mlp' (the default) to prune"
+        )
 
 
-def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None) -> list[int]:
+def check_prune_arguments(
+    model: HookedRootModule, neurons: SkillNeurons, keep: float, layers: Sequence[int] | None
+) -> list[int]:
     check_mlp_units(neurons)
     if not compat.is_bridge(model):
         raise PruneError(
@@ -242,24 +266,25 @@ def check_prune_arguments(model, neurons: SkillNeurons, keep: float, layers: Seq
     if layers is None:
         chosen = default_layers(neurons.layers)
     else:
-        chosen = sorted(set(int(l) for l in layers))
+        chosen = sorted({int(l) for l in layers})
         if not chosen:
             raise PruneError("no layers to prune")
         bad = [l for l in chosen if not 0 <= l < spec.n_layers]
         if bad:
-            raise PruneError(f"layers {bad} out of range: the model has {spec.n_layers} layers "
-                             f"(0-{spec.n_layers - 1})")
+            raise PruneError(f"layers {bad} out of range: the model has {spec.n_layers} layers (0-{spec.n_layers - 1})")
         missing = [l for l in chosen if l not in neurons.layers]
         if missing:
-            raise PruneError(f"layers {missing} have no skill-neuron predictivity: the neurons cover "
-                             f"layers {neurons.layers}")
+            raise PruneError(
+                f"layers {missing} have no skill-neuron predictivity: the neurons cover layers {neurons.layers}"
+            )
     if int(keep * spec.d_mlp) < 1:
         raise PruneError(f"keep={keep} keeps no neuron of the {spec.d_mlp} per layer; raise keep")
     return chosen
 
 
-def prune_model(model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02,
-          layers: Sequence[int] | None = None):
+def prune_model(
+    model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02, layers: Sequence[int] | None = None
+):
     """A pruned copy of `model` keeping the top `keep` skill neurons of each of `layers`.
 
     Args:
@@ -289,12 +314,19 @@ def prune_model(model: HookedRootModule, neurons: SkillNeurons | str | Path, kee
         kept[layer] = tuple(idx.tolist())
     pruned = _bridge(hf, model.tokenizer, spec, compat.model_device(model), compat.model_prefix_ids(model))
     pruned._tl_skill_pruning = Pruning(float(keep), spec.d_mlp, kept)
-    log.info("pruned %s: layers %s keep %d of %d neurons each; %d -> %d parameters", spec.name, chosen,
-             len(next(iter(kept.values()))), spec.d_mlp, count_parameters(model), count_parameters(pruned))
+    log.info(
+        "pruned %s: layers %s keep %d of %d neurons each; %d -> %d parameters",
+        spec.name,
+        chosen,
+        len(next(iter(kept.values()))),
+        spec.d_mlp,
+        count_parameters(model),
+        count_parameters(pruned),
+    )
     return pruned
 
 
-def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device, prefix_ids) -> Any:
+def _bridge(hf: Any, tokenizer, spec: ModelSpec, device, prefix_ids) -> Any:
     """A frozen, eval-mode bridge over `hf` that keeps `hf`'s attention implementation and layout prefix."""
     attn = getattr(hf.config, "_attn_implementation", None)
     hf.eval()
@@ -302,8 +334,11 @@ def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device, prefix_ids) -> An
         p.requires_grad_(False)
     bridge = compat.build_bridge(hf, tokenizer, spec.name, device=str(device))
     setattr(bridge, compat.PREFIX_ATTR, tuple(prefix_ids))
-    if attn is not None and getattr(hf.config, "_attn_implementation", None) != attn and hasattr(
-            hf, "set_attn_implementation"):
+    if (
+        attn is not None
+        and getattr(hf.config, "_attn_implementation", None) != attn
+        and hasattr(hf, "set_attn_implementation")
+    ):
         hf.set_attn_implementation(attn)  # the bridge forces eager on pre-loaded models
     bridge.eval()
     for p in bridge.parameters():
@@ -313,7 +348,7 @@ def _bridge(hf: nn.Module, tokenizer, spec: ModelSpec, device, prefix_ids) -> An
 
 
 # ----------------------------------------------------------------------------- save / load
-def save_pruned(model, out: str | Path) -> Path:
+def save_pruned(model: HookedRootModule, out: str | Path) -> Path:
     """Write a pruned model's weights, kept neurons and config to `out` (see the module docstring)."""
     from safetensors.torch import save_model
 
@@ -331,11 +366,17 @@ def save_pruned(model, out: str | Path) -> Path:
     bundled = spec.name in KNOWN_MODELS
     if not bundled:
         model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    atomic_json(out / KEPT_JSON, {
-        **pruning.to_dict(), "model_spec": spec.to_dict(), "bundled": bundled,
-        "dtype": str(compat.model_dtype(hf)).removeprefix("torch."),
-        "hf_class": type(hf).__name__, "prefix_ids": compat.model_prefix_ids(model),
-    })
+    atomic_json(
+        out / KEPT_JSON,
+        {
+            **pruning.to_dict(),
+            "model_spec": spec.to_dict(),
+            "bundled": bundled,
+            "dtype": str(compat.model_dtype(hf)).removeprefix("torch."),
+            "hf_class": type(hf).__name__,
+            "prefix_ids": compat.model_prefix_ids(model),
+        },
+    )
     return out
 
 
@@ -391,8 +432,9 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
     return model
 
 
-def prune(model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02,
-          layers: Sequence[int] | None = None):
+def prune(
+    model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02, layers: Sequence[int] | None = None
+):
     """Deprecated name of `prune_model` (kept for one release: `tl_skill.prune` is this module)."""
     warnings.warn("tl_skill.prune.prune is deprecated; use tl_skill.prune_model", DeprecationWarning, stacklevel=2)
     return prune_model(model, neurons, keep, layers)

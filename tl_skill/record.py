@@ -18,17 +18,18 @@ Two passes make predictivity (SPEC §3):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 
 from tl_skill import compat
+from tl_skill.compat import HookedRootModule
+from tl_skill.errors import RecordingError
 from tl_skill.models import model_spec
 from tl_skill.tuning.prompt import Batch, SoftPrompt, maybe_applied
 from tl_skill.units import BUILTIN, UnitSource, check_source, unit_source
-from tl_skill.errors import RecordingError  # noqa: F401 - re-exported
 
 POSITION_MODES = ("prompt", "last", "mean")
 _S1 = 2.0**24
@@ -58,19 +59,21 @@ def exact_total(s1: torch.Tensor, s2: torch.Tensor, rest: torch.Tensor) -> torch
 def _positions(batch: Batch, mode: str, act: torch.Tensor) -> Float[torch.Tensor, "batch t d_mlp"]:
     B = act.shape[0]
     rows = torch.arange(B, device=act.device)
+    if mode in ("last", "mean") and (batch.input_start is None or batch.input_end is None):
+        raise RecordingError(f"position mode {mode!r} needs a batch that marks its input tokens (Layout.collate)")
     if mode == "prompt":
         if batch.prompt_length == 0:
             raise RecordingError("position mode 'prompt' needs a soft prompt (prompt length 0)")
         if batch.uniform_prompt:
             s = int(batch.prompt_start[0])
-            return act[:, s:s + batch.prompt_length]
+            return act[:, s : s + batch.prompt_length]
         return act[rows[:, None], batch.prompt_positions().to(act.device)]
-    if mode == "last":
-        return act[rows, (batch.input_end - 1).to(act.device)][:, None]
-    if mode == "mean":
+    start, end = batch.input_start, batch.input_end
+    if mode == "last" and end is not None:
+        return act[rows, (end - 1).to(act.device)][:, None]
+    if mode == "mean" and start is not None and end is not None:
         pos = torch.arange(act.shape[1], device=act.device)
-        inside = (pos[None] >= batch.input_start[:, None].to(act.device)) & (
-            pos[None] < batch.input_end[:, None].to(act.device))
+        inside = (pos[None] >= start[:, None].to(act.device)) & (pos[None] < end[:, None].to(act.device))
         w = inside.to(act.dtype)[..., None]
         return ((act * w).sum(1) / w.sum(1).clamp_min(1))[:, None]
     raise RecordingError(f"unknown position mode {mode!r}; choose one of {POSITION_MODES}")
@@ -215,17 +218,30 @@ class Recorder:
     pass ends after the last recorded layer.
     """
 
-    def __init__(self, model, stats, layers: Sequence[int] | None = None, positions: str = "prompt",
-                 stop_early: bool = True, check_finite: bool = True, units: "str | UnitSource | None" = None):
+    def __init__(
+        self,
+        model: HookedRootModule,
+        stats,
+        layers: Sequence[int] | None = None,
+        positions: str = "prompt",
+        stop_early: bool = True,
+        check_finite: bool = True,
+        units: str | UnitSource | None = None,
+    ):
         spec = model_spec(model)
-        self.units = unit_source(model, units)
-        check_source(model, self.units, RecordingError)
+        if not isinstance(units, UnitSource):  # a source resolved by the caller was checked there
+            units = unit_source(model, units)
+            check_source(model, units, RecordingError)
+        self.units = units
         self.model = model
-        self.layers = list(self.units.layers) if layers is None else sorted(set(int(l) for l in layers))
+        self.layers = list(self.units.layers) if layers is None else sorted({int(l) for l in layers})
         bad = [l for l in self.layers if l not in self.units.layers]
         if bad or not self.layers:
-            where = (f"the model has {spec.n_layers} layers" if self.units.name in BUILTIN
-                     else f"units {self.units.name!r} exist at layers {list(self.units.layers)}")
+            where = (
+                f"the model has {spec.n_layers} layers"
+                if self.units.name in BUILTIN
+                else f"units {self.units.name!r} exist at layers {list(self.units.layers)}"
+            )
             raise RecordingError(f"layers {bad or self.layers} out of range: {where}")
         if positions not in POSITION_MODES:
             raise RecordingError(f"unknown position mode {positions!r}; choose one of {POSITION_MODES}")
@@ -262,11 +278,11 @@ class Recorder:
 
         return hook
 
-    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+    def fwd_hooks(self) -> list[tuple[str | Callable, Callable]]:
         return [(name, self._hook_for(name)) for name in self.names]
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["Recorder"]:
+    def attached(self) -> Iterator[Recorder]:
         with self.model.hooks(fwd_hooks=self.fwd_hooks()):
             yield self
 
@@ -277,14 +293,16 @@ class Recorder:
         self._batch = batch
         self.stats.count_batch(batch.labels)
         try:
-            with maybe_applied(prompt, self.model, batch), self.model.hooks(fwd_hooks=list(extra_hooks)):
-                with torch.no_grad():
-                    compat.forward(self.model, batch.input_ids, batch.attention_mask)
+            with (
+                maybe_applied(prompt, self.model, batch),
+                self.model.hooks(fwd_hooks=list(extra_hooks)),
+                torch.no_grad(),
+            ):
+                compat.forward(self.model, batch.input_ids, batch.attention_mask)
         except compat.StopForward:
             pass
         finally:
             self._batch = None
-
 
     def run_prompt_pass(self, chunk: Batch, prompt: SoftPrompt, cache, prompt_pass: Callable) -> None:
         """Record the prompt positions of a batch whose input is in `cache` (`prefix.record_runs`).

@@ -20,13 +20,14 @@ valid under any dependence) controls the false discovery rate over neurons.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-TIE_TOLERANCE = 1e-7  # outcomes whose probability is within this relative margin count as tiesfrom tl_skill.errors import StatsError
+from tl_skill.errors import StatsError
 
+TIE_TOLERANCE = 1e-7  # outcomes whose probability is within this relative margin count as ties
 
 
 def _log_comb(n, k) -> torch.Tensor:
@@ -41,8 +42,7 @@ def hypergeom_log_pmf_table(N: int, n_pos: int) -> torch.Tensor:
     inside = (k <= A) & (A - k <= N - n_pos)
     n_neg = float(N - n_pos)
     kk, aa = torch.broadcast_tensors(k, A)
-    logp = (_log_comb(float(n_pos), kk) + _log_comb(n_neg, (aa - kk).clamp(min=0))
-            - _log_comb(float(N), aa))
+    logp = _log_comb(float(n_pos), kk) + _log_comb(n_neg, (aa - kk).clamp(min=0)) - _log_comb(float(N), aa)
     return torch.where(inside, logp, torch.tensor(-math.inf, dtype=torch.float64))
 
 
@@ -65,8 +65,9 @@ def one_sided_tables(N: int, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
     return upper, lower
 
 
-def hypergeom_p_values(pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: int, n_neg: int,
-                       alternative: str = "two-sided") -> torch.Tensor:
+def hypergeom_p_values(
+    pos_above: torch.Tensor, neg_above: torch.Tensor, n_pos: int, n_neg: int, alternative: str = "two-sided"
+) -> torch.Tensor:
     """Exact p-values of `pos_above` positives among `pos_above + neg_above` above-baseline examples.
 
     Args:
@@ -156,9 +157,15 @@ def trial_stability(per_run: torch.Tensor, fraction: float = 0.01) -> dict:
     for t in tops:
         in_all &= t
     return {
-        "n_trials": R, "fraction": fraction, "k_per_layer": k, "pairs": pairs,
-        "spearman": spear, "spearman_mean": float(np.mean(spear)),
-        "topk_jaccard": jac, "topk_jaccard_mean": float(np.mean(jac)), "topk_jaccard_chance": jaccard_chance(D, k),
+        "n_trials": R,
+        "fraction": fraction,
+        "k_per_layer": k,
+        "pairs": pairs,
+        "spearman": spear,
+        "spearman_mean": float(np.mean(spear)),
+        "topk_jaccard": jac,
+        "topk_jaccard_mean": float(np.mean(jac)),
+        "topk_jaccard_chance": jaccard_chance(D, k),
         "mean_topk_in_every_trial": float(in_all.sum() / mean_top.sum()),
         "mean_topk_in_every_trial_chance": (k / D) ** R,
     }
@@ -177,14 +184,20 @@ def mcnemar_exact(correct_a: Sequence[int], correct_b: Sequence[int]) -> dict:
         p = 1.0
     else:
         k = min(only_a, only_b)
-        logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                for i in range(k + 1)]
+        logs = [
+            math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)
+        ]
         p = min(1.0, 2 * sum(math.exp(x) for x in logs))
     return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p}
 
 
-def paired_bootstrap(correct_skill: Sequence[int], correct_random: Sequence[Sequence[int]], n_boot: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> dict:
+def paired_bootstrap(
+    correct_skill: Sequence[int],
+    correct_random: Sequence[Sequence[int]],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """CI of accuracy(skill) - mean accuracy(random) resampling examples and random seeds together.
 
     Each replicate draws n examples with replacement (the same for both sides:
@@ -206,5 +219,10 @@ def paired_bootstrap(correct_skill: Sequence[int], correct_random: Sequence[Sequ
     diffs = skill_acc - picked
     alpha = (1 - level) / 2
     lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
-    return {"difference": float(skill.mean() - rand.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "level": level, "n_boot": n_boot}
+    return {
+        "difference": float(skill.mean() - rand.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "level": level,
+        "n_boot": n_boot,
+    }

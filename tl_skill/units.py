@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tl_skill import compat
-from tl_skill.models import model_spec
-from tl_skill.errors import UnitError  # noqa: F401 - re-exported
+from tl_skill.compat import HookedRootModule
+from tl_skill.errors import UnitError
 from tl_skill.files import FileFormatError, read_tensors
+from tl_skill.models import model_spec
 
 BUILTIN = ("mlp", "resid", "attn")
 SAE_CONFIG = "cfg.json"
@@ -52,6 +53,12 @@ class SAE:
     k: int | None = None  # TopK
     apply_b_dec_to_input: bool = True
 
+    def __post_init__(self) -> None:
+        if self.architecture == "jumprelu" and self.threshold is None:
+            raise UnitError("a JumpReLU SAE needs its threshold")
+        if self.architecture == "topk" and (self.k is None or not 1 <= int(self.k) <= self.d_sae):
+            raise UnitError(f"a TopK SAE needs 1 <= k <= d_sae ({self.d_sae}), got k={self.k}")
+
     @property
     def d_in(self) -> int:
         return int(self.W_enc.shape[0])
@@ -63,9 +70,9 @@ class SAE:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         W, b = self.W_enc.to(x), self.b_enc.to(x)
         pre = (x - self.b_dec.to(x) if self.apply_b_dec_to_input else x) @ W + b
-        if self.architecture == "jumprelu":
+        if self.architecture == "jumprelu" and self.threshold is not None:
             return pre * (pre > self.threshold.to(x))
-        if self.architecture == "topk":
+        if self.architecture == "topk" and self.k is not None:
             vals, idx = torch.relu(pre).topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, idx, vals)
         return torch.relu(pre)
@@ -74,7 +81,7 @@ class SAE:
         return z @ self.W_dec.to(z) + self.b_dec.to(z)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SAE":
+    def load(cls, path: str | Path) -> SAE:
         """Read a SAELens-format directory (no `sae-lens` needed), refusing missing or mis-shaped parts."""
         path = Path(path)
         if not (path / SAE_CONFIG).exists() or not (path / SAE_WEIGHTS).exists():
@@ -97,33 +104,54 @@ class SAE:
         want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
         for name, shape in want.items():
             if tuple(t[name].shape) != shape:
-                raise UnitError(f"{path / SAE_WEIGHTS}: {name} has shape {tuple(t[name].shape)}, but cfg.json's "
-                                f"d_in={d_in}, d_sae={d_sae} need {shape}")
+                raise UnitError(
+                    f"{path / SAE_WEIGHTS}: {name} has shape {tuple(t[name].shape)}, but cfg.json's "
+                    f"d_in={d_in}, d_sae={d_sae} need {shape}"
+                )
         threshold = t.get("threshold")
         if arch == "jumprelu" and threshold is None:
             raise UnitError(f"{path / SAE_WEIGHTS}: a JumpReLU SAE needs 'threshold'")
         k = cfg.get("k") or (cfg.get("architecture_kwargs") or {}).get("k")
         if arch == "topk" and not k:
             raise UnitError(f"{path / SAE_CONFIG}: a TopK SAE needs 'k'")
-        return cls(str(cfg["hook_name"]), *(t[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec")),
-                   architecture="standard" if arch == "relu" else arch,
-                   threshold=None if threshold is None else threshold.float(), k=int(k) if k else None,
-                   apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
+        try:
+            return cls(
+                str(cfg["hook_name"]),
+                W_enc=t["W_enc"].float(),
+                b_enc=t["b_enc"].float(),
+                W_dec=t["W_dec"].float(),
+                b_dec=t["b_dec"].float(),
+                architecture="standard" if arch == "relu" else arch,
+                threshold=None if threshold is None else threshold.float(),
+                k=int(k) if k else None,
+                apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+            )
+        except UnitError as exc:
+            raise UnitError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_sae_lens(cls, sae) -> "SAE":
+    def from_sae_lens(cls, sae) -> SAE:
         """A `sae_lens.SAE` object (when that package is installed)."""
         cfg = sae.cfg
-        arch = str(getattr(cfg, "architecture", lambda: "standard")() if callable(getattr(cfg, "architecture", None))
-                   else getattr(cfg, "architecture", "standard")).lower()
+        arch = str(
+            getattr(cfg, "architecture", lambda: "standard")()
+            if callable(getattr(cfg, "architecture", None))
+            else getattr(cfg, "architecture", "standard")
+        ).lower()
         meta = getattr(cfg, "metadata", None)
         hook = getattr(cfg, "hook_name", None) or getattr(meta, "hook_name", None)
         threshold = getattr(sae, "threshold", None)
-        return cls(str(hook), sae.W_enc.detach().float().cpu(), sae.b_enc.detach().float().cpu(),
-                   sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu(),
-                   architecture="standard" if arch == "relu" else arch,
-                   threshold=None if threshold is None else threshold.detach().float().cpu(),
-                   k=getattr(cfg, "k", None), apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)))
+        return cls(
+            str(hook),
+            sae.W_enc.detach().float().cpu(),
+            sae.b_enc.detach().float().cpu(),
+            sae.W_dec.detach().float().cpu(),
+            sae.b_dec.detach().float().cpu(),
+            architecture="standard" if arch == "relu" else arch,
+            threshold=None if threshold is None else threshold.detach().float().cpu(),
+            k=getattr(cfg, "k", None),
+            apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,11 +169,12 @@ class UnitSource:
         return self.template.format(l=layer)
 
     def check(self, act: torch.Tensor, name: str, error: type[Exception] = UnitError) -> None:
-        if tuple(act.shape[-len(self.shape):]) != self.shape:
+        if tuple(act.shape[-len(self.shape) :]) != self.shape:
             raise error(
                 f"hook point {name} has trailing shape {tuple(act.shape[2:])}, but the {self.name!r} units expect "
                 f"{self.shape} ({self.width} units): it does not hold what this unit source reads (a pruned model, "
-                "a mixture-of-experts block, or an SAE trained for another hook or width)")
+                "a mixture-of-experts block, or an SAE trained for another hook or width)"
+            )
 
     def flat(self, act: torch.Tensor) -> torch.Tensor:
         """[batch, pos, *shape] -> [batch, pos, n] (attention heads merged)."""
@@ -155,8 +184,7 @@ class UnitSource:
         """Unit values of flattened activations (the SAE's latents; the activation itself otherwise)."""
         return self.sae.encode(x.float()).to(x.dtype) if self.sae is not None else x
 
-    def apply(self, act: torch.Tensor, idx: torch.Tensor,
-              fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def apply(self, act: torch.Tensor, idx: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`act` with units `idx` changed from `u` to `fn(u)` ([batch, pos, k] -> same)."""
         if self.sae is None:
             out = self.flat(act).clone()
@@ -177,7 +205,7 @@ def _sae_layer(hook_name: str) -> int:
     return int(m.group(1))
 
 
-def unit_source(model, units: "str | UnitSource | SAE | None" = "mlp") -> UnitSource:
+def unit_source(model: HookedRootModule, units: str | UnitSource | SAE | None = "mlp") -> UnitSource:
     """The `UnitSource` called `units` on `model`: "mlp", "resid", "attn", "sae:PATH", an `SAE` or a `sae_lens.SAE`."""
     if isinstance(units, UnitSource):
         return units
@@ -209,7 +237,7 @@ def unit_source(model, units: "str | UnitSource | SAE | None" = "mlp") -> UnitSo
 
 
 def unit_kind(name: str) -> str:
-    """"mlp", "resid", "attn" or "sae" (any SAE path)."""
+    """ "mlp", "resid", "attn" or "sae" (any SAE path)."""
     return "sae" if name.startswith("sae:") else name
 
 
@@ -219,12 +247,15 @@ def check_same_units(found: str, units, error: type[Exception] = UnitError) -> N
         return
     name = units if isinstance(units, str) else getattr(units, "name", None) or f"sae:{units.hook_name}"
     if unit_kind(name) != unit_kind(found):
-        raise error(f"the skill neurons were found on {found!r} units; units {name!r} are other units "
-                    "(find them again with those units)")
+        raise error(
+            f"the skill neurons were found on {found!r} units; units {name!r} are other units "
+            "(find them again with those units)"
+        )
 
 
-def source_for_neurons(model, neurons, units: "str | UnitSource | SAE | None" = None,
-                       error: type[Exception] = UnitError) -> UnitSource:
+def source_for_neurons(
+    model: HookedRootModule, neurons, units: str | UnitSource | SAE | None = None, error: type[Exception] = UnitError
+) -> UnitSource:
     """The unit source to perturb or trace skill units with, checked against the units they were found on.
 
     `units=None` takes the source recorded with the skill neurons (`SkillNeurons.units`).
@@ -237,21 +268,28 @@ def source_for_neurons(model, neurons, units: "str | UnitSource | SAE | None" = 
         source = unit_source(model, found if units is None else units)
     except UnitError as exc:
         if units is None and unit_kind(found) == "sae":
-            raise error(f"the skill units were found with {found!r}, which cannot be read now ({exc}); "
-                        "if the SAE moved, pass its new directory as units='sae:NEWPATH' (--units)") from None
+            raise error(
+                f"the skill units were found with {found!r}, which cannot be read now ({exc}); "
+                "if the SAE moved, pass its new directory as units='sae:NEWPATH' (--units)"
+            ) from None
         raise error(str(exc)) from None
     check_same_units(found, source.name, error)
     if source.width != neurons.d_mlp:
-        raise error(f"the skill neurons have {neurons.d_mlp} units per layer but the model's "
-                    f"{source.name!r} units are {source.width} wide")
+        raise error(
+            f"the skill neurons have {neurons.d_mlp} units per layer but the model's "
+            f"{source.name!r} units are {source.width} wide"
+        )
     outside = [l for l in neurons.layers if l not in source.layers]
     if outside:
-        raise error(f"the skill neurons cover layers {list(neurons.layers)}, but {source.name!r} units exist "
-                    f"at layers {list(source.layers)}")
+        raise error(
+            f"the skill neurons cover layers {list(neurons.layers)}, but {source.name!r} units exist "
+            f"at layers {list(source.layers)}"
+        )
+    check_source(model, source, error)
     return source
 
 
-def check_source(model, source: UnitSource, error: type[Exception] = UnitError) -> None:
+def check_source(model: HookedRootModule, source: UnitSource, error: type[Exception] = UnitError) -> None:
     """Refuse, before any work, a source the model cannot give (MoE blocks for `mlp`; missing hooks)."""
     if source.name == "mlp":
         compat.check_neuron_axis(model, error)
@@ -272,11 +310,18 @@ def head_scores(values: torch.Tensor, n_heads: int, how: str = "max") -> torch.T
     raise UnitError(f"head score must be 'max' or 'mean', got {how!r}")
 
 
-_DIRECT_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
-                 "mlp.hook_out", "attn.hook_out")
+_DIRECT_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_mlp_out",
+    "hook_attn_out",
+    "mlp.hook_out",
+    "attn.hook_out",
+)
 
 
-def output_direction(model, source: UnitSource, layer: int, unit: int) -> torch.Tensor | None:
+def output_direction(model: HookedRootModule, source: UnitSource, layer: int, unit: int) -> torch.Tensor | None:
     """The residual-stream vector [d_model] that one unit of activation adds on its direct path, or None.
 
     `mlp`: the neuron's `W_out` row; `attn`: the `W_O` row of its (head, dim); `resid`: the basis
@@ -293,6 +338,8 @@ def output_direction(model, source: UnitSource, layer: int, unit: int) -> torch.
         v[unit] = 1.0
         return v
     tail = source.template.replace("blocks.{l}.", "", 1)
+    if source.sae is None:
+        raise UnitError(f"unit source {source.name!r} has no output direction")
     row = source.sae.W_dec[unit]
     if tail == "mlp.hook_post":
         return row.to(compat.mlp_out_vectors(model, layer)) @ compat.mlp_out_vectors(model, layer)

@@ -25,17 +25,20 @@ from typing import Any
 import torch
 
 from tl_skill import compat
+from tl_skill.compat import HookedRootModule
+from tl_skill.data.tasks import Task
+from tl_skill.errors import UnsupportedModelError, VariantError
 from tl_skill.files import temp_path
 from tl_skill.models import model_spec
-from tl_skill.tuning.prompt import Verbalizer
-from tl_skill.data.tasks import Task
 from tl_skill.tuning.loop import LoopConfig, remove_checkpoint, train_loop
-from tl_skill.errors import VariantError  # noqa: F401 - re-exported
+from tl_skill.tuning.prompt import Verbalizer
 
 TRAINED_FILE = "trained.safetensors"
 BITFIT_BIASES = "bias terms outside the MLP (attention and normalisation biases)"
-BITFIT_NORMS = ("normalisation weights: the architecture has no bias terms outside the MLP "
-                "(fallback for BitFit; the MLP stays frozen)")
+BITFIT_NORMS = (
+    "normalisation weights: the architecture has no bias terms outside the MLP "
+    "(fallback for BitFit; the MLP stays frozen)"
+)
 
 
 # ----------------------------------------------------------------------------- model copies
@@ -44,7 +47,7 @@ def _freeze(module: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def clean_hf_copy(model, random_seed: int | None = None) -> torch.nn.Module:
+def clean_hf_copy(model: HookedRootModule, random_seed: int | None = None) -> Any:
     """A plain Hugging Face model (no bridge wrappers) of the same architecture as `model`'s.
 
     With `random_seed=None` it holds copies of `model`'s weights; otherwise it
@@ -67,8 +70,10 @@ def clean_hf_copy(model, random_seed: int | None = None) -> torch.nn.Module:
                 weights[name] = value.detach().clone()
         missing = sorted(want - set(weights))
         if missing:
-            raise VariantError(f"cannot copy {type(hf).__name__}: no bridge weights for {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}")
+            raise VariantError(
+                f"cannot copy {type(hf).__name__}: no bridge weights for {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
         fresh.load_state_dict(weights, strict=True)
     fresh = fresh.to(device=compat.model_device(model), dtype=compat.model_dtype(model)).eval()
     _freeze(fresh)
@@ -85,7 +90,7 @@ def _wrap(hf: torch.nn.Module, source, name: str):
     return bridge
 
 
-def random_weights_model(model, seed: int = 1):
+def random_weights_model(model: HookedRootModule, seed: int = 1):
     """The random-weights control: `model`'s architecture and tokenizer, freshly initialised weights.
 
     Its `ModelSpec` is `model`'s with the name `<name>-random`.
@@ -93,18 +98,20 @@ def random_weights_model(model, seed: int = 1):
     fresh = clean_hf_copy(model, random_seed=seed)
     src = compat.hf_model_of(model).get_input_embeddings().weight
     if torch.equal(fresh.get_input_embeddings().weight.detach().cpu(), src.detach().cpu()):
-        raise VariantError(f"the random initialisation with seed {seed} equals {model_spec(model).name!r}'s own "
-                          "weights (a randomly initialised model itself); choose another seed")
+        raise VariantError(
+            f"the random initialisation with seed {seed} equals {model_spec(model).name!r}'s own "
+            "weights (a randomly initialised model itself); choose another seed"
+        )
     return _wrap(fresh, model, f"{model_spec(model).name}-random")
 
 
-def copy_model(model, suffix: str):
+def copy_model(model: HookedRootModule, suffix: str):
     """An independent copy of `model` (same weights, same tokenizer), named `<name>+<suffix>`."""
     return _wrap(clean_hf_copy(model), model, f"{model_spec(model).name}+{suffix}")
 
 
 # ----------------------------------------------------------------------------- parameter groups
-def mlp_parameters(model) -> dict[str, torch.nn.Parameter]:
+def mlp_parameters(model: HookedRootModule) -> dict[str, torch.nn.Parameter]:
     """The neurons' weights: every parameter of the MLP projections (`blocks.{l}.mlp.{gate,in,out}.<name>`).
 
     Taken from the bridge's `gate`/`in`/`out` projections rather than from the
@@ -121,12 +128,12 @@ def mlp_parameters(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _probe_ids(model) -> torch.Tensor:
+def _probe_ids(model: HookedRootModule) -> torch.Tensor:
     ids = model.tokenizer("The film was good, and the acting fine.", add_special_tokens=False)["input_ids"]
     return torch.tensor([ids or [0]], device=compat.model_device(model))
 
 
-def in_forward_path(model, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+def in_forward_path(model: HookedRootModule, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
     """The subset of `params` that one forward pass of `model` actually uses (they receive a gradient)."""
     if not params:
         return {}
@@ -149,8 +156,9 @@ def in_forward_path(model, params: dict[str, torch.nn.Parameter]) -> dict[str, t
     return used
 
 
-def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             seed: int = 0) -> dict[str, torch.nn.Parameter]:
+def add_lora(
+    model: HookedRootModule, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, seed: int = 0
+) -> dict[str, torch.nn.Parameter]:
     """Add LoRA adapters (PEFT) to the attention projections of `model`, in place.
 
     The adapters go into the bridge's q, k, v and o linear modules of every
@@ -174,14 +182,20 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     for l, block in enumerate(model.blocks):
         try:
             projections = compat.attention_projections(block)
-        except compat.UnsupportedModelError as exc:
+        except UnsupportedModelError as exc:
             raise VariantError(f"block {l}: {exc}; LoRA has nothing to adapt") from None
         for c, component in projections.items():
             inner = compat.hf_module(component)
             if id(inner) not in module_names:
                 raise VariantError(f"blocks.{l}.attn.{c} is not a module of the Hugging Face model")
             targets.append(module_names[id(inner)])
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: any number works
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+    )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: PEFT sets it itself
@@ -189,15 +203,18 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     _freeze(model)
     params: dict[str, torch.nn.Parameter] = {}
     for l, block in enumerate(model.blocks):
-        params.update({n: p for n, p in compat.named_hf_parameters(f"blocks.{l}.attn", block.attn).items() if ".lora_" in n})
+        params.update(
+            {n: p for n, p in compat.named_hf_parameters(f"blocks.{l}.attn", block.attn).items() if ".lora_" in n}
+        )
     used = in_forward_path(model, params)
     if len(used) != len(params):
-        raise VariantError(f"LoRA parameters {sorted(set(params) - set(used))[:4]} are not used by the "
-                          "bridge's forward pass")
+        raise VariantError(
+            f"LoRA parameters {sorted(set(params) - set(used))[:4]} are not used by the bridge's forward pass"
+        )
     return params
 
 
-def bitfit_parameters(model) -> tuple[dict[str, torch.nn.Parameter], str]:
+def bitfit_parameters(model: HookedRootModule) -> tuple[dict[str, torch.nn.Parameter], str]:
     """What BitFit trains here, and a label saying what it is.
 
     The bias terms outside the MLP (attention and normalisation) that the
@@ -229,12 +246,14 @@ def bitfit_parameters(model) -> tuple[dict[str, torch.nn.Parameter], str]:
         return used, BITFIT_BIASES
     used = in_forward_path(model, norm_weights)
     if not used:
-        raise VariantError(f"{model_spec(model).name} has neither bias terms nor normalisation weights "
-                          "outside the MLP: BitFit has nothing to train")
+        raise VariantError(
+            f"{model_spec(model).name} has neither bias terms nor normalisation weights "
+            "outside the MLP: BitFit has nothing to train"
+        )
     return used, BITFIT_NORMS
 
 
-def mlp_unchanged(model, reference) -> bool:
+def mlp_unchanged(model: HookedRootModule, reference) -> bool:
     """Whether every MLP parameter of `model` is bit-identical to `reference`'s."""
     a, b = mlp_parameters(model), mlp_parameters(reference)
     if set(a) != set(b):
@@ -254,8 +273,15 @@ class FinetuneConfig(LoopConfig):
         self._check(VariantError, "fine-tuning")
 
 
-def finetune(model, task: Task, params: dict[str, torch.nn.Parameter], config: FinetuneConfig | None = None,
-             progress: bool = True, desc: str = "finetune", out: str | Path | None = None) -> dict[str, Any]:
+def finetune(
+    model: HookedRootModule,
+    task: Task,
+    params: dict[str, torch.nn.Parameter],
+    config: FinetuneConfig | None = None,
+    progress: bool = True,
+    desc: str = "finetune",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
     """Train only `params` of `model` on `task` in the zero-shot layout (no prompt).
 
     The same loop as prompt tuning (`train.train_loop`): input as for zero-shot
@@ -268,13 +294,20 @@ def finetune(model, task: Task, params: dict[str, torch.nn.Parameter], config: F
     cfg = config or FinetuneConfig()
     verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
     t0 = time.perf_counter()
-    state = train_loop(model, task, verbalizer, params, cfg, prompt=None, out=Path(out) if out else None,
-                       progress=progress, desc=desc)
+    state = train_loop(
+        model, task, verbalizer, params, cfg, prompt=None, out=Path(out) if out else None, progress=progress, desc=desc
+    )
     if out is not None:
         remove_checkpoint(Path(out))
-    return {"steps_run": state["step"], "best_step": state["best_step"], "dev_accuracy": state["best_dev"],
-            "history": state["history"], "train_seconds": time.perf_counter() - t0,
-            "n_trainable_tensors": len(params), "n_trainable_parameters": int(sum(p.numel() for p in params.values()))}
+    return {
+        "steps_run": state["step"],
+        "best_step": state["best_step"],
+        "dev_accuracy": state["best_dev"],
+        "history": state["history"],
+        "train_seconds": time.perf_counter() - t0,
+        "n_trainable_tensors": len(params),
+        "n_trainable_parameters": int(sum(p.numel() for p in params.values())),
+    }
 
 
 def save_trained(params: dict[str, torch.nn.Parameter], path: str | Path) -> None:
@@ -294,12 +327,11 @@ def load_trained(params: dict[str, torch.nn.Parameter], path: str | Path) -> Non
     saved = load_file(str(path))
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
-        raise VariantError(f"{path} holds other parameters than the model's trainable ones "
-                          f"(missing {missing}, extra {extra})")
+        raise VariantError(
+            f"{path} holds other parameters than the model's trainable ones (missing {missing}, extra {extra})"
+        )
     with torch.no_grad():
         for n, p in params.items():
             if saved[n].shape != p.shape:
                 raise VariantError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model's {tuple(p.shape)}")
             p.copy_(saved[n].to(device=p.device, dtype=p.dtype))
-
-

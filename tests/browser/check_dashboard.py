@@ -21,8 +21,11 @@ from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Chromium's own log noise that says nothing about the page
-BENIGN = re.compile(r"dbus|Fontconfig|sandbox|GPU|gpu|viz|Vulkan|ALSA|pulse|crashpad|NetworkChange|"
-                    r"DevTools listening|CreatePlatformSocket|ozone|egl|GL ", re.I)
+BENIGN = re.compile(
+    r"dbus|Fontconfig|sandbox|GPU|gpu|viz|Vulkan|ALSA|pulse|crashpad|NetworkChange|"
+    r"DevTools listening|CreatePlatformSocket|ozone|egl|GL ",
+    re.I,
+)
 PROBLEMS = re.compile(r"CONSOLE|Uncaught|Failed to load resource|net::ERR_|Not allowed to load", re.I)
 
 
@@ -35,9 +38,19 @@ def find_browser() -> str | None:
 
 def open_page(browser: str, page: Path, shot: Path) -> list[str]:
     """Screenshot `page`; returns the problems Chromium logged while loading it."""
-    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           "--enable-logging=stderr", "--v=0", "--window-size=1280,1800", f"--screenshot={shot}",
-           page.resolve().as_uri()]
+    cmd = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,1800",
+        f"--screenshot={shot}",
+        page.resolve().as_uri(),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     problems = [ln for ln in (res.stderr + res.stdout).splitlines() if PROBLEMS.search(ln) and not BENIGN.search(ln)]
     if res.returncode != 0:
@@ -88,8 +101,11 @@ def main(argv=None) -> int:
         dashboard = Path(args.dashboard) if args.dashboard else None
         if dashboard is None:
             demo = Path(tmp) / "demo"
-            subprocess.run([sys.executable, "-m", "tl_skill", "demo", "--quick", "--model", "tiny-gpt2",
-                            "--out", str(demo), "-q"], check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "tl_skill", "demo", "--quick", "--model", "tiny-gpt2", "--out", str(demo), "-q"],
+                check=True,
+                capture_output=True,
+            )
             dashboard = demo / "dashboard"
         shots = Path(args.screenshots) if args.screenshots else dashboard
         problems = check(dashboard, shots, browser)

@@ -4,44 +4,67 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_skill.cli.options import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT,
-    common_options, emit, finish, layer_spec, list_of, load_model_for, parse_layers, run_layers, subparser,
-    units_spec)
-from tl_skill.cli.tables import correlation_table, format_neurons_table
+from tl_skill.cli.options import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    emit,
+    finish,
+    layer_spec,
+    list_of,
+    load_model_for,
+    parse_layers,
+    run_layers,
+    subparser,
+    units_spec,
+)
+from tl_skill.cli.tables import correlation_table
+from tl_skill.distributed import is_main
+from tl_skill.experiments.ablation import ABLATION_PNG, ablation_experiment
+from tl_skill.experiments.origin import origin_study
+from tl_skill.experiments.pruning import prune_experiment
+from tl_skill.experiments.transfer import TransferResult, study, transfer_from_dirs
 from tl_skill.neurons import SkillNeurons
 from tl_skill.tuning.runs import Run, TuneConfig
-from tl_skill.experiments.ablation import ablation_experiment
-from tl_skill.experiments.pruning import prune_experiment
-from tl_skill.experiments.transfer import transfer_from_dirs, study
-from tl_skill.experiments.origin import origin_study
-from tl_skill.experiments.ablation import ABLATION_PNG
-from tl_skill.experiments.transfer import TransferResult
-from tl_skill.distributed import is_main
 from tl_skill.viz.plots import plot_ablation, plot_origin_figures, plot_transfer_figures
 
 
 # -------------------------------------------------------------------------- ablate
 def add_ablate(sub):
-    p = subparser("ablate", sub, "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)", """
+    p = subparser(
+        "ablate",
+        sub,
+        "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)",
+        """
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-zero --mode zero --fractions 0.01,0.1
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-rel --relative --std 1.0
-    """)
+    """,
+    )
     p.add_argument("run_dir")
     p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
-    p.add_argument("--fractions", type=list_of(FRACTION), default=[0.01, 0.02, 0.05, 0.1, 0.2],
-                   help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.02,0.05,0.1,0.2)")
+    p.add_argument(
+        "--fractions",
+        type=list_of(FRACTION),
+        default=[0.01, 0.02, 0.05, 0.1, 0.2],
+        help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.02,0.05,0.1,0.2)",
+    )
     p.add_argument("--seeds", type=POSITIVE, default=3, help="random-neuron control seeds")
-    p.add_argument("--std", type=POSITIVE_FLOAT, default=0.1,
-                   help="noise std (absolute, or x neuron std with --relative)")
+    p.add_argument(
+        "--std", type=POSITIVE_FLOAT, default=0.1, help="noise std (absolute, or x neuron std with --relative)"
+    )
     p.add_argument("--relative", action="store_true", help="noise std relative to each neuron's std")
     p.add_argument("--layers", type=layer_spec, default=None, help="perturb only these layers, e.g. 10-29")
-    p.add_argument("--max-examples", type=NON_NEGATIVE, default=300,
-                   help="test examples (0: the run's whole test set)")
-    p.add_argument("--units", type=units_spec, default=None,
-                   help="units to perturb (default: those the neurons were found on; sae:NEWPATH if the SAE moved)")
+    p.add_argument("--max-examples", type=NON_NEGATIVE, default=300, help="test examples (0: the run's whole test set)")
+    p.add_argument(
+        "--units",
+        type=units_spec,
+        default=None,
+        help="units to perturb (default: those the neurons were found on; sae:NEWPATH if the SAE moved)",
+    )
     finish(p, cmd_ablate)
 
 
@@ -49,96 +72,157 @@ def _run_neurons_model(args):
     """What `ablate` and `prune` start from: the run, its skill neurons, a model loader, and the
     options they share (layers, batch size, progress)."""
     run = Run.load(args.run_dir)
-    shared = dict(layers=parse_layers(args.layers, run_layers(run)), batch_size=args.batch_size or 32,
-                  progress=not args.quiet, max_examples=args.max_examples or None)
+    shared = dict(
+        layers=parse_layers(args.layers, run_layers(run)),
+        batch_size=args.batch_size or 32,
+        progress=not args.quiet,
+        max_examples=args.max_examples or None,
+    )
     return run, SkillNeurons.load(args.neurons), (lambda: load_model_for(args, run.model_name)), shared
 
 
 def cmd_ablate(args):
     run, sn, loader, shared = _run_neurons_model(args)
-    res = ablation_experiment(loader, run, sn, args.out, mode=args.mode, fractions=args.fractions, seeds=args.seeds,
-                              std=args.std, relative=args.relative, units=args.units, **shared)
+    res = ablation_experiment(
+        loader,
+        run,
+        sn,
+        args.out,
+        mode=args.mode,
+        fractions=args.fractions,
+        seeds=args.seeds,
+        std=args.std,
+        relative=args.relative,
+        units=args.units,
+        **shared,
+    )
     if is_main():
         plot_ablation(res, Path(args.out) / ABLATION_PNG)
 
-    lines = [f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} "
-             f"{'McNemar p':>12}"]
+    lines = [
+        f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} {'McNemar p':>12}"
+    ]
     for r in res["rows"]:
         pr = r["paired"]
-        lines.append(f"{r['fraction']:>8.0%} {r['clean_accuracy']:>7.3f} {r['skill_accuracy']:>7.3f} "
-                     f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f} "
-                     f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
-                     f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}")
+        lines.append(
+            f"{r['fraction']:>8.0%} {r['clean_accuracy']:>7.3f} {r['skill_accuracy']:>7.3f} "
+            f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f} "
+            f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
+            f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}"
+        )
     lines.append(res.verdict().sentence)
     emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
 
 
 # --------------------------------------------------------------------------- prune
 def add_prune(sub):
-    p = subparser("prune", sub, "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)", """
+    p = subparser(
+        "prune",
+        sub,
+        "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)",
+        """
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt --keep 0.05 --layers 8-29 --retune-steps 100
-    """)
+    """,
+    )
     p.add_argument("run_dir")
     p.add_argument("--neurons", required=True, help="directory written by `tl-skill find`")
     p.add_argument("--out", required=True)
     p.add_argument("--keep", type=FRACTION, default=0.02, help="fraction of neurons kept in each pruned layer")
     p.add_argument("--layers", type=layer_spec, default=None, help="layers to prune (default: the top 75%%)")
     p.add_argument("--retune-steps", type=NON_NEGATIVE, default=0, help="re-tune the prompt on the pruned model")
-    p.add_argument("--max-examples", type=NON_NEGATIVE, default=None,
-                   help="test examples (default, or 0: the run's test set)")
+    p.add_argument(
+        "--max-examples", type=NON_NEGATIVE, default=None, help="test examples (default, or 0: the run's test set)"
+    )
     p.add_argument("--timing-repeats", type=POSITIVE, default=5)
     finish(p, cmd_prune)
 
 
 def cmd_prune(args):
     run, sn, loader, shared = _run_neurons_model(args)
-    res = prune_experiment(loader, run, sn, args.out, keep=args.keep, retune_steps=args.retune_steps,
-                           timing_repeats=args.timing_repeats, **shared)
-    text = (f"parameters {res['params_before']:,} -> {res['params_after']:,} "
-            f"({res['params_after'] / res['params_before']:.1%}); speedup {res['speedup']:.2f}x\n"
-            f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
-            + (f" (re-tuned {res['accuracy_retuned']:.4f})" if res.get("accuracy_retuned") is not None else "")
-            + f"\nsaved to {args.out}")
+    res = prune_experiment(
+        loader,
+        run,
+        sn,
+        args.out,
+        keep=args.keep,
+        retune_steps=args.retune_steps,
+        timing_repeats=args.timing_repeats,
+        **shared,
+    )
+    text = (
+        f"parameters {res['params_before']:,} -> {res['params_after']:,} "
+        f"({res['params_after'] / res['params_before']:.1%}); speedup {res['speedup']:.2f}x\n"
+        f"accuracy {res['accuracy_before']:.4f} -> {res['accuracy_after']:.4f}"
+        + (f" (re-tuned {res['accuracy_retuned']:.4f})" if res.get("accuracy_retuned") is not None else "")
+        + f"\nsaved to {args.out}"
+    )
     emit(res.to_dict(), args.json, text)
 
 
 # ------------------------------------------------------------------ transfer, study
 def add_transfer(sub):
-    p = subparser("transfer", sub, "task similarity and prompt transferability from skill neurons (SPEC §8)", """
+    p = subparser(
+        "transfer",
+        sub,
+        "task similarity and prompt transferability from skill neurons (SPEC §8)",
+        """
         tl-skill transfer neurons/rt neurons/ws neurons/bbc --out transfer/
         tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --out transfer/ --transfer-steps 0
-    """)
+    """,
+    )
     p.add_argument("neurons_dirs", nargs="+", help="one `tl-skill find` directory per task")
     p.add_argument("--runs", nargs="*", default=None, help="run directories (default: those each neurons dir used)")
     p.add_argument("--out", required=True)
-    p.add_argument("--transfer-steps", type=NON_NEGATIVE, default=10,
-                   help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument(
+        "--transfer-steps", type=NON_NEGATIVE, default=10, help="K steps of tuning from the source prompt (0: skip)"
+    )
     p.add_argument("--init-trials", type=POSITIVE, default=1)
-    p.add_argument("--top-fraction", type=FRACTION, default=0.02,
-                   help="per-layer top fraction for the overlap indicator")
+    p.add_argument(
+        "--top-fraction", type=FRACTION, default=0.02, help="per-layer top fraction for the overlap indicator"
+    )
     p.add_argument("--max-eval-examples", type=POSITIVE, default=300)
-    p.add_argument("--units", type=units_spec, default=None,
-                   help="units of the activation indicators (default: those the neurons were found on)")
+    p.add_argument(
+        "--units",
+        type=units_spec,
+        default=None,
+        help="units of the activation indicators (default: those the neurons were found on)",
+    )
     p.add_argument("--no-figures", action="store_true")
     finish(p, cmd_transfer)
 
 
 def cmd_transfer(args):
-    res = transfer_from_dirs(None, args.neurons_dirs, args.runs or None, args.out, device=args.device,
-                             dtype=args.dtype, transfer_steps=args.transfer_steps, init_trials=args.init_trials,
-                             top_fraction=args.top_fraction, max_eval_examples=args.max_eval_examples,
-                             batch_size=args.batch_size, progress=not args.quiet, units=args.units)
+    res = transfer_from_dirs(
+        None,
+        args.neurons_dirs,
+        args.runs or None,
+        args.out,
+        device=args.device,
+        dtype=args.dtype,
+        transfer_steps=args.transfer_steps,
+        init_trials=args.init_trials,
+        top_fraction=args.top_fraction,
+        max_eval_examples=args.max_eval_examples,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        units=args.units,
+    )
     if not args.no_figures and is_main():
         plot_transfer_figures(res, Path(args.out) / "figures")
     emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
 
 
 def add_study(sub):
-    p = subparser("study", sub, "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)", """
-        tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business,bbc_news:tech-vs-politics --out study/
+    p = subparser(
+        "study",
+        sub,
+        "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)",
+        """
+        tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business --out study/
         tl-skill study --model tiny-gpt2 --tasks rotten_tomatoes,word_sentiment --seeds 2 --steps 20 --out tiny_study/
-    """)
+    """,
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--seeds", type=POSITIVE, default=1, help="prompts (trials) per task")
@@ -150,26 +234,47 @@ def add_study(sub):
     p.add_argument("--max-test-examples", type=POSITIVE, default=300)
     p.add_argument("--find-train-examples", type=POSITIVE, default=500)
     p.add_argument("--find-eval-examples", type=POSITIVE, default=300)
-    p.add_argument("--transfer-steps", type=NON_NEGATIVE, default=10,
-                   help="K steps of tuning from the source prompt (0: skip)")
+    p.add_argument(
+        "--transfer-steps", type=NON_NEGATIVE, default=10, help="K steps of tuning from the source prompt (0: skip)"
+    )
     p.add_argument("--max-eval-examples", type=POSITIVE, default=200, help="test examples per transfer evaluation")
-    p.add_argument("--units", type=units_spec, default="mlp",
-                   help="units to find and compare: mlp (default), resid, attn or sae:PATH")
+    p.add_argument(
+        "--units",
+        type=units_spec,
+        default="mlp",
+        help="units to find and compare: mlp (default), resid, attn or sae:PATH",
+    )
     finish(p, cmd_study)
 
 
 def cmd_study(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    cfg = TuneConfig(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr,
-                     eval_every=max(1, args.steps // 2), max_dev_examples=args.max_dev_examples,
-                     max_test_examples=args.max_test_examples,
-                     **({"batch_size": args.batch_size} if args.batch_size else {}))
-    res = study(args.model, tasks, args.out, seeds=tuple(range(args.seeds)), tune_config=cfg,
-                find_kwargs={"max_train_examples": args.find_train_examples,
-                             "max_eval_examples": args.find_eval_examples,
-                             **({} if args.units == "mlp" else {"units": args.units})},
-                transfer_steps=args.transfer_steps, progress=not args.quiet, device=args.device, dtype=args.dtype,
-                max_eval_examples=args.max_eval_examples)
+    cfg = TuneConfig(
+        prompt_length=args.prompt_length,
+        steps=args.steps,
+        lr=args.lr,
+        eval_every=max(1, args.steps // 2),
+        max_dev_examples=args.max_dev_examples,
+        max_test_examples=args.max_test_examples,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
+    res = study(
+        args.model,
+        tasks,
+        args.out,
+        seeds=tuple(range(args.seeds)),
+        tune_config=cfg,
+        find_kwargs={
+            "max_train_examples": args.find_train_examples,
+            "max_eval_examples": args.find_eval_examples,
+            **({} if args.units == "mlp" else {"units": args.units}),
+        },
+        transfer_steps=args.transfer_steps,
+        progress=not args.quiet,
+        device=args.device,
+        dtype=args.dtype,
+        max_eval_examples=args.max_eval_examples,
+    )
     if is_main():
         plot_transfer_figures(TransferResult.load(args.out), Path(args.out) / "figures")
     emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
@@ -177,10 +282,15 @@ def cmd_study(args):
 
 # -------------------------------------------------------------------------- origin
 def add_origin(sub):
-    p = subparser("origin", sub, "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)", """
-        tl-skill origin --model smollm2-135m --task rotten_tomatoes --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
+    p = subparser(
+        "origin",
+        sub,
+        "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)",
+        """
+        tl-skill origin --model smollm2-135m --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
         tl-skill origin --model tiny-gpt2 --task rotten_tomatoes --out origin/tiny --steps 20 --parts lora,bitfit
-    """)
+    """,
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--out", required=True)
@@ -188,20 +298,32 @@ def add_origin(sub):
     p.add_argument("--neurons", default=None, help="reuse these skill neurons (else they are found)")
     p.add_argument("--parts", default="random_weights,lora,bitfit,label_words")
     p.add_argument("--steps", type=POSITIVE, default=200, help="training steps of LoRA and BitFit")
-    p.add_argument("--prompt-steps", type=NON_NEGATIVE, default=150,
-                   help="tuning steps of the random-weights and label-word prompts (0: the source run's)")
+    p.add_argument(
+        "--prompt-steps",
+        type=NON_NEGATIVE,
+        default=150,
+        help="tuning steps of the random-weights and label-word prompts (0: the source run's)",
+    )
     p.add_argument("--lora-lr", type=POSITIVE_FLOAT, default=1e-3)
     p.add_argument("--bitfit-lr", type=POSITIVE_FLOAT, default=1e-3)
     p.add_argument("--lora-rank", type=POSITIVE, default=8)
-    p.add_argument("--fractions", type=list_of(FRACTION), default=[0.01, 0.05, 0.1, 0.2],
-                   help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.05,0.1,0.2)")
+    p.add_argument(
+        "--fractions",
+        type=list_of(FRACTION),
+        default=[0.01, 0.05, 0.1, 0.2],
+        help="comma-separated, per layer, each in (0, 1] (default: 0.01,0.05,0.1,0.2)",
+    )
     p.add_argument("--seeds", type=POSITIVE, default=2)
     p.add_argument("--mode", default="noise", choices=["noise", "zero", "mean"])
     p.add_argument("--std", type=POSITIVE_FLOAT, default=0.1)
     p.add_argument("--relative", action="store_true")
     p.add_argument("--alt-label-words", default=None, help="e.g. bad,good")
-    p.add_argument("--max-test-examples", type=NON_NEGATIVE, default=300,
-                   help="test examples per evaluation (perturbation, extra prompts); 0: the run's cap")
+    p.add_argument(
+        "--max-test-examples",
+        type=NON_NEGATIVE,
+        default=300,
+        help="test examples per evaluation (perturbation, extra prompts); 0: the run's cap",
+    )
     p.add_argument("--find-train-examples", type=POSITIVE, default=2000)
     p.add_argument("--find-eval-examples", type=POSITIVE, default=None)
     finish(p, cmd_origin)
@@ -209,20 +331,36 @@ def add_origin(sub):
 
 def cmd_origin(args):
     res = origin_study(
-        args.model, args.task, args.out, run_dir=args.run, neurons_dir=args.neurons,
-        parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()), steps=args.steps,
-        lora_lr=args.lora_lr, bitfit_lr=args.bitfit_lr, lora_rank=args.lora_rank,
-        fractions=tuple(args.fractions), seeds=args.seeds, mode=args.mode,
-        std=args.std, relative=args.relative,
+        args.model,
+        args.task,
+        args.out,
+        run_dir=args.run,
+        neurons_dir=args.neurons,
+        parts=tuple(x.strip() for x in args.parts.split(",") if x.strip()),
+        steps=args.steps,
+        lora_lr=args.lora_lr,
+        bitfit_lr=args.bitfit_lr,
+        lora_rank=args.lora_rank,
+        fractions=tuple(args.fractions),
+        seeds=args.seeds,
+        mode=args.mode,
+        std=args.std,
+        relative=args.relative,
         alt_label_words=args.alt_label_words.split(",") if args.alt_label_words else None,
-        max_test_examples=args.max_test_examples or None, prompt_steps=args.prompt_steps or None,
+        max_test_examples=args.max_test_examples or None,
+        prompt_steps=args.prompt_steps or None,
         find_train_examples=args.find_train_examples,
-        find_eval_examples=args.find_eval_examples, batch_size=args.batch_size or 32,
-        device=args.device, dtype=args.dtype, progress=not args.quiet)
+        find_eval_examples=args.find_eval_examples,
+        batch_size=args.batch_size or 32,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
     if is_main():
         plot_origin_figures(res, args.out)
-    lines = [f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"
-             for part, sec in res.parts().items() if "statement" in sec]
+    lines = [
+        f"{part:<15} {'holds' if sec.get('claim_holds') else 'does not hold'}: {sec.get('statement')}"
+        for part, sec in res.parts().items()
+        if "statement" in sec
+    ]
     emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
-
-

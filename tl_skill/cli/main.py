@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tl_skill.cli.experiments import add_ablate, add_origin, add_prune, add_study, add_transfer
 from tl_skill.cli.runs import add_evaluate, add_find, add_tune
@@ -15,8 +15,19 @@ from tl_skill.errors import TLSkillError
 from tl_skill.tuning.prefix import use_prefix_cache
 
 # ---------------------------------------------------------------------------- main
-ADDERS = [add_demo, add_tune, add_evaluate, add_find, add_ablate, add_prune, add_transfer, add_study, add_origin,
-          add_dashboard, add_export]
+ADDERS = [
+    add_demo,
+    add_tune,
+    add_evaluate,
+    add_find,
+    add_ablate,
+    add_prune,
+    add_transfer,
+    add_study,
+    add_origin,
+    add_dashboard,
+    add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,13 @@ import argparse
 import json
 import re
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+
+from tl_skill.distributed import is_main
 from tl_skill.errors import TLSkillError
 from tl_skill.models import check_device_name, load_model
-from tl_skill.distributed import is_main
 from tl_skill.units import BUILTIN, SAE_CONFIG, SAE_WEIGHTS
 
 
@@ -101,7 +103,8 @@ LABEL_WORDS_HELP = (
     "one label word per class: w0,w1,... in class order, or NAME=WORD pairs (negative=bad,positive=good). "
     "Classes of a csv/jsonl file with text labels are numbered in the order of the NAME=WORD pairs when "
     "given, else in the order the labels first appear in the file; integer labels are their own numbers. "
-    "run.json records the mapping (task_spec.label_names / label_words)")
+    "run.json records the mapping (task_spec.label_names / label_words)"
+)
 
 
 def run_layers(run) -> int | None:
@@ -113,7 +116,7 @@ def parse_layers(layers: str | Sequence[int] | None, n_layers: int | None = None
     """Layers from `--layers` (text or the list `layer_spec` parsed), checked against the model."""
     if layers is None or layers == "":
         return None
-    out = layer_spec(layers) if isinstance(layers, str) else sorted(set(int(l) for l in layers))
+    out = layer_spec(layers) if isinstance(layers, str) else sorted({int(l) for l in layers})
     if n_layers is not None:
         bad = [l for l in out if not 0 <= l < n_layers]
         if bad:
@@ -124,14 +127,22 @@ def parse_layers(layers: str | Sequence[int] | None, n_layers: int | None = None
 # ------------------------------------------------------------------ shared by the commands
 def common_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("device and precision (the same for every command)")
-    g.add_argument("--device", default=None, type=device_spec,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (statistics stay float64/int64 whatever this is)")
+    g.add_argument(
+        "--device", default=None, type=device_spec, help="cpu, cuda, cuda:N or mps (default: cuda if available)"
+    )
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (statistics stay float64/int64 whatever this is)",
+    )
     g.add_argument("--batch-size", type=POSITIVE, default=None, help="examples per forward pass")
-    g.add_argument("--no-prefix-cache", action="store_true",
-                   help="run every forward pass over input and prompt (default for causal LMs: the input "
-                        "once, the prompt against its cached keys/values; the same numbers to float rounding)")
+    g.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="run every forward pass over input and prompt (default for causal LMs: the input "
+        "once, the prompt against its cached keys/values; the same numbers to float rounding)",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
@@ -144,9 +155,13 @@ def finish(p: argparse.ArgumentParser, func, json: bool = True) -> None:
 
 
 def subparser(name: str, sub, help: str, examples: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help,
-                       epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return p
 
 

@@ -4,37 +4,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_skill.cli.options import (FRACTION, LABEL_WORDS_HELP, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT,
-    common_options, emit, finish, layer_spec, list_of, load_model_for, parse_layers, run_layers, subparser,
-    units_spec)
-from tl_skill.cli.tables import correlation_table, format_neurons_table
+from tl_skill.cli.options import (
+    FRACTION,
+    LABEL_WORDS_HELP,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    common_options,
+    emit,
+    finish,
+    layer_spec,
+    list_of,
+    load_model_for,
+    parse_layers,
+    run_layers,
+    subparser,
+    units_spec,
+)
+from tl_skill.cli.tables import format_neurons_table
 from tl_skill.data.sources import load_task
-from tl_skill.tuning.runs import TuneConfig, claim_run_dir, tune, Run, evaluate, majority_accuracy
 from tl_skill.data.tasks import subsample
 from tl_skill.find import load_or_find
+from tl_skill.tuning.runs import Run, TuneConfig, claim_run_dir, evaluate, majority_accuracy, tune
 
 
 # --------------------------------------------------------------------------- tune
 def add_tune(sub):
-    p = subparser("tune", sub, "prompt-tune a frozen model on a task (SPEC §1)", """
+    p = subparser(
+        "tune",
+        sub,
+        "prompt-tune a frozen model on a task (SPEC §1)",
+        """
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt/seed0
         tl-skill tune --model tiny-gpt2 --task csv:my.csv --label-words bad,good --out runs/my --steps 50
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt --seeds 0,1,2
-    """)
+    """,
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     p.add_argument("--label-words", default=None, help=LABEL_WORDS_HELP)
     p.add_argument("--task-seed", type=NON_NEGATIVE, default=0, help="train/dev/test split seed")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="prompt initialisation and data order")
-    p.add_argument("--seeds", type=list_of(NON_NEGATIVE), default=None,
-                   help="several trials: comma-separated seeds, one subdirectory each")
+    p.add_argument(
+        "--seeds",
+        type=list_of(NON_NEGATIVE),
+        default=None,
+        help="several trials: comma-separated seeds, one subdirectory each",
+    )
     p.add_argument("--prompt-length", type=POSITIVE, default=16)
     p.add_argument("--steps", type=POSITIVE, default=300)
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3)
     p.add_argument("--eval-every", type=POSITIVE, default=50)
-    p.add_argument("--patience", type=NON_NEGATIVE, default=0,
-                   help="evaluations without improvement before stopping (0: never)")
+    p.add_argument(
+        "--patience", type=NON_NEGATIVE, default=0, help="evaluations without improvement before stopping (0: never)"
+    )
     p.add_argument("--padding-side", choices=["left", "right"], default=None)
     p.add_argument("--max-train-examples", type=POSITIVE, default=None)
     p.add_argument("--max-dev-examples", type=POSITIVE, default=300)
@@ -47,10 +71,19 @@ def add_tune(sub):
 
 def cmd_tune(args):
     task = load_task(args.task, seed=args.task_seed, label_words=args.label_words)
-    cfg = dict(prompt_length=args.prompt_length, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
-               patience=args.patience, task_seed=args.task_seed, padding_side=args.padding_side,
-               max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples,
-               max_test_examples=args.max_test_examples, max_input_tokens=args.max_input_tokens)
+    cfg = dict(
+        prompt_length=args.prompt_length,
+        steps=args.steps,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        task_seed=args.task_seed,
+        padding_side=args.padding_side,
+        max_train_examples=args.max_train_examples,
+        max_dev_examples=args.max_dev_examples,
+        max_test_examples=args.max_test_examples,
+        max_input_tokens=args.max_input_tokens,
+    )
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
     seeds = args.seeds or [args.seed]
@@ -63,17 +96,24 @@ def cmd_tune(args):
         out = outs[s]
         run = tune(model, task, out, TuneConfig(seed=s, **cfg), progress=not args.quiet)
         results[str(out)] = run.metrics
-    lines = [f"{out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in m.items()) for out, m in results.items()]
+    lines = [
+        f"{out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+        for out, m in results.items()
+    ]
     emit(results, args.json, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------ evaluate
 def add_evaluate(sub):
-    p = subparser("evaluate", sub, "accuracy of a tuned prompt on a split", """
+    p = subparser(
+        "evaluate",
+        sub,
+        "accuracy of a tuned prompt on a split",
+        """
         tl-skill evaluate runs/rt/seed0 --split test
         tl-skill evaluate runs/rt/seed0 --split dev --json
-    """)
+    """,
+    )
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--max-examples", type=POSITIVE, default=None)
@@ -85,21 +125,42 @@ def cmd_evaluate(args):
     model = load_model_for(args, run.model_name)
     task = subsample(run.load_task(), {args.split: args.max_examples}, seed=run.info["task_seed"])
     cfg = run.config
-    res = evaluate(model, task, args.split, run.verbalizer(model), run.prompt.to(next(model.parameters()).device),
-                   batch_size=args.batch_size or cfg.eval_batch_size, max_input_tokens=cfg.max_input_tokens,
-                   padding_side=cfg.padding_side, progress=not args.quiet)
-    out = {"run": args.run_dir, "split": args.split, "accuracy": res["accuracy"], "n": res["n"],
-           "majority_accuracy": majority_accuracy(task, args.split)}
-    emit(out, args.json, f"{args.split} accuracy {res['accuracy']:.4f} on {res['n']} examples "
-                          f"(majority {out['majority_accuracy']:.4f})")
+    res = evaluate(
+        model,
+        task,
+        args.split,
+        run.verbalizer(model),
+        run.prompt.to(next(model.parameters()).device),
+        batch_size=args.batch_size or cfg.eval_batch_size,
+        max_input_tokens=cfg.max_input_tokens,
+        padding_side=cfg.padding_side,
+        progress=not args.quiet,
+    )
+    out = {
+        "run": args.run_dir,
+        "split": args.split,
+        "accuracy": res["accuracy"],
+        "n": res["n"],
+        "majority_accuracy": majority_accuracy(task, args.split),
+    }
+    emit(
+        out,
+        args.json,
+        f"{args.split} accuracy {res['accuracy']:.4f} on {res['n']} examples (majority {out['majority_accuracy']:.4f})",
+    )
 
 
 # ---------------------------------------------------------------------------- find
 def add_find(sub):
-    p = subparser("find", sub, "find skill neurons: predictivity of every neuron (SPEC §2-§5)", """
+    p = subparser(
+        "find",
+        sub,
+        "find skill neurons: predictivity of every neuron (SPEC §2-§5)",
+        """
         tl-skill find runs/rt/seed0 --out neurons/rt
         tl-skill find runs/rt/seed0 runs/rt/seed1 --out neurons/rt --top 20 --json
-    """)
+    """,
+    )
     p.add_argument("run_dirs", nargs="+", help="one or more runs (trials) of the same model and task")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
@@ -110,14 +171,26 @@ def add_find(sub):
     p.add_argument("--max-eval-examples", type=POSITIVE, default=None)
     p.add_argument("--multiclass", default="ovr", choices=["ovr", "pairwise"])
     p.add_argument("--aggregate-runs", default="mean", choices=["mean", "min"])
-    p.add_argument("--confirm-split", default="auto", choices=["auto", "dev", "test", "none"],
-                   help="held-out split counted with the same baselines (auto: test when selecting on dev)")
-    p.add_argument("--control", default=None, choices=["shuffled"],
-                   help="also count with the evaluation labels shuffled, in the same pass")
+    p.add_argument(
+        "--confirm-split",
+        default="auto",
+        choices=["auto", "dev", "test", "none"],
+        help="held-out split counted with the same baselines (auto: test when selecting on dev)",
+    )
+    p.add_argument(
+        "--control",
+        default=None,
+        choices=["shuffled"],
+        help="also count with the evaluation labels shuffled, in the same pass",
+    )
     p.add_argument("--control-seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
-    p.add_argument("--units", type=units_spec, default="mlp",
-                   help="mlp (neurons, default), resid, attn (per-head dims) or sae:PATH (a SAELens directory)")
+    p.add_argument(
+        "--units",
+        type=units_spec,
+        default="mlp",
+        help="mlp (neurons, default), resid, attn (per-head dims) or sae:PATH (a SAELens directory)",
+    )
     finish(p, cmd_find)
 
 
@@ -125,13 +198,21 @@ def cmd_find(args):
     runs = [Run.load(d) for d in args.run_dirs]
     # the directory is claimed before the model loads: other runs or settings are refused at once
     sn = load_or_find(
-        lambda: load_model_for(args, runs[0].model_name), runs, args.out, split=args.split,
-        layers=parse_layers(args.layers, run_layers(runs[0])), positions=args.positions,
-        batch_size=args.batch_size or 32, max_train_examples=args.max_train_examples or None,
-        max_eval_examples=args.max_eval_examples, multiclass=args.multiclass, aggregate_runs=args.aggregate_runs,
-        progress=not args.quiet, confirm_split=None if args.confirm_split == "none" else args.confirm_split,
-        control=args.control, control_seed=args.control_seed,
-        **({} if args.units == "mlp" else {"units": args.units}))
+        lambda: load_model_for(args, runs[0].model_name),
+        runs,
+        args.out,
+        split=args.split,
+        layers=parse_layers(args.layers, run_layers(runs[0])),
+        positions=args.positions,
+        batch_size=args.batch_size or 32,
+        max_train_examples=args.max_train_examples or None,
+        max_eval_examples=args.max_eval_examples,
+        multiclass=args.multiclass,
+        aggregate_runs=args.aggregate_runs,
+        progress=not args.quiet,
+        confirm_split=None if args.confirm_split == "none" else args.confirm_split,
+        control=args.control,
+        control_seed=args.control_seed,
+        **({} if args.units == "mlp" else {"units": args.units}),
+    )
     emit(sn.summary(args.top), args.json, format_neurons_table(sn, args.top, args.fdr) + f"\nsaved to {args.out}")
-
-

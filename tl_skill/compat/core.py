@@ -21,15 +21,27 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tl_skill.errors import UnsupportedModelError  # noqa: F401 - re-exported
 
-try:  # TransformerLens >= 3 keeps it here
-    from transformer_lens.hook_points import HookedRootModule
-except ImportError:  # pragma: no cover - very old releases
-    from transformer_lens.HookedRootModule import HookedRootModule  # type: ignore
+from tl_skill.errors import UnsupportedModelError
+
+try:  # its own module since TransformerLens 3.0 (the hook_points re-export was removed in 4.0)
+    from transformer_lens.HookedRootModule import HookedRootModule as _HookedRootModule
+except ImportError:  # pragma: no cover - releases before 3.0
+    from transformer_lens.hook_points import HookedRootModule as _HookedRootModule  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+
+    class HookedRootModule(_HookedRootModule):
+        """What type checkers see: TransformerLens models carry `cfg`, `tokenizer`, `blocks`, ... as attributes
+        set at run time (torch's `Module.__getattr__` would type each as `Tensor | Module`)."""
+
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    HookedRootModule = _HookedRootModule
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
@@ -88,13 +100,13 @@ def check_kind(kind: str | None) -> None:
         )
     if kind == "bridge" and not HAS_BRIDGE:
         raise UnsupportedModelError(
-            f"transformer-lens {TL_VERSION} has no TransformerBridge; use kind='hooked' or "
-            "transformer-lens >= 3.9"
+            f"transformer-lens {TL_VERSION} has no TransformerBridge; use kind='hooked' or transformer-lens >= 3.9"
         )
 
 
-def build_model(hf_model: Any, tokenizer: Any, name: str, device: str | None = None,
-                kind: str | None = None) -> HookedRootModule:
+def build_model(
+    hf_model: Any, tokenizer: Any, name: str, device: str | None = None, kind: str | None = None
+) -> HookedRootModule:
     """The TransformerLens model over a loaded Hugging Face model.
 
     Args:
@@ -125,8 +137,7 @@ def _build_model(hf_model: Any, tokenizer: Any, name: str, device: str | None, k
     return build_hooked_transformer(hf_model, tokenizer, name, device=device)
 
 
-def build_hooked_transformer(hf_model: Any, tokenizer: Any, name: str,
-                             device: str | None = None) -> HookedRootModule:
+def build_hooked_transformer(hf_model: Any, tokenizer: Any, name: str, device: str | None = None) -> HookedRootModule:
     """A HookedTransformer (TransformerLens 3.x) holding `hf_model`'s weights, unprocessed.
 
     No LayerNorm folding, weight centring or bias folding: every hook point holds
@@ -161,17 +172,28 @@ def build_hooked_transformer(hf_model: Any, tokenizer: Any, name: str,
         n_inner = getattr(hf_model.config, "n_inner", None)
         if n_inner:  # TransformerLens 3.x assumes GPT-2's d_mlp is 4 * d_model
             cfg_dict["d_mlp"] = int(n_inner)
-        cfg_dict.update(model_name=name, tokenizer_name=None, init_weights=False, n_devices=1,
-                        device=str(device or model_device(hf_model)), dtype=dtype,
-                        default_prepend_bos=False, from_checkpoint=False)
+        cfg_dict.update(
+            model_name=name,
+            tokenizer_name=None,
+            init_weights=False,
+            n_devices=1,
+            device=str(device or model_device(hf_model)),
+            dtype=dtype,
+            default_prepend_bos=False,
+            from_checkpoint=False,
+        )
         cfg = HookedTransformerConfig.from_dict(cfg_dict)
         state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "use TransformerBridge": that is the point
         model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(
-        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
     )
     model.tokenizer = tokenizer
     model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
@@ -183,9 +205,7 @@ def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = 
     check_kind("bridge")
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=device
-    )
+    return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -198,7 +218,7 @@ def special_prefix(tokenizer: Any) -> list[int]:
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe)["input_ids"]
     for k in range(len(full) - len(plain) + 1):
-        if full[k:k + len(plain)] == plain:
+        if full[k : k + len(plain)] == plain:
             return [int(i) for i in full[:k]]
     return []
 
@@ -236,7 +256,9 @@ def context_length(model: HookedRootModule) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Exception] = UnsupportedModelError) -> None:
+def check_hook_width(
+    act: torch.Tensor, expected: int, name: str, error: type[Exception] = UnsupportedModelError
+) -> None:
     """Refuse a hook point whose last axis is not the width the caller's units assume.
 
     On a pruned model `mlp.hook_post` has the kept width; on mixture-of-experts
@@ -247,7 +269,8 @@ def check_hook_width(act: torch.Tensor, expected: int, name: str, error: type[Ex
         raise error(
             f"hook point {name} has width {act.shape[-1]}, but {expected} units (d_mlp) were expected: it "
             "does not hold one value per MLP neuron of this model (a pruned model, or an architecture whose "
-            "mlp.hook_post is not the neuron axis, such as mixture-of-experts blocks)")
+            "mlp.hook_post is not the neuron axis, such as mixture-of-experts blocks)"
+        )
 
 
 def mixture_of_experts(model: HookedRootModule) -> bool:
@@ -264,10 +287,11 @@ def check_neuron_axis(model: HookedRootModule, error: type[Exception] = Unsuppor
             f"{type(model).__name__} over {getattr(model.cfg, 'model_name', None) or 'this model'} has "
             "mixture-of-experts MLP blocks: blocks.{l}.mlp.hook_post holds the block output (width "
             f"{model.cfg.d_model}), not one value per neuron (d_mlp {model.cfg.d_mlp}), so MLP neurons cannot be "
-            "recorded, perturbed or pruned; prompt tuning and evaluation still work")
+            "recorded, perturbed or pruned; prompt tuning and evaluation still work"
+        )
 
 
-def hf_model_of(model: HookedRootModule) -> torch.nn.Module:
+def hf_model_of(model: HookedRootModule) -> Any:
     """The Hugging Face model under a bridge."""
     hf = getattr(model, "original_model", None)
     if hf is None:
@@ -335,7 +359,7 @@ def hf_param_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != WRAPPER)
 
 
-def hf_module(component: torch.nn.Module) -> torch.nn.Module:
+def hf_module(component: Any) -> Any:
     """The Hugging Face module a bridge component wraps (the module itself when it wraps none)."""
     return getattr(component, WRAPPER, component)
 
@@ -345,7 +369,7 @@ def named_hf_parameters(prefix: str, module: torch.nn.Module) -> dict[str, torch
     return {f"{prefix}.{hf_param_name(n)}": p for n, p in module.named_parameters()}
 
 
-def mlp_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def mlp_projections(block: Any) -> dict[str, torch.nn.Module]:
     """A bridge block's MLP projections `{gate, in, out}` that exist; {} if the MLP has no such children.
 
     For BERT the bridge's MLP component wraps the entire layer, attention included: only its
@@ -355,7 +379,7 @@ def mlp_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {c: kids[c] for c in MLP_PROJECTIONS if kids.get(c) is not None}
 
 
-def attention_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def attention_projections(block: Any) -> dict[str, torch.nn.Module]:
     """A bridge block's attention projections (`q`, `k`, `v`, `o`, or a fused `qkv` plus `o`)."""
     kids = block.attn._modules
     names = [c for c in ATTN_PROJECTIONS if kids.get(c) is not None]
@@ -363,17 +387,17 @@ def attention_projections(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
         names = ["qkv"] + names
     if not names:
         raise UnsupportedModelError(
-            "the attention has no q/k/v/o projection (children: "
-            f"{sorted(k for k in kids if not k.startswith('hook'))})")
+            f"the attention has no q/k/v/o projection (children: {sorted(k for k in kids if not k.startswith('hook'))})"
+        )
     return {c: kids[c] for c in names}
 
 
-def block_norms(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def block_norms(block: Any) -> list[tuple[str, torch.nn.Module]]:
     """A bridge block's normalisation components (`ln1`, `ln2`) that exist, by child name."""
     return [(ln, block._modules[ln]) for ln in ("ln1", "ln2") if block._modules.get(ln) is not None]
 
 
-def model_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def model_norms(model: Any) -> list[tuple[str, torch.nn.Module]]:
     """A bridge's normalisation components outside the blocks (`embed_ln`, `ln_final`) that exist."""
     return [(top, model._modules[top]) for top in ("embed_ln", "ln_final") if model._modules.get(top) is not None]
 

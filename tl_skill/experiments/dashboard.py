@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tl_skill import compat, distributed
+from tl_skill.compat import HookedRootModule
+from tl_skill.errors import DashboardError
+from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run
@@ -39,10 +45,6 @@ from tl_skill.perturb import Perturbation
 from tl_skill.tuning.prompt import class_logits, iterate_batches, layout_for
 from tl_skill.tuning.runs import Run
 from tl_skill.units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
-from tl_skill.experiments.ablation import AblationResult
-from tl_skill.experiments.results import RunResult
-from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
-from tl_skill.errors import DashboardError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +78,22 @@ class DashboardResult(RunResult):
         if not isinstance(other, DashboardResult):
             return NotImplemented
         return self.to_dict() == other.to_dict() and all(
-            torch.equal(getattr(self, n), getattr(other, n)) for n in ("activations", "labels", "predictions"))
+            torch.equal(getattr(self, n), getattr(other, n)) for n in ("activations", "labels", "predictions")
+        )
 
 
 def _tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(t)]) for t in ids]
 
 
-def direct_effect_per_unit(model, verbalizer, layer: int, neuron: int,
-                           scales: torch.Tensor, direction: torch.Tensor | None = None) -> torch.Tensor:
+def direct_effect_per_unit(
+    model: HookedRootModule,
+    verbalizer,
+    layer: int,
+    neuron: int,
+    scales: torch.Tensor,
+    direction: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logit of each label word per unit of the neuron's activation at the prediction position, per example.
 
     Args:
@@ -105,8 +114,9 @@ def direct_effect_per_unit(model, verbalizer, layer: int, neuron: int,
     return per_unit[None, :] / scales.double().cpu()[:, None]
 
 
-def logit_lens(model, layer: int, neuron: int, k: int = 10, bins: int = 30,
-               direction: torch.Tensor | None = None) -> dict[str, Any]:
+def logit_lens(
+    model: HookedRootModule, layer: int, neuron: int, k: int = 10, bins: int = 30, direction: torch.Tensor | None = None
+) -> dict[str, Any]:
     """The tokens the neuron's output direction promotes and suppresses most (through the final norm's gain).
 
     Values are logits per unit of activation before the norm's scale (which divides them all alike).
@@ -121,9 +131,14 @@ def logit_lens(model, layer: int, neuron: int, k: int = 10, bins: int = 30,
     order = torch.sort(logits, stable=True).indices
     pos, neg = order.flip(0)[:k].tolist(), order[:k].tolist()
     heights, edges = np.histogram(logits.numpy(), bins)
-    return {"pos_str": _tokens(model.tokenizer, pos), "pos_values": [float(logits[i]) for i in pos],
-            "neg_str": _tokens(model.tokenizer, neg), "neg_values": [float(logits[i]) for i in neg],
-            "hist_heights": heights.tolist(), "hist_values": ((edges[:-1] + edges[1:]) / 2).tolist()}
+    return {
+        "pos_str": _tokens(model.tokenizer, pos),
+        "pos_values": [float(logits[i]) for i in pos],
+        "neg_str": _tokens(model.tokenizer, neg),
+        "neg_values": [float(logits[i]) for i in neg],
+        "hist_heights": heights.tolist(),
+        "hist_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
+    }
 
 
 def _norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
@@ -134,8 +149,15 @@ def _norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size: int, progress: bool,
-           source: UnitSource | None = None):
+def _trace(
+    model: HookedRootModule,
+    es: EvalSet,
+    prompt,
+    chosen: list[tuple[int, int]],
+    batch_size: int,
+    progress: bool,
+    source: UnitSource | None = None,
+):
     """One pass: every chosen unit's activation at every position, prediction-position scales, predictions."""
     source = source or unit_source(model, "mlp")
     spec = model_spec(model)
@@ -143,9 +165,9 @@ def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size
     centre, _, eps = compat.final_norm(model)
     n = len(es.task[es.split])
     by_layer: dict[int, list[int]] = {}
-    for k, (l, i) in enumerate(chosen):
+    for k, (l, _) in enumerate(chosen):
         by_layer.setdefault(l, []).append(k)
-    seqs: list[dict] = [None] * n  # per example: token ids, prompt mask, [T, K] activations
+    seqs: list[dict | None] = [None] * n  # per example: token ids, prompt mask, [T, K] activations
     scales = torch.zeros(n, dtype=torch.float64)
     preds = np.zeros(n, dtype=np.int64)
     device = compat.model_device(model)
@@ -167,8 +189,9 @@ def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size
         grabbed["norm_in"] = x.detach()
 
     hooks = [(source.hook(l), grab_layer(l)) for l in sorted(by_layer)]
-    norm_hook = "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else \
-        f"blocks.{spec.n_layers - 1}.hook_resid_post"
+    norm_hook = (
+        "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else f"blocks.{spec.n_layers - 1}.hook_resid_post"
+    )
     hooks.append((norm_hook, grab_norm))
     bar = tqdm(total=n, desc="dashboard: trace", disable=not progress, leave=False, unit="ex")
     for idx, batch in iterate_batches(layout, es.task, es.split, batch_size):
@@ -185,19 +208,30 @@ def _trace(model, es: EvalSet, prompt, chosen: list[tuple[int, int]], batch_size
         mask = batch.attention_mask.bool().cpu()
         for r, e in enumerate(idx):
             keep = mask[r]
-            seqs[int(e)] = {"ids": batch.input_ids[r].cpu()[keep].tolist(), "prompt": is_prompt[r][keep].tolist(),
-                            "acts": acts[r][keep],  # padding dropped: positions of the real sequence
-                            "pred_pos": int(batch.pred_pos[r]) - int((~keep[:int(batch.pred_pos[r])]).sum())}
+            seqs[int(e)] = {
+                "ids": batch.input_ids[r].cpu()[keep].tolist(),
+                "prompt": is_prompt[r][keep].tolist(),
+                "acts": acts[r][keep],  # padding dropped: positions of the real sequence
+                "pred_pos": int(batch.pred_pos[r]) - int((~keep[: int(batch.pred_pos[r])]).sum()),
+            }
         bar.update(len(idx))
     bar.close()
     return seqs, scales, preds
 
 
 def dashboard_data(
-    model: ModelOrLoader, run: Run | str | Path, neurons: SkillNeurons | str | Path, out: str | Path | None = None,
-    top: int = 20, max_examples: int | None = 200, n_examples: int = 10, ablation_mode: str = "mean",
-    ablation: AblationResult | str | Path | None = None, batch_size: int = 32, progress: bool = True,
-    units: "str | UnitSource | None" = None,
+    model: ModelOrLoader,
+    run: Run | str | Path,
+    neurons: SkillNeurons | str | Path,
+    out: str | Path | None = None,
+    top: int = 20,
+    max_examples: int | None = 200,
+    n_examples: int = 10,
+    ablation_mode: str = "mean",
+    ablation: AblationResult | str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    units: str | UnitSource | None = None,
 ) -> DashboardResult:
     """The data of the top `top` skill neurons' dashboards (module docstring).
 
@@ -217,19 +251,31 @@ def dashboard_data(
     check_neurons_for_run(run, neurons, None, DashboardError)
     check_same_units(neurons.units, units, DashboardError)
     if top < 1 or n_examples < 1 or batch_size < 1 or (max_examples is not None and max_examples < 1):
-        raise DashboardError(f"top, n_examples, batch_size and max_examples must be >= 1 "
-                             f"(got {top}, {n_examples}, {batch_size}, {max_examples})")
+        raise DashboardError(
+            f"top, n_examples, batch_size and max_examples must be >= 1 "
+            f"(got {top}, {n_examples}, {batch_size}, {max_examples})"
+        )
     if ablation_mode not in ABLATION_MODES:
         raise DashboardError(f"ablation_mode must be one of {ABLATION_MODES}, got {ablation_mode!r}")
     if ablation is not None and not isinstance(ablation, AblationResult):
         ablation = AblationResult.load(ablation)
     if ablation is not None and (ablation.run != str(run.path) or ablation.task != run.task_name):
         log.warning("the ablation result %s is of run %s; its group effect is shown as it is", ablation.run, run.path)
-    identity = {"model": run.model_name, "task": run.task_name, "run_prompt": tensor_digest(run.prompt.vectors),
-                "neurons": tensor_digest(neurons.predictivity), "top": top, "test_examples": max_examples,
-                "n_examples": n_examples, "ablation_mode": ablation_mode,
-                **({} if neurons.units == "mlp" and units in (None, "mlp") else
-                   {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)})}
+    identity = {
+        "model": run.model_name,
+        "task": run.task_name,
+        "run_prompt": tensor_digest(run.prompt.vectors),
+        "neurons": tensor_digest(neurons.predictivity),
+        "top": top,
+        "test_examples": max_examples,
+        "n_examples": n_examples,
+        "ablation_mode": ablation_mode,
+        **(
+            {}
+            if neurons.units == "mlp" and units in (None, "mlp")
+            else {"units": units.name if isinstance(units, UnitSource) else (units or neurons.units)}
+        ),
+    }
     if out is not None:
         out = claim_dir(out, "dashboard", identity)
     model = resolve_model(model)
@@ -252,13 +298,23 @@ def dashboard_data(
     # single-neuron ablations (and the clean condition) through the runner
     conds = [Condition("clean", {"perturbation": None}, run.prompt)]
     for l, i in chosen:
+
         def hooks(m, l=l, i=i):
             return Perturbation(m, [(l, i)], ablation_mode, skill=neurons, units=source).fwd_hooks()
 
-        conds.append(Condition(f"L{l}.{i}", {"perturbation": {"mode": ablation_mode, "neuron": [l, i]}},
-                               run.prompt, hooks))
-    results = run_conditions(conds, {"model": model}, {"test": es}, out=out, variants={"model": spec.name},
-                             batch_size=batch_size, progress=progress, desc="dashboard: single-neuron ablations")
+        conds.append(
+            Condition(f"L{l}.{i}", {"perturbation": {"mode": ablation_mode, "neuron": [l, i]}}, run.prompt, hooks)
+        )
+    results = run_conditions(
+        conds,
+        {"model": model},
+        {"test": es},
+        out=out,
+        variants={"model": spec.name},
+        batch_size=batch_size,
+        progress=progress,
+        desc="dashboard: single-neuron ablations",
+    )
     clean = results["clean"]
 
     p = neurons.p_value() if neurons.has_counts() else None
@@ -273,41 +329,76 @@ def dashboard_data(
         effect = None if direction is None else direct_effect_per_unit(model, es.verbalizer, l, i, scales, direction)
         at_pred = torch.tensor([float(s["acts"][s["pred_pos"], k]) for s in seqs], dtype=torch.float64)
         abl = results[f"L{l}.{i}"]
-        rows_out.append({
-            **r, "baseline": float(neurons.baseline[:, slot[l], r["position"], i].double().mean()),
-            "p_value": None if p is None else float(p[slot[l], i]),
-            "q_value": None if q is None else float(q[slot[l], i]),
-            "heldout_predictivity": None if held is None else float(held[slot[l], i]),
-            "hook_name": source.hook(l), "units": source.name,
-            **({"head": i // int(model.cfg.d_head), "head_dim": i % int(model.cfg.d_head)}
-               if source.name == "attn" else {}),
-            "direct_effect_per_unit": None if effect is None else effect.mean(0).tolist(),
-            "direct_effect_mean": None if effect is None else (effect * at_pred[:, None]).mean(0).tolist(),
-            "activation_at_prediction_mean": float(at_pred.mean()),
-            "logit_lens": None if direction is None else logit_lens(model, l, i, direction=direction),
-            "ablated_accuracy": abl.accuracy, "ablation_delta": abl.accuracy - clean.accuracy,
-            "ablation_changed": int(sum(a != b for a, b in zip(abl.correct, clean.correct))),
-            "examples": {side: [{"index": int(e), "label": int(labels[e]), "prediction": int(preds[e]),
-                                 "value": float(best[e, k]),
-                                 "tokens": _tokens(model.tokenizer, seqs[e]["ids"]),
-                                 "is_prompt": seqs[e]["prompt"],
-                                 "values": [float(v) for v in seqs[e]["acts"][:, k]]}
-                                for e in idx] for side, idx in picks.items()},
-        })
+        rows_out.append(
+            {
+                **r,
+                "baseline": float(neurons.baseline[:, slot[l], r["position"], i].double().mean()),
+                "p_value": None if p is None else float(p[slot[l], i]),
+                "q_value": None if q is None else float(q[slot[l], i]),
+                "heldout_predictivity": None if held is None else float(held[slot[l], i]),
+                "hook_name": source.hook(l),
+                "units": source.name,
+                **(
+                    {"head": i // int(model.cfg.d_head), "head_dim": i % int(model.cfg.d_head)}
+                    if source.name == "attn"
+                    else {}
+                ),
+                "direct_effect_per_unit": None if effect is None else effect.mean(0).tolist(),
+                "direct_effect_mean": None if effect is None else (effect * at_pred[:, None]).mean(0).tolist(),
+                "activation_at_prediction_mean": float(at_pred.mean()),
+                "logit_lens": None if direction is None else logit_lens(model, l, i, direction=direction),
+                "ablated_accuracy": abl.accuracy,
+                "ablation_delta": abl.accuracy - clean.accuracy,
+                "ablation_changed": int(sum(a != b for a, b in zip(abl.correct, clean.correct))),
+                "examples": {
+                    side: [
+                        {
+                            "index": int(e),
+                            "label": int(labels[e]),
+                            "prediction": int(preds[e]),
+                            "value": float(best[e, k]),
+                            "tokens": _tokens(model.tokenizer, seqs[e]["ids"]),
+                            "is_prompt": seqs[e]["prompt"],
+                            "values": [float(v) for v in seqs[e]["acts"][:, k]],
+                        }
+                        for e in idx
+                    ]
+                    for side, idx in picks.items()
+                },
+            }
+        )
     group = []
     if ablation is not None:
-        group = [{"fraction": row["fraction"], "n_neurons": row["n_neurons"],
-                  "delta": None if row["skill_accuracy"] is None else row["skill_accuracy"] - row["clean_accuracy"],
-                  "random_delta": None if row["random_accuracy"] is None
-                  else row["random_accuracy"] - row["clean_accuracy"]} for row in ablation.rows]
+        group = [
+            {
+                "fraction": row["fraction"],
+                "n_neurons": row["n_neurons"],
+                "delta": None if row["skill_accuracy"] is None else row["skill_accuracy"] - row["clean_accuracy"],
+                "random_delta": None
+                if row["random_accuracy"] is None
+                else row["random_accuracy"] - row["clean_accuracy"],
+            }
+            for row in ablation.rows
+        ]
     result = DashboardResult(
-        model=spec.name, task=run.task_name, run=str(run.path), label_names=list(neurons.label_names),
-        label_words=list(neurons.label_words), neurons=rows_out, activations=best,
-        labels=torch.tensor(np.asarray(labels), dtype=torch.long), predictions=torch.tensor(preds, dtype=torch.long),
-        clean_accuracy=clean.accuracy, ablation_mode=ablation_mode, n_examples=n, group_effect=group,
-        settings={**identity, "batch_size": batch_size})
-    result = DashboardResult(**{**result.to_dict(), "activations": best, "labels": result.labels,
-                                "predictions": result.predictions})
+        model=spec.name,
+        task=run.task_name,
+        run=str(run.path),
+        label_names=list(neurons.label_names),
+        label_words=list(neurons.label_words),
+        neurons=rows_out,
+        activations=best,
+        labels=torch.tensor(np.asarray(labels), dtype=torch.long),
+        predictions=torch.tensor(preds, dtype=torch.long),
+        clean_accuracy=clean.accuracy,
+        ablation_mode=ablation_mode,
+        n_examples=n,
+        group_effect=group,
+        settings={**identity, "batch_size": batch_size},
+    )
+    result = DashboardResult(
+        **{**result.to_dict(), "activations": best, "labels": result.labels, "predictions": result.predictions}
+    )
     if out is not None and distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
     return result

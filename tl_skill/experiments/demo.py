@@ -37,8 +37,11 @@ class DemoConfig:
     model: str = "smollm2-135m"
     task: str = "rotten_tomatoes"
     quick: bool = False
-    tune: TuneConfig = field(default_factory=lambda: TuneConfig(
-        prompt_length=8, steps=120, eval_every=40, max_dev_examples=200, max_test_examples=500))
+    tune: TuneConfig = field(
+        default_factory=lambda: TuneConfig(
+            prompt_length=8, steps=120, eval_every=40, max_dev_examples=200, max_test_examples=500
+        )
+    )
     find_train_examples: int = 1000
     find_dev_examples: int | None = 500
     ablation_mode: str = "noise"
@@ -51,15 +54,28 @@ class DemoConfig:
     batch_size: int = 32
 
     @classmethod
-    def quick_config(cls, **kw) -> "DemoConfig":
-        return cls(quick=True, tune=TuneConfig(prompt_length=8, steps=30, eval_every=15, max_train_examples=480,
-                                               max_dev_examples=100, max_test_examples=200),
-                   find_train_examples=300, find_dev_examples=200, ablation_fractions=(0.02, 0.2),
-                   ablation_seeds=1, ablation_examples=150, dashboard_top=3, dashboard_examples=40, **kw)
+    def quick_config(cls, **kw) -> DemoConfig:
+        return cls(
+            quick=True,
+            tune=TuneConfig(
+                prompt_length=8,
+                steps=30,
+                eval_every=15,
+                max_train_examples=480,
+                max_dev_examples=100,
+                max_test_examples=200,
+            ),
+            find_train_examples=300,
+            find_dev_examples=200,
+            ablation_fractions=(0.02, 0.2),
+            ablation_seeds=1,
+            ablation_examples=150,
+            dashboard_top=3,
+            dashboard_examples=40,
+            **kw,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ablation_fractions"] = list(self.ablation_fractions)
         return d
-
-

@@ -35,31 +35,43 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from tl_skill import distributed
 from tl_skill.compat import HookedRootModule
-from tl_skill.files import claim_dir, jsonable, read_json, tensor_digest
-from tl_skill.models import load_model, model_spec
-from tl_skill.neurons import SkillNeurons
-from tl_skill.find import load_or_find
-from tl_skill.perturb import MODES
-from tl_skill.tuning.prompt import Verbalizer
-from tl_skill.data.tasks import Task, subsample
 from tl_skill.data.sources import load_task
-from tl_skill.tuning.loop import majority_accuracy
-from tl_skill.tuning.runs import Run, TuneConfig, tune
-from tl_skill.variants import (BITFIT_NORMS, TRAINED_FILE, FinetuneConfig, add_lora, bitfit_parameters,
-    copy_model, finetune, load_trained, mlp_unchanged, random_weights_model, save_trained)
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.errors import OriginError
 from tl_skill.experiments.ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
-from tl_skill.experiments.comparisons import compare_predictivity, predictivity_summary, top_mask
+from tl_skill.experiments.comparisons import compare_predictivity, predictivity_summary
 from tl_skill.experiments.results import TaskResult
 from tl_skill.experiments.runner import Condition, EvalSet, run_conditions
-from tl_skill.errors import OriginError  # noqa: F401 - re-exported
+from tl_skill.files import claim_dir, jsonable, read_json, tensor_digest
+from tl_skill.find import load_or_find
+from tl_skill.models import load_model, model_spec
+from tl_skill.neurons import SkillNeurons
+from tl_skill.perturb import MODES
+from tl_skill.tuning.loop import majority_accuracy
+from tl_skill.tuning.prompt import Verbalizer
+from tl_skill.tuning.runs import Run, TuneConfig, tune
+from tl_skill.variants import (
+    BITFIT_NORMS,
+    TRAINED_FILE,
+    FinetuneConfig,
+    add_lora,
+    bitfit_parameters,
+    copy_model,
+    finetune,
+    load_trained,
+    mlp_unchanged,
+    random_weights_model,
+    save_trained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +80,16 @@ ORIGIN_JSON = "origin.json"
 FIG_RANDOM = "predictivity_random_vs_pretrained.png"
 FIG_LABEL_WORDS = "predictivity_label_words.png"
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.2)
-_ALT_WORDS = {"negative": "bad", "positive": "good", "bad": "negative", "good": "positive",
-              "objective": "fact", "subjective": "opinion", "no": "false", "yes": "true"}
+_ALT_WORDS = {
+    "negative": "bad",
+    "positive": "good",
+    "bad": "negative",
+    "good": "positive",
+    "objective": "fact",
+    "subjective": "opinion",
+    "no": "false",
+    "yes": "true",
+}
 
 
 def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
@@ -79,8 +99,9 @@ def default_alt_label_words(label_words: Sequence[str]) -> list[str]:
         return [" " + _ALT_WORDS[w] for w in plain]
     if len(plain) == 2:
         return [" no", " yes"]
-    raise OriginError(f"no default alternative for the label words {list(label_words)}; "
-                      "give alt_label_words (one word per class)")
+    raise OriginError(
+        f"no default alternative for the label words {list(label_words)}; give alt_label_words (one word per class)"
+    )
 
 
 # ----------------------------------------------------------------------------- the study
@@ -182,15 +203,32 @@ class OriginConfig:
 
     def finetune_configs(self) -> dict[str, FinetuneConfig]:
         """The LoRA and BitFit training settings."""
-        common = dict(steps=self.steps, batch_size=self.train_batch_size, eval_every=self.eval_every,
-                      eval_batch_size=self.batch_size)
-        return {"lora": FinetuneConfig(lr=self.lora_lr, **common), "bitfit": FinetuneConfig(lr=self.bitfit_lr, **common)}
+        return {
+            method: FinetuneConfig(
+                steps=self.steps,
+                lr=lr,
+                batch_size=self.train_batch_size,
+                eval_every=self.eval_every,
+                eval_batch_size=self.batch_size,
+            )
+            for method, lr in (("lora", self.lora_lr), ("bitfit", self.bitfit_lr))
+        }
 
 
-def origin_study(model_name: str, task_name: str | None, out: str | Path, config: OriginConfig | None = None, *,
-                 run_dir: str | Path | None = None, neurons_dir: str | Path | None = None,
-                 model: HookedRootModule | None = None, device: str | None = None, dtype: str | None = None,
-                 progress: bool = True, **settings: Any) -> OriginResult:
+def origin_study(
+    model_name: str,
+    task_name: str | None,
+    out: str | Path,
+    config: OriginConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    neurons_dir: str | Path | None = None,
+    model: HookedRootModule | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> OriginResult:
     """Where skill neurons come from: the four parts of SPEC §9 on one model and task (module docstring).
 
     Args:
@@ -233,11 +271,14 @@ def origin_study(model_name: str, task_name: str | None, out: str | Path, config
         raise OriginError("give a task name (or a run directory)")
     if given_neurons is not None:
         if given_neurons.model != model_name or given_neurons.task != task_name:
-            raise OriginError(f"the skill neurons in {neurons_dir} are for {given_neurons.model!r} / "
-                              f"{given_neurons.task!r}, not {model_name!r} / {task_name!r}")
+            raise OriginError(
+                f"the skill neurons in {neurons_dir} are for {given_neurons.model!r} / "
+                f"{given_neurons.task!r}, not {model_name!r} / {task_name!r}"
+            )
         if run is not None and list(given_neurons.label_words) != list(run.info["label_words"]):
-            raise OriginError(f"label words differ: run {run.info['label_words']}, "
-                              f"skill neurons {given_neurons.label_words}")
+            raise OriginError(
+                f"label words differ: run {run.info['label_words']}, skill neurons {given_neurons.label_words}"
+            )
     if run is not None:
         task = run.load_task()
     else:
@@ -254,8 +295,7 @@ def origin_study(model_name: str, task_name: str | None, out: str | Path, config
             alt_words = None
     if alt_words is not None:
         if len(alt_words) != task.spec.n_classes:
-            raise OriginError(f"{len(alt_words)} alternative label words {alt_words} for "
-                              f"{task.spec.n_classes} classes")
+            raise OriginError(f"{len(alt_words)} alternative label words {alt_words} for {task.spec.n_classes} classes")
         if [w.strip().lower() for w in alt_words] == [w.strip().lower() for w in task.spec.label_words]:
             raise OriginError(f"the alternative label words {alt_words} are the task's own")
     cfg = run.config if run is not None else (tune_config or TuneConfig())
@@ -263,22 +303,42 @@ def origin_study(model_name: str, task_name: str | None, out: str | Path, config
     if test_cap is not None and cfg.max_test_examples is not None:
         test_cap = min(test_cap, cfg.max_test_examples)
     control_steps = prompt_steps or cfg.steps
-    control_cfg = dataclasses.replace(cfg, steps=control_steps, eval_every=min(cfg.eval_every, control_steps),
-                                      max_test_examples=test_cap)
-    settings = jsonable({
-        "model": model_name, "task": task_name, "task_seed": task.spec.seed,
-        "label_words": list(task.spec.label_words), "steps": oc.steps,
-        "lora_lr": oc.lora_lr, "bitfit_lr": oc.bitfit_lr, "lora_rank": oc.lora_rank, "lora_alpha": oc.lora_alpha,
-        "train_batch_size": oc.train_batch_size, "eval_every": oc.eval_every, "fractions": fractions,
-        "seeds": seed_list, "mode": mode, "std": std if mode == "noise" else None,
-        "relative": relative if mode == "noise" else None, "test_examples": test_cap,
-        "alt_label_words": alt_words, "prompt_steps": control_steps, "random_seed": oc.random_seed,
-        "top_fraction": top_fraction, "min_spearman": oc.min_spearman, "min_overlap": oc.min_overlap,
-    })
-    identity = {**settings,
-                "run_prompt": tensor_digest(run.prompt.vectors) if run is not None else None,
-                "neurons": tensor_digest(given_neurons.predictivity) if given_neurons is not None else None,
-                "tune_config": asdict(cfg) if run is None else None}
+    control_cfg = dataclasses.replace(
+        cfg, steps=control_steps, eval_every=min(cfg.eval_every, control_steps), max_test_examples=test_cap
+    )
+    settings = jsonable(
+        {
+            "model": model_name,
+            "task": task_name,
+            "task_seed": task.spec.seed,
+            "label_words": list(task.spec.label_words),
+            "steps": oc.steps,
+            "lora_lr": oc.lora_lr,
+            "bitfit_lr": oc.bitfit_lr,
+            "lora_rank": oc.lora_rank,
+            "lora_alpha": oc.lora_alpha,
+            "train_batch_size": oc.train_batch_size,
+            "eval_every": oc.eval_every,
+            "fractions": fractions,
+            "seeds": seed_list,
+            "mode": mode,
+            "std": std if mode == "noise" else None,
+            "relative": relative if mode == "noise" else None,
+            "test_examples": test_cap,
+            "alt_label_words": alt_words,
+            "prompt_steps": control_steps,
+            "random_seed": oc.random_seed,
+            "top_fraction": top_fraction,
+            "min_spearman": oc.min_spearman,
+            "min_overlap": oc.min_overlap,
+        }
+    )
+    identity = {
+        **settings,
+        "run_prompt": tensor_digest(run.prompt.vectors) if run is not None else None,
+        "neurons": tensor_digest(given_neurons.predictivity) if given_neurons is not None else None,
+        "tune_config": asdict(cfg) if run is None else None,
+    }
     claim_dir(out, "origin", identity, legacy=_legacy_identity)  # before any long work
     path = out / ORIGIN_JSON
     prev = read_json(path, "origin file") if path.exists() else {}
@@ -293,35 +353,50 @@ def origin_study(model_name: str, task_name: str | None, out: str | Path, config
     if run is None:
         run = tune(model, task, out / "prompt", cfg, progress=progress)
     # the controls compare selection-split predictivity: no held-out pass (as in the published runs)
-    find_kw = dict(max_train_examples=oc.find_train_examples, max_eval_examples=oc.find_eval_examples,
-                   batch_size=batch_size, progress=progress, confirm_split=None)
+    find_kw: dict[str, Any] = dict(
+        max_train_examples=oc.find_train_examples,
+        max_eval_examples=oc.find_eval_examples,
+        batch_size=batch_size,
+        progress=progress,
+        confirm_split=None,
+    )
     if given_neurons is not None:
         sn = given_neurons
-        find_kw.update(max_train_examples=sn.meta.get("max_train_examples", oc.find_train_examples),
-                       max_eval_examples=sn.meta.get("n_eval", oc.find_eval_examples),
-                       multiclass=sn.meta.get("multiclass", "ovr"))
+        find_kw.update(
+            max_train_examples=sn.meta.get("max_train_examples", oc.find_train_examples),
+            max_eval_examples=sn.meta.get("n_eval", oc.find_eval_examples),
+            multiclass=sn.meta.get("multiclass", "ovr"),
+        )
     else:
         sn = load_or_find(model, [run], out / "neurons", **find_kw)
     # fine-tuning sees the run's train/dev examples; evaluation the runner's subset of its test set
-    data = subsample(task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": test_cap},
-                     seed=cfg.task_seed)
+    data = subsample(
+        task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": test_cap}, seed=cfg.task_seed
+    )
     settings.update(run_prompt=tensor_digest(run.prompt.vectors), neurons=tensor_digest(sn.predictivity))
     state: dict[str, Any] = {p: prev[p] for p in PARTS if p in prev}
 
     pretrained = predictivity_summary(sn, top_fraction)
 
-    def save(status: str = "running") -> dict[str, Any]:
-        result = {
-            "model": model_name, "task": task_name, "status": status, "settings": settings,
-            "source": {"run": str(run.path), "neurons_dir": str(neurons_dir or out / "neurons"),
-                       "neurons_runs": sn.runs,
-                       "prompt_test_accuracy": run.metrics.get("test_accuracy"),
-                       "zero_shot_accuracy": run.metrics.get("zero_shot_accuracy"),
-                       "majority_accuracy": majority_accuracy(data, "test"), **pretrained},
+    def save(status: str = "running") -> OriginResult:
+        fields = {
+            "model": model_name,
+            "task": task_name,
+            "status": status,
+            "settings": settings,
+            "source": {
+                "run": str(run.path),
+                "neurons_dir": str(neurons_dir or out / "neurons"),
+                "neurons_runs": sn.runs,
+                "prompt_test_accuracy": run.metrics.get("test_accuracy"),
+                "zero_shot_accuracy": run.metrics.get("zero_shot_accuracy"),
+                "majority_accuracy": majority_accuracy(data, "test"),
+                **pretrained,
+            },
             **{p: state[p] for p in PARTS if p in state},
             "wall_seconds": time.perf_counter() - t_start,
         }
-        result = OriginResult(**jsonable(result))
+        result = OriginResult(**jsonable(fields))
         if distributed.is_main():
             result.save(out)
         return result
@@ -333,27 +408,70 @@ def origin_study(model_name: str, task_name: str | None, out: str | Path, config
             continue
         t0 = time.perf_counter()
         if part == "random_weights":
-            state[part] = _random_weights_part(model, task, run, control_cfg, sn, out, pretrained, oc.random_seed,
-                                               top_fraction, find_kw, progress)
+            state[part] = _random_weights_part(
+                model, task, run, control_cfg, sn, out, pretrained, oc.random_seed, top_fraction, find_kw, progress
+            )
         elif part == "label_words":
-            state[part] = _label_words_part(model, task_name, run, control_cfg, sn, out, alt_words, top_fraction,
-                                            oc.min_spearman, oc.min_overlap, find_kw, progress)
+            assert alt_words is not None  # set above whenever the part is asked for
+            state[part] = _label_words_part(
+                model,
+                task_name,
+                run,
+                control_cfg,
+                sn,
+                out,
+                alt_words,
+                top_fraction,
+                oc.min_spearman,
+                oc.min_overlap,
+                find_kw,
+                progress,
+            )
         else:
+
             def on_update(section, part=part):
                 state[part] = section
                 save()
 
-            state[part] = _tuning_part(part, model, data, run, sn, out, ft[part], oc.lora_rank, oc.lora_alpha,
-                                       fractions, seed_list, mode, std, relative, batch_size,
-                                       state.get(part, {}), on_update, progress)
+            state[part] = _tuning_part(
+                part,
+                model,
+                data,
+                run,
+                sn,
+                out,
+                ft[part],
+                oc.lora_rank,
+                oc.lora_alpha,
+                fractions,
+                seed_list,
+                mode,
+                std,
+                relative,
+                batch_size,
+                state.get(part, {}),
+                on_update,
+                progress,
+            )
         state[part]["seconds"] = state[part].get("seconds", 0.0) + time.perf_counter() - t0
         save()
         log.info("origin study: %s: %s", part, state[part]["statement"])
     return save("done" if all(state.get(p, {}).get("status") == "done" for p in PARTS) else "partial")
 
 
-def _random_weights_part(model, task, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path, pretrained: dict,
-                         seed: int, top_fraction: float, find_kw: dict, progress: bool) -> dict[str, Any]:
+def _random_weights_part(
+    model: HookedRootModule,
+    task,
+    run: Run,
+    cfg: TuneConfig,
+    sn: SkillNeurons,
+    out: Path,
+    pretrained: dict,
+    seed: int,
+    top_fraction: float,
+    find_kw: dict,
+    progress: bool,
+) -> dict[str, Any]:
     rand_model = random_weights_model(model, seed)
     rand_run = tune(rand_model, task, out / "random_weights" / "run", cfg, progress=progress)
     ndir = out / "random_weights" / "neurons"
@@ -361,24 +479,47 @@ def _random_weights_part(model, task, run: Run, cfg: TuneConfig, sn: SkillNeuron
     del rand_model
     _free_memory()
     random = predictivity_summary(rand_sn, top_fraction)
-    holds = (pretrained["best_predictivity"] > random["best_predictivity"]
-             and pretrained["top_mean_predictivity"] > random["top_mean_predictivity"])
+    holds = (
+        pretrained["best_predictivity"] > random["best_predictivity"]
+        and pretrained["top_mean_predictivity"] > random["top_mean_predictivity"]
+    )
     verb = "more" if holds else "not more"
-    statement = (f"Pretrained neurons are {verb} predictive than those of the same architecture with random weights: "
-                 f"best {_fmt(pretrained['best_predictivity'])} vs {_fmt(random['best_predictivity'])}, "
-                 f"top-{top_fraction:.0%} mean {_fmt(pretrained['top_mean_predictivity'])} vs "
-                 f"{_fmt(random['top_mean_predictivity'])} (prompt test accuracy "
-                 f"{_fmt(pretrained['prompt_test_accuracy'])} vs {_fmt(random['prompt_test_accuracy'])}).")
-    return {"status": "done", "pretrained": pretrained, "random": random,
-            "best_gap": pretrained["best_predictivity"] - random["best_predictivity"],
-            "top_mean_gap": pretrained["top_mean_predictivity"] - random["top_mean_predictivity"],
-            "random_seed": seed, "run": str(rand_run.path), "neurons_dir": str(ndir), "figure": FIG_RANDOM,
-            "claim_holds": bool(holds), "statement": statement}
+    statement = (
+        f"Pretrained neurons are {verb} predictive than those of the same architecture with random weights: "
+        f"best {_fmt(pretrained['best_predictivity'])} vs {_fmt(random['best_predictivity'])}, "
+        f"top-{top_fraction:.0%} mean {_fmt(pretrained['top_mean_predictivity'])} vs "
+        f"{_fmt(random['top_mean_predictivity'])} (prompt test accuracy "
+        f"{_fmt(pretrained['prompt_test_accuracy'])} vs {_fmt(random['prompt_test_accuracy'])})."
+    )
+    return {
+        "status": "done",
+        "pretrained": pretrained,
+        "random": random,
+        "best_gap": pretrained["best_predictivity"] - random["best_predictivity"],
+        "top_mean_gap": pretrained["top_mean_predictivity"] - random["top_mean_predictivity"],
+        "random_seed": seed,
+        "run": str(rand_run.path),
+        "neurons_dir": str(ndir),
+        "figure": FIG_RANDOM,
+        "claim_holds": bool(holds),
+        "statement": statement,
+    }
 
 
-def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: SkillNeurons, out: Path,
-                      alt_words: list[str], top_fraction: float, min_spearman: float, min_overlap: float,
-                      find_kw: dict, progress: bool) -> dict[str, Any]:
+def _label_words_part(
+    model: HookedRootModule,
+    task_name: str,
+    run: Run,
+    cfg: TuneConfig,
+    sn: SkillNeurons,
+    out: Path,
+    alt_words: list[str],
+    top_fraction: float,
+    min_spearman: float,
+    min_overlap: float,
+    find_kw: dict,
+    progress: bool,
+) -> dict[str, Any]:
     alt_task = load_task(task_name, seed=run.info["task_seed"], label_words=alt_words)
     base = out / "label_words"
     alt_run = tune(model, alt_task, base / "run", cfg, progress=progress)
@@ -387,23 +528,49 @@ def _label_words_part(model, task_name: str, run: Run, cfg: TuneConfig, sn: Skil
     cmp = compare_predictivity(sn, alt_sn, top_fraction)
     rho, overlap = cmp["spearman"], cmp["top_overlap"]
     holds = bool(math.isfinite(rho) and rho >= min_spearman and overlap >= min_overlap)
-    statement = (f"With label words {'/'.join(w.strip() for w in alt_words)} instead of "
-                 f"{'/'.join(w.strip() for w in sn.label_words)}, neuron predictivity has Spearman {_fmt(rho)} "
-                 f"with the original and {overlap:.0%} of the top-{top_fraction:.0%} skill neurons are shared "
-                 f"(chance {cmp['chance_overlap']:.0%}): skill neurons are "
-                 f"{'insensitive' if holds else 'not shown to be insensitive'} to the label words "
-                 f"(criterion: Spearman >= {min_spearman:g} and overlap >= {min_overlap:.0%}).")
-    return {"status": "done", "original": list(sn.label_words), "alternative": list(alt_words), **cmp,
-            "original_summary": predictivity_summary(sn, top_fraction),
-            "alternative_summary": predictivity_summary(alt_sn, top_fraction),
-            "run": str(alt_run.path), "neurons_dir": str(ndir), "figure": FIG_LABEL_WORDS,
-            "claim_holds": holds, "statement": statement}
+    statement = (
+        f"With label words {'/'.join(w.strip() for w in alt_words)} instead of "
+        f"{'/'.join(w.strip() for w in sn.label_words)}, neuron predictivity has Spearman {_fmt(rho)} "
+        f"with the original and {overlap:.0%} of the top-{top_fraction:.0%} skill neurons are shared "
+        f"(chance {cmp['chance_overlap']:.0%}): skill neurons are "
+        f"{'insensitive' if holds else 'not shown to be insensitive'} to the label words "
+        f"(criterion: Spearman >= {min_spearman:g} and overlap >= {min_overlap:.0%})."
+    )
+    return {
+        "status": "done",
+        "original": list(sn.label_words),
+        "alternative": list(alt_words),
+        **cmp,
+        "original_summary": predictivity_summary(sn, top_fraction),
+        "alternative_summary": predictivity_summary(alt_sn, top_fraction),
+        "run": str(alt_run.path),
+        "neurons_dir": str(ndir),
+        "figure": FIG_LABEL_WORDS,
+        "claim_holds": holds,
+        "statement": statement,
+    }
 
 
-def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out: Path, ft: FinetuneConfig,
-                 lora_rank: int, lora_alpha: float, fractions: list[float], seeds: list[int], mode: str,
-                 std: float, relative: bool, batch_size: int, prev: dict, on_update: Callable[[dict], None],
-                 progress: bool) -> dict[str, Any]:
+def _tuning_part(
+    method: str,
+    model: HookedRootModule,
+    data: Task,
+    run: Run,
+    sn: SkillNeurons,
+    out: Path,
+    ft: FinetuneConfig,
+    lora_rank: int,
+    lora_alpha: float,
+    fractions: list[float],
+    seeds: list[int],
+    mode: str,
+    std: float,
+    relative: bool,
+    batch_size: int,
+    prev: dict,
+    on_update: Callable[[dict], None],
+    progress: bool,
+) -> dict[str, Any]:
     cfg = run.config
     ft = dataclasses.replace(ft, max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)
     base = out / method
@@ -413,20 +580,31 @@ def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out
         trained = f"LoRA (rank {lora_rank}, alpha {lora_alpha:g}) on the attention projections q, k, v, o"
     else:
         params, trained = bitfit_parameters(tuned)
-    es = EvalSet(data, Verbalizer(tuned.tokenizer, data.spec.label_words), "test", cfg.max_input_tokens,
-                 cfg.padding_side)
+    es = EvalSet(
+        data, Verbalizer(tuned.tokenizer, data.spec.label_words), "test", cfg.max_input_tokens, cfg.padding_side
+    )
     section = dict(prev) if prev.get("training") else {}
     if section and (base / TRAINED_FILE).exists():
         load_trained(params, base / TRAINED_FILE)
     else:
-        before = run_conditions([Condition("untrained", {}, None, None, "tuned")], {"tuned": tuned}, {"test": es},
-                                batch_size=batch_size, progress=False)["untrained"].accuracy
+        before = run_conditions(
+            [Condition("untrained", {}, None, None, "tuned")],
+            {"tuned": tuned},
+            {"test": es},
+            batch_size=batch_size,
+            progress=False,
+        )["untrained"].accuracy
         info = finetune(tuned, data, params, ft, progress=progress, desc=f"{method} {data.name}", out=base)
         if distributed.is_main():
             save_trained(params, base / TRAINED_FILE)
-        section = {"status": "trained", "trained": trained, "fallback": trained == BITFIT_NORMS,
-                   "trainable_parameters": sorted(params), "training": {**info, "config": asdict(ft)},
-                   "zero_shot_accuracy": before}
+        section = {
+            "status": "trained",
+            "trained": trained,
+            "fallback": trained == BITFIT_NORMS,
+            "trainable_parameters": sorted(params),
+            "training": {**info, "config": asdict(ft)},
+            "zero_shot_accuracy": before,
+        }
     unchanged = mlp_unchanged(tuned, model)
     if not unchanged:  # cannot happen unless the bridge shares storage in an unexpected way
         raise OriginError(f"{method} changed MLP weights; the comparison would be meaningless")
@@ -434,26 +612,44 @@ def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out
     counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
     majority = majority_accuracy(data, "test")
     conditions = perturbation_conditions(masks, seeds, mode, std=std, relative=relative, skill=sn, variant="tuned")
-    variant = f"{sn.model}+{method} " + tensor_digest(torch.cat([p.detach().float().flatten() for p in params.values()]))
+    variant = f"{sn.model}+{method} " + tensor_digest(
+        torch.cat([p.detach().float().flatten() for p in params.values()])
+    )
     done: dict[str, Any] = {}
 
     def fill(status: str) -> dict[str, Any]:
         rows = perturbation_rows(done, fractions, seeds, counts, mode)
-        section.update(status=status, mlp_weights_unchanged=unchanged,
-                       clean_accuracy=done["clean"].accuracy if "clean" in done else None,
-                       majority_accuracy=majority, prompt_test_accuracy=run.metrics.get("test_accuracy"),
-                       n_examples=len(data["test"]), rows=rows,
-                       evaluations=[{"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "file": r.key}
-                                    for r in done.values()])
+        section.update(
+            status=status,
+            mlp_weights_unchanged=unchanged,
+            clean_accuracy=done["clean"].accuracy if "clean" in done else None,
+            majority_accuracy=majority,
+            prompt_test_accuracy=run.metrics.get("test_accuracy"),
+            n_examples=len(data["test"]),
+            rows=rows,
+            evaluations=[
+                {"key": r.name, "accuracy": r.accuracy, "seconds": r.seconds, "file": r.key} for r in done.values()
+            ],
+        )
         return section
 
     def on_result(r):
         done[r.name] = r
         on_update(fill("trained"))
 
-    done.update(run_conditions(conditions, {"tuned": tuned}, {"test": es}, out=base, variants={"tuned": variant},
-                               batch_size=batch_size, progress=progress, desc=f"perturb {method}",
-                               on_result=on_result))
+    done.update(
+        run_conditions(
+            conditions,
+            {"tuned": tuned},
+            {"test": es},
+            out=base,
+            variants={"tuned": variant},
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"perturb {method}",
+            on_result=on_result,
+        )
+    )
     del tuned
     _free_memory()
     fill("done")
@@ -461,8 +657,14 @@ def _tuning_part(method: str, model, data: Task, run: Run, sn: SkillNeurons, out
     v = verdict(section["rows"], majority)
     statement = f"In the {what}-tuned model (test accuracy {_fmt(section['clean_accuracy'])}): {v.sentence}"
     figure = f"perturbation_{method}.png"
-    section.update(conclusive=v.status != "inconclusive", verdict=v.status, fractions_holding=v.fractions,
-                   figure=figure, claim_holds=v.holds, statement=statement)
+    section.update(
+        conclusive=v.status != "inconclusive",
+        verdict=v.status,
+        fractions_holding=v.fractions,
+        figure=figure,
+        claim_holds=v.holds,
+        statement=statement,
+    )
     return section
 
 

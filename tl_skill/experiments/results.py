@@ -20,6 +20,7 @@ from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, re
 R = TypeVar("R", bound="Result")
 
 
+@dataclasses.dataclass(frozen=True)
 class Result:
     """Base of the result dataclasses; subclasses set `FILE` (the JSON file's name)."""
 
@@ -69,8 +70,9 @@ class Result:
         file = path / cls.FILE if path.is_dir() or not path.suffix else path
         data = read_json(file, f"{cls.__name__} file")
         names = {f.name: f for f in dataclasses.fields(cls)}
-        required = [n for n, f in names.items() if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
+        required = [
+            n for n, f in names.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         tensor_file = file.with_name(file.stem + ".safetensors")
         tensors = read_tensors(tensor_file, f"{cls.__name__} tensors") if tensor_file.exists() else {}
         lacking = [n for n in required if n not in data and n not in tensors]

@@ -30,33 +30,35 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tl_skill.errors import ExperimentError
 from tl_skill import compat, distributed
-from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
-from tl_skill.tuning.prompt import SoftPrompt, Verbalizer
+from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import Task, subsample
+from tl_skill.errors import ExperimentError
+from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, tensor_digest
 from tl_skill.tuning.loop import evaluate, evaluate_prompts
-from tl_skill.tuning.runs import Run
 from tl_skill.tuning.prefix import prefix_cache_default
+from tl_skill.tuning.prompt import SoftPrompt, Verbalizer
+from tl_skill.tuning.runs import Run
 
 log = logging.getLogger(__name__)
 
 CONDITIONS_DIR = "conditions"
-ModelOrLoader = Any  # a model, or a function of no arguments returning one
+ModelOrLoader = HookedRootModule | Callable[[], HookedRootModule]  # a model, or a function returning one
 
 
-def resolve_model(model: ModelOrLoader):
+def resolve_model(model: ModelOrLoader) -> HookedRootModule:
     """`model` itself, or what the loader returns: experiments check their directory before loading."""
     if isinstance(model, torch.nn.Module) or not callable(model):
-        return model
+        return cast(HookedRootModule, model)
     return model()
 
 
@@ -84,20 +86,34 @@ class EvalSet:
     padding_side: str | None = None
 
     @classmethod
-    def of_run(cls, run: Run, model, max_examples: int | None = None, task: Task | None = None) -> "EvalSet":
+    def of_run(
+        cls, run: Run, model: HookedRootModule, max_examples: int | None = None, task: Task | None = None
+    ) -> EvalSet:
         """The run's test examples by `evaluation_task`, with the run's label words and layout."""
         cfg = run.config
-        return cls(evaluation_task(run, max_examples, task), run.verbalizer(model), "test",
-                   cfg.max_input_tokens, cfg.padding_side)
+        return cls(
+            evaluation_task(run, max_examples, task),
+            run.verbalizer(model),
+            "test",
+            cfg.max_input_tokens,
+            cfg.padding_side,
+        )
 
     @functools.cached_property
     def _identity(self) -> dict[str, Any]:
         ds = self.task[self.split]
-        examples = hashlib.sha1(json.dumps([self.task.texts(self.split),
-                                            self.task.labels(self.split).tolist()]).encode()).hexdigest()[:16]
-        return {"task": self.task.name, "split": self.split, "n": len(ds), "examples": examples,
-                "label_words": list(self.task.spec.label_words), "max_input_tokens": self.max_input_tokens,
-                "padding_side": self.padding_side}
+        examples = hashlib.sha1(
+            json.dumps([self.task.texts(self.split), self.task.labels(self.split).tolist()]).encode()
+        ).hexdigest()[:16]
+        return {
+            "task": self.task.name,
+            "split": self.split,
+            "n": len(ds),
+            "examples": examples,
+            "label_words": list(self.task.spec.label_words),
+            "max_input_tokens": self.max_input_tokens,
+            "padding_side": self.padding_side,
+        }
 
     def identity(self) -> dict[str, Any]:
         """The examples' task, split, count and content hash, with the layout settings."""
@@ -140,22 +156,36 @@ class ConditionResult:
         return np.frombuffer(self.correct.encode(), dtype=np.uint8) - ord("0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "name": self.name, "definition": self.definition, "accuracy": self.accuracy,
-                "n": self.n, "correct": self.correct, "predictions": self.predictions, "seconds": self.seconds}
+        return {
+            "key": self.key,
+            "name": self.name,
+            "definition": self.definition,
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "correct": self.correct,
+            "predictions": self.predictions,
+            "seconds": self.seconds,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ConditionResult":
-        return cls(**{k: d[k] for k in ("key", "name", "definition", "accuracy", "n", "correct", "predictions",
-                                        "seconds")})
+    def from_dict(cls, d: Mapping[str, Any]) -> ConditionResult:
+        return cls(
+            **{k: d[k] for k in ("key", "name", "definition", "accuracy", "n", "correct", "predictions", "seconds")}
+        )
 
 
 def full_definition(cond: Condition, eval_sets: Mapping[str, EvalSet], variants: Mapping[str, str]) -> dict:
     """Everything that decides `cond`'s result, as JSON: the key is its hash."""
-    return jsonable({"name": cond.name, **dict(cond.definition),
-                     "prompt": None if cond.prompt is None else tensor_digest(cond.prompt.vectors),
-                     "prompt_length": None if cond.prompt is None else cond.prompt.length,
-                     "variant": variants.get(cond.variant, cond.variant),
-                     "eval": eval_sets[cond.eval_set].identity()})
+    return jsonable(
+        {
+            "name": cond.name,
+            **dict(cond.definition),
+            "prompt": None if cond.prompt is None else tensor_digest(cond.prompt.vectors),
+            "prompt_length": None if cond.prompt is None else cond.prompt.length,
+            "variant": variants.get(cond.variant, cond.variant),
+            "eval": eval_sets[cond.eval_set].identity(),
+        }
+    )
 
 
 def condition_key(definition: Mapping[str, Any]) -> str:
@@ -167,10 +197,18 @@ def condition_key(definition: Mapping[str, Any]) -> str:
 MAX_SHARED_PROMPTS = 8
 
 
-def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], eval_sets: Mapping[str, EvalSet], *,
-                   out: Path | None = None, variants: Mapping[str, str] | None = None, batch_size: int = 32,
-                   progress: bool = True, desc: str = "evaluate",
-                   on_result: Callable[[ConditionResult], None] | None = None) -> dict[str, ConditionResult]:
+def run_conditions(
+    conditions: Sequence[Condition],
+    models: Mapping[str, Any],
+    eval_sets: Mapping[str, EvalSet],
+    *,
+    out: Path | None = None,
+    variants: Mapping[str, str] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "evaluate",
+    on_result: Callable[[ConditionResult], None] | None = None,
+) -> dict[str, ConditionResult]:
     """Evaluate every condition (skipping those finished in `out/conditions/`); results by condition name.
 
     Args:
@@ -184,7 +222,8 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
     if dup:
         raise ExperimentError(f"conditions repeat names: {dup}")
     missing = sorted({c.variant for c in conditions} - set(models)) + sorted(
-        {c.eval_set for c in conditions} - set(eval_sets))
+        {c.eval_set for c in conditions} - set(eval_sets)
+    )
     if missing:
         raise ExperimentError(f"conditions name models or eval sets that were not given: {missing}")
     store = out / CONDITIONS_DIR if out is not None else None
@@ -204,16 +243,22 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
                     results[cond.name] = done
                     continue
         todo.append((cond, definition, key, path))
-    bar = tqdm(total=len(conditions), initial=len(conditions) - len(todo), desc=desc, disable=not progress,
-               unit="eval")
+    bar = tqdm(total=len(conditions), initial=len(conditions) - len(todo), desc=desc, disable=not progress, unit="eval")
 
     def finish(item, res, seconds):
         cond, definition, key, path = item
         es = eval_sets[cond.eval_set]
         correct = res["predictions"] == es.task.labels(es.split)
-        done = ConditionResult(key, cond.name, definition, res["accuracy"], res["n"],
-                               "".join("1" if c else "0" for c in correct), [int(p) for p in res["predictions"]],
-                               seconds)
+        done = ConditionResult(
+            key,
+            cond.name,
+            definition,
+            res["accuracy"],
+            res["n"],
+            "".join("1" if c else "0" for c in correct),
+            [int(p) for p in res["predictions"]],
+            seconds,
+        )
         results[cond.name] = done
         if path is not None and distributed.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,17 +274,34 @@ def run_conditions(conditions: Sequence[Condition], models: Mapping[str, Any], e
             cond = group[0][0]
             model = models[cond.variant]
             es = eval_sets[cond.eval_set]
-            kw = dict(batch_size=batch_size, max_input_tokens=es.max_input_tokens, padding_side=es.padding_side)
             if len(group) > 1:  # prompts without hooks on the same examples: one input pass per batch
                 device = compat.model_device(model)
-                many = evaluate_prompts(model, es.task, es.split, es.verbalizer,
-                                        [c.prompt.to(device) for c, *_ in group], **kw)
+                many = evaluate_prompts(
+                    model,
+                    es.task,
+                    es.split,
+                    es.verbalizer,
+                    [c.prompt.to(device) for c, *_ in group],
+                    batch_size=batch_size,
+                    max_input_tokens=es.max_input_tokens,
+                    padding_side=es.padding_side,
+                )
                 for item, res in zip(group, many):
                     finish(item, res, (time.perf_counter() - t0) / len(group))
                 continue
             hooks = cond.hooks(model) if cond.hooks is not None else []
             prompt = cond.prompt.to(compat.model_device(model)) if cond.prompt is not None else None
-            res = evaluate(model, es.task, es.split, es.verbalizer, prompt, extra_hooks=hooks, **kw)
+            res = evaluate(
+                model,
+                es.task,
+                es.split,
+                es.verbalizer,
+                prompt,
+                extra_hooks=hooks,
+                batch_size=batch_size,
+                max_input_tokens=es.max_input_tokens,
+                padding_side=es.padding_side,
+            )
             finish(group[0], res, time.perf_counter() - t0)
     finally:
         bar.close()

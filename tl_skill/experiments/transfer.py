@@ -17,29 +17,41 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from tl_skill import distributed
-from tl_skill.tuning import runs as tuning
+from tl_skill.compat import HookedRootModule
+from tl_skill.data.sources import load_task
+from tl_skill.data.tasks import Task
+from tl_skill.experiments.results import TasksResult
+from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, read_json, tensor_digest
 from tl_skill.find import load_or_find
-from tl_skill.indicators import (INDICATORS, TransferError, activation_overlap, check_comparable,
-    indicator_correlations, main_transfer_kind, mean_finite, neuron_similarity, prompt_activation_states,
-    prompt_similarity, task_slug)
+from tl_skill.indicators import (
+    INDICATORS,
+    TransferError,
+    activation_overlap,
+    check_comparable,
+    indicator_correlations,
+    main_transfer_kind,
+    mean_finite,
+    neuron_similarity,
+    prompt_activation_states,
+    prompt_similarity,
+    task_slug,
+)
 from tl_skill.models import load_model, model_spec
 from tl_skill.neurons import NeuronsError, SkillNeurons
+from tl_skill.tuning import runs as tuning
 from tl_skill.tuning.prompt import SoftPrompt
-from tl_skill.data.tasks import Task
-from tl_skill.data.sources import load_task
 from tl_skill.tuning.runs import Run, RunError, TuneConfig
-from tl_skill.experiments.results import TasksResult
 from tl_skill.units import UnitSource, check_same_units, source_for_neurons
-from tl_skill.experiments.runner import Condition, EvalSet, resolve_model, run_conditions
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +103,14 @@ class StudyResult(TasksResult):
 
 
 def _short_config(run_b: Run, steps: int, seed: int, prompt_length: int) -> TuneConfig:
-    return replace(run_b.config, steps=steps, eval_every=steps, seed=seed, patience=0,
-                   prompt_length=prompt_length, init_text=None)
+    return replace(
+        run_b.config, steps=steps, eval_every=steps, seed=seed, patience=0, prompt_length=prompt_length, init_text=None
+    )
 
 
-def validate_inputs(model_name: str, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]],
-                    spec=None) -> list[str]:
+def validate_inputs(
+    model_name: str, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]], spec=None
+) -> list[str]:
     """Check that every task has runs and skill neurons of the model; returns the task order."""
     tasks = [sn.task for sn in neurons]
     dup = sorted({t for t in tasks if tasks.count(t) > 1})
@@ -109,8 +123,9 @@ def validate_inputs(model_name: str, neurons: Sequence[SkillNeurons], runs: Mapp
         raise TransferError(f"runs of task(s) {extra} have no skill neurons; give their neurons directories too")
     for sn in neurons:
         if sn.model != model_name:
-            raise TransferError(f"skill neurons of {sn.task!r} were found on {sn.model!r}, "
-                                f"but the model is {model_name!r}")
+            raise TransferError(
+                f"skill neurons of {sn.task!r} were found on {sn.model!r}, but the model is {model_name!r}"
+            )
         if spec is not None and max(sn.layers) >= spec.n_layers:
             raise TransferError(f"skill neurons of {sn.task!r} do not fit {model_name!r}")
         check_comparable(neurons[0], sn)
@@ -119,34 +134,54 @@ def validate_inputs(model_name: str, neurons: Sequence[SkillNeurons], runs: Mapp
             raise TransferError(f"task {sn.task!r} has no prompt-tuning runs")
         for run in task_runs:
             if run.model_name != model_name:
-                raise TransferError(f"run {run.path} was tuned on {run.model_name!r}, "
-                                    f"but the model is {model_name!r}")
+                raise TransferError(f"run {run.path} was tuned on {run.model_name!r}, but the model is {model_name!r}")
             if run.task_name != sn.task:
                 raise TransferError(f"run {run.path} is of task {run.task_name!r}, not {sn.task!r}")
             if spec is not None and run.prompt.vectors.shape[1] != spec.d_model:
-                raise TransferError(f"run {run.path}: prompt width {run.prompt.vectors.shape[1]} "
-                                    f"!= d_model {spec.d_model}")
+                raise TransferError(
+                    f"run {run.path}: prompt width {run.prompt.vectors.shape[1]} != d_model {spec.d_model}"
+                )
     return tasks
 
 
-def transfer_identity(neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]], transfer_steps: int,
-                      init_trials: int, top_fraction: float, max_eval_examples: int | None,
-                      units: str | None = None) -> dict[str, Any]:
+def transfer_identity(
+    neurons: Sequence[SkillNeurons],
+    runs: Mapping[str, Sequence[Run]],
+    transfer_steps: int,
+    init_trials: int,
+    top_fraction: float,
+    max_eval_examples: int | None,
+    units: str | None = None,
+) -> dict[str, Any]:
     units = units or neurons[0].units
-    return {"model": neurons[0].model, "tasks": [sn.task for sn in neurons],
-            **({} if units == "mlp" else {"units": units}),
-            "neurons": [tensor_digest(sn.predictivity) for sn in neurons],
-            "runs": {t: [str(Path(r.path).resolve()) for r in rs] for t, rs in runs.items()},
-            "prompts": {t: [tensor_digest(r.prompt.vectors) for r in rs] for t, rs in runs.items()},
-            "transfer_steps": transfer_steps, "init_trials": init_trials, "top_fraction": top_fraction,
-            "max_eval_examples": max_eval_examples}
+    return {
+        "model": neurons[0].model,
+        "tasks": [sn.task for sn in neurons],
+        **({} if units == "mlp" else {"units": units}),
+        "neurons": [tensor_digest(sn.predictivity) for sn in neurons],
+        "runs": {t: [str(Path(r.path).resolve()) for r in rs] for t, rs in runs.items()},
+        "prompts": {t: [tensor_digest(r.prompt.vectors) for r in rs] for t, rs in runs.items()},
+        "transfer_steps": transfer_steps,
+        "init_trials": init_trials,
+        "top_fraction": top_fraction,
+        "max_eval_examples": max_eval_examples,
+    }
 
 
-def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequence[Run]],
-                 out: str | Path, transfer_steps: int = 50, init_trials: int = 1,
-                 top_fraction: float = 0.02, max_eval_examples: int | None = None,
-                 batch_size: int | None = None, progress: bool = True,
-                 loaded_tasks: Mapping[str, Task] | None = None, units: str | None = None) -> TransferResult:
+def run_transfer(
+    model: ModelOrLoader,
+    neurons: Sequence[SkillNeurons],
+    runs: Mapping[str, Sequence[Run]],
+    out: str | Path,
+    transfer_steps: int = 50,
+    init_trials: int = 1,
+    top_fraction: float = 0.02,
+    max_eval_examples: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    loaded_tasks: Mapping[str, Task] | None = None,
+    units: str | None = None,
+) -> TransferResult:
     """Transfer performance and indicators for every ordered pair of tasks; writes `out/transfer.json`.
 
     Args:
@@ -171,20 +206,43 @@ def run_transfer(model, neurons: Sequence[SkillNeurons], runs: Mapping[str, Sequ
         `by_transfer` has them for every kind.
     """
     if transfer_steps < 0 or init_trials < 1:
-        raise TransferError(f"transfer_steps must be >= 0 and init_trials >= 1 "
-                            f"(got {transfer_steps}, {init_trials})")
+        raise TransferError(f"transfer_steps must be >= 0 and init_trials >= 1 (got {transfer_steps}, {init_trials})")
     runs = {t: list(r) for t, r in runs.items()}
     validate_inputs(neurons[0].model if neurons else "", neurons, runs)
     check_same_units(neurons[0].units, units, TransferError)
     name = units.name if isinstance(units, UnitSource) else units
     identity = transfer_identity(neurons, runs, transfer_steps, init_trials, top_fraction, max_eval_examples, name)
     out = claim_dir(out, "transfer", identity, legacy=_legacy_transfer)
-    return _transfer(model, neurons, runs, out, transfer_steps, init_trials, top_fraction, max_eval_examples,
-                     batch_size, progress, loaded_tasks, units)
+    return _transfer(
+        model,
+        neurons,
+        runs,
+        out,
+        transfer_steps,
+        init_trials,
+        top_fraction,
+        max_eval_examples,
+        batch_size,
+        progress,
+        loaded_tasks,
+        units,
+    )
 
 
-def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_fraction, max_eval_examples,
-              batch_size, progress, loaded_tasks, units=None) -> TransferResult:
+def _transfer(
+    model: ModelOrLoader,
+    neurons,
+    runs,
+    out: Path,
+    transfer_steps,
+    init_trials,
+    top_fraction,
+    max_eval_examples,
+    batch_size,
+    progress,
+    loaded_tasks,
+    units=None,
+) -> TransferResult:
     model = resolve_model(model)
     spec = model_spec(model)
     tasks = validate_inputs(spec.name, neurons, runs, spec)
@@ -193,18 +251,33 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
     runs = {t: list(runs[t]) for t in tasks}
     n = len(tasks)
     paths = {t: [str(r.path.resolve()) for r in runs[t]] for t in tasks}
-    full_tasks = {t: loaded_tasks[t] if loaded_tasks and t in loaded_tasks else runs[t][0].load_task()
-                  for t in tasks}
+    full_tasks = {t: loaded_tasks[t] if loaded_tasks and t in loaded_tasks else runs[t][0].load_task() for t in tasks}
     eval_sets = {t: EvalSet.of_run(runs[t][0], model, max_eval_examples, full_tasks[t]) for t in tasks}
     bs = batch_size or runs[tasks[0]][0].config.eval_batch_size
 
     # Zero-shot: A's prompts as they are on B's test split.
-    conds = [Condition(f"zero_shot|{a}|{b}|{k}", {}, r.prompt, None, "model", b)
-             for a in tasks for b in tasks for k, r in enumerate(runs[a])]
-    res = run_conditions(conds, {"model": model}, eval_sets, out=out, variants={"model": spec.name}, batch_size=bs,
-                         progress=progress, desc="transfer: prompts as is")
-    zero = np.array([[mean_finite([res[f"zero_shot|{a}|{b}|{k}"].accuracy for k in range(len(runs[a]))]) for b in tasks]
-                     for a in tasks])
+    conds = [
+        Condition(f"zero_shot|{a}|{b}|{k}", {}, r.prompt, None, "model", b)
+        for a in tasks
+        for b in tasks
+        for k, r in enumerate(runs[a])
+    ]
+    res = run_conditions(
+        conds,
+        {"model": model},
+        eval_sets,
+        out=out,
+        variants={"model": spec.name},
+        batch_size=bs,
+        progress=progress,
+        desc="transfer: prompts as is",
+    )
+    zero = np.array(
+        [
+            [mean_finite([res[f"zero_shot|{a}|{b}|{k}"].accuracy for k in range(len(runs[a]))]) for b in tasks]
+            for a in tasks
+        ]
+    )
     own = np.diag(zero).copy()
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(own[None, :] > 0, zero / own[None, :], math.nan)
@@ -217,19 +290,35 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
         gain = np.full((n, n), math.nan)
         random_acc: dict[str, float] = {}
         root = out / "transfer_runs" / f"K{transfer_steps}"  # another K is another set of runs
-        bar = tqdm(total=n * n, desc=f"transfer: prompt as init, {transfer_steps} steps",
-                   disable=not progress, unit="pair")
+        bar = tqdm(
+            total=n * n, desc=f"transfer: prompt as init, {transfer_steps} steps", disable=not progress, unit="pair"
+        )
 
-        def short_tune(b: str, run_dir: Path, seed: int, length: int, init_prompt: SoftPrompt | None,
-                       name: str) -> float:
+        def short_tune(
+            b: str, run_dir: Path, seed: int, length: int, init_prompt: SoftPrompt | None, name: str
+        ) -> float:
             cfg = _short_config(runs[b][0], transfer_steps, seed, length)
             # init_prompt=None: tune's own random start (vocabulary embeddings drawn with `seed`);
             # no dev check: with eval_every = K it would only confirm the last step's prompt
-            run = tuning.tune(model, full_tasks[b], run_dir, cfg, progress=False, evaluate_test=False,
-                              init_prompt=init_prompt, evaluate_dev=False)
-            got = run_conditions([Condition(name, {"tuned_from": str(run_dir)}, run.prompt, None, "model", b)],
-                                 {"model": model}, eval_sets, out=out, variants={"model": spec.name},
-                                 batch_size=bs, progress=False)
+            run = tuning.tune(
+                model,
+                full_tasks[b],
+                run_dir,
+                cfg,
+                progress=False,
+                evaluate_test=False,
+                init_prompt=init_prompt,
+                evaluate_dev=False,
+            )
+            got = run_conditions(
+                [Condition(name, {"tuned_from": str(run_dir)}, run.prompt, None, "model", b)],
+                {"model": model},
+                eval_sets,
+                out=out,
+                variants={"model": spec.name},
+                batch_size=bs,
+                progress=False,
+            )
             return got[name].accuracy
 
         for j, b in enumerate(tasks):
@@ -239,10 +328,22 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
                 for run_a in runs[a][:init_trials]:
                     seed, P = run_a.config.seed, run_a.prompt.length
                     if (P, seed) not in rand:
-                        rand[(P, seed)] = short_tune(b, root / f"random_to_{task_slug(b)}" / f"P{P}_seed{seed}",
-                                                     seed, P, None, f"random|{b}|P{P}|seed{seed}")
-                    acc = short_tune(b, root / f"{task_slug(a)}_to_{task_slug(b)}" / f"seed{seed}", seed, P,
-                                     run_a.prompt, f"init|{a}|{b}|seed{seed}")
+                        rand[(P, seed)] = short_tune(
+                            b,
+                            root / f"random_to_{task_slug(b)}" / f"P{P}_seed{seed}",
+                            seed,
+                            P,
+                            None,
+                            f"random|{b}|P{P}|seed{seed}",
+                        )
+                    acc = short_tune(
+                        b,
+                        root / f"{task_slug(a)}_to_{task_slug(b)}" / f"seed{seed}",
+                        seed,
+                        P,
+                        run_a.prompt,
+                        f"init|{a}|{b}|seed{seed}",
+                    )
                     accs.append(acc)
                     gains.append(acc - rand[(P, seed)])
                 init[i, j], gain[i, j] = mean_finite(accs), mean_finite(gains)
@@ -263,27 +364,39 @@ def _transfer(model, neurons, runs, out: Path, transfer_steps, init_trials, top_
                 for name in INDICATORS:  # all indicators are symmetric
                     indicators[name][i, j] = indicators[name][j, i]
                 continue
-            vals = {**neuron_similarity(sn_of[a], sn_of[b], top_fraction),
-                    **prompt_similarity(prompts[a], prompts[b]),
-                    **activation_overlap(states[a], states[b])}
+            vals = {
+                **neuron_similarity(sn_of[a], sn_of[b], top_fraction),
+                **prompt_similarity(prompts[a], prompts[b]),
+                **activation_overlap(states[a], states[b]),
+            }
             for name in INDICATORS:
                 indicators[name][i, j] = vals[name]
 
     by_kind = indicator_correlations(indicators, transfer)
     main_kind = main_transfer_kind(transfer)
     result = TransferResult(
-        model=spec.name, tasks=tasks,
+        model=spec.name,
+        tasks=tasks,
         transfer={k: v.tolist() for k, v in transfer.items()},
         indicators={k: v.tolist() for k, v in indicators.items()},
         correlations={name: {**c[main_kind], "transfer": main_kind, "by_transfer": c} for name, c in by_kind.items()},
         baselines=baselines,
-        best_indicator={kind: max(by_kind, key=lambda name: _finite_or(by_kind[name][kind]["spearman"]))
-                        for kind in transfer},
-        settings={"model": spec.name, "transfer_steps": transfer_steps, "max_eval_examples": max_eval_examples,
-                  "init_trials": init_trials, "top_fraction": top_fraction,
-                  "top_k_per_layer": max(1, int(top_fraction * source.width)), "batch_size": batch_size,
-                  **({} if source.name == "mlp" else {"units": source.name})},
-        runs=paths, neurons={t: sn_of[t].runs for t in tasks})
+        best_indicator={
+            kind: max(by_kind, key=lambda name: _finite_or(by_kind[name][kind]["spearman"])) for kind in transfer
+        },
+        settings={
+            "model": spec.name,
+            "transfer_steps": transfer_steps,
+            "max_eval_examples": max_eval_examples,
+            "init_trials": init_trials,
+            "top_fraction": top_fraction,
+            "top_k_per_layer": max(1, int(top_fraction * source.width)),
+            "batch_size": batch_size,
+            **({} if source.name == "mlp" else {"units": source.name}),
+        },
+        runs=paths,
+        neurons={t: sn_of[t].runs for t in tasks},
+    )
     result = type(result)(**result.to_dict())  # non-finite values as None, as saved
     if distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
@@ -298,8 +411,15 @@ def _legacy_transfer(out: Path) -> dict[str, Any] | None:
     return {"model": prev.get("model"), "tasks": prev.get("tasks")}
 
 
-def transfer_from_dirs(model, neurons_dirs: Sequence[str | Path], run_dirs: Sequence[str | Path] | None,
-                       out: str | Path, device=None, dtype=None, **kwargs) -> TransferResult:
+def transfer_from_dirs(
+    model: HookedRootModule | str | None,
+    neurons_dirs: Sequence[str | Path],
+    run_dirs: Sequence[str | Path] | None,
+    out: str | Path,
+    device=None,
+    dtype=None,
+    **kwargs,
+) -> TransferResult:
     """Transfer and indicators from existing skill-neuron directories (one per task) and runs.
 
     Args:
@@ -320,16 +440,19 @@ def transfer_from_dirs(model, neurons_dirs: Sequence[str | Path], run_dirs: Sequ
             raise TransferError(str(exc)) from exc
     models = sorted({sn.model for sn in neurons})
     if len(models) > 1:
-        raise TransferError(f"the neurons directories come from different models {models}; "
-                            "transfer compares tasks on one model")
+        raise TransferError(
+            f"the neurons directories come from different models {models}; transfer compares tasks on one model"
+        )
     runs: dict[str, list[Run]] = {}
     if run_dirs is None:
         for sn in neurons:
             try:
                 runs[sn.task] = [Run.load(p) for p in sn.runs]
             except RunError as exc:
-                raise TransferError(f"the runs of {sn.task!r} recorded in its neurons directory are "
-                                    f"gone ({exc}); pass run directories explicitly") from exc
+                raise TransferError(
+                    f"the runs of {sn.task!r} recorded in its neurons directory are "
+                    f"gone ({exc}); pass run directories explicitly"
+                ) from exc
     else:
         for d in run_dirs:
             run = Run.load(d)
@@ -337,19 +460,31 @@ def transfer_from_dirs(model, neurons_dirs: Sequence[str | Path], run_dirs: Sequ
     run_models = sorted({r.model_name for rs in runs.values() for r in rs})
     if run_models != models:
         raise TransferError(f"the runs were tuned on {run_models} but the skill neurons were found on {models}")
+    loader: ModelOrLoader
     if model is None or isinstance(model, str):
         want = model or models[0]
         if want != models[0]:
             raise TransferError(f"the runs were tuned on {models[0]!r}, not {want!r}")
-        model = lambda: load_model(want, device=device, dtype=dtype)  # noqa: E731 (loaded once out is accepted)
-    return run_transfer(model, neurons, runs, out, **kwargs)
+        loader = lambda: load_model(want, device=device, dtype=dtype)
+    else:
+        loader = model
+    return run_transfer(loader, neurons, runs, out, **kwargs)
 
 
 # --------------------------------------------------------------------------- study
-def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (0, 1),
-          tune_config: TuneConfig | None = None, find_kwargs: Mapping[str, Any] | None = None,
-          transfer_steps: int = 50, progress: bool = True, device=None, dtype=None,
-          **transfer_kwargs) -> StudyResult:
+def study(
+    model: HookedRootModule | str,
+    tasks: Sequence[str],
+    out: str | Path,
+    seeds: Sequence[int] = (0, 1),
+    tune_config: TuneConfig | None = None,
+    find_kwargs: Mapping[str, Any] | None = None,
+    transfer_steps: int = 50,
+    progress: bool = True,
+    device=None,
+    dtype=None,
+    **transfer_kwargs,
+) -> StudyResult:
     """The multi-task study: tune prompts, find skill neurons, then transfer and indicators.
 
     Layout of `out`: `runs/<task>/seed<S>` (prompt tuning), `neurons/<task>`
@@ -384,12 +519,19 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
         raise TransferError(f"unknown transfer settings {unknown}")
     model_name = model if isinstance(model, str) else model_spec(model).name
     loaded = {t: load_task(t, seed=cfg.task_seed) for t in tasks}  # unknown names fail here, before tuning
-    identity = {"model": model_name, "tasks": tasks, "seeds": seeds, "tune_config": asdict(cfg),
-                "find_kwargs": find_kwargs, "transfer_steps": transfer_steps,
-                "transfer_kwargs": {k: v for k, v in transfer_kwargs.items() if k not in ("batch_size", "figures")}}
+    identity = {
+        "model": model_name,
+        "tasks": tasks,
+        "seeds": seeds,
+        "tune_config": asdict(cfg),
+        "find_kwargs": find_kwargs,
+        "transfer_steps": transfer_steps,
+        "transfer_kwargs": {k: v for k, v in transfer_kwargs.items() if k not in ("batch_size", "figures")},
+    }
     out = claim_dir(out, "study", identity, legacy=_legacy_study)
     if isinstance(model, str):
         model = load_model(model, device=device, dtype=dtype)
+    assert not isinstance(model, str)
     spec = model_spec(model)
 
     runs: dict[str, list[Run]] = {}
@@ -397,21 +539,52 @@ def study(model, tasks: Sequence[str], out: str | Path, seeds: Sequence[int] = (
     for t in tqdm(tasks, desc="study: tune and find", disable=not progress, unit="task"):
         runs[t] = tuning.tune_trials(model, loaded[t], out / "runs" / task_slug(t), seeds, cfg, progress=progress)
         # tasks are compared by their selection-split predictivity: no held-out pass is needed
-        neurons.append(load_or_find(model, runs[t], out / "neurons" / task_slug(t), progress=progress,
-                                    **{"confirm_split": None, **find_kwargs}))
+        neurons.append(
+            load_or_find(
+                model,
+                runs[t],
+                out / "neurons" / task_slug(t),
+                progress=progress,
+                **{"confirm_split": None, **find_kwargs},
+            )
+        )
     kw = dict(init_trials=1, top_fraction=0.02, max_eval_examples=None, batch_size=None)
     kw.update(transfer_kwargs)
-    result = _transfer(model, neurons, runs, out, transfer_steps, kw["init_trials"], kw["top_fraction"],
-                       kw["max_eval_examples"], kw["batch_size"], progress, loaded)
+    result = _transfer(
+        model,
+        neurons,
+        runs,
+        out,
+        transfer_steps,
+        kw["init_trials"],
+        kw["top_fraction"],
+        kw["max_eval_examples"],
+        kw["batch_size"],
+        progress,
+        loaded,
+    )
     info = StudyResult(
-        model=spec.name, model_spec=spec.to_dict(), tasks=tasks, seeds=seeds, tune_config=asdict(cfg),
-        find_kwargs=find_kwargs, transfer_steps=transfer_steps, transfer_kwargs=dict(transfer_kwargs),
-        per_task={t: {"runs": [str(r.path) for r in runs[t]], "neurons": str(out / "neurons" / task_slug(t)),
-                      "dev_accuracy": mean_finite([r.metrics.get("dev_accuracy", math.nan) for r in runs[t]]),
-                      "test_accuracy": mean_finite([r.metrics.get("test_accuracy", math.nan) for r in runs[t]]),
-                      "best_predictivity": sn.best_predictivity}
-                  for t, sn in zip(tasks, neurons)},
-        transfer_json=str(out / TRANSFER_JSON), correlations=result.correlations)
+        model=spec.name,
+        model_spec=spec.to_dict(),
+        tasks=tasks,
+        seeds=seeds,
+        tune_config=asdict(cfg),
+        find_kwargs=find_kwargs,
+        transfer_steps=transfer_steps,
+        transfer_kwargs=dict(transfer_kwargs),
+        per_task={
+            t: {
+                "runs": [str(r.path) for r in runs[t]],
+                "neurons": str(out / "neurons" / task_slug(t)),
+                "dev_accuracy": mean_finite([r.metrics.get("dev_accuracy", math.nan) for r in runs[t]]),
+                "test_accuracy": mean_finite([r.metrics.get("test_accuracy", math.nan) for r in runs[t]]),
+                "best_predictivity": sn.best_predictivity,
+            }
+            for t, sn in zip(tasks, neurons)
+        },
+        transfer_json=str(out / TRANSFER_JSON),
+        correlations=result.correlations,
+    )
     info = StudyResult(**info.to_dict())
     info.save(out)
     return info

@@ -15,6 +15,17 @@ from tl_skill.tuning.prompt import Batch, Layout, SoftPrompt, Verbalizer, class_
 from tl_skill.tuning.runs import Run, TuneConfig, tune, tune_trials
 
 __all__ = [
-    "Batch", "Layout", "Run", "SoftPrompt", "TuneConfig", "Verbalizer", "class_logits", "evaluate", "layout_for",
-    "majority_accuracy", "tune", "tune_trials", "use_prefix_cache",
+    "Batch",
+    "Layout",
+    "Run",
+    "SoftPrompt",
+    "TuneConfig",
+    "Verbalizer",
+    "class_logits",
+    "evaluate",
+    "layout_for",
+    "majority_accuracy",
+    "tune",
+    "tune_trials",
+    "use_prefix_cache",
 ]

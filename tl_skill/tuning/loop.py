@@ -23,22 +23,30 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tl_skill import compat, distributed
-from tl_skill.files import FileFormatError, load_state, save_state
-from tl_skill.tuning.prefix import class_logits_cached, prefix_cache_default, resolve_prefix_cache
-from tl_skill.tuning.prompt import (SoftPrompt, Verbalizer, class_logits, iterate_batches, layout_for,
-    train_batch_indices)
+from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import Task, column, label_array
-from tl_skill.errors import TrainingError  # noqa: F401 - re-exported
-from tl_skill.tuning.prefix import class_logits_many
+from tl_skill.errors import TrainingError
+from tl_skill.files import FileFormatError, load_state, save_state
+from tl_skill.tuning.prefix import class_logits_cached, class_logits_many, prefix_cache_default, resolve_prefix_cache
+from tl_skill.tuning.prompt import (
+    SoftPrompt,
+    Verbalizer,
+    batch_starters,
+    class_logits,
+    iterate_batches,
+    layout_for,
+    train_batch_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +92,27 @@ class LoopConfig:
     eval_batch_size: int = 32
 
     def _check(self, error: type[Exception], what: str, **more: bool) -> None:
-        check_training_settings(self, error, what, patience=self.patience >= 0,
-                                eval_batch_size=self.eval_batch_size >= 1, **more)
+        check_training_settings(
+            self, error, what, patience=self.patience >= 0, eval_batch_size=self.eval_batch_size >= 1, **more
+        )
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: SoftPrompt | None,
-             prompt_length: int | None = None, batch_size: int = 32, max_input_tokens: int = 96,
-             extra_hooks: Sequence = (), padding_side: str | None = None, progress: bool = False,
-             desc: str | None = None, prefix_cache: bool | None = None) -> dict[str, Any]:
+def evaluate(
+    model: HookedRootModule,
+    task: Task,
+    split: str,
+    verbalizer: Verbalizer,
+    prompt: SoftPrompt | None,
+    prompt_length: int | None = None,
+    batch_size: int = 32,
+    max_input_tokens: int = 96,
+    extra_hooks: Sequence = (),
+    padding_side: str | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+    prefix_cache: bool | None = None,
+) -> dict[str, Any]:
     """Accuracy of the prompted (or zero-shot, `prompt=None`) model on one split.
 
     `prefix_cache` (default: `prefix.prefix_cache_default()`, on): for a causal LM without
@@ -104,8 +124,9 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
 
     Returns `accuracy`, `n` and `predictions` (in the split's order).
     """
-    cached = prompt is not None and (bool(prefix_cache) if prefix_cache is not None
-                                     else prefix_cache_default() and not extra_hooks)
+    cached = prompt is not None and (
+        bool(prefix_cache) if prefix_cache is not None else prefix_cache_default() and not extra_hooks
+    )
     forward = class_logits_cached if cached else class_logits
     P = prompt.length if prompt is not None else (prompt_length or 0)
     layout = layout_for(model, P, max_input_tokens, padding_side)
@@ -115,7 +136,7 @@ def evaluate(model, task: Task, split: str, verbalizer: Verbalizer, prompt: Soft
     bar = tqdm(total=n, desc=desc or f"eval {split}", disable=not progress, leave=False, unit="ex")
     # Hooks that number examples (noise perturbations) hear each batch's global position, so
     # their draws do not depend on batch size or on how processes share the batches.
-    starters = [fn.start_batch for _, fn in extra_hooks if callable(getattr(fn, "start_batch", None))]
+    starters = batch_starters(extra_hooks)
     for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
         batch = batch.to(device)
         for start_batch in starters:
@@ -150,10 +171,21 @@ def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, torch.nn.Parameter], cfg, *,
-               prompt: SoftPrompt | None = None, out: Path | None = None, evaluate_dev: bool = True,
-               progress: bool = True, desc: str = "train", ddp: Callable | None = None,
-               prefix_cache: bool | None = None) -> dict[str, Any]:
+def train_loop(
+    model: HookedRootModule,
+    data: Task,
+    verbalizer: Verbalizer,
+    params: Mapping[str, torch.nn.Parameter],
+    cfg,
+    *,
+    prompt: SoftPrompt | None = None,
+    out: Path | None = None,
+    evaluate_dev: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+    ddp: Callable | None = None,
+    prefix_cache: bool | None = None,
+) -> dict[str, Any]:
     """Train `params` of `model` on `data`'s train split, selecting by dev accuracy (module docstring).
 
     Args:
@@ -194,27 +226,39 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
     train_labels = label_array(train)
     plist = list(params.values())
     # the input's keys/values are fixed only while the prompt is all that trains
-    cached = (resolve_prefix_cache(prefix_cache) and prompt is not None
-              and [id(p) for p in plist] == [id(prompt.vectors)])
+    cached = (
+        resolve_prefix_cache(prefix_cache) and prompt is not None and [id(p) for p in plist] == [id(prompt.vectors)]
+    )
     opt = torch.optim.AdamW(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, warmup))
     patience = getattr(cfg, "patience", 0)
-    state = {"step": 0, "best_dev": -1.0, "best_step": -1, "evals_since_best": 0,
-             "history": [], "train_seconds": 0.0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "best_dev": -1.0,
+        "best_step": -1,
+        "evals_since_best": 0,
+        "history": [],
+        "train_seconds": 0.0,
+    }
     best = _snapshot(params)
     ck_path = out / CHECKPOINT if out is not None else None
     if out is not None and (out / LEGACY_CHECKPOINT).exists():
-        log.warning("%s is a pickle checkpoint of an older tl_skill: not loaded (it could run code); "
-                    "training restarts from step 0", out / LEGACY_CHECKPOINT)
+        log.warning(
+            "%s is a pickle checkpoint of an older tl_skill: not loaded (it could run code); "
+            "training restarts from step 0",
+            out / LEGACY_CHECKPOINT,
+        )
     if ck_path is not None and ck_path.exists():
         try:
             ck = load_state(ck_path, "checkpoint", device)
             if "params" not in ck and "prompt" in ck:  # a prompt-tuning checkpoint of tl_skill 0.1
                 ck = {**ck, "params": {"prompt": ck["prompt"]}, "best": {"prompt": ck["best_prompt"]}}
             if set(ck.get("params", {})) != set(params):
-                raise FileFormatError(f"checkpoint {ck_path} holds other parameters "
-                                      f"({sorted(ck.get('params', {}))[:3]}) than those trained")
+                raise FileFormatError(
+                    f"checkpoint {ck_path} holds other parameters "
+                    f"({sorted(ck.get('params', {}))[:3]}) than those trained"
+                )
         except FileFormatError as exc:
             raise TrainingError(f"{exc}; delete it to restart the training") from None
         with torch.no_grad():
@@ -227,18 +271,30 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
         log.info("resuming %s at step %d", out, state["step"])
 
     def current() -> dict[str, Any]:
-        return {"params": _snapshot(params), "optimizer": copy.deepcopy(opt.state_dict()),
-                "scheduler": copy.deepcopy(sched.state_dict()), "best": _snapshot(best),
-                "state": copy.deepcopy(state)}
+        return {
+            "params": _snapshot(params),
+            "optimizer": copy.deepcopy(opt.state_dict()),
+            "scheduler": copy.deepcopy(sched.state_dict()),
+            "best": _snapshot(best),
+            "state": copy.deepcopy(state),
+        }
 
     def checkpoint(saved: dict[str, Any] | None = None):
         if ck_path is not None and distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
+            ck_path.parent.mkdir(parents=True, exist_ok=True)
             save_state(ck_path, saved or current())
 
     def dev_eval() -> float:
-        return evaluate(model, data, "dev", verbalizer, prompt, batch_size=cfg.eval_batch_size,
-                        max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side)["accuracy"]
+        return evaluate(
+            model,
+            data,
+            "dev",
+            verbalizer,
+            prompt,
+            batch_size=cfg.eval_batch_size,
+            max_input_tokens=cfg.max_input_tokens,
+            padding_side=cfg.padding_side,
+        )["accuracy"]
 
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     step_start: dict[str, Any] | None = None
@@ -258,16 +314,17 @@ def train_loop(model, data: Task, verbalizer: Verbalizer, params: Mapping[str, t
                 batch = layout.collate([train_tokens[i] for i in idx], train_labels[idx]).to(device)
                 forward = class_logits_cached if cached else class_logits
                 logits = forward(model, batch, verbalizer, prompt)
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
+                loss = torch.nn.functional.cross_entropy(logits.float(), torch.as_tensor(batch.labels))
                 batch_loss = loss.detach()
             else:  # this process's part of the global batch; the logged loss is the global mean
-                part = distributed.shard(idx)
+                part = np.asarray(distributed.shard(list(idx)))
                 batch = layout.collate([train_tokens[i] for i in part], train_labels[part]).to(device)
                 loss = ddp(batch, len(idx))
                 batch_loss = distributed.all_reduce_sum(loss.detach()) / distributed.world_size()
             if not torch.isfinite(batch_loss):
-                raise FloatingPointError(f"{desc}: loss became {batch_loss.item()} at step {step}; "
-                                         "lower the learning rate")
+                raise FloatingPointError(
+                    f"{desc}: loss became {batch_loss.item()} at step {step}; lower the learning rate"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm)
@@ -327,9 +384,17 @@ def remove_checkpoint(out: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_prompts(model, task: Task, split: str, verbalizer: Verbalizer, prompts: Sequence[SoftPrompt],
-                     batch_size: int = 32, max_input_tokens: int = 96, extra_hooks: Sequence = (),
-                     padding_side: str | None = None) -> list[dict[str, Any]]:
+def evaluate_prompts(
+    model: HookedRootModule,
+    task: Task,
+    split: str,
+    verbalizer: Verbalizer,
+    prompts: Sequence[SoftPrompt],
+    batch_size: int = 32,
+    max_input_tokens: int = 96,
+    extra_hooks: Sequence = (),
+    padding_side: str | None = None,
+) -> list[dict[str, Any]]:
     """`evaluate` of several prompts (one length) on the same examples, sharing each batch's input pass.
 
     With the prefix cache (`prefix.class_logits_many`) K prompts cost one input pass plus K
@@ -343,7 +408,7 @@ def evaluate_prompts(model, task: Task, split: str, verbalizer: Verbalizer, prom
     n = len(task[split])
     preds = np.zeros((len(prompts), n), dtype=np.int64)
     prompts = [p.to(device) for p in prompts]
-    starters = [fn.start_batch for _, fn in extra_hooks if callable(getattr(fn, "start_batch", None))]
+    starters = batch_starters(extra_hooks)
     for idx, batch in iterate_batches(layout, task, split, batch_size, shard=True):
         batch = batch.to(device)
         for start_batch in starters:  # as `evaluate` does (the full-pass fallback needs it)

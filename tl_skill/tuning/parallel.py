@@ -11,7 +11,7 @@ from torch import nn
 
 from tl_skill import distributed
 from tl_skill.compat import HookedRootModule
-from tl_skill.errors import DistributedError
+from tl_skill.errors import DistributedError, TrainingError
 from tl_skill.tuning.prefix import class_logits_cached, prefix_cache_default
 from tl_skill.tuning.prompt import Batch, SoftPrompt, Verbalizer, class_logits
 
@@ -34,7 +34,9 @@ class PromptLoss(nn.Module):
 
     def forward(self, batch: Batch, global_batch_size: int) -> torch.Tensor:
         forward = class_logits_cached if prefix_cache_default() else class_logits
-        logits = forward(self.frozen_model, batch, self.verbalizer, self.prompt)
+        if batch.labels is None:
+            raise TrainingError("a training batch needs labels")
+        logits = forward(self.__dict__["frozen_model"], batch, self.verbalizer, self.prompt)
         total = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
         return total * (distributed.world_size() / global_batch_size)
 
@@ -44,8 +46,10 @@ def prompt_data_parallel(model: HookedRootModule, verbalizer: Verbalizer, prompt
     if not distributed.is_distributed():
         return None
     if batch_size < distributed.world_size():
-        raise DistributedError(f"batch size {batch_size} is smaller than the {distributed.world_size()} processes: "
-                               "every process needs a part of each batch")
+        raise DistributedError(
+            f"batch size {batch_size} is smaller than the {distributed.world_size()} processes: "
+            "every process needs a part of each batch"
+        )
     module = PromptLoss(model, verbalizer, prompt)
     dev = prompt.vectors.device
     ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None

@@ -22,14 +22,14 @@ pass unless asked (`train.evaluate`, `find.record_runs`).
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
 
 from tl_skill import compat
-from tl_skill.tuning.prompt import Batch, SoftPrompt, Verbalizer, class_logits
-
+from tl_skill.compat import HookedRootModule
+from tl_skill.tuning.prompt import Batch, SoftPrompt, Verbalizer, batch_starters, class_logits
 
 _DEFAULT = {"on": True}
 
@@ -68,23 +68,29 @@ def split_batch(batch: Batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
     P = batch.prompt_length
     device = batch.input_ids.device
     # every real token before the prompt: the input and any special prefix (a <bos>)
-    rows = [batch.input_ids[r, :int(batch.prompt_start[r])][batch.attention_mask[r, :int(batch.prompt_start[r])] > 0]
-            for r in range(B)]
+    rows = [
+        batch.input_ids[r, : int(batch.prompt_start[r])][batch.attention_mask[r, : int(batch.prompt_start[r])] > 0]
+        for r in range(B)
+    ]
     L = max(1, max(len(x) for x in rows))
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, L), dtype=torch.long, device=device)
     for r, x in enumerate(rows):
         if len(x):
-            ids[r, L - len(x):] = x
-            mask[r, L - len(x):] = 1
-    chunk = Batch(torch.full((B, P), pad_id, dtype=torch.long, device=device),
-                  torch.cat([mask, torch.ones(B, P, dtype=torch.long, device=device)], 1),
-                  torch.full((B,), P - 1, dtype=torch.long, device=device),
-                  torch.zeros(B, dtype=torch.long, device=device), P, batch.labels)
+            ids[r, L - len(x) :] = x
+            mask[r, L - len(x) :] = 1
+    chunk = Batch(
+        torch.full((B, P), pad_id, dtype=torch.long, device=device),
+        torch.cat([mask, torch.ones(B, P, dtype=torch.long, device=device)], 1),
+        torch.full((B,), P - 1, dtype=torch.long, device=device),
+        torch.zeros(B, dtype=torch.long, device=device),
+        P,
+        batch.labels,
+    )
     return ids, mask, chunk
 
 
-def usable_for(model, batch: Batch) -> bool:
+def usable_for(model: HookedRootModule, batch: Batch) -> bool:
     """Whether `batch` (a causal layout) on `model` can take the cached path."""
     return compat.prefix_cache_supported(model) and batch.input_start is not None
 
@@ -95,7 +101,7 @@ _usable = usable_for
 def _starters(hooks) -> list:
     # hooks that number examples (noise) hear the batch's position before each pass: both passes
     # of a batch get the same draws
-    return [fn.start_batch for _, fn in hooks if callable(getattr(fn, "start_batch", None))]
+    return batch_starters(hooks)
 
 
 # Rows of one input pass are grouped by length so that little of the pass is spent on padding; a
@@ -120,12 +126,12 @@ def length_groups(lengths: Sequence[int], overhead: int | None = None) -> list[l
                 best[j], cut[j] = c, i
     groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
 
-def _run_input(model, ids, mask, hooks, stop_at):
+def _run_input(model: HookedRootModule, ids, mask, hooks, stop_at):
     cache = compat.new_kv_cache(model, ids.shape[0])
 
     def stop(resid, hook):
@@ -139,7 +145,7 @@ def _run_input(model, ids, mask, hooks, stop_at):
     return cache
 
 
-def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, first_example: int):
+def _input_pass(model: HookedRootModule, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, first_example: int):
     """Run the input part once (no grad) and return the cache of its keys/values; the logits are not needed.
 
     With no hook attached anywhere (a tuning step, a clean evaluation) the input runs without
@@ -154,7 +160,7 @@ def _input_pass(model, ids: torch.Tensor, mask: torch.Tensor, hooks, starters, f
     return input_pass_through(model, ids, mask, int(model.cfg.n_layers) - 1)
 
 
-def input_pass_through(model, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
+def input_pass_through(model: HookedRootModule, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
     """The input part's cache up to `last_layer`'s keys/values (enough for prompt passes that stop
     there, e.g. recording layers <= `last_layer`); nothing may listen (no hooks).
 
@@ -178,11 +184,11 @@ def input_pass_through(model, ids: torch.Tensor, mask: torch.Tensor, last_layer:
     for g in groups:
         rows = torch.tensor(g, device=ids.device)
         n = max(1, max(int(lengths[r]) for r in g))
-        parts.append((_run_input(model, ids[rows][:, L - n:], mask[rows][:, L - n:], (), stop_at), rows))
+        parts.append((_run_input(model, ids[rows][:, L - n :], mask[rows][:, L - n :], (), stop_at), rows))
     return compat.merge_kv_caches(model, parts, ids.shape[0], L, mask)
 
 
-def prompt_pass_for_hooks(model, chunk: Batch, cache, prompt: SoftPrompt) -> None:
+def prompt_pass_for_hooks(model: HookedRootModule, chunk: Batch, cache, prompt: SoftPrompt) -> None:
     """The P prompt positions against `cache`, for the hooks attached (a recorder); no logits.
     A hook may end the pass early with `compat.StopForward`."""
     with torch.no_grad(), prompt.applied(model, chunk):
@@ -192,15 +198,24 @@ def prompt_pass_for_hooks(model, chunk: Batch, cache, prompt: SoftPrompt) -> Non
             pass
 
 
-def _prompt_pass(model, chunk: Batch, cache, prompt: SoftPrompt, verbalizer: Verbalizer, hooks, starters,
-                 first_example: int) -> torch.Tensor:
+def _prompt_pass(
+    model: HookedRootModule,
+    chunk: Batch,
+    cache,
+    prompt: SoftPrompt,
+    verbalizer: Verbalizer,
+    hooks,
+    starters,
+    first_example: int,
+) -> torch.Tensor:
     """The P prompt positions against `cache`: the label words' logits at the last one."""
     for start in starters:
         start(first_example)
     view = None if hooks else compat.plain_view(model)
     if view is not None:  # nobody listens: the plain Hugging Face classes, the same numbers
-        return compat.plain_prompt_logits(model, view, prompt.vectors, chunk.attention_mask, cache,
-                                          verbalizer.token_ids)
+        return compat.plain_prompt_logits(
+            model, view, prompt.vectors, chunk.attention_mask, cache, verbalizer.token_ids
+        )
     fast = compat.UNEMBED_IN_HOOK in model.hook_dict
     grabbed: dict[str, torch.Tensor] = {}
 
@@ -209,19 +224,23 @@ def _prompt_pass(model, chunk: Batch, cache, prompt: SoftPrompt, verbalizer: Ver
         raise compat.StopForward
 
     logits = None
-    with prompt.applied(model, chunk), model.hooks(
-            fwd_hooks=list(hooks) + ([(compat.UNEMBED_IN_HOOK, take)] if fast else [])):
+    with (
+        prompt.applied(model, chunk),
+        model.hooks(fwd_hooks=list(hooks) + ([(compat.UNEMBED_IN_HOOK, take)] if fast else [])),
+    ):
         try:
             logits = compat.forward_with_cache(model, chunk.input_ids, chunk.attention_mask, cache)
         except compat.StopForward:
             pass
     if fast:
         return compat.label_logits(model, grabbed["h"], verbalizer.token_ids)
+    assert logits is not None  # no hook stopped the pass
     return verbalizer.class_logits(logits, chunk.pred_pos)
 
 
-def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None,
-                        extra_hooks: Sequence = ()) -> Float[torch.Tensor, "batch n_classes"]:
+def class_logits_cached(
+    model: HookedRootModule, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None, extra_hooks: Sequence = ()
+) -> Float[torch.Tensor, "batch n_classes"]:
     """`prompt.class_logits` through a cached input pass (module docstring): the same numbers."""
     if prompt is None or not _usable(model, batch):
         return class_logits(model, batch, verbalizer, prompt, extra_hooks)
@@ -233,8 +252,13 @@ def class_logits_cached(model, batch: Batch, verbalizer: Verbalizer, prompt: Sof
 
 
 @torch.no_grad()
-def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequence[SoftPrompt],
-                      extra_hooks: Sequence = ()) -> Float[torch.Tensor, "prompts batch n_classes"]:
+def class_logits_many(
+    model: HookedRootModule,
+    batch: Batch,
+    verbalizer: Verbalizer,
+    prompts: Sequence[SoftPrompt],
+    extra_hooks: Sequence = (),
+) -> Float[torch.Tensor, "prompts batch n_classes"]:
     """Verbalizer logits of `batch` under each of `prompts`: one input pass, then one prompt pass each.
 
     Every prompt continues its own copy of the input's cache; the numbers are those of
@@ -247,5 +271,9 @@ def class_logits_many(model, batch: Batch, verbalizer: Verbalizer, prompts: Sequ
     hooks = list(extra_hooks)
     starters = _starters(hooks)
     cache = _input_pass(model, ids, mask, hooks, starters, batch.first_example)
-    return torch.stack([_prompt_pass(model, chunk, compat.copy_kv_cache(cache), p, verbalizer, hooks, starters,
-                                     batch.first_example) for p in prompts])
+    return torch.stack(
+        [
+            _prompt_pass(model, chunk, compat.copy_kv_cache(cache), p, verbalizer, hooks, starters, batch.first_example)
+            for p in prompts
+        ]
+    )

@@ -16,9 +16,10 @@ the context leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +27,11 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from tl_skill import compat, distributed
+from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import column, label_array
+from tl_skill.errors import PromptError, VerbalizerError
 from tl_skill.files import FileFormatError, read_tensors
 from tl_skill.models import model_spec
-from tl_skill.errors import PromptError, VerbalizerError# noqa: F401 - re-exported
 
 
 class Verbalizer:
@@ -57,7 +59,9 @@ class Verbalizer:
         self.token_ids = torch.tensor(ids, dtype=torch.long)
 
     def class_logits(
-        self, logits: Float[torch.Tensor, "batch pos vocab"], pred_pos: Int[torch.Tensor, "batch"]
+        self,
+        logits: Float[torch.Tensor, "batch pos vocab"],
+        pred_pos: Int[torch.Tensor, "batch"],  # noqa: F821 - a jaxtyping shape, not a name
     ) -> Float[torch.Tensor, "batch n_classes"]:
         rows = torch.arange(logits.shape[0], device=logits.device)
         at_pred = logits[rows, pred_pos.to(logits.device)]
@@ -73,22 +77,28 @@ class Batch:
 
     input_ids: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
-    pred_pos: Int[torch.Tensor, "batch"]
-    prompt_start: Int[torch.Tensor, "batch"]
+    pred_pos: Int[torch.Tensor, "batch"]  # noqa: F821 - a jaxtyping shape, not a name
+    prompt_start: Int[torch.Tensor, "batch"]  # noqa: F821 - a jaxtyping shape, not a name
     prompt_length: int
-    labels: Int[torch.Tensor, "batch"] | None = None
-    input_start: Int[torch.Tensor, "batch"] | None = None  # first input token
-    input_end: Int[torch.Tensor, "batch"] | None = None  # one past the last input token
+    labels: Int[torch.Tensor, "batch"] | None = None  # noqa: F821 - a jaxtyping shape, not a name
+    input_start: Int[torch.Tensor, "batch"] | None = None  # noqa: F821 - first input token
+    input_end: Int[torch.Tensor, "batch"] | None = None  # noqa: F821 - one past the last input token
     # Global number of the first row in the split's fixed example order (`iterate_batches`),
     # the same whatever the batch size or number of processes: noise draws are keyed by it.
     first_example: int = 0
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)
         return Batch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.pred_pos.to(device),
-            self.prompt_start.to(device), self.prompt_length, move(self.labels),
-            move(self.input_start), move(self.input_end), self.first_example,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.pred_pos.to(device),
+            self.prompt_start.to(device),
+            self.prompt_length,
+            move(self.labels),
+            move(self.input_start),
+            move(self.input_end),
+            self.first_example,
         )
 
     @property
@@ -103,6 +113,33 @@ class Batch:
         return bool((self.prompt_start == self.prompt_start[0]).all())
 
 
+class NumberedHook:
+    """A forward hook whose effect depends on which examples a batch holds (noise drawn per example).
+
+    Whoever runs batches calls `start_batch(batch.first_example)` before each batch (`evaluate`,
+    the prefix cache before each of its passes), so the hook can number the batch's rows by their
+    global position in the split: the same draws whatever the batch size or number of processes.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, Any], torch.Tensor | None], start_batch: Callable[[int], None]):
+        self.fn = fn
+        self._start = start_batch
+
+    def __call__(self, act: torch.Tensor, hook: Any) -> torch.Tensor | None:
+        return self.fn(act, hook)
+
+    def start_batch(self, first_example: int) -> None:
+        self._start(first_example)
+
+    def __repr__(self) -> str:
+        return f"NumberedHook({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def batch_starters(hooks: Sequence[tuple[str, Callable]]) -> list[Callable[[int], None]]:
+    """The `start_batch` of every `NumberedHook` among `(name, hook)` pairs, in order."""
+    return [fn.start_batch for _, fn in hooks if isinstance(fn, NumberedHook)]
+
+
 class Layout:
     """Where input, prompt, padding and the prediction position go, for one model family.
 
@@ -111,8 +148,15 @@ class Layout:
     Masked rows are `[CLS] [MASK] prompt input [SEP]`, padded right.
     """
 
-    def __init__(self, tokenizer, family: str, prompt_length: int, max_input_tokens: int = 128,
-                 padding_side: str | None = None, prefix_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        family: str,
+        prompt_length: int,
+        max_input_tokens: int = 128,
+        padding_side: str | None = None,
+        prefix_ids: Sequence[int] | None = None,
+    ):
         if family not in ("causal", "masked"):
             raise PromptError(f"unknown model family {family!r}")
         if prompt_length < 0:
@@ -134,7 +178,7 @@ class Layout:
             self.head = [int(cls)] if cls is not None else []
             self.sep = [int(sep)] if sep is not None else []
             self.mask_pos = len(self.head)
-            self.offset = self.mask_pos + 1
+            self.offset: int | None = self.mask_pos + 1
         else:  # what the tokenizer puts first (Gemma's <bos>); nothing for SmolLM2 or GPT-2
             head = compat.special_prefix(tokenizer) if prefix_ids is None else [int(i) for i in prefix_ids]
             self.head, self.sep, self.offset = head, [], None
@@ -152,7 +196,8 @@ class Layout:
                 f"prompt length {self.prompt_length} + max input tokens {self.max_input_tokens}"
                 + (" + special tokens" if self.family == "masked" else "")
                 + f" = {self.max_length} positions, more than the model's context of {n_ctx}: "
-                "shorten --prompt-length or --max-input-tokens")
+                "shorten --prompt-length or --max-input-tokens"
+            )
 
     def tokenize(self, texts: Sequence[str], text_b: Sequence[str] | None = None) -> list[list[int]]:
         """Token ids of each example's input part, truncated to `max_input_tokens`."""
@@ -168,7 +213,7 @@ class Layout:
             out.append(a + (self.sep if self.family == "masked" else []) + b)
         return out
 
-    def collate(self, token_lists: Sequence[list[int]], labels: Sequence[int] | None = None) -> Batch:
+    def collate(self, token_lists: Sequence[list[int]], labels: Sequence[int] | np.ndarray | None = None) -> Batch:
         P = self.prompt_length
         rows, starts, preds, in_start, in_end = [], [], [], [], []
         for ids in token_lists:
@@ -180,10 +225,11 @@ class Layout:
                 preds.append(len(row) - 1)
                 in_start.append(len(self.head))
             else:
+                offset = int(self.mask_pos) + 1
                 row = self.head + [self.tokenizer.mask_token_id] + [self.pad_id] * P + list(ids) + self.sep
-                starts.append(self.offset)
+                starts.append(offset)
                 preds.append(self.mask_pos)
-                in_start.append(self.offset + P)
+                in_start.append(offset + P)
             in_end.append(in_start[-1] + len(ids))
             rows.append(row)
         T = max(len(r) for r in rows)
@@ -191,29 +237,43 @@ class Layout:
         mask = torch.zeros((len(rows), T), dtype=torch.long)
         for i, row in enumerate(rows):
             shift = T - len(row) if self.padding_side == "left" else 0
-            input_ids[i, shift:shift + len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, shift:shift + len(row)] = 1
+            input_ids[i, shift : shift + len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, shift : shift + len(row)] = 1
             starts[i] += shift
             preds[i] += shift
             in_start[i] += shift
             in_end[i] += shift
         return Batch(
-            input_ids, mask, torch.tensor(preds), torch.tensor(starts), P,
+            input_ids,
+            mask,
+            torch.tensor(preds),
+            torch.tensor(starts),
+            P,
             None if labels is None else torch.as_tensor(np.array(labels), dtype=torch.long),
-            torch.tensor(in_start), torch.tensor(in_end),
+            torch.tensor(in_start),
+            torch.tensor(in_end),
         )
 
     def encode(self, texts: Sequence[str], labels=None, text_b=None) -> Batch:
         return self.collate(self.tokenize(texts, text_b), labels)
 
 
-def layout_for(model, prompt_length: int, max_input_tokens: int = 128, padding_side: str | None = None) -> Layout:
-    return Layout(model.tokenizer, model_spec(model).family, prompt_length, max_input_tokens, padding_side,
-                  prefix_ids=compat.model_prefix_ids(model))
+def layout_for(
+    model: HookedRootModule, prompt_length: int, max_input_tokens: int = 128, padding_side: str | None = None
+) -> Layout:
+    return Layout(
+        model.tokenizer,
+        model_spec(model).family,
+        prompt_length,
+        max_input_tokens,
+        padding_side,
+        prefix_ids=compat.model_prefix_ids(model),
+    )
 
 
-def iterate_batches(layout: Layout, task, split: str, batch_size: int, sort: bool = True,
-                    shard: bool = False) -> Iterator[tuple[np.ndarray, Batch]]:
+def iterate_batches(
+    layout: Layout, task, split: str, batch_size: int, sort: bool = True, shard: bool = False
+) -> Iterator[tuple[np.ndarray, Batch]]:
     """Yield (indices, Batch) over a split of a `Task`, sorted by length so padding stays small.
 
     The order is fixed by the split alone (a stable sort by token count), whatever the
@@ -230,7 +290,7 @@ def iterate_batches(layout: Layout, task, split: str, batch_size: int, sort: boo
     order = np.argsort([len(t) for t in tokens], kind="stable") if sort else np.arange(len(tokens))
     starts = range(0, len(order), batch_size)
     for start in distributed.shard(starts) if shard else starts:
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = layout.collate([tokens[i] for i in idx], labels[idx])
         batch.first_example = int(start)
         yield idx, batch
@@ -243,7 +303,7 @@ def train_batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.nda
     while len(out) < batch_size:
         epoch, offset = divmod(start, n)
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = perm[offset: offset + batch_size - len(out)]
+        take = perm[offset : offset + batch_size - len(out)]
         out.extend(take.tolist())
         start += len(take)
     return np.asarray(out)
@@ -266,7 +326,7 @@ class SoftPrompt(nn.Module):
         return int(self.vectors.shape[0])
 
     @classmethod
-    def from_vocab(cls, model, length: int, seed: int = 0, top_tokens: int = 5000) -> "SoftPrompt":
+    def from_vocab(cls, model: HookedRootModule, length: int, seed: int = 0, top_tokens: int = 5000) -> SoftPrompt:
         """Initialise from the embeddings of `length` real tokens sampled with `seed`.
 
         Tokens are drawn from ids [10, top_tokens): BPE vocabularies put their
@@ -283,7 +343,7 @@ class SoftPrompt(nn.Module):
         return cls(_token_embeddings(model, ids))
 
     @classmethod
-    def from_text(cls, model, text: str, length: int | None = None) -> "SoftPrompt":
+    def from_text(cls, model: HookedRootModule, text: str, length: int | None = None) -> SoftPrompt:
         """Initialise from the embeddings of `text`'s tokens (cycled to `length`)."""
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
@@ -305,9 +365,9 @@ class SoftPrompt(nn.Module):
         if batch is not None:
             start = int(batch.prompt_start[0])
         else:
-            start = embed.shape[1] - P if self._family == "causal" else self._offset
+            start = embed.shape[1] - P if self._family == "causal" else int(self._offset or 0)
             self._check_room(embed, start)
-        return torch.cat([embed[:, :start], prompt.expand(B, -1, -1), embed[:, start + P:]], dim=1)
+        return torch.cat([embed[:, :start], prompt.expand(B, -1, -1), embed[:, start + P :]], dim=1)
 
     def _check_room(self, embed: torch.Tensor, start: int) -> None:
         """Without a `Batch`, the prompt positions must exist and hold the layout's placeholder token.
@@ -319,16 +379,18 @@ class SoftPrompt(nn.Module):
         if start < 0 or start + P > T:
             raise PromptError(
                 f"the input has {T} position(s), too few for a prompt of {P} at position {max(start, 0)}: "
-                "build the input with Layout.encode (layout_for(model, prompt.length)), which makes room")
+                "build the input with Layout.encode (layout_for(model, prompt.length)), which makes room"
+            )
         placeholder = self._placeholder.to(device=embed.device, dtype=embed.dtype)
-        if not torch.equal(embed[:, start:start + P], placeholder.expand(embed.shape[0], P, -1)):
+        if not torch.equal(embed[:, start : start + P], placeholder.expand(embed.shape[0], P, -1)):
             raise PromptError(
                 f"positions {start}-{start + P - 1} of the input are not prompt placeholders (token id "
                 f"{self._placeholder_id}): the prompt would overwrite real tokens. Build the input with "
-                "Layout.encode (layout_for(model, prompt.length)), or pass the Batch to applied(model, batch)")
+                "Layout.encode (layout_for(model, prompt.length)), or pass the Batch to applied(model, batch)"
+            )
 
     @contextlib.contextmanager
-    def applied(self, model, batch: Batch | None = None) -> Iterator["SoftPrompt"]:
+    def applied(self, model: HookedRootModule, batch: Batch | None = None) -> Iterator[SoftPrompt]:
         """Context in which `model` runs with this prompt written over the prompt positions.
 
         Without `batch`, the default layout's positions are used (the last P
@@ -337,9 +399,7 @@ class SoftPrompt(nn.Module):
         """
         spec = model_spec(model)
         if spec.d_model != self.vectors.shape[1]:
-            raise PromptError(
-                f"prompt width {self.vectors.shape[1]} does not match the model's d_model {spec.d_model}"
-            )
+            raise PromptError(f"prompt width {self.vectors.shape[1]} does not match the model's d_model {spec.d_model}")
         layout = layout_for(model, self.length)
         self._family = spec.family
         self._offset = layout.offset
@@ -359,7 +419,7 @@ class SoftPrompt(nn.Module):
         save_file({"prompt": self.vectors.detach().float().cpu().contiguous()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "SoftPrompt":
+    def load(cls, path: str | Path) -> SoftPrompt:
         tensors = read_tensors(path, "prompt file", ["prompt"])
         try:
             return cls(tensors["prompt"])
@@ -367,12 +427,12 @@ class SoftPrompt(nn.Module):
             raise FileFormatError(f"prompt file {path}: {exc}") from None
 
 
-def _token_embeddings(model, ids) -> torch.Tensor:
+def _token_embeddings(model: HookedRootModule, ids) -> torch.Tensor:
     """[len(ids), d_model]: what the word-embedding hook holds for these tokens (any embedding scale applied)."""
     return compat.embed_tokens(model, torch.as_tensor(np.asarray(ids), dtype=torch.long)[None])[0].float().cpu()
 
 
-def _embedding_matrix(model) -> torch.Tensor:
+def _embedding_matrix(model: HookedRootModule) -> torch.Tensor:
     W_E = getattr(model, "W_E", None)
     if W_E is None:
         W_E = compat.hf_model_of(model).get_input_embeddings().weight
@@ -380,7 +440,7 @@ def _embedding_matrix(model) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def maybe_applied(prompt: SoftPrompt | None, model, batch: Batch | None = None):
+def maybe_applied(prompt: SoftPrompt | None, model: HookedRootModule, batch: Batch | None = None):
     if prompt is None:
         yield None
     else:
@@ -388,8 +448,13 @@ def maybe_applied(prompt: SoftPrompt | None, model, batch: Batch | None = None):
             yield p
 
 
-def class_logits(model, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None = None,
-                 extra_hooks: Sequence = ()) -> Float[torch.Tensor, "batch n_classes"]:
+def class_logits(
+    model: HookedRootModule,
+    batch: Batch,
+    verbalizer: Verbalizer,
+    prompt: SoftPrompt | None = None,
+    extra_hooks: Sequence = (),
+) -> Float[torch.Tensor, "batch n_classes"]:
     """Verbalizer logits of `batch` under `prompt` (and any extra forward hooks).
 
     Only the label words' logits at the prediction position are needed, so the

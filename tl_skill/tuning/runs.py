@@ -14,24 +14,40 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from tl_skill import compat, distributed
-from tl_skill.files import (FileFormatError, OutputDirError, atomic_json, check_str_list, check_types,
-    claim_dir, read_json, tensor_digest)
-from tl_skill.models import model_spec
-from tl_skill.tuning.parallel import prompt_data_parallel
-from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, layout_for
-from tl_skill.data.tasks import Task, subsample
+from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import load_task
-from tl_skill.tuning.loop import (CHECKPOINT, LEGACY_CHECKPOINT, LoopConfig, TrainingError, evaluate,
-    majority_accuracy, remove_checkpoint, train_loop)
-from tl_skill.errors import RunError  # noqa: F401 - re-exported
+from tl_skill.data.tasks import Task, subsample
+from tl_skill.errors import RunError
+from tl_skill.files import (
+    FileFormatError,
+    OutputDirError,
+    atomic_json,
+    check_str_list,
+    check_types,
+    claim_dir,
+    read_json,
+    tensor_digest,
+)
+from tl_skill.models import model_spec
+from tl_skill.tuning.loop import (
+    LoopConfig,
+    TrainingError,
+    evaluate,
+    majority_accuracy,
+    remove_checkpoint,
+    train_loop,
+)
+from tl_skill.tuning.parallel import prompt_data_parallel
 from tl_skill.tuning.prefix import use_prefix_cache
+from tl_skill.tuning.prompt import SoftPrompt, Verbalizer, layout_for
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +68,28 @@ class TuneConfig(LoopConfig):
 
     def __post_init__(self):
         optional = lambda v: v is None or v >= 1
-        self._check(TrainingError, "tuning", prompt_length=self.prompt_length >= 1, task_seed=self.task_seed >= 0,
-                    max_train_examples=optional(self.max_train_examples),
-                    max_dev_examples=optional(self.max_dev_examples),
-                    max_test_examples=optional(self.max_test_examples))
+        self._check(
+            TrainingError,
+            "tuning",
+            prompt_length=self.prompt_length >= 1,
+            task_seed=self.task_seed >= 0,
+            max_train_examples=optional(self.max_train_examples),
+            max_dev_examples=optional(self.max_dev_examples),
+            max_test_examples=optional(self.max_test_examples),
+        )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TuneConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _pick(task: Task, cfg: TuneConfig) -> Task:
-    return subsample(task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples,
-                            "test": cfg.max_test_examples}, seed=cfg.task_seed)
+    return subsample(
+        task,
+        {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": cfg.max_test_examples},
+        seed=cfg.task_seed,
+    )
 
 
 @dataclass
@@ -78,8 +102,14 @@ class Run:
     task: Task | None = field(default=None, repr=False)  # in memory: the task itself
 
     @classmethod
-    def in_memory(cls, prompt: SoftPrompt, task: Task, model_name: str, config: TuneConfig | None = None,
-                  name: str = "in-memory prompt") -> "Run":
+    def in_memory(
+        cls,
+        prompt: SoftPrompt,
+        task: Task,
+        model_name: str,
+        config: TuneConfig | None = None,
+        name: str = "in-memory prompt",
+    ) -> Run:
         """A prompt that lives in memory, probed like a run: no directory, `task` as given.
 
         `config` supplies the layout (max input tokens, padding side) and the evaluation caps;
@@ -92,13 +122,19 @@ class Run:
         cfg = config or TuneConfig(prompt_length=prompt.length)
         if cfg.prompt_length != prompt.length:
             raise RunError(f"the config's prompt length {cfg.prompt_length} is not the prompt's {prompt.length}")
-        info = {"model": model_name, "task": task.name, "task_seed": task.spec.seed,
-                "label_words": list(task.spec.label_words), "config": asdict(cfg), "metrics": {},
-                "in_memory": True}
+        info = {
+            "model": model_name,
+            "task": task.name,
+            "task_seed": task.spec.seed,
+            "label_words": list(task.spec.label_words),
+            "config": asdict(cfg),
+            "metrics": {},
+            "in_memory": True,
+        }
         return cls(Path(f"<{name}>"), info, prompt, task)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":
+    def load(cls, path: str | Path) -> Run:
         """Read a run directory, refusing (with the file's name) anything missing, corrupt or mistyped."""
         path = Path(path)
         if not path.is_dir():
@@ -108,13 +144,15 @@ class Run:
             raise RunError(f"{path} is not a finished run: missing {', '.join(missing)}")
         where = path / RUN_JSON
         try:
-            info = read_json(where, "run file", {"model": str, "task": str, "task_seed": int,
-                                                 "label_words": list, "config": dict})
+            info = read_json(
+                where, "run file", {"model": str, "task": str, "task_seed": int, "label_words": list, "config": dict}
+            )
             check_str_list(info, "label_words", f"run file {where}")
             if "task_spec" in info:
                 check_types(info, {"task_spec": dict}, f"run file {where}")
-                check_types(info["task_spec"], {"label_names": list, "label_words": list},
-                            f"run file {where}: task_spec")
+                check_types(
+                    info["task_spec"], {"label_names": list, "label_words": list}, f"run file {where}: task_spec"
+                )
         except FileFormatError as exc:
             raise RunError(str(exc)) from None
         try:
@@ -124,8 +162,10 @@ class Run:
         prompt = SoftPrompt.load(path / PROMPT_FILE)
         width = (info.get("model_spec") or {}).get("d_model")
         if isinstance(width, int) and prompt.vectors.shape[1] != width:
-            raise RunError(f"{path / PROMPT_FILE} holds a prompt of width {prompt.vectors.shape[1]}, but "
-                           f"{where} says the model's d_model is {width}")
+            raise RunError(
+                f"{path / PROMPT_FILE} holds a prompt of width {prompt.vectors.shape[1]}, but "
+                f"{where} says the model's d_model is {width}"
+            )
         return cls(path, info, prompt)
 
     @property
@@ -160,15 +200,18 @@ class Run:
         if self.task_name.startswith(("csv:", "jsonl:")):
             digest = spec.get("digest")
             if not digest:
-                raise RunError(f"{self.path / RUN_JSON} names the data file {self.task_name.split(':', 1)[1]} "
-                               "but records no sha256 of it, so a changed or substituted file could not be "
-                               "told apart; tune the run again with this version of tl_skill")
-            log.info("run %s reads its data from %s (named in its run.json)", self.path,
-                     self.task_name.split(":", 1)[1])
+                raise RunError(
+                    f"{self.path / RUN_JSON} names the data file {self.task_name.split(':', 1)[1]} "
+                    "but records no sha256 of it, so a changed or substituted file could not be "
+                    "told apart; tune the run again with this version of tl_skill"
+                )
+            log.info(
+                "run %s reads its data from %s (named in its run.json)", self.path, self.task_name.split(":", 1)[1]
+            )
             return load_task(self.task_name, seed=self.info["task_seed"], label_words=words, digest=digest)
         return load_task(self.task_name, seed=self.info["task_seed"], label_words=words)
 
-    def verbalizer(self, model) -> Verbalizer:
+    def verbalizer(self, model: HookedRootModule) -> Verbalizer:
         return Verbalizer(model.tokenizer, self.info["label_words"])
 
 
@@ -186,20 +229,32 @@ def _legacy_identity(out: Path) -> dict[str, Any] | None:
 
 def run_identity(model_name: str, task: Task, cfg: TuneConfig, init_prompt: SoftPrompt | None = None) -> dict:
     """Every setting that decides a tuning run (its directory's identity)."""
-    identity = {"model": model_name, "task": task.spec.name, "task_seed": task.spec.seed,
-                "label_words": list(task.spec.label_words), "config": asdict(cfg)}
+    identity = {
+        "model": model_name,
+        "task": task.spec.name,
+        "task_seed": task.spec.seed,
+        "label_words": list(task.spec.label_words),
+        "config": asdict(cfg),
+    }
     if task.spec.digest:  # a user data file: resuming on changed data would mix two tasks
         identity["task_digest"] = task.spec.digest
     if init_prompt is not None:
         if init_prompt.length != cfg.prompt_length:
-            raise RunError(f"init_prompt has length {init_prompt.length}, the config asks for "
-                             f"prompt_length={cfg.prompt_length}")
+            raise RunError(
+                f"init_prompt has length {init_prompt.length}, the config asks for prompt_length={cfg.prompt_length}"
+            )
         identity["init_prompt"] = tensor_digest(init_prompt.vectors)
     return identity
 
 
-def claim_run_dir(out: str | Path, model_name: str, task: Task, cfg: TuneConfig,
-                  init_prompt: SoftPrompt | None = None, write: bool = True) -> dict:
+def claim_run_dir(
+    out: str | Path,
+    model_name: str,
+    task: Task,
+    cfg: TuneConfig,
+    init_prompt: SoftPrompt | None = None,
+    write: bool = True,
+) -> dict:
     """Accept `out` for this run (new, empty, or the same run) or refuse it (`files.claim_dir`); its identity."""
     identity = run_identity(model_name, task, cfg, init_prompt)
     try:
@@ -209,9 +264,17 @@ def claim_run_dir(out: str | Path, model_name: str, task: Task, cfg: TuneConfig,
     return identity
 
 
-def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
-         progress: bool = True, evaluate_test: bool = True,
-         init_prompt: SoftPrompt | None = None, evaluate_dev: bool = True, prefix_cache: bool | None = None) -> Run:
+def tune(
+    model: HookedRootModule,
+    task: Task,
+    out: str | Path,
+    config: TuneConfig | None = None,
+    progress: bool = True,
+    evaluate_test: bool = True,
+    init_prompt: SoftPrompt | None = None,
+    evaluate_dev: bool = True,
+    prefix_cache: bool | None = None,
+) -> Run:
     """Prompt-tune `model` (kept frozen) on `task`; results and checkpoints go to `out`.
 
     Any `HookedRootModule` works, also one whose parameters require grad (a
@@ -241,7 +304,8 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     spec = model_spec(model)
     verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
     layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side).check_fits(
-        compat.context_length(model))  # before the directory is claimed: a refused run leaves nothing
+        compat.context_length(model)
+    )  # before the directory is claimed: a refused run leaves nothing
     identity = claim_run_dir(out, spec.name, task, cfg, init_prompt)
     if (out / RUN_JSON).exists() and (out / PROMPT_FILE).exists():
         prev = read_json(out / RUN_JSON, "run file")
@@ -261,51 +325,105 @@ def tune(model, task: Task, out: str | Path, config: TuneConfig | None = None,
     # Under torchrun: rank 0 writes the files; the prompt's gradient is averaged over processes.
     ddp = prompt_data_parallel(model, verbalizer, prompt, cfg.batch_size)
 
-    info = {**identity, "model_spec": spec.to_dict(), "task_spec": data.spec.to_dict(),
-            "prompt_length": cfg.prompt_length, "verbalizer": verbalizer.to_dict(),
-            "status": "running", "torch": torch.__version__, "transformer_lens": compat.TL_VERSION}
+    info = {
+        **identity,
+        "model_spec": spec.to_dict(),
+        "task_spec": data.spec.to_dict(),
+        "prompt_length": cfg.prompt_length,
+        "verbalizer": verbalizer.to_dict(),
+        "status": "running",
+        "torch": torch.__version__,
+        "transformer_lens": compat.TL_VERSION,
+    }
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(out / RUN_JSON, info)
     try:
-        state = train_loop(model, data, verbalizer, {"prompt": prompt.vectors}, cfg, prompt=prompt, out=out,
-                           evaluate_dev=evaluate_dev, progress=progress, desc=f"tune {task.spec.name}", ddp=ddp)
+        state = train_loop(
+            model,
+            data,
+            verbalizer,
+            {"prompt": prompt.vectors},
+            cfg,
+            prompt=prompt,
+            out=out,
+            evaluate_dev=evaluate_dev,
+            progress=progress,
+            desc=f"tune {task.spec.name}",
+            ddp=ddp,
+        )
     except TrainingError as exc:
         raise RunError(str(exc)) from None
     if distributed.is_main():
         prompt.save(out / PROMPT_FILE)
-    metrics = {"dev_accuracy": state["best_dev"] if evaluate_dev else None, "best_step": state["best_step"],
-               "steps_run": state["step"], "stopped_early": state["stopped_early"],
-               "majority_accuracy": majority_accuracy(data, "test", train=task)}
-    timings = {"train_seconds": state["train_seconds"],
-               "seconds_per_step": state["train_seconds"] / max(1, state["step"])}
+    metrics = {
+        "dev_accuracy": state["best_dev"] if evaluate_dev else None,
+        "best_step": state["best_step"],
+        "steps_run": state["step"],
+        "stopped_early": state["stopped_early"],
+        "majority_accuracy": majority_accuracy(data, "test", train=task),
+    }
+    timings = {
+        "train_seconds": state["train_seconds"],
+        "seconds_per_step": state["train_seconds"] / max(1, state["step"]),
+    }
     if evaluate_test:
         t0 = time.perf_counter()
         metrics["test_accuracy"] = evaluate(
-            model, data, "test", verbalizer, prompt, batch_size=cfg.eval_batch_size,
-            max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side,
-            progress=progress, desc="test (prompted)")["accuracy"]
+            model,
+            data,
+            "test",
+            verbalizer,
+            prompt,
+            batch_size=cfg.eval_batch_size,
+            max_input_tokens=cfg.max_input_tokens,
+            padding_side=cfg.padding_side,
+            progress=progress,
+            desc="test (prompted)",
+        )["accuracy"]
         metrics["zero_shot_accuracy"] = evaluate(
-            model, data, "test", verbalizer, None, batch_size=cfg.eval_batch_size,
-            max_input_tokens=cfg.max_input_tokens, padding_side=cfg.padding_side,
-            progress=progress, desc="test (zero-shot)")["accuracy"]
+            model,
+            data,
+            "test",
+            verbalizer,
+            None,
+            batch_size=cfg.eval_batch_size,
+            max_input_tokens=cfg.max_input_tokens,
+            padding_side=cfg.padding_side,
+            progress=progress,
+            desc="test (zero-shot)",
+        )["accuracy"]
         timings["test_eval_seconds"] = time.perf_counter() - t0
     info.update(status="done", metrics=metrics, timings=timings, history=state["history"])
     if distributed.is_main():
         atomic_json(out / RUN_JSON, info)
     remove_checkpoint(out)
     distributed.barrier()  # the others read the run back once rank 0 has written it
-    log.info("tuned %s on %s: dev %s test %s", spec.name, task.spec.name, metrics["dev_accuracy"],
-             metrics.get("test_accuracy"))
+    log.info(
+        "tuned %s on %s: dev %s test %s",
+        spec.name,
+        task.spec.name,
+        metrics["dev_accuracy"],
+        metrics.get("test_accuracy"),
+    )
     return Run.load(out)
 
 
-def tune_trials(model, task: Task, out: str | Path, seeds: Sequence[int],
-                config: TuneConfig | None = None, progress: bool = True) -> list[Run]:
+def tune_trials(
+    model: HookedRootModule,
+    task: Task,
+    out: str | Path,
+    seeds: Sequence[int],
+    config: TuneConfig | None = None,
+    progress: bool = True,
+) -> list[Run]:
     """Several prompts (trials) per task, one subdirectory `seed{S}` each."""
     cfg = config or TuneConfig()
     runs = []
     for s in seeds:
-        runs.append(tune(model, task, Path(out) / f"seed{s}",
-                         TuneConfig.from_dict({**asdict(cfg), "seed": s}), progress=progress))
+        runs.append(
+            tune(
+                model, task, Path(out) / f"seed{s}", TuneConfig.from_dict({**asdict(cfg), "seed": s}), progress=progress
+            )
+        )
     return runs

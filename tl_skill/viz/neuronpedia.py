@@ -38,17 +38,63 @@ import numpy as np
 from tl_skill.files import claim_dir, temp_path
 
 FEATURE_FIELDS = (
-    "modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector", "vectorLabel",
-    "vectorDefaultSteerStrength", "hookName", "topkCosSimIndices", "topkCosSimValues", "neuron_alignment_indices",
-    "neuron_alignment_values", "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_pearson",
-    "correlated_neurons_l1", "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1",
-    "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_heights",
-    "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
-    "decoder_weights_dist")
+    "modelId",
+    "layer",
+    "index",
+    "creatorId",
+    "createdAt",
+    "maxActApprox",
+    "hasVector",
+    "vector",
+    "vectorLabel",
+    "vectorDefaultSteerStrength",
+    "hookName",
+    "topkCosSimIndices",
+    "topkCosSimValues",
+    "neuron_alignment_indices",
+    "neuron_alignment_values",
+    "neuron_alignment_l1",
+    "correlated_neurons_indices",
+    "correlated_neurons_pearson",
+    "correlated_neurons_l1",
+    "correlated_features_indices",
+    "correlated_features_pearson",
+    "correlated_features_l1",
+    "neg_str",
+    "neg_values",
+    "pos_str",
+    "pos_values",
+    "frac_nonzero",
+    "freq_hist_data_bar_heights",
+    "freq_hist_data_bar_values",
+    "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values",
+    "decoder_weights_dist",
+)
 ACTIVATION_FIELDS = (
-    "id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId",
-    "dataSource", "dataIndex", "dfaValues", "dfaTargetIndex", "dfaMaxValue", "createdAt", "lossValues",
-    "logitContributions", "binMin", "binMax", "binContains", "qualifyingTokenIndex")
+    "id",
+    "tokens",
+    "index",
+    "layer",
+    "modelId",
+    "maxValue",
+    "maxValueTokenIndex",
+    "minValue",
+    "values",
+    "creatorId",
+    "dataSource",
+    "dataIndex",
+    "dfaValues",
+    "dfaTargetIndex",
+    "dfaMaxValue",
+    "createdAt",
+    "lossValues",
+    "logitContributions",
+    "binMin",
+    "binMax",
+    "binContains",
+    "qualifyingTokenIndex",
+)
 
 
 def _write_gz_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -69,8 +115,14 @@ def default_source_set(units: str) -> str:
     return "tlskill-" + ("sae" if units.startswith("sae:") else units)
 
 
-def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, source_set: str | None = None,
-                       creator_id: str = "tl-skill-export", bins: int = 30) -> list[Path]:
+def export_neuronpedia(
+    dashboard,
+    out: str | Path,
+    model_id: str | None = None,
+    source_set: str | None = None,
+    creator_id: str = "tl-skill-export",
+    bins: int = 30,
+) -> list[Path]:
     """Write `dashboard`'s units (a `DashboardResult`) in Neuronpedia's export layout; returns the files.
 
     `source_set` defaults to `default_source_set` of the dashboard's units (`tlskill-mlp` for neurons).
@@ -86,23 +138,47 @@ def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, 
         values = dashboard.activations[:, k].numpy().astype(float)
         heights, edges = np.histogram(values, bins)
         examples = row["examples"]["top"] + row["examples"]["bottom"]
-        lens = row["logit_lens"] or {"neg_str": [], "neg_values": [], "pos_str": [], "pos_values": [],
-                                     "hist_heights": [], "hist_values": []}
+        lens = row["logit_lens"] or {
+            "neg_str": [],
+            "neg_values": [],
+            "pos_str": [],
+            "pos_values": [],
+            "hist_heights": [],
+            "hist_values": [],
+        }
         feature = {
-            "modelId": model_id, "layer": source, "index": str(row["neuron"]), "creatorId": creator_id,
-            "createdAt": created, "maxActApprox": float(values.max()), "hasVector": False, "vector": [],
-            "vectorLabel": None, "vectorDefaultSteerStrength": None, "hookName": row["hook_name"],
-            "topkCosSimIndices": [], "topkCosSimValues": [], "neuron_alignment_indices": [],
-            "neuron_alignment_values": [], "neuron_alignment_l1": [], "correlated_neurons_indices": [],
-            "correlated_neurons_pearson": [], "correlated_neurons_l1": [], "correlated_features_indices": [],
-            "correlated_features_pearson": [], "correlated_features_l1": [],
-            "neg_str": lens["neg_str"], "neg_values": lens["neg_values"],
-            "pos_str": lens["pos_str"], "pos_values": lens["pos_values"],
+            "modelId": model_id,
+            "layer": source,
+            "index": str(row["neuron"]),
+            "creatorId": creator_id,
+            "createdAt": created,
+            "maxActApprox": float(values.max()),
+            "hasVector": False,
+            "vector": [],
+            "vectorLabel": None,
+            "vectorDefaultSteerStrength": None,
+            "hookName": row["hook_name"],
+            "topkCosSimIndices": [],
+            "topkCosSimValues": [],
+            "neuron_alignment_indices": [],
+            "neuron_alignment_values": [],
+            "neuron_alignment_l1": [],
+            "correlated_neurons_indices": [],
+            "correlated_neurons_pearson": [],
+            "correlated_neurons_l1": [],
+            "correlated_features_indices": [],
+            "correlated_features_pearson": [],
+            "correlated_features_l1": [],
+            "neg_str": lens["neg_str"],
+            "neg_values": lens["neg_values"],
+            "pos_str": lens["pos_str"],
+            "pos_values": lens["pos_values"],
             "frac_nonzero": float((values > row["baseline"]).mean()),
             "freq_hist_data_bar_heights": heights.astype(float).tolist(),
             "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
             "logits_hist_data_bar_heights": [float(h) for h in lens["hist_heights"]],
-            "logits_hist_data_bar_values": lens["hist_values"], "decoder_weights_dist": [],
+            "logits_hist_data_bar_values": lens["hist_values"],
+            "decoder_weights_dist": [],
         }
         acts = []
         for ex in examples:
@@ -113,15 +189,32 @@ def export_neuronpedia(dashboard, out: str | Path, model_id: str | None = None, 
                     p += 1
                 tokens.append(f"⟨P{p}⟩" if is_prompt else tok)
             prompt_at = [t for t, is_prompt in enumerate(ex["is_prompt"]) if is_prompt]
-            acts.append({
-                "id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{source}/{row['neuron']}/{ex['index']}").hex,
-                "tokens": tokens, "index": str(row["neuron"]), "layer": source, "modelId": model_id,
-                "maxValue": float(max(vals)), "maxValueTokenIndex": int(np.argmax(vals)), "minValue": float(min(vals)),
-                "values": [float(v) for v in vals], "creatorId": creator_id, "dataSource": dashboard.task,
-                "dataIndex": str(ex["index"]), "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None,
-                "createdAt": created, "lossValues": [], "logitContributions": None, "binMin": None, "binMax": None,
-                "binContains": None, "qualifyingTokenIndex": prompt_at[row["position"]],
-            })
+            acts.append(
+                {
+                    "id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{source}/{row['neuron']}/{ex['index']}").hex,
+                    "tokens": tokens,
+                    "index": str(row["neuron"]),
+                    "layer": source,
+                    "modelId": model_id,
+                    "maxValue": float(max(vals)),
+                    "maxValueTokenIndex": int(np.argmax(vals)),
+                    "minValue": float(min(vals)),
+                    "values": [float(v) for v in vals],
+                    "creatorId": creator_id,
+                    "dataSource": dashboard.task,
+                    "dataIndex": str(ex["index"]),
+                    "dfaValues": [],
+                    "dfaTargetIndex": None,
+                    "dfaMaxValue": None,
+                    "createdAt": created,
+                    "lossValues": [],
+                    "logitContributions": None,
+                    "binMin": None,
+                    "binMax": None,
+                    "binContains": None,
+                    "qualifyingTokenIndex": prompt_at[row["position"]],
+                }
+            )
         feats, activations = by_layer.setdefault(row["layer"], ([], []))
         feats.append(feature)
         activations.extend(acts)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.comparisons import top_mask
@@ -33,8 +34,9 @@ def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Pat
     top_k = int(mask.sum())
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     a.plot(layers, pred.max(1), "o-", label="best neuron")
-    a.plot(layers, np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100):].mean(1), "s-",
-           label="top 1% of the layer (mean)")
+    a.plot(
+        layers, np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100) :].mean(1), "s-", label="top 1% of the layer (mean)"
+    )
     a.plot(layers, pred.mean(1), "^-", label="all neurons (mean)")
     acc = sn.prompt_accuracy("dev_accuracy")
     if acc is not None:
@@ -56,7 +58,7 @@ def plot_units_by_layer(found: dict, path: str | Path, title: str = "") -> Path:
     for name, sn in found.items():
         pred = sn.predictivity.numpy()
         layers = np.asarray(sn.layers)
-        top = np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100):].mean(1)
+        top = np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100) :].mean(1)
         label = f"{name} ({pred.shape[1]} per layer)"
         axes[0].plot(layers, pred.max(1), "o-", ms=3, label=label)
         axes[1].plot(layers, top, "o-", ms=3, label=label)
@@ -106,12 +108,13 @@ def plot_statistics(sn, path: str | Path, q: float = 0.05) -> Path:
     return _save(fig, path)
 
 
-def plot_activation_histogram(values: np.ndarray, labels: np.ndarray, baseline: float, path: str | Path,
-                              title: str, label_names: Sequence[str]) -> Path:
+def plot_activation_histogram(
+    values: np.ndarray, labels: np.ndarray, baseline: float, path: str | Path, title: str, label_names: Sequence[str]
+) -> Path:
     """Activation of one neuron on each example, by class, with its baseline (the paper's Figure 1)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     lo, hi = np.percentile(values, [0.5, 99.5])
-    bins = np.linspace(lo, hi, 40) if hi > lo else 20
+    bins: Any = np.linspace(lo, hi, 40).tolist() if hi > lo else 20
     for c, name in enumerate(label_names):
         ax.hist(values[labels == c], bins=bins, alpha=0.55, label=f"{name.strip()} (n={int((labels == c).sum())})")
     ax.axvline(baseline, color="k", ls="--", lw=1.2, label="baseline (train mean)")
@@ -127,7 +130,7 @@ def plot_predictivity_histogram(samples: dict[str, np.ndarray], path: str | Path
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     lo = min(float(v.min()) for v in samples.values())
     hi = max(float(v.max()) for v in samples.values())
-    bins = np.linspace(lo, hi, 50)
+    bins = np.linspace(lo, hi, 50).tolist()
     for name, v in samples.items():
         ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (best {v.max():.3f})", density=True)
     ax.set_xlabel("neuron predictivity")
@@ -145,7 +148,7 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str) -> Pa
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     k = max(1, len(loss) // 30)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1:], smooth, color="tab:blue", label=f"train loss (moving mean of {k})")
+    ax.plot(steps[k - 1 :], smooth, color="tab:blue", label=f"train loss (moving mean of {k})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
     if dev:
@@ -168,7 +171,7 @@ def plot_ablation(result, path: str | Path) -> Path:
     if isinstance(result, (str, Path)):
         result = AblationResult.load(result)
     nan = float("nan")
-    val = lambda v: nan if v is None else float(v)  # noqa: E731
+    val = lambda v: nan if v is None else float(v)
     rows = result["rows"]
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     settings = result.get("settings", {})
@@ -183,15 +186,25 @@ def plot_ablation(result, path: str | Path) -> Path:
         sd = np.array([val(r["random_accuracy_std"]) for r in rs])
         tag = f" ({mode})" if len(modes) > 1 else ""
         ax.plot(x, skill, "o-", color=skill_colors[j % 3], label=f"skill neurons{tag}")
-        ax.plot(x, rand, "s--", color=random_colors[j % 3],
-                label=f"random neurons{tag}, mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}")
+        ax.plot(
+            x,
+            rand,
+            "s--",
+            color=random_colors[j % 3],
+            label=f"random neurons{tag}, mean ± std over {n_seeds} seed{'s' if n_seeds != 1 else ''}",
+        )
         ax.fill_between(x, rand - sd, rand + sd, color=random_colors[j % 3], alpha=0.2, lw=0)
     clean = next((r["clean_accuracy"] for r in rows if r.get("clean_accuracy") is not None), None)
     if clean is not None:
         ax.axhline(clean, color="k", ls="-", lw=1, label=f"no perturbation ({clean:.3f})")
     if result.get("majority_accuracy") is not None:
-        ax.axhline(result["majority_accuracy"], color="gray", ls=":", lw=1,
-                   label=f"majority class ({result['majority_accuracy']:.3f})")
+        ax.axhline(
+            result["majority_accuracy"],
+            color="gray",
+            ls=":",
+            lw=1,
+            label=f"majority class ({result['majority_accuracy']:.3f})",
+        )
     fr = sorted({100 * r["fraction"] for r in rows})
     if fr and fr[0] > 0:
         ax.set_xscale("log")
@@ -204,17 +217,29 @@ def plot_ablation(result, path: str | Path) -> Path:
     if modes == ["noise"] and settings.get("std") is not None:
         how = f"Gaussian noise, std {settings['std']:g}" + (" × neuron std" if settings.get("relative") else "")
     else:
-        how = {"zero": "set to zero", "mean": "set to baseline mean"}.get(modes[0], modes[0]) if len(modes) == 1 \
+        how = (
+            {"zero": "set to zero", "mean": "set to baseline mean"}.get(modes[0], modes[0])
+            if len(modes) == 1
             else "perturbation"
-    ax.set_title(f"{result.get('model', '?')} / {result.get('task', '?')}: skill vs random neurons\n({how})",
-                 fontsize=10)
+        )
+    ax.set_title(
+        f"{result.get('model', '?')} / {result.get('task', '?')}: skill vs random neurons\n({how})", fontsize=10
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 # --- transfer (SPEC §8) --------------------------------------------------------
-def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str, cbar_label: str = "",
-                     cmap: str = "viridis", center: float | None = None, scale_diagonal: bool = True) -> Path:
+def plot_task_matrix(
+    matrix,
+    tasks: Sequence[str],
+    path: str | Path,
+    title: str,
+    cbar_label: str = "",
+    cmap: str = "viridis",
+    center: float | None = None,
+    scale_diagonal: bool = True,
+) -> Path:
     """Task x task heatmap (rows: source task, columns: target task), each cell annotated.
 
     `scale_diagonal=False`: the colour scale spans the off-diagonal cells only and the
@@ -230,7 +255,7 @@ def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str,
         np.fill_diagonal(shown, np.nan)
         ax.imshow(np.where(np.eye(n, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)
     finite = shown[np.isfinite(shown)]
-    kw = {}
+    kw: dict[str, Any] = {}
     if center is not None and finite.size:
         half = float(np.abs(finite - center).max()) or 1.0
         kw = dict(vmin=center - half, vmax=center + half)
@@ -249,8 +274,15 @@ def plot_task_matrix(matrix, tasks: Sequence[str], path: str | Path, title: str,
                 if np.isfinite(m[i, j]):
                     r, g, b, _ = im.cmap(im.norm(m[i, j])) if np.isfinite(shown[i, j]) else (0.9, 0.9, 0.9, 1)
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # the cell's own colour decides the text's
-                    ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(m[i, j], fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
@@ -289,21 +321,49 @@ def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
     paths = []
     for kind, m in result["transfer"].items():
         center = 0.0 if kind.endswith("gain") else None
-        paths.append(plot_task_matrix(m, tasks, out_dir / f"transfer_{kind}.png",
-                                      f"{model}: transfer ({kind})", kind, cmap="magma" if center is None else "RdBu_r",
-                                      center=center))
+        paths.append(
+            plot_task_matrix(
+                m,
+                tasks,
+                out_dir / f"transfer_{kind}.png",
+                f"{model}: transfer ({kind})",
+                kind,
+                cmap="magma" if center is None else "RdBu_r",
+                center=center,
+            )
+        )
     for name, m in result["indicators"].items():
-        paths.append(plot_task_matrix(m, tasks, out_dir / f"indicator_{name}.png",
-                                      f"{model}: task similarity ({name})", name, scale_diagonal=False))
+        paths.append(
+            plot_task_matrix(
+                m,
+                tasks,
+                out_dir / f"indicator_{name}.png",
+                f"{model}: task similarity ({name})",
+                name,
+                scale_diagonal=False,
+            )
+        )
     if result.get("correlations"):
-        paths.append(plot_indicator_correlations(result["correlations"], out_dir / "correlations.png",
-                                                 f"{model}: indicators vs transfer ({len(tasks)} tasks)"))
+        paths.append(
+            plot_indicator_correlations(
+                result["correlations"],
+                out_dir / "correlations.png",
+                f"{model}: indicators vs transfer ({len(tasks)} tasks)",
+            )
+        )
     return paths
 
 
 # --- origin of skill neurons (SPEC §9) -------------------------------------------
-def plot_predictivity_scatter(x: np.ndarray, y: np.ndarray, path: str | Path, xlabel: str, ylabel: str,
-                              title: str, highlight: np.ndarray | None = None) -> Path:
+def plot_predictivity_scatter(
+    x: np.ndarray,
+    y: np.ndarray,
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    highlight: np.ndarray | None = None,
+) -> Path:
     """Predictivity of every neuron under two settings, one point per neuron, with the diagonal.
 
     `highlight` (bool per neuron) marks the skill neurons of either setting.
@@ -336,33 +396,58 @@ def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
     rw = parts.get("random_weights")
     if rw:
         rand = SkillNeurons.load(rw["neurons_dir"])
-        paths.append(plot_predictivity_histogram(
-            {"pretrained": source.predictivity.reshape(-1).numpy(), "random weights": rand.predictivity.reshape(-1).numpy()},
-            out_dir / rw["figure"], f"{source.model} / {source.task}: neuron predictivity, pretrained vs random weights"))
+        paths.append(
+            plot_predictivity_histogram(
+                {
+                    "pretrained": source.predictivity.reshape(-1).numpy(),
+                    "random weights": rand.predictivity.reshape(-1).numpy(),
+                },
+                out_dir / rw["figure"],
+                f"{source.model} / {source.task}: neuron predictivity, pretrained vs random weights",
+            )
+        )
     lw = parts.get("label_words")
     if lw:
         alt = SkillNeurons.load(lw["neurons_dir"])
         k = lw["top_per_layer"]
         rho, overlap = lw.get("spearman"), lw.get("top_overlap")
-        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-        paths.append(plot_predictivity_scatter(
-            source.predictivity.reshape(-1).numpy(), alt.predictivity.reshape(-1).numpy(), out_dir / lw["figure"],
-            xlabel=f"predictivity with {'/'.join(w.strip() for w in lw['original'])}",
-            ylabel=f"predictivity with {'/'.join(w.strip() for w in lw['alternative'])}",
-            title=f"{source.model} / {source.task}: label words\n(Spearman {fmt(rho)}, top overlap {fmt(overlap)})",
-            highlight=(top_mask(source.predictivity, k) | top_mask(alt.predictivity, k)).reshape(-1).numpy()))
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+        paths.append(
+            plot_predictivity_scatter(
+                source.predictivity.reshape(-1).numpy(),
+                alt.predictivity.reshape(-1).numpy(),
+                out_dir / lw["figure"],
+                xlabel=f"predictivity with {'/'.join(w.strip() for w in lw['original'])}",
+                ylabel=f"predictivity with {'/'.join(w.strip() for w in lw['alternative'])}",
+                title=f"{source.model} / {source.task}: label words\n(Spearman {fmt(rho)}, top overlap {fmt(overlap)})",
+                highlight=(top_mask(source.predictivity, k) | top_mask(alt.predictivity, k)).reshape(-1).numpy(),
+            )
+        )
     settings = result.settings
     for method in ("lora", "bitfit"):
         sec = parts.get(method)
         if not sec:
             continue
-        what = "LoRA" if method == "lora" else f"BitFit ({'normalisation weights' if sec.get('fallback') else 'biases'})"
+        what = (
+            "LoRA" if method == "lora" else f"BitFit ({'normalisation weights' if sec.get('fallback') else 'biases'})"
+        )
         noise = settings.get("mode") == "noise"
-        paths.append(plot_ablation(
-            {"rows": sec["rows"], "model": f"{source.model} ({what})", "task": source.task,
-             "seeds": settings.get("seeds", []), "n_examples": sec["n_examples"],
-             "majority_accuracy": sec.get("majority_accuracy"),
-             "settings": {"std": settings.get("std") if noise else None, "relative": settings.get("relative"),
-                          "per_layer": True}},
-            out_dir / sec["figure"]))
+        paths.append(
+            plot_ablation(
+                {
+                    "rows": sec["rows"],
+                    "model": f"{source.model} ({what})",
+                    "task": source.task,
+                    "seeds": settings.get("seeds", []),
+                    "n_examples": sec["n_examples"],
+                    "majority_accuracy": sec.get("majority_accuracy"),
+                    "settings": {
+                        "std": settings.get("std") if noise else None,
+                        "relative": settings.get("relative"),
+                        "per_layer": True,
+                    },
+                },
+                out_dir / sec["figure"],
+            )
+        )
     return paths

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tl_skill.viz import plots
 from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.demo import DemoResult
 from tl_skill.neurons import SkillNeurons
 from tl_skill.tuning.runs import Run
+from tl_skill.viz import plots
 
 log = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------- report
 def _img(path: Path) -> str:
@@ -52,17 +53,23 @@ def write_report(out: str | Path) -> Path:
     demo = DemoResult.load(out) if (out / DemoResult.FILE).exists() else None
     fig = out / "figures"
     figs = {
-        "training": plots.plot_training_curve(run.info["history"], fig / "training.png",
-                                              f"Prompt tuning: {run.model_name} on {run.task_name}"),
+        "training": plots.plot_training_curve(
+            run.info["history"], fig / "training.png", f"Prompt tuning: {run.model_name} on {run.task_name}"
+        ),
         "layers": plots.plot_layer_distribution(sn, fig / "layers.png"),
     }
     tr = np.load(out / "trace.npz")
     top = sn.top(max(10, tr["values"].shape[1]))
     best = top[0]
     figs["histogram"] = plots.plot_activation_histogram(
-        tr["values"][:, 0], tr["labels"], float(tr["baselines"][0]), fig / "best_neuron.png",
+        tr["values"][:, 0],
+        tr["labels"],
+        float(tr["baselines"][0]),
+        fig / "best_neuron.png",
         f"Best skill neuron L{best['layer']}.{best['neuron']} (position {best['position']}, "
-        f"predictivity {best['predictivity']:.3f})", sn.label_names)
+        f"predictivity {best['predictivity']:.3f})",
+        sn.label_names,
+    )
     figs["ablation"] = plots.plot_ablation(abl, fig / "ablation.png")
     m = run.metrics
     cfg = demo.config if demo is not None else {}
@@ -70,71 +77,112 @@ def write_report(out: str | Path) -> Path:
     rows = abl["rows"]
     md: list[str] = [f"# Skill neurons: {run.model_name} on {run.task_name}", ""]
     if quick:
-        md += ["> **Quick mode**: small subsets and a short tuning run; numbers are rough. "
-               "Run without `--quick` for the full settings.", ""]
-    md += ["## The prompt", "",
-           "| metric | value |", "|---|---|",
-           f"| dev accuracy (best checkpoint) | {_fmt(m.get('dev_accuracy'))} |",
-           f"| test accuracy | {_fmt(m.get('test_accuracy'))} |",
-           f"| zero-shot accuracy (verbalizer, no prompt) | {_fmt(m.get('zero_shot_accuracy'))} |",
-           f"| majority-class accuracy | {_fmt(m.get('majority_accuracy'))} |",
-           f"| prompt length / steps | {run.config.prompt_length} / {m.get('steps_run')} |",
-           f"| test examples | {run.info['task_spec']['sizes'].get('test')} |", "",
-           "![training](figures/training.png)", "",
-           "## Skill neurons", "",
-           f"Best neuron predictivity **{_fmt(sn.best_predictivity)}** against the prompt's own dev accuracy "
-           f"**{_fmt(m.get('dev_accuracy'))}** (predictivity measured on {sn.meta.get('n_eval')} dev examples, "
-           f"baseline from {sn.meta.get('n_train')} train examples).", "",
-           ]
+        md += [
+            "> **Quick mode**: small subsets and a short tuning run; numbers are rough. "
+            "Run without `--quick` for the full settings.",
+            "",
+        ]
+    md += [
+        "## The prompt",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| dev accuracy (best checkpoint) | {_fmt(m.get('dev_accuracy'))} |",
+        f"| test accuracy | {_fmt(m.get('test_accuracy'))} |",
+        f"| zero-shot accuracy (verbalizer, no prompt) | {_fmt(m.get('zero_shot_accuracy'))} |",
+        f"| majority-class accuracy | {_fmt(m.get('majority_accuracy'))} |",
+        f"| prompt length / steps | {run.config.prompt_length} / {m.get('steps_run')} |",
+        f"| test examples | {run.info['task_spec']['sizes'].get('test')} |",
+        "",
+        "![training](figures/training.png)",
+        "",
+        "## Skill neurons",
+        "",
+        f"Best neuron predictivity **{_fmt(sn.best_predictivity)}** against the prompt's own dev accuracy "
+        f"**{_fmt(m.get('dev_accuracy'))}** (predictivity measured on {sn.meta.get('n_eval')} dev examples, "
+        f"baseline from {sn.meta.get('n_train')} train examples).",
+        "",
+    ]
     st = sn.statistics(top=10)
     if st:
-        md += [f"**{st['n_significant']}** of {sn.n_layers * sn.d_mlp} neurons are significant at a false "
-               f"discovery rate of {st['fdr_q']:g} (exact hypergeometric p-values, Bonferroni over prompt "
-               f"positions, Benjamini-Hochberg over neurons; per layer: "
-               + (", ".join(f"L{l} {c}" for l, c in st["significant_per_layer"].items() if c) or "none") + ")."]
+        md += [
+            f"**{st['n_significant']}** of {sn.n_layers * sn.d_mlp} neurons are significant at a false "
+            f"discovery rate of {st['fdr_q']:g} (exact hypergeometric p-values, Bonferroni over prompt "
+            f"positions, Benjamini-Hochberg over neurons; per layer: "
+            + (", ".join(f"L{l} {c}" for l, c in st["significant_per_layer"].items() if c) or "none")
+            + ")."
+        ]
         if "heldout_of_best" in st:
-            md += ["", f"Held out on {sn.meta.get('n_confirm')} {st['confirm_split']} examples (position and "
-                   f"direction chosen on dev, same baselines): the best neuron scores "
-                   f"**{_fmt(st['heldout_of_best'])}**, the best of the top 1% {_fmt(st['heldout_best_of_selected'])}, "
-                   f"against the prompt's test accuracy **{_fmt(m.get('test_accuracy'))}**."]
+            md += [
+                "",
+                f"Held out on {sn.meta.get('n_confirm')} {st['confirm_split']} examples (position and "
+                f"direction chosen on dev, same baselines): the best neuron scores "
+                f"**{_fmt(st['heldout_of_best'])}**, the best of the top 1% {_fmt(st['heldout_best_of_selected'])}, "
+                f"against the prompt's test accuracy **{_fmt(m.get('test_accuracy'))}**.",
+            ]
         if "control" in st:
             c = st["control"]
-            md += ["", f"Shuffled-label control (dev labels permuted, same pass): {c['n_significant']} significant "
-                   f"neurons, {c['fraction_position_p_below_0.05']:.3f} of neuron positions with p < 0.05 "
-                   f"(chance: at most 0.05), best predictivity {_fmt(c['best_predictivity'])} by chance alone."]
+            md += [
+                "",
+                f"Shuffled-label control (dev labels permuted, same pass): {c['n_significant']} significant "
+                f"neurons, {c['fraction_position_p_below_0.05']:.3f} of neuron positions with p < 0.05 "
+                f"(chance: at most 0.05), best predictivity {_fmt(c['best_predictivity'])} by chance alone.",
+            ]
         if "stability" in st:
             t = st["stability"]
-            md += ["", f"Trial stability ({t['n_trials']} prompts): Spearman of predictivity {t['spearman_mean']:.3f}, "
-                   f"per-layer top-1% Jaccard {t['topk_jaccard_mean']:.3f} (chance {t['topk_jaccard_chance']:.3f}), "
-                   f"{t['mean_topk_in_every_trial']:.3f} of the mean top 1% in every prompt's top 1%."]
+            md += [
+                "",
+                f"Trial stability ({t['n_trials']} prompts): Spearman of predictivity {t['spearman_mean']:.3f}, "
+                f"per-layer top-1% Jaccard {t['topk_jaccard_mean']:.3f} (chance {t['topk_jaccard_chance']:.3f}), "
+                f"{t['mean_topk_in_every_trial']:.3f} of the mean top 1% in every prompt's top 1%.",
+            ]
         md += ["", "See docs/statistics.md in the tl_skill repository for each statistic and its assumptions.", ""]
-    md += ["| rank | layer | neuron | predictivity | prompt position | direction | q-value | held out |",
-           "|---|---|---|---|---|---|---|---|"]
+    md += [
+        "| rank | layer | neuron | predictivity | prompt position | direction | q-value | held out |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     stats_of = {(r["layer"], r["neuron"]): r for r in st.get("top", [])}
     for r, row in enumerate(top[:10], 1):
         s = stats_of.get((row["layer"], row["neuron"]), {})
-        md.append(f"| {r} | {row['layer']} | {row['neuron']} | {_fmt(row['predictivity'], 4)} | {row['position']} | "
-                  f"{'higher for ' + sn.label_names[-1] if row['direction'] > 0 else 'lower for ' + sn.label_names[-1]} | "
-                  f"{_fmt_q(s.get('q_value'))} | {_fmt(s.get('heldout_predictivity'), 4)} |")
-    md += ["", "![best neuron](figures/best_neuron.png)", "", "![layers](figures/layers.png)", "",
-           "## Perturbation", "",
-           f"Mode `{abl.get('mode', rows[0]['mode'] if rows else '')}` on {abl.get('n_examples')} test examples; "
-           f"random control: {_n_seeds(abl.get('seeds'))} seed(s), same count per layer.", "",
-           "| fraction | clean | skill neurons perturbed | random neurons perturbed (mean ± std) | "
-           "skill − random [95% CI] | McNemar p (per seed) |", "|---|---|---|---|---|---|"]
+        md.append(
+            f"| {r} | {row['layer']} | {row['neuron']} | {_fmt(row['predictivity'], 4)} | {row['position']} | "
+            f"{'higher for ' + sn.label_names[-1] if row['direction'] > 0 else 'lower for ' + sn.label_names[-1]} | "
+            f"{_fmt_q(s.get('q_value'))} | {_fmt(s.get('heldout_predictivity'), 4)} |"
+        )
+    md += [
+        "",
+        "![best neuron](figures/best_neuron.png)",
+        "",
+        "![layers](figures/layers.png)",
+        "",
+        "## Perturbation",
+        "",
+        f"Mode `{abl.get('mode', rows[0]['mode'] if rows else '')}` on {abl.get('n_examples')} test examples; "
+        f"random control: {_n_seeds(abl.get('seeds'))} seed(s), same count per layer.",
+        "",
+        "| fraction | clean | skill neurons perturbed | random neurons perturbed (mean ± std) | "
+        "skill − random [95% CI] | McNemar p (per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         pr = r.get("paired") or {}
         ci = f"{pr['difference']:+.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}]" if pr else "n/a"
         mc = " / ".join(f"{p:.2g}" for p in pr.get("mcnemar_p", [])) or "n/a"
-        md.append(f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
-                  f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} | {ci} | {mc} |")
+        md.append(
+            f"| {r['fraction']:.0%} | {_fmt(r['clean_accuracy'])} | {_fmt(r['skill_accuracy'])} | "
+            f"{_fmt(r['random_accuracy'])} ± {_fmt(r['random_accuracy_std'])} | {ci} | {mc} |"
+        )
     md += ["", f"**{abl.verdict().sentence}**", ""]
     md += ["![ablation](figures/ablation.png)", ""]
     if (out / "dashboard" / "index.html").exists():
-        md += ["## Neuron dashboards", "",
-               "What each top neuron does: activations by class, top and bottom examples with token-level "
-               "activations, direct effect on the label words, accuracy without it: "
-               "[dashboard/index.html](dashboard/index.html).", ""]
+        md += [
+            "## Neuron dashboards",
+            "",
+            "What each top neuron does: activations by class, top and bottom examples with token-level "
+            "activations, direct effect on the label words, accuracy without it: "
+            "[dashboard/index.html](dashboard/index.html).",
+            "",
+        ]
     if demo is not None and demo.timings:
         md += ["## Timings", "", "| phase | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in demo.timings.items()]
@@ -179,10 +227,13 @@ def _markdown_to_html(text: str, out: Path, figs: dict[str, Path]) -> str:
             body.append(f"<p>{_inline(line)}</p>")
     if in_table:
         body.append("</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "th{background:#f3f3f3}blockquote{background:#fff6dd;padding:.5em 1em;border-left:4px solid #e0a800}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>tl_skill report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+        "th{background:#f3f3f3}blockquote{background:#fff6dd;padding:.5em 1em;border-left:4px solid #e0a800}"
+    )
+    head = f"<meta charset='utf-8'><title>tl_skill report</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>"
 
 
 def _inline(s: str) -> str:
