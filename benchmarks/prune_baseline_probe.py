@@ -1,7 +1,7 @@
-"""Does the frozen neurons' constant explain the pruning collapse? A one-off probe (SPEC §7).
+"""Does the frozen neurons' constant explain the pruning collapse? A one-off probe (method §7).
 
 `tl-skill prune` freezes every removed neuron at its baseline: the train mean at
-the prompt positions (SPEC §7), at every position. This probe prunes the same
+the prompt positions (method §7), at every position. This probe prunes the same
 neurons twice, once with that baseline and once with each neuron's mean over all
 positions (input and prompt, padding excluded) of `--n-train` train examples, and
 compares test accuracy on `--n-test` examples.
@@ -56,7 +56,7 @@ def all_position_means(model, run: Run, task: Task, n_train: int, batch_size: in
     return sums / count
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("neurons_dir")
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run, sn = Run.load(args.run_dir), SkillNeurons.load(args.neurons_dir)
@@ -100,6 +100,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tl_skill import compat
+from tl_skill.errors import UnsupportedModelError
 
 pytestmark = pytest.mark.skipif(
     not compat.HAS_HOOKED_TRANSFORMER,
@@ -99,7 +100,7 @@ def hooked_activations(model, batch, prompt=None) -> torch.Tensor:
 
 
 def reference_predictivity(hf, task, prompt, layout, batch_size: int = 32) -> torch.Tensor:
-    """SPEC §2-3 written out: baseline = train mean at each prompt position; a neuron predicts
+    """method §2-3 written out: baseline = train mean at each prompt position; a neuron predicts
     class 1 when above it; predictivity = max(acc, 1 - acc), max over prompt positions."""
 
     def prompt_acts(split):
@@ -287,7 +288,7 @@ def test_zero_perturbation_matches_the_hf_model_with_those_neurons_zeroed(hooked
 
 
 def test_predictivity_matches_the_hf_reference_and_the_bridge(hooked, hf_gpt2, trained_run, request):
-    """Done-when of the compatibility issue: the same ranking on a HookedTransformer and a bridge."""
+    """The same ranking on a HookedTransformer and a bridge."""
     from tl_skill.data.tasks import subsample
     from tl_skill.find import find_skill_neurons
     from tl_skill.tuning.prompt import layout_for
@@ -341,7 +342,7 @@ def test_pruning_is_bridge_only(hooked, trained_run):
 def test_hooked_transformer_refuses_masked_lms():
     from tl_skill import load_model
 
-    with pytest.raises(compat.UnsupportedModelError, match="masked LM"):
+    with pytest.raises(UnsupportedModelError, match="masked LM"):
         load_model("tiny-bert", device="cpu", kind="hooked")
     with pytest.raises(ValueError, match="model kind"):
         load_model("tiny-gpt2", device="cpu", kind="hooked-transformer")

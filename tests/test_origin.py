@@ -1,4 +1,4 @@
-"""Where skill neurons come from (SPEC §9): random-weights control, LoRA, BitFit, label words."""
+"""Where skill neurons come from (method §9): random-weights control, LoRA, BitFit, label words."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Soft prompts, verbalizers and prompt placement (SPEC §1), checked against plain HF forwards."""
+"""Soft prompts, verbalizers and prompt placement (method §1), checked against plain HF forwards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pruned models (SPEC §7): compared with the unpruned model whose removed neurons are held at their baseline."""
+"""Pruned models (method §7): compared with the unpruned model whose removed neurons are held at their baseline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Statistics (SPEC §3b): p-values vs scipy, FDR, held-out predictivity, shuffled labels, stability, paired tests."""
+"""Statistics (method §3b): p-values vs scipy, FDR, held-out predictivity, shuffled labels, stability, paired tests."""
 
 from __future__ import annotations
 

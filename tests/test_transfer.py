@@ -1,4 +1,4 @@
-"""Transfer indicators and the multi-task study (SPEC §8)."""
+"""Transfer indicators and the multi-task study (method §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finding skill neurons (SPEC §2-§3): record a run's activations, reduce them to predictivity.
+"""Finding skill neurons (method §2-§3): record a run's activations, reduce them to predictivity.
 
 `find_skill_neurons` records every run (prompt) of a task with `record_runs`
 (baselines from train, above-baseline counts on the selection split, and
@@ -124,7 +124,7 @@ def record_runs(
 ) -> list[RunStats]:
     """`record_run` for several prompts (trials) of one length on the same examples.
 
-    With the prefix cache (causal LMs, `positions="prompt"`, `prefix.prefix_cache_default()`) and
+    With the prefix cache (causal LMs, `positions="prompt"`, `tuning.prefix.prefix_cache_default()`) and
     two or more prompts, each batch's input runs once, without hooks, up to the last recorded
     layer's keys/values, and every prompt's P positions then run against it with that prompt's
     recorder: R trials read the input once. Elsewhere (one prompt included) each prompt gets the

@@ -1,4 +1,4 @@
-"""Task transferability (SPEC §8): prompt transfer and the indicators that predict it.
+"""Task transferability (method §8): prompt transfer and the indicators that predict it.
 
 For every ordered pair of tasks (A, B):
 

@@ -265,7 +265,7 @@ def load_model(
     seed: int = 0,
     attn_implementation: str | None = None,
     kind: str | None = None,
-):
+) -> HookedRootModule:
     """Load a model as a TransformerLens `TransformerBridge` (a `HookedTransformer` on TransformerLens 3.x).
 
     Args:

@@ -1,4 +1,4 @@
-"""Predictivity, multi-class decomposition and skill-neuron selection (SPEC §3-§5).
+"""Predictivity, multi-class decomposition and skill-neuron selection (method §3-§5).
 
 Neuron (l, t, i) predicts the positive class when its activation at prompt
 position t is strictly above its train-split mean (the baseline); its
@@ -6,7 +6,7 @@ accuracy on the dev split is `acc`, its predictivity `max(acc, 1 - acc)`
 (a reliably *lower* neuron is just as predictive). A neuron's predictivity is
 the max over prompt positions, then the mean (or min) over runs of the task.
 A constant neuron is never above its baseline, so it always predicts the
-negative class and its predictivity is the majority rate, as SPEC §3 asks;
+negative class and its predictivity is the majority rate, as method §3 asks;
 such neurons are also flagged in `SkillNeurons.constant`.
 
 Recording runs into these statistics is `tl_skill.find` (`find_skill_neurons`).
@@ -70,10 +70,10 @@ class SkillNeurons:
 
     @property
     def units(self) -> str:
-        """The unit source the activations were read from ("mlp", "resid", "attn", "sae:PATH"; units.py)."""
+        """The unit source the activations were read from ("mlp", "resid", "attn", "sae:PATH"; `tl_skill.units`)."""
         return self.meta.get("units", "mlp")
 
-    # --- statistics (SPEC §3b; see tl_skill.stats) ---------------------------
+    # --- statistics (method §3b; see tl_skill.stats) ---------------------------
     def has_counts(self, which: str = "eval") -> bool:
         return f"{which}.pos_above" in self.counts
 
@@ -327,7 +327,7 @@ class SkillNeurons:
             )
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> Any:
         import pandas as pd
 
         pred = self.predictivity

@@ -1,4 +1,4 @@
-"""Perturbing neurons: the hooks behind the ablation experiment (SPEC §6).
+"""Perturbing neurons: the hooks behind the ablation experiment (method §6).
 
 A `Perturbation` is a set of forward hooks on `blocks.{l}.mlp.hook_post` that
 changes chosen neurons at every sequence position (prompt and input; padding
@@ -18,7 +18,7 @@ since the perturbation was made (or `reset`). Its noise is a fixed function of
 `(seed, j)`: a standard normal [n_layers, d_mlp] from
 `numpy.random.default_rng([seed, j])`, of which each chosen neuron takes its
 entry. So the draws do not depend on batch size or on which other neurons are
-chosen. `tuning.evaluate` visits a split in one fixed order (sorted by length,
+chosen. `evaluate` visits a split in one fixed order (sorted by length,
 whatever the batch size) and resets the numbering at every batch to the
 batch's global position in that order, so `j` is the example's global number
 under `torchrun` too: accuracies are the same for any number of processes.
@@ -37,6 +37,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,13 +149,15 @@ class Perturbation:
         skill: `SkillNeurons` whose `layers` map the mask rows to real layers and whose
             baseline (mode "mean") and std (`relative`) are used, averaged over runs and
             prompt positions, unless `baseline` / `neuron_std` are given.
-        baseline, neuron_std: [n_layers, d_mlp] tensors indexed by real layer.
+        baseline: [n_layers, d_mlp] baselines indexed by real layer (mode "mean").
+        neuron_std: [n_layers, d_mlp] stds indexed by real layer (`relative`).
+        units: the unit source (default: the skill neurons', else MLP neurons).
     """
 
     def __init__(
         self,
         model: HookedRootModule,
-        neurons,
+        neurons: torch.Tensor | Iterable[tuple[int, int]],
         mode: str | PerturbFn = "noise",
         *,
         std: float = 0.1,
@@ -345,7 +348,7 @@ def perturbed(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise",
         yield pert
 
 
-def perturb(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise", **kwargs):
+def perturb(model: HookedRootModule, neurons, mode: str | PerturbFn = "noise", **kwargs) -> Any:
     """Deprecated name of `perturbed` (kept for one release: `tl_skill.perturb` is this module)."""
     warnings.warn(
         "tl_skill.perturb.perturb is deprecated; use tl_skill.perturbed (the same context manager)",

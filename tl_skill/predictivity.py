@@ -1,5 +1,5 @@
 """Binary subtasks of a task and the accuracy of the rule "above baseline -> positive" from counts
-(SPEC §3-§4): what `SkillNeurons` and the recorders compute predictivity from."""
+(method §3-§4): what `SkillNeurons` and the recorders compute predictivity from."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Subtask:
 
 
 def make_subtasks(label_names: Sequence[str], mode: str = "ovr") -> list[Subtask]:
-    """Binary subtasks of a task (SPEC §4): a binary task is its own single subtask.
+    """Binary subtasks of a task (method §4): a binary task is its own single subtask.
 
     `ovr`: each class vs the rest; `pairwise`: each pair (i < j), j positive,
     on the examples of those two classes only (its baseline too).

@@ -1,4 +1,4 @@
-"""Pruned models: keep only the skill neurons of the upper layers (SPEC §7).
+"""Pruned models: keep only the skill neurons of the upper layers (method §7).
 
 In each chosen layer only the top `keep` fraction of neurons (by predictivity,
 ranked within the layer) remain. Every other neuron is frozen at its baseline
@@ -284,7 +284,7 @@ def check_prune_arguments(
 
 def prune_model(
     model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02, layers: Sequence[int] | None = None
-):
+) -> HookedRootModule:
     """A pruned copy of `model` keeping the top `keep` skill neurons of each of `layers`.
 
     Args:
@@ -343,7 +343,7 @@ def _bridge(hf: Any, tokenizer, spec: ModelSpec, device, prefix_ids) -> Any:
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
-    bridge._tl_skill_spec = spec
+    setattr(bridge, "_tl_skill_spec", spec)  # noqa: B010 - a plain attribute
     return bridge
 
 
@@ -394,7 +394,7 @@ def _fresh_hf(path: Path, info: dict[str, Any]):
     return hf, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def load_pruned(path: str | Path, device: str | torch.device | None = None):
+def load_pruned(path: str | Path, device: str | torch.device | None = None) -> HookedRootModule:
     """Rebuild a pruned model saved by `save_pruned` (or `prune_experiment`).
 
     The original architecture comes from `load_model(name)` for bundled models,
@@ -434,7 +434,7 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None):
 
 def prune(
     model: HookedRootModule, neurons: SkillNeurons | str | Path, keep: float = 0.02, layers: Sequence[int] | None = None
-):
+) -> HookedRootModule:
     """Deprecated name of `prune_model` (kept for one release: `tl_skill.prune` is this module)."""
     warnings.warn("tl_skill.prune.prune is deprecated; use tl_skill.prune_model", DeprecationWarning, stacklevel=2)
     return prune_model(model, neurons, keep, layers)

@@ -1,4 +1,4 @@
-"""Hook-point recorders that reduce neuron activations to statistics inside the hook (SPEC §2).
+"""Hook-point recorders that reduce neuron activations to statistics inside the hook (method §2).
 
 Nothing per example is kept: a split of any size costs
 O(n_layers x positions x d_mlp) memory. Sums are exact (integer fixed point
@@ -8,7 +8,7 @@ from plain float64 sums of squares, agrees to rounding). Note that the model
 itself can shift an activation by ~1e-7 when an example is padded differently,
 so batches of mixed lengths agree to that tolerance, not bit for bit.
 
-Two passes make predictivity (SPEC §3):
+Two passes make predictivity (method §3):
 1. `MomentStats` on train: per-class exact sums (-> baselines), sums of
    squares (-> std), min and max (-> constant neurons);
 2. `ThresholdStats` on dev: per class, how many examples are above each
@@ -203,7 +203,7 @@ class LabelSets(_Stats):
 
 
 class Recorder:
-    """Hooks on `blocks.{l}.mlp.hook_post` (or another unit source's hooks, `units=`; see `units.py`)
+    """Hooks on `blocks.{l}.mlp.hook_post` (or another unit source's hooks, `units=`; see `tl_skill.units`)
     that feed a statistics object, batch by batch.
 
     Usable as a context manager over any `HookedRootModule`:
@@ -305,9 +305,9 @@ class Recorder:
             self._batch = None
 
     def run_prompt_pass(self, chunk: Batch, prompt: SoftPrompt, cache, prompt_pass: Callable) -> None:
-        """Record the prompt positions of a batch whose input is in `cache` (`prefix.record_runs`).
+        """Record the prompt positions of a batch whose input is in `cache` (`find.record_runs`).
 
-        `chunk` is the prompt part of the batch (`prefix.split_batch`): its P positions are all
+        `chunk` is the prompt part of the batch (`tuning.prefix.split_batch`): its P positions are all
         prompt positions, so the "prompt" position mode reads them all; the hooks are attached
         for this pass only (the input pass ran without them).
         """

@@ -1,4 +1,4 @@
-"""Statistics for skill neurons (SPEC §3b): exact p-values, FDR, trial stability, paired tests.
+"""Statistics for skill neurons (method §3b): exact p-values, FDR, trial stability, paired tests.
 
 Exact p-values. The baseline comes from train, so on an evaluation split the
 rule "above baseline -> positive" is fixed before the labels are seen. Under

@@ -1,4 +1,4 @@
-"""Model variants for the origin study (SPEC §9): a random-weights copy, LoRA, BitFit.
+"""Model variants for the origin study (method §9): a random-weights copy, LoRA, BitFit.
 
 Tuned copies are separate models: the model passed in is never changed. A
 copy is a plain Hugging Face model rebuilt from the bridge's weights and
@@ -9,7 +9,7 @@ would never run. LoRA adapts the attention projections only; BitFit trains
 the bias terms outside the MLP (attention and normalisation) — the MLP
 biases are neuron weights and stay frozen, unlike the original BitFit —
 and, where the architecture has no such biases (Llama, SmolLM2), the
-normalisation weights instead. Training is `train.train_loop`, as for prompts.
+normalisation weights instead. Training is `tuning.loop.train_loop`, as for prompts.
 """
 
 from __future__ import annotations
@@ -85,12 +85,12 @@ def _wrap(hf: torch.nn.Module, source, name: str):
     bridge = compat.build_bridge(hf, source.tokenizer, spec.name, device=str(compat.model_device(source)))
     bridge.eval()
     _freeze(bridge)
-    bridge._tl_skill_spec = dataclasses.replace(spec, name=name)
+    setattr(bridge, "_tl_skill_spec", dataclasses.replace(spec, name=name))  # noqa: B010 - a plain attribute
     setattr(bridge, compat.PREFIX_ATTR, tuple(compat.model_prefix_ids(source)))
     return bridge
 
 
-def random_weights_model(model: HookedRootModule, seed: int = 1):
+def random_weights_model(model: HookedRootModule, seed: int = 1) -> HookedRootModule:
     """The random-weights control: `model`'s architecture and tokenizer, freshly initialised weights.
 
     Its `ModelSpec` is `model`'s with the name `<name>-random`.
@@ -105,7 +105,7 @@ def random_weights_model(model: HookedRootModule, seed: int = 1):
     return _wrap(fresh, model, f"{model_spec(model).name}-random")
 
 
-def copy_model(model: HookedRootModule, suffix: str):
+def copy_model(model: HookedRootModule, suffix: str) -> HookedRootModule:
     """An independent copy of `model` (same weights, same tokenizer), named `<name>+<suffix>`."""
     return _wrap(clean_hf_copy(model), model, f"{model_spec(model).name}+{suffix}")
 
@@ -284,7 +284,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Train only `params` of `model` on `task` in the zero-shot layout (no prompt).
 
-    The same loop as prompt tuning (`train.train_loop`): input as for zero-shot
+    The same loop as prompt tuning (`tuning.loop.train_loop`): input as for zero-shot
     evaluation, prediction at the last position (the mask for a masked LM),
     cross-entropy over the verbalizer logits, AdamW with a linear schedule and
     warm-up, dev evaluations keeping the best parameters, and with `out` the

@@ -31,11 +31,11 @@ from tl_skill.viz.plots import plot_ablation, plot_origin_figures, plot_transfer
 
 
 # -------------------------------------------------------------------------- ablate
-def add_ablate(sub):
+def add_ablate(sub) -> None:
     p = subparser(
         "ablate",
         sub,
-        "perturb skill neurons vs random neurons and measure accuracy (SPEC §6)",
+        "perturb skill neurons vs random neurons and measure accuracy (method §6)",
         """
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt
         tl-skill ablate runs/rt/seed0 --neurons neurons/rt --out ablation/rt-zero --mode zero --fractions 0.01,0.1
@@ -81,7 +81,7 @@ def _run_neurons_model(args):
     return run, SkillNeurons.load(args.neurons), (lambda: load_model_for(args, run.model_name)), shared
 
 
-def cmd_ablate(args):
+def cmd_ablate(args) -> None:
     run, sn, loader, shared = _run_neurons_model(args)
     res = ablation_experiment(
         loader,
@@ -115,11 +115,11 @@ def cmd_ablate(args):
 
 
 # --------------------------------------------------------------------------- prune
-def add_prune(sub):
+def add_prune(sub) -> None:
     p = subparser(
         "prune",
         sub,
-        "prune a model to its skill neurons and measure size, speed, accuracy (SPEC §7)",
+        "prune a model to its skill neurons and measure size, speed, accuracy (method §7)",
         """
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt --keep 0.05 --layers 8-29 --retune-steps 100
@@ -138,7 +138,7 @@ def add_prune(sub):
     finish(p, cmd_prune)
 
 
-def cmd_prune(args):
+def cmd_prune(args) -> None:
     run, sn, loader, shared = _run_neurons_model(args)
     res = prune_experiment(
         loader,
@@ -161,11 +161,11 @@ def cmd_prune(args):
 
 
 # ------------------------------------------------------------------ transfer, study
-def add_transfer(sub):
+def add_transfer(sub) -> None:
     p = subparser(
         "transfer",
         sub,
-        "task similarity and prompt transferability from skill neurons (SPEC §8)",
+        "task similarity and prompt transferability from skill neurons (method §8)",
         """
         tl-skill transfer neurons/rt neurons/ws neurons/bbc --out transfer/
         tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --out transfer/ --transfer-steps 0
@@ -192,7 +192,7 @@ def add_transfer(sub):
     finish(p, cmd_transfer)
 
 
-def cmd_transfer(args):
+def cmd_transfer(args) -> None:
     res = transfer_from_dirs(
         None,
         args.neurons_dirs,
@@ -213,11 +213,11 @@ def cmd_transfer(args):
     emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
 
 
-def add_study(sub):
+def add_study(sub) -> None:
     p = subparser(
         "study",
         sub,
-        "multi-task study: tune, find, transfer, indicators (SPEC §8-§9)",
+        "multi-task study: tune, find, transfer, indicators (method §8-§9)",
         """
         tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business --out study/
         tl-skill study --model tiny-gpt2 --tasks rotten_tomatoes,word_sentiment --seeds 2 --steps 20 --out tiny_study/
@@ -247,7 +247,7 @@ def add_study(sub):
     finish(p, cmd_study)
 
 
-def cmd_study(args):
+def cmd_study(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     cfg = TuneConfig(
         prompt_length=args.prompt_length,
@@ -281,11 +281,11 @@ def cmd_study(args):
 
 
 # -------------------------------------------------------------------------- origin
-def add_origin(sub):
+def add_origin(sub) -> None:
     p = subparser(
         "origin",
         sub,
-        "where skill neurons come from: random weights, LoRA, BitFit, label words (SPEC §9)",
+        "where skill neurons come from: random weights, LoRA, BitFit, label words (method §9)",
         """
         tl-skill origin --model smollm2-135m --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
         tl-skill origin --model tiny-gpt2 --task rotten_tomatoes --out origin/tiny --steps 20 --parts lora,bitfit
@@ -329,7 +329,7 @@ def add_origin(sub):
     finish(p, cmd_origin)
 
 
-def cmd_origin(args):
+def cmd_origin(args) -> None:
     res = origin_study(
         args.model,
         args.task,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tl_skill.compat import HookedRootModule
 from tl_skill.distributed import is_main
 from tl_skill.errors import TLSkillError
 from tl_skill.models import check_device_name, load_model
@@ -174,7 +175,7 @@ def emit(obj, as_json: bool, text: str) -> None:
         print(text)
 
 
-def load_model_for(args, name: str):
+def load_model_for(args, name: str) -> HookedRootModule:
     return load_model(name, device=args.device, dtype=args.dtype)
 
 

@@ -29,11 +29,11 @@ from tl_skill.tuning.runs import Run, TuneConfig, claim_run_dir, evaluate, major
 
 
 # --------------------------------------------------------------------------- tune
-def add_tune(sub):
+def add_tune(sub) -> None:
     p = subparser(
         "tune",
         sub,
-        "prompt-tune a frozen model on a task (SPEC §1)",
+        "prompt-tune a frozen model on a task (method §1)",
         """
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt/seed0
         tl-skill tune --model tiny-gpt2 --task csv:my.csv --label-words bad,good --out runs/my --steps 50
@@ -69,7 +69,7 @@ def add_tune(sub):
     p.set_defaults(func=cmd_tune)
 
 
-def cmd_tune(args):
+def cmd_tune(args) -> None:
     task = load_task(args.task, seed=args.task_seed, label_words=args.label_words)
     cfg = dict(
         prompt_length=args.prompt_length,
@@ -104,7 +104,7 @@ def cmd_tune(args):
 
 
 # ------------------------------------------------------------------------ evaluate
-def add_evaluate(sub):
+def add_evaluate(sub) -> None:
     p = subparser(
         "evaluate",
         sub,
@@ -120,7 +120,7 @@ def add_evaluate(sub):
     finish(p, cmd_evaluate)
 
 
-def cmd_evaluate(args):
+def cmd_evaluate(args) -> None:
     run = Run.load(args.run_dir)
     model = load_model_for(args, run.model_name)
     task = subsample(run.load_task(), {args.split: args.max_examples}, seed=run.info["task_seed"])
@@ -151,11 +151,11 @@ def cmd_evaluate(args):
 
 
 # ---------------------------------------------------------------------------- find
-def add_find(sub):
+def add_find(sub) -> None:
     p = subparser(
         "find",
         sub,
-        "find skill neurons: predictivity of every neuron (SPEC §2-§5)",
+        "find skill neurons: predictivity of every neuron (method §2-§5)",
         """
         tl-skill find runs/rt/seed0 --out neurons/rt
         tl-skill find runs/rt/seed0 runs/rt/seed1 --out neurons/rt --top 20 --json
@@ -194,7 +194,7 @@ def add_find(sub):
     finish(p, cmd_find)
 
 
-def cmd_find(args):
+def cmd_find(args) -> None:
     runs = [Run.load(d) for d in args.run_dirs]
     # the directory is claimed before the model loads: other runs or settings are refused at once
     sn = load_or_find(

@@ -15,7 +15,7 @@ from tl_skill.viz.neuronpedia import claim_export_dir, default_source_set, expor
 
 
 # ----------------------------------------------------------------------- dashboards
-def add_dashboard(sub):
+def add_dashboard(sub) -> None:
     p = subparser(
         "dashboard",
         sub,
@@ -70,7 +70,7 @@ def _dashboard(args, out):
     )
 
 
-def cmd_dashboard(args):
+def cmd_dashboard(args) -> None:
     res = _dashboard(args, args.out)
     index = write_dashboard(res, args.out)
     lines = [f"{'unit':>12} {'predictivity':>12} {'held-out':>9} {'alone':>7}"]
@@ -83,7 +83,7 @@ def cmd_dashboard(args):
     emit({"index": str(index), "neurons": len(res.neurons)}, False, "\n".join(lines) + f"\nopen {index}")
 
 
-def add_export(sub):
+def add_export(sub) -> None:
     p = subparser(
         "export",
         sub,
@@ -103,7 +103,7 @@ def add_export(sub):
     p.set_defaults(func=cmd_export)
 
 
-def cmd_export(args):
+def cmd_export(args) -> None:
     if args.source_set is None:
         args.source_set = default_source_set(args.units or SkillNeurons.load(args.neurons_dir).units)
     claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
@@ -113,7 +113,7 @@ def cmd_export(args):
 
 
 # ---------------------------------------------------------------------------- demo
-def add_demo(sub):
+def add_demo(sub) -> None:
     p = subparser(
         "demo",
         sub,
@@ -132,7 +132,7 @@ def add_demo(sub):
     p.set_defaults(func=cmd_demo)
 
 
-def cmd_demo(args):
+def cmd_demo(args) -> None:
     import time
 
     from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -200,12 +200,13 @@ def build_hooked_transformer(hf_model: Any, tokenizer: Any, name: str, device: s
     return model.to(cfg.device, print_details=False)  # its default prints
 
 
-def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = None):
+def build_bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None = None) -> HookedRootModule:
     """Wrap a Hugging Face model (already loaded) in a TransformerBridge."""
     check_kind("bridge")
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    return cast(HookedRootModule, bridge)  # a TransformerBridge is a HookedRootModule
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -315,7 +316,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def forward(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def forward(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run the model on token ids with an attention mask; returns logits [batch, pos, vocab].
 
     Both the bridge and HookedTransformer derive position ids from the mask

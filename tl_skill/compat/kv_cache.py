@@ -4,6 +4,7 @@ HookedTransformer (TransformerLens' own cache). Used by `tuning.prefix`; reach i
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ def prefix_cache_supported(model: HookedRootModule) -> bool:
     return callable(getattr(attn, "_update_kv_cache", None))
 
 
-def new_kv_cache(model: HookedRootModule, batch_size: int):
+def new_kv_cache(model: HookedRootModule, batch_size: int) -> Any:
     """An empty key/value cache for `model`: Hugging Face's for a bridge, TransformerLens' for a HookedTransformer."""
     if is_bridge(model):
         from transformers import DynamicCache
@@ -40,7 +41,9 @@ def new_kv_cache(model: HookedRootModule, batch_size: int):
     return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch_size)
 
 
-def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache):
+def forward_with_cache(
+    model: HookedRootModule, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache
+) -> torch.Tensor:
     """`forward` that reads and extends `cache` (attention over the cached positions, then the new ones).
 
     `attention_mask` covers the cached positions and the new ones. For a bridge the cache is handed
@@ -61,7 +64,7 @@ def forward_with_cache(model: HookedRootModule, input_ids: torch.Tensor, attenti
     )
 
 
-def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int, attention_mask: torch.Tensor):
+def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int, attention_mask: torch.Tensor) -> Any:
     """One cache of `batch_size` rows, left-padded to `length`, from caches of row groups.
 
     `parts`: (cache, rows) pairs, each cache holding `len(rows)` rows left-padded to its own length
@@ -103,7 +106,7 @@ def has_forward_hooks(model: HookedRootModule) -> bool:
     return any(hp._forward_hooks for hp in model.hook_dict.values())
 
 
-def copy_kv_cache(cache):
+def copy_kv_cache(cache) -> Any:
     """An independent copy of a key/value cache (to continue it several ways)."""
     return copy.deepcopy(cache)
 

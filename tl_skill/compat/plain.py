@@ -4,7 +4,7 @@
 
 `plain_view`: the same Hugging Face class rebuilt around the bridge's *own* parameter and buffer
 tensors (nothing copied), for passes nobody listens to: the prefix cache's input pass and a tuning
-step's prompt pass (`prefix.py`). The bridge reconstructs attention around every Hugging Face module
+step's prompt pass (`tuning.prefix`). The bridge reconstructs attention around every Hugging Face module
 and fires its hook points; with no hook attached that work changes nothing, and the plain classes
 run the same arithmetic faster (SmolLM2-135M's cached tuning step: 15% less time). A view is
 used only where it is exact:
@@ -241,7 +241,7 @@ def _packed_masks(view: Any, lengths: list[int], sdpa: bool, dtype: torch.dtype,
     return as_mask(allowed), pos[None]
 
 
-def base_forward(base: Any, cache, **kwargs):
+def base_forward(base: Any, cache, **kwargs) -> Any:
     """One pass of a view's base model (the decoder without its head) reading and extending `cache`
     (`cache=` on transformers releases that renamed `past_key_values`)."""
     import inspect
@@ -250,7 +250,7 @@ def base_forward(base: Any, cache, **kwargs):
     return base(**{name: cache}, use_cache=True, **kwargs)
 
 
-def plain_input_cache(model: torch.nn.Module, view: Any, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
+def plain_input_cache(model: torch.nn.Module, view: Any, ids: torch.Tensor, mask: torch.Tensor, last_layer: int) -> Any:
     """The input part's keys/values through `view`, layers 0..`last_layer`, as a left-padded cache
     [batch, kv heads, L, d_head] (zeros at padding) for `ids`/`mask` [batch, L] (left-padded).
 

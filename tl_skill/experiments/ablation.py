@@ -1,4 +1,4 @@
-"""The skill-vs-random ablation experiment (SPEC §6), and the one verdict rule.
+"""The skill-vs-random ablation experiment (method §6), and the one verdict rule.
 
 For each fraction f the top `int(f * d_mlp)` skill neurons of each layer are
 perturbed; the control perturbs as many random neurons per layer, once per
@@ -254,7 +254,9 @@ class AblationResult(RunResult):
         return verdict(self.rows, self.majority_accuracy)
 
 
-def check_fractions_seeds(fractions: Iterable[float], seeds: int | Sequence[int], error=AblationError):
+def check_fractions_seeds(
+    fractions: Iterable[float], seeds: int | Sequence[int], error=AblationError
+) -> tuple[list[float], list[int]]:
     fractions = [float(f) for f in fractions]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise error(f"fractions must be in (0, 1], got {fractions}")
@@ -274,7 +276,7 @@ class AblationConfig:
         seeds: number of random-control seeds (0..n-1), or the seeds themselves.
         std: noise std (absolute, or times each unit's std with `relative`).
         layers: perturb only these layers (default: every layer the skill neurons cover).
-        max_examples: test examples (`runner.evaluation_task`; default the run's own test set).
+        max_examples: test examples (`experiments.runner.evaluation_task`; default the run's own test set).
         batch_size: examples per forward pass (no effect on the result).
         per_layer: rank within each layer (the reference) or globally.
         units: the unit source to perturb (default: the one the skill neurons were found on;

@@ -1,4 +1,4 @@
-"""Neuron dashboards: what each selected skill neuron does (the data; `tl_skill.dashboard_html` draws it).
+"""Neuron dashboards: what each selected skill neuron does (the data; `tl_skill.viz.dashboard` draws it).
 
 For the top skill neurons of a task, on the run's test examples (the runner's
 `evaluation_task`), `dashboard_data` measures in one pass over the examples:
@@ -239,7 +239,7 @@ def dashboard_data(
         model: the model, or a function returning it (called once `out` has been accepted).
         out: directory for `dashboard.json`/`.safetensors` and the single-neuron ablations
             (`conditions/`); refused before any work if it holds anything else.
-        max_examples: test examples of the run (`runner.evaluation_task`).
+        max_examples: test examples of the run (`experiments.runner.evaluation_task`).
         n_examples: top- and bottom-activating examples shown per neuron.
         ablation_mode: "mean" (the neuron's baseline) or "zero".
         ablation: the ablation experiment of the same run and neurons, for the group effect.

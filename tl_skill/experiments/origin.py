@@ -1,4 +1,4 @@
-"""Where skill neurons come from (SPEC §9): pre-training controls and other tuning methods.
+"""Where skill neurons come from (method §9): pre-training controls and other tuning methods.
 
 `origin_study` runs four parts on one model and task and writes `origin.json`
 (one section per part, each with its numbers, a `claim_holds` boolean and a
@@ -23,7 +23,7 @@ one-line `statement`) and figures:
   label words.
 
 The model variants (random copy, LoRA, BitFit) are built by `tl_skill.variants`
-and trained by the same loop as prompts (`train.train_loop`); the model passed
+and trained by the same loop as prompts (`tuning.loop.train_loop`); the model passed
 in is never changed. The perturbations are conditions of the runner and the
 LoRA/BitFit verdicts use the one rule of `experiments.ablation.verdict`.
 """
@@ -127,18 +127,27 @@ class OriginConfig:
             `prompt_steps` and the test cap.
         prompt_steps: tuning steps of the random-weights and label-word prompts (None: the
             source run's). The default, 150, keeps the study within an hour on 2 CPU cores.
-        steps, lora_lr, bitfit_lr, lora_rank, lora_alpha, train_batch_size, eval_every:
-            LoRA and BitFit training (`FinetuneConfig`); the train/dev/test caps are the run's.
-        fractions, seeds, mode, std, relative: the perturbation (as in `ablation_experiment`),
-            on at most `max_test_examples` test examples (None: the run's cap); the extra
-            prompts are tested on as many.
+        steps: LoRA and BitFit training steps (`FinetuneConfig`; the train/dev/test caps are the run's).
+        lora_lr: LoRA's learning rate.
+        bitfit_lr: BitFit's learning rate.
+        lora_rank: LoRA's rank.
+        lora_alpha: LoRA's scale.
+        train_batch_size: LoRA and BitFit batch size.
+        eval_every: LoRA and BitFit dev evaluations every this many steps.
+        fractions: the perturbed fractions per layer (as in `ablation_experiment`).
+        seeds: random-control seeds (a count, or the seeds).
+        mode: "noise", "zero" or "mean".
+        std: noise std.
+        relative: noise relative to each neuron's std.
+        max_test_examples: test examples of the perturbations and extra prompts (None: the run's cap).
         alt_label_words: the label-word control's words (default `default_alt_label_words`).
         random_seed: initialisation seed of the random-weights model.
-        find_train_examples, find_eval_examples: `find_skill_neurons` caps for the neurons the
-            study finds itself (given neurons keep their own).
+        find_train_examples: `find_skill_neurons` train cap for the neurons the study finds itself
+            (given neurons keep their own).
+        find_eval_examples: its evaluation cap.
         top_fraction: the per-layer top fraction compared (at least one neuron per layer).
-        min_spearman, min_overlap: the label-word claim holds when Spearman >= min_spearman
-            and the top-fraction overlap >= min_overlap.
+        min_spearman: the label-word claim needs Spearman >= this ...
+        min_overlap: ... and a top-fraction overlap >= this.
         batch_size: evaluation and recording batch size (no effect on the result).
     """
 
@@ -229,11 +238,11 @@ def origin_study(
     progress: bool = True,
     **settings: Any,
 ) -> OriginResult:
-    """Where skill neurons come from: the four parts of SPEC §9 on one model and task (module docstring).
+    """Where skill neurons come from: the four parts of method §9 on one model and task (module docstring).
 
     Args:
-        model_name, task_name: what to study; with `run_dir`, they must match the run
-            (`task_name=None` takes the run's task).
+        model_name: the model to study; with `run_dir`, it must be the run's.
+        task_name: the task (None: the run's task).
         out: output directory. `origin.json` is rewritten after every part (and
             every perturbation evaluation); a rerun with the same settings skips
             finished parts and evaluations, and resumes interrupted prompt tuning.
@@ -243,7 +252,10 @@ def origin_study(
             `run_dir`, the first run they were found from is used.
         config: an `OriginConfig`, or its fields as keywords (`parts=("lora",), steps=50`).
         model: an already loaded model named `model_name` (not changed).
-        device, dtype: where and how `model_name` is loaded when `model` is not given.
+        device: where `model_name` is loaded when `model` is not given.
+        dtype: its dtype.
+        progress: progress bars.
+        **settings: `OriginConfig` fields, when no `config` is given.
 
     Returns:
         An `OriginResult` (saved as `origin.json`).

@@ -1,4 +1,4 @@
-"""The pruning experiment (SPEC §7): size, speed and accuracy of a model pruned to its skill neurons."""
+"""The pruning experiment (method §7): size, speed and accuracy of a model pruned to its skill neurons."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def prune_experiment(
 
     Args:
         model: the model, or a function returning it (called once `out` has been accepted).
-        max_examples: test examples (`runner.evaluation_task`; default the run's test set).
+        max_examples: test examples (`experiments.runner.evaluation_task`; default the run's test set).
     """
     run = run if isinstance(run, Run) else Run.load(run)
     neurons_path = None if isinstance(neurons, SkillNeurons) else str(neurons)

@@ -3,7 +3,7 @@
 A `Condition` is a prompt (or none), a set of hooks (a perturbation, or none)
 and a model variant, evaluated on a named `EvalSet` (a task split with its
 verbalizer and layout settings). `run_conditions` evaluates each condition
-with `train.evaluate`, which visits the split in one order fixed by the split
+with `tuning.loop.evaluate`, which visits the split in one order fixed by the split
 alone and tells numbering hooks each batch's global position: noise draws are
 a function of `(seed, global example id)`, so accuracies do not depend on the
 batch size or the number of processes. Conditions with a prompt and no hooks on the
@@ -312,7 +312,7 @@ def shared_input_groups(todo: Sequence[tuple], max_prompts: int = MAX_SHARED_PRO
     """The conditions to evaluate, in order, with those that can share an input pass put together.
 
     Conditions with a prompt and no hooks, of one model variant, eval set and prompt length, share
-    each batch's input pass (`train.evaluate_prompts`, with the prefix cache on) in groups of at most
+    each batch's input pass (`tuning.loop.evaluate_prompts`, with the prefix cache on) in groups of at most
     `max_prompts` (a group's results are written when it finishes); every other condition is alone.
     """
     groups: list[list[tuple]] = []

@@ -1,4 +1,4 @@
-"""Prompt transfer between tasks and the indicators that predict it (SPEC §8), and the multi-task study.
+"""Prompt transfer between tasks and the indicators that predict it (method §8), and the multi-task study.
 
 `run_transfer` measures, for every ordered pair of tasks (A, B), A's prompts
 on B's test split as they are (`zero_shot`, `zero_shot_relative`) and as the
@@ -192,7 +192,7 @@ def run_transfer(
         init_trials: how many of the source task's prompts start a short tuning (each costs
             K steps per target task).
         top_fraction: per-layer share of top neurons for `neuron_topk_jaccard`.
-        max_eval_examples: cap on each target's test examples (`runner.evaluation_task`).
+        max_eval_examples: cap on each target's test examples (`experiments.runner.evaluation_task`).
         batch_size: evaluation batch size (default: the first target run's `eval_batch_size`).
         loaded_tasks: tasks already loaded, by name, as their runs load them (saves reloading).
         units: the unit source of the activation indicators (default: the one the skill
@@ -416,9 +416,9 @@ def transfer_from_dirs(
     neurons_dirs: Sequence[str | Path],
     run_dirs: Sequence[str | Path] | None,
     out: str | Path,
-    device=None,
-    dtype=None,
-    **kwargs,
+    device: str | None = None,
+    dtype: str | None = None,
+    **kwargs: Any,
 ) -> TransferResult:
     """Transfer and indicators from existing skill-neuron directories (one per task) and runs.
 
@@ -483,7 +483,7 @@ def study(
     progress: bool = True,
     device=None,
     dtype=None,
-    **transfer_kwargs,
+    **transfer_kwargs: Any,
 ) -> StudyResult:
     """The multi-task study: tune prompts, find skill neurons, then transfer and indicators.
 

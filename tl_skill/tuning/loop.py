@@ -4,7 +4,7 @@ Prompt tuning (`tuning.tune`: the soft prompt's vectors) and the origin
 study's LoRA and BitFit fine-tuning (`variants.finetune`: adapter matrices,
 biases or norm weights, no prompt) differ only in the parameters trained and
 in whether a prompt is applied: both run `train_loop`, with the same batches
-(`prompt.train_batch_indices`), loss (cross-entropy over the verbalizer
+(`tuning.prompt.train_batch_indices`), loss (cross-entropy over the verbalizer
 logits), AdamW with linear warm-up and decay, gradient clipping, dev
 evaluations for model selection, and the same checkpoint and resume rule:
 
@@ -115,9 +115,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy of the prompted (or zero-shot, `prompt=None`) model on one split.
 
-    `prefix_cache` (default: `prefix.prefix_cache_default()`, on): for a causal LM without
+    `prefix_cache` (default: `tuning.prefix.prefix_cache_default()`, on): for a causal LM without
     `extra_hooks` each batch's input runs once and the prompt against its keys/values
-    (`prefix.class_logits_cached`, through the plain view where nobody listens; the same logits to
+    (`tuning.prefix.class_logits_cached`, through the plain view where nobody listens; the same logits to
     float rounding). With hooks (a perturbation) one prompt gains nothing from the cache: both passes
     would run through the bridge's hooks, so the full pass runs (SmolLM2, 192 examples under noise
     hooks: 9.5 s cached, 9.1 s full); `prefix_cache=True` forces the cache.
@@ -200,9 +200,9 @@ def train_loop(
         ddp: under torchrun, a callable `(batch, global batch size) -> loss` that averages the
             gradient over processes (`tuning.parallel.prompt_data_parallel`).
         prefix_cache: run each batch's input once without grad and only the prompt positions
-            with grad against its cached keys/values (`prefix.class_logits_cached`; causal
+            with grad against its cached keys/values (`tuning.prefix.class_logits_cached`; causal
             models with a prompt that is the only trained tensor; elsewhere the full pass).
-            None: `prefix.prefix_cache_default()` (on). The same loss and
+            None: `tuning.prefix.prefix_cache_default()` (on). The same loss and
             gradient: it is not part of any run's identity.
 
     Returns:
@@ -397,7 +397,7 @@ def evaluate_prompts(
 ) -> list[dict[str, Any]]:
     """`evaluate` of several prompts (one length) on the same examples, sharing each batch's input pass.
 
-    With the prefix cache (`prefix.class_logits_many`) K prompts cost one input pass plus K
+    With the prefix cache (`tuning.prefix.class_logits_many`) K prompts cost one input pass plus K
     prompt passes; the results are `evaluate`'s for each prompt.
     """
     lengths = {p.length for p in prompts}

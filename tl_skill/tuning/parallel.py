@@ -41,7 +41,9 @@ class PromptLoss(nn.Module):
         return total * (distributed.world_size() / global_batch_size)
 
 
-def prompt_data_parallel(model: HookedRootModule, verbalizer: Verbalizer, prompt: SoftPrompt, batch_size: int):
+def prompt_data_parallel(
+    model: HookedRootModule, verbalizer: Verbalizer, prompt: SoftPrompt, batch_size: int
+) -> nn.Module | None:
     """A DDP-wrapped `PromptLoss` when distributed; None in a single process."""
     if not distributed.is_distributed():
         return None

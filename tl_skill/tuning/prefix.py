@@ -14,7 +14,7 @@ for masked LMs `class_logits_cached` is `class_logits`.
 The cached path is the default where it saves time (causal LMs on a bridge or a TL 3.x
 HookedTransformer; prompt tuning, evaluation of a prompt without hooks, several prompts or trials
 on the same examples); a single prompt under hooks and a single trial's recording take the full
-pass unless asked (`train.evaluate`, `find.record_runs`).
+pass unless asked (`tuning.loop.evaluate`, `find.record_runs`).
 `use_prefix_cache(False)` (the CLI's `--no-prefix-cache`) turns it off for a process or a
 `with` block; functions that take `prefix_cache=` follow that default when it is None.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -160,7 +161,7 @@ def _input_pass(model: HookedRootModule, ids: torch.Tensor, mask: torch.Tensor, 
     return input_pass_through(model, ids, mask, int(model.cfg.n_layers) - 1)
 
 
-def input_pass_through(model: HookedRootModule, ids: torch.Tensor, mask: torch.Tensor, last_layer: int):
+def input_pass_through(model: HookedRootModule, ids: torch.Tensor, mask: torch.Tensor, last_layer: int) -> Any:
     """The input part's cache up to `last_layer`'s keys/values (enough for prompt passes that stop
     there, e.g. recording layers <= `last_layer`); nothing may listen (no hooks).
 
@@ -241,7 +242,7 @@ def _prompt_pass(
 def class_logits_cached(
     model: HookedRootModule, batch: Batch, verbalizer: Verbalizer, prompt: SoftPrompt | None, extra_hooks: Sequence = ()
 ) -> Float[torch.Tensor, "batch n_classes"]:
-    """`prompt.class_logits` through a cached input pass (module docstring): the same numbers."""
+    """`tuning.prompt.class_logits` through a cached input pass (module docstring): the same numbers."""
     if prompt is None or not _usable(model, batch):
         return class_logits(model, batch, verbalizer, prompt, extra_hooks)
     ids, mask, chunk = split_batch(batch, compat.pad_token_id(model))

@@ -1,4 +1,4 @@
-"""Soft prompts, verbalizers and prompt placement (SPEC §1).
+"""Soft prompts, verbalizers and prompt placement (method §1).
 
 Placement: for a causal LM the prompt goes *after* the input
 (`input + prompt`, prediction at the last prompt position), so every prompt
@@ -440,7 +440,9 @@ def _embedding_matrix(model: HookedRootModule) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def maybe_applied(prompt: SoftPrompt | None, model: HookedRootModule, batch: Batch | None = None):
+def maybe_applied(
+    prompt: SoftPrompt | None, model: HookedRootModule, batch: Batch | None = None
+) -> Iterator[SoftPrompt | None]:
     if prompt is None:
         yield None
     else:

@@ -1,4 +1,4 @@
-"""Prompt tuning of a frozen model (SPEC §1), run directories and resume.
+"""Prompt tuning of a frozen model (method §1), run directories and resume.
 
 A run directory holds:
 - `prompt.safetensors`: tensor `prompt`, shape [P, d_model], the best prompt by dev accuracy;
@@ -7,7 +7,7 @@ A run directory holds:
 - `checkpoint.safetensors` while it runs (see `train`): an interrupted run resumes and
   ends with the same history and prompt as an uninterrupted one.
 
-The loop itself is `train.train_loop`, shared with LoRA/BitFit fine-tuning.
+The loop itself is `tuning.loop.train_loop`, shared with LoRA/BitFit fine-tuning.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def tune(
     freshly booted bridge): they are frozen while tuning and restored after.
 
     `init_prompt` (length `config.prompt_length`) replaces the random start,
-    e.g. another task's prompt for prompt transfer (SPEC §8).
+    e.g. another task's prompt for prompt transfer (method §8).
 
     `evaluate_dev=False` skips the dev evaluations (no model selection): the
     saved prompt is the last step's and `dev_accuracy` is None. Short tunings
@@ -289,8 +289,8 @@ def tune(
     get the same prompt for less work.
 
     For a causal LM each step computes the input positions once without grad and only the prompt
-    positions with grad (`train.train_loop`; the same loss and gradient, to float rounding);
-    `prefix_cache=False` (or `prefix.use_prefix_cache(False)`) runs the full pass instead.
+    positions with grad (`tuning.loop.train_loop`; the same loss and gradient, to float rounding);
+    `prefix_cache=False` (or `tuning.prefix.use_prefix_cache(False)`) runs the full pass instead.
 
     Reruns with the same directory resume from the last checkpoint, or return
     the finished run at once; a directory holding anything else is refused

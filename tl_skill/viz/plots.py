@@ -229,7 +229,7 @@ def plot_ablation(result, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-# --- transfer (SPEC §8) --------------------------------------------------------
+# --- transfer (method §8) --------------------------------------------------------
 def plot_task_matrix(
     matrix,
     tasks: Sequence[str],
@@ -312,7 +312,7 @@ def plot_indicator_correlations(correlations: dict, path: str | Path, title: str
     return _save(fig, path)
 
 
-def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
+def plot_transfer_figures(result: Any, out_dir: str | Path) -> list[Path]:
     """All transfer figures of a `transfer.json` dict: one heatmap per transfer kind and indicator,
     and the indicators' correlations with transfer."""
     out_dir = Path(out_dir)
@@ -354,7 +354,7 @@ def plot_transfer_figures(result: dict, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-# --- origin of skill neurons (SPEC §9) -------------------------------------------
+# --- origin of skill neurons (method §9) -------------------------------------------
 def plot_predictivity_scatter(
     x: np.ndarray,
     y: np.ndarray,

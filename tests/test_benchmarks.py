@@ -1,0 +1,172 @@
+"""Every benchmark script imports and runs on a tiny model (its numbers are checked where they are computed).
+
+A new script in benchmarks/ must be added to SMOKED below, with a smoke test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tl_skill import TuneConfig, find_skill_neurons, tune
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# script -> the test that smoke-runs it
+SMOKED = {
+    "bench_tuning_step": "test_tuning_step_benchmark_writes_the_cached_ratio",
+    "bench_bf16": "test_bf16_benchmark_writes_timings_and_differences",
+    "bench_gpu_record": "test_gpu_record_benchmark_runs_on_the_cpu",
+    "bench_record": "test_record_benchmark_compares_with_run_with_cache",
+    "prune_baseline_probe": "test_prune_baseline_probe_runs",
+    "units_by_layer": "tests/test_units.py::test_units_by_layer_figure_and_numbers",
+}
+
+
+def test_every_benchmark_script_is_smoke_tested():
+    scripts = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+    assert scripts == sorted(SMOKED)
+    for script in scripts:
+        _bench(script)  # imports
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tuning_step_benchmark_writes_the_cached_ratio(tmp_path):
+    """The benchmark's JSON (tiny model, one step): the cached step's ratio to PEFT, its P, and the same loss."""
+    _bench("bench_tuning_step").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--prompt-length",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["prompt_length"] == 4 and got["ratio_cached_vs_peft"] > 0
+    assert got["ratio_cached_vs_peft"] == pytest.approx(got["cached_median_seconds"] / got["peft_median_seconds"])
+    assert got["cached_loss_max_abs_difference"] < 1e-5  # the same losses as the full pass
+
+
+def test_bf16_benchmark_writes_timings_and_differences(tmp_path):
+    _bench("bench_bf16").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--tune-steps",
+            "2",
+            "--test",
+            "20",
+            "--record-train",
+            "24",
+            "--record-dev",
+            "12",
+            "--record-reps",
+            "1",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert set(got["step_median_seconds"]) == {"float32", "bfloat16"}
+    assert 0 <= got["predictivity"]["top1pct_overlap"] <= 1 and got["predictivity"]["max_abs_difference"] >= 0
+    assert got["step_ratio_bf16_over_fp32"] == pytest.approx(
+        got["step_median_seconds"]["bfloat16"] / got["step_median_seconds"]["float32"]
+    )
+
+
+def test_gpu_record_benchmark_runs_on_the_cpu(tmp_path):
+    got = _bench("bench_gpu_record").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--n",
+            "48",
+            "--out",
+            str(tmp_path / "g.json"),
+        ]
+    )
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert saved == json.loads(json.dumps(got))
+    assert saved["n_train"] == 48 and saved["tokens"] > 0
+    assert saved["tokens_per_s"] == pytest.approx(saved["tokens"] / saved["seconds"])
+    assert 0.5 <= saved["best_predictivity"] <= 1
+
+
+def test_record_benchmark_compares_with_run_with_cache(tmp_path):
+    got = _bench("bench_record").main(
+        [
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--n",
+            "32",
+            "--reps",
+            "1",
+            "--no-memory",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(got))
+    assert saved["examples"] == 32 and saved["max_abs_difference_recorder_vs_cache"] < 1e-9
+    med = saved["median_seconds"]
+    assert saved["ratio_recorder_vs_forward"] == pytest.approx(med["recorder"] / med["forward"])
+
+
+def test_prune_baseline_probe_runs(tiny_llama, small_task, tmp_path):
+    run = tune(
+        tiny_llama,
+        small_task,
+        tmp_path / "run",
+        TuneConfig(prompt_length=4, steps=2, eval_every=2),
+        progress=False,
+        evaluate_test=False,
+    )
+    sn = find_skill_neurons(tiny_llama, [run], max_train_examples=40, max_eval_examples=30, progress=False)
+    sn.save(tmp_path / "neurons")
+    _bench("prune_baseline_probe").main(
+        [
+            str(run.path),
+            str(tmp_path / "neurons"),
+            "--keep",
+            "0.1",
+            "--layers",
+            "1-2",
+            "--n-train",
+            "16",
+            "--n-test",
+            "20",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["layers"] == [1, 2]
+    for key in ("unpruned", "prompt_position_baseline", "all_position_mean"):
+        assert 0 <= saved[key] <= 1
