@@ -504,7 +504,7 @@ def test_hub_offline_is_said_at_once(tmp_path):
             "HF_HUB_OFFLINE is set, and no copy is in the local Hugging Face cache",
         ),
         (
-            ["tune", "--task", "someone/no-such-dataset", "--out", str(tmp_path / "r")],
+            ["tune", "--model", "tiny-gpt2", "--task", "someone/no-such-dataset", "--out", str(tmp_path / "r")],
             "cannot load Hugging Face dataset 'someone/no-such-dataset'",
         ),
     ]:

@@ -461,6 +461,8 @@ def test_cli_origin_passes_its_options(monkeypatch, tmp_path, capsys):
     main(
         [
             "origin",
+            "--model",
+            "tiny-gpt2",
             "--out",
             str(tmp_path),
             "--prompt-steps",

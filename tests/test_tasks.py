@@ -248,9 +248,10 @@ def test_empty_files(tmp_path):
 
 def test_empty_text_cell(tmp_path):
     rows = _rows(10, ["a", "b"])
+    # row 3 of the data is line 5 of the file (the header is line 1)
     rows[3]["text"] = None
     path = _write_csv(tmp_path / "t.csv", rows)
-    with pytest.raises(TaskError, match="row 3"):
+    with pytest.raises(TaskError, match="on line 5"):
         load_task(f"csv:{path}")
 
 

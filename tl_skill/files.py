@@ -10,19 +10,25 @@ leaves a half-written file.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
 from tl_skill import distributed
-from tl_skill.errors import FileFormatError, OutputDirError
+from tl_skill.errors import FileFormatError, OutputDirError, TLSkillError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def package_version() -> str:
@@ -68,12 +74,84 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file renamed into place."""
+def _file_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask): tensors and JSON alike."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_inside(root: str | Path, path: str | Path, option: str = "--out") -> Path:
+    """`path`, refused unless it resolves inside `root` (a name from a run or an option cannot lead out)."""
+    # the file's own name is not followed: a link planted there is replaced by atomic writes, never written through
+    root_r, path_r = Path(root).resolve(), Path(path).parent.resolve() / Path(path).name
+    if path_r != root_r and root_r not in path_r.parents:
+        raise OutputDirError(f"{path} would be written outside {option} {root}; refused")
+    return Path(path)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def path_component(name: str) -> str:
+    """`name` as one file-name component: any run of other characters than letters, digits and `._+-`
+    becomes `_`, and leading dots go (`../../x` -> `_x`; `/models/my-llama` -> `_models_my-llama`)."""
+    out = _UNSAFE.sub("_", str(name)).lstrip(".")
+    return out or "_"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], root: str | Path | None = None) -> Path:
+    """Write a file through `write(temporary path)`, then rename it into place.
+
+    A reader never sees half a file; a symbolic link planted at `path` is replaced, never written
+    through; the file gets the plain mode (tensors too); the temporary file is removed if writing
+    fails. With `root`, `path` must resolve inside it.
+    """
     path = Path(path)
+    if root is not None:
+        check_inside(root, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # never write through a link left at the temporary name
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_text(path: str | Path, text: str, root: str | Path | None = None) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), root)
+
+
+def atomic_bytes(path: str | Path, data: bytes, root: str | Path | None = None) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), root)
+
+
+def atomic_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    root: str | Path | None = None,
+) -> Path:
+    """A safetensors file, written atomically (`atomic_write`), tensors made contiguous on the CPU."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata), root)
+
+
+def json_text(obj: Any) -> str:
+    """JSON of `obj` with non-finite numbers as null (never the bare `NaN`/`Infinity` tokens)."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False)
+
+
+def atomic_json(path: str | Path, obj: Any, root: str | Path | None = None) -> Path:
+    """Write JSON to `path` atomically; non-finite numbers are written as null."""
+    return atomic_text(path, json_text(obj), root)
 
 
 def jsonable(obj: Any) -> Any:
@@ -174,9 +252,48 @@ def claim_dir(
                 f"{'; '.join(diff[:4])}. Use another directory or delete it"
             )
     if write:
+        existed = path.is_dir()
+        before = {p.name for p in path.iterdir()} if existed else set()
         path.mkdir(parents=True, exist_ok=True)
         atomic_json(record, {"kind": kind, "identity": want, "tl_skill": package_version()})
+        if _CLAIM_SCOPES:
+            _CLAIM_SCOPES[-1].append((path, existed, before))
     return path
+
+
+_CLAIM_SCOPES: list[list[tuple[Path, bool, set[str]]]] = []
+
+
+@contextlib.contextmanager
+def rollback_claims() -> Iterator[None]:
+    """Undo the directory claims made inside the block when it ends with an error about the input
+    (`TLSkillError`) before anything else was written there: a refused command leaves no `experiment.json`
+    that would block the corrected command. Directories with other files (work to resume) are kept."""
+    scope: list[tuple[Path, bool, set[str]]] = []
+    _CLAIM_SCOPES.append(scope)
+    try:
+        yield
+    except TLSkillError:
+        for path, existed, before in reversed(scope):
+            added = {p.name for p in path.iterdir()} - before if path.is_dir() else set()
+            if added <= {EXPERIMENT_JSON}:
+                (path / EXPERIMENT_JSON).unlink(missing_ok=True)
+                if not existed and not any(path.iterdir()):
+                    path.rmdir()
+        raise
+    finally:
+        _CLAIM_SCOPES.pop()
+
+
+def rolls_back_claims(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` inside `rollback_claims()` (for the library's writing entry points)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        with rollback_claims():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def read_json(
@@ -342,14 +459,10 @@ def save_state(path: str | Path, obj: Any) -> None:
     One safetensors file: the tensors, and the structure as JSON in its metadata;
     written to a temporary file and renamed, so a crash never leaves half a state.
     """
-    from safetensors.torch import save_file
 
-    path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(obj, tensors)
-    tmp = temp_path(path)
-    save_file(tensors, str(tmp), metadata={"tl_skill_state": json.dumps(structure)})
-    os.replace(tmp, path)
+    atomic_tensors(path, tensors, metadata={"tl_skill_state": json.dumps(structure)})
 
 
 def load_state(path: str | Path, what: str = "state file", device: str | torch.device = "cpu") -> Any:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import Task, subsample
-from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import NEURONS_JSON, SkillNeurons
 from tl_skill.predictivity import NeuronsError, Subtask, accuracy_of_counts, make_subtasks, subtask_counts
@@ -512,6 +512,7 @@ def _legacy_identity(path: Path) -> dict[str, Any] | None:
     }
 
 
+@rolls_back_claims
 def load_or_find(
     model: HookedRootModule | Callable[[], HookedRootModule],
     runs: Sequence[Run | str | Path],
@@ -533,8 +534,13 @@ def load_or_find(
     check_runs(run_list)
     path = claim_dir(path, "find", find_identity(run_list, cfg), legacy=_legacy_identity)
     if (path / NEURONS_JSON).exists():
-        log.info("reusing the skill neurons in %s", path)
-        return SkillNeurons.load(path)
+        try:
+            found = SkillNeurons.load(path)
+        except NeuronsError as exc:  # cut short by a crash: recorded again, not a dead end
+            log.warning("the skill neurons in %s cannot be read (%s): finding them again", path, exc)
+        else:
+            log.info("reusing the skill neurons in %s", path)
+            return found
     loaded = cast(HookedRootModule, model) if isinstance(model, torch.nn.Module) else model()
     sn = find_skill_neurons(loaded, run_list, cfg, progress=progress)
     sn.save(path)

@@ -247,6 +247,23 @@ def _spec_from(model: HookedRootModule, name: str, hf) -> ModelSpec:
     )
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors_weights(path: Path) -> None:
+    """Refuse, in one line, a model directory whose weights are pickle files only: tl_skill loads
+    safetensors, since unpickling a file can run any code in it."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise ModelLoadError(
+            f"{path} holds its weights as pickle files ({', '.join(pickles[:3])}) and no .safetensors file; "
+            "tl_skill loads safetensors only (a pickle can run code when loaded). Convert them where you trust "
+            "the file, e.g. `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`"
+        )
+
+
 def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str, local_only: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -254,7 +271,9 @@ def _load_hf_pretrained(path_or_id: str, dtype: torch.dtype, attn: str, local_on
     archs = getattr(config, "architectures", None) or []
     auto = AutoModelForMaskedLM if any(a.endswith(_MASKED_ARCHS) for a in archs) else AutoModelForCausalLM
     tok = AutoTokenizer.from_pretrained(path_or_id, local_files_only=local_only)
-    hf = auto.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn, local_files_only=local_only)
+    hf = auto.from_pretrained(
+        path_or_id, dtype=dtype, attn_implementation=attn, local_files_only=local_only, use_safetensors=True
+    )
     return hf, tok
 
 
@@ -308,6 +327,7 @@ def _load_model(name, device, dtype, seed, attn_implementation, kind):
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     elif os.path.isdir(name):
+        check_safetensors_weights(Path(name))
         try:
             hf, tok = _load_hf_pretrained(name, torch.float32, attn)
         except (OSError, ValueError) as exc:

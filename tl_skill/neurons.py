@@ -14,7 +14,6 @@ Recording runs into these statistics is `tl_skill.find` (`find_skill_neurons`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,15 @@ import torch
 from jaxtyping import Float
 
 from tl_skill import distributed
-from tl_skill.files import FileFormatError, check_str_list, check_types, read_json, read_tensors, temp_path
+from tl_skill.files import (
+    FileFormatError,
+    atomic_json,
+    atomic_tensors,
+    check_str_list,
+    check_types,
+    read_json,
+    read_tensors,
+)
 from tl_skill.predictivity import (
     NeuronsError,
     Subtask,
@@ -372,7 +379,6 @@ class SkillNeurons:
 
     # --- persistence -----------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
 
         path = Path(path)
         if not distributed.is_main():  # under torchrun rank 0 writes; the others wait for it
@@ -389,9 +395,7 @@ class SkillNeurons:
             "constant": self.constant.to(torch.uint8).contiguous(),
             **{f"counts.{k}": v.to(torch.int32).contiguous() for k, v in self.counts.items()},
         }
-        tmp = temp_path(path / PREDICTIVITY_FILE)
-        save_file(tensors, str(tmp))
-        tmp.replace(path / PREDICTIVITY_FILE)
+        atomic_tensors(path / PREDICTIVITY_FILE, tensors)
         info = {
             "model": self.model,
             "task": self.task,
@@ -408,7 +412,7 @@ class SkillNeurons:
             "class_counts": self.class_counts,
             **{k: v for k, v in self.summary(k=100).items() if k not in ("model", "task", "runs")},
         }
-        (path / NEURONS_JSON).write_text(json.dumps(info, indent=2))
+        atomic_json(path / NEURONS_JSON, info)
         distributed.barrier()
         return path
 
@@ -459,6 +463,13 @@ class SkillNeurons:
                 f"{tuple(t['accuracy'].shape)}, baseline {tuple(t['baseline'].shape)}) do not fit {where} "
                 f"({len(info['subtasks'])} subtask(s), {len(info['layers'])} layer(s))"
             )
+        for name in ("accuracy", "baseline", "std"):
+            bad = ~torch.isfinite(t[name].double())
+            if bool(bad.any()):
+                raise NeuronsError(
+                    f"predictivity file {path / PREDICTIVITY_FILE}: {int(bad.sum())} {name} value(s) are NaN or "
+                    "infinite; perturbation and pruning would carry them into the model. Find the neurons again"
+                )
         return cls(
             model=info["model"],
             task=info["task"],

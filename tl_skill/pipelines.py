@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import numpy as np
 
 from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import subsample
+from tl_skill.errors import FileFormatError
 from tl_skill.experiments.ablation import ablation_experiment
 from tl_skill.experiments.dashboard import dashboard_data
 from tl_skill.experiments.demo import DEMO_JSON, DemoConfig, DemoResult, legacy_demo_identity
-from tl_skill.files import claim_dir
+from tl_skill.files import atomic_write, claim_dir, rolls_back_claims
 from tl_skill.find import load_or_find, trace_activations
 from tl_skill.models import load_model
 from tl_skill.tuning.runs import tune
@@ -51,6 +53,21 @@ def _phase(name: str, on_phase: PhaseCallback | None):
     return _Timer()
 
 
+def _savez(path: Path, values: np.ndarray, labels: np.ndarray, baselines: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
+        np.savez(f, values=values, labels=labels, baselines=baselines)
+
+
+def _trace_ok(path: Path, n: int) -> bool:
+    """Whether `path` holds a whole trace of `n` neurons (a truncated or foreign file does not)."""
+    try:
+        with np.load(path) as z:
+            return z["values"].shape[1:] == (n,) and len(z["labels"]) == len(z["values"]) and len(z["baselines"]) == n
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+@rolls_back_claims
 def run_demo(
     out: str | Path,
     config: DemoConfig | None = None,
@@ -63,7 +80,12 @@ def run_demo(
     cfg = config or DemoConfig()
     task = load_task(cfg.task)  # validates the task before any long work
     out = claim_dir(out, "demo", cfg.to_dict(), legacy=legacy_demo_identity)
-    timings: dict[str, float] = dict(DemoResult.load(out).timings) if (out / DEMO_JSON).exists() else {}
+    timings: dict[str, float] = {}
+    if (out / DEMO_JSON).exists():
+        try:
+            timings = dict(DemoResult.load(out).timings)
+        except FileFormatError as exc:  # only the phase timings are lost: every phase validates its own files
+            log.warning("%s cannot be read (%s): its phase timings start again", out / DEMO_JSON, exc)
 
     def save_state():
         DemoResult(cfg.to_dict(), dict(timings)).save(out)
@@ -103,7 +125,7 @@ def run_demo(
     with _phase("tracing the best neurons", cb) as ph:
         trace_file = out / "trace.npz"
         top3 = sn.top(3)
-        if not trace_file.exists():
+        if not _trace_ok(trace_file, len(top3)):  # a file a crash cut short is traced again
             dev = subsample(run.load_task(), {"dev": cfg.find_dev_examples}, seed=run.info["task_seed"])
             layer_slot = {l: s for s, l in enumerate(sn.layers)}
             values, labels = trace_activations(
@@ -120,7 +142,7 @@ def run_demo(
             baselines = np.asarray(
                 [float(sn.baseline[0, layer_slot[r["layer"]], r["position"], r["neuron"]]) for r in top3]
             )
-            np.savez(trace_file, values=picked, labels=labels.numpy(), baselines=baselines)
+            atomic_write(trace_file, lambda tmp: _savez(tmp, values=picked, labels=labels.numpy(), baselines=baselines))
         ph.summary = f"{len(top3)} neurons traced on the dev split"
     with _phase("perturbation", cb) as ph:
         abl = ablation_experiment(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from torch import nn
 from tl_skill import compat
 from tl_skill.compat import HookedRootModule
 from tl_skill.errors import PruneError
-from tl_skill.files import atomic_json, temp_path
+from tl_skill.files import atomic_json, atomic_write, temp_path
 from tl_skill.models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
 from tl_skill.neurons import SkillNeurons
 
@@ -359,13 +360,15 @@ def save_pruned(model: HookedRootModule, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
     hf = compat.plain_hf_copy(compat.hf_model_of(model), share_tensors=True)
-    tmp = temp_path(out / PRUNED_WEIGHTS)
-    save_model(hf, str(tmp))
-    tmp.replace(out / PRUNED_WEIGHTS)
-    hf.config.to_json_file(str(out / HF_CONFIG))
+    atomic_write(out / PRUNED_WEIGHTS, lambda tmp: save_model(hf, str(tmp)))
+    atomic_write(out / HF_CONFIG, lambda tmp: hf.config.to_json_file(str(tmp)))
     bundled = spec.name in KNOWN_MODELS
-    if not bundled:
-        model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    if not bundled:  # a directory of files: written beside, then renamed into place
+        tmp_dir = temp_path(out / TOKENIZER_DIR)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.tokenizer.save_pretrained(str(tmp_dir))
+        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        tmp_dir.rename(out / TOKENIZER_DIR)
     atomic_json(
         out / KEPT_JSON,
         {

@@ -266,6 +266,11 @@ class Recorder:
             else:
                 self.units.check(act, name, RecordingError)
             batch = self._batch
+            if batch is None:
+                raise RecordingError(
+                    "a Recorder needs the batch it records (its labels and prompt positions): inside "
+                    "`with rec.attached():` call `rec.run(batch, prompt)` rather than the model itself"
+                )
             x = self.units.encode(_positions(batch, self.positions, self.units.flat(act.detach())))
             if self.check_finite:
                 if not torch.isfinite(x).all():

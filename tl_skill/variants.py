@@ -28,7 +28,7 @@ from tl_skill import compat
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import Task
 from tl_skill.errors import UnsupportedModelError, VariantError
-from tl_skill.files import temp_path
+from tl_skill.files import atomic_tensors
 from tl_skill.models import model_spec
 from tl_skill.tuning.loop import LoopConfig, remove_checkpoint, train_loop
 from tl_skill.tuning.prompt import Verbalizer
@@ -311,14 +311,8 @@ def finetune(
 
 
 def save_trained(params: dict[str, torch.nn.Parameter], path: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
     # Clones: split views (GPT-2's q/k/v biases) share storage, which safetensors refuses.
-    save_file({n: p.detach().cpu().clone().contiguous() for n, p in params.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_tensors(path, {n: p.detach().cpu().clone() for n, p in params.items()})
 
 
 def load_trained(params: dict[str, torch.nn.Parameter], path: str | Path) -> None:

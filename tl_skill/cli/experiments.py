@@ -21,6 +21,7 @@ from tl_skill.cli.options import (
 )
 from tl_skill.cli.tables import correlation_table
 from tl_skill.distributed import is_main
+from tl_skill.errors import TLSkillError
 from tl_skill.experiments.ablation import ABLATION_PNG, ablation_experiment
 from tl_skill.experiments.origin import origin_study
 from tl_skill.experiments.pruning import prune_experiment
@@ -122,7 +123,7 @@ def add_prune(sub) -> None:
         "prune a model to its skill neurons and measure size, speed, accuracy (method §7)",
         """
         tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt
-        tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt --keep 0.05 --layers 8-29 --retune-steps 100
+        tl-skill prune runs/rt/seed0 --neurons neurons/rt --out pruned/rt-k5 --keep 0.05 --retune-steps 100
     """,
     )
     p.add_argument("run_dir")
@@ -167,8 +168,8 @@ def add_transfer(sub) -> None:
         sub,
         "task similarity and prompt transferability from skill neurons (method §8)",
         """
-        tl-skill transfer neurons/rt neurons/ws neurons/bbc --out transfer/
-        tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --out transfer/ --transfer-steps 0
+        tl-skill transfer neurons/rt neurons/ws --out transfer/
+        tl-skill transfer neurons/rt neurons/ws --runs runs/rt/seed0 runs/ws/seed0 --transfer-steps 0 --out tr0/
     """,
     )
     p.add_argument("neurons_dirs", nargs="+", help="one `tl-skill find` directory per task")
@@ -219,11 +220,11 @@ def add_study(sub) -> None:
         sub,
         "multi-task study: tune, find, transfer, indicators (method §8-§9)",
         """
-        tl-skill study --tasks rotten_tomatoes,word_sentiment,subjectivity,bbc_news:sport-vs-business --out study/
+        tl-skill study --model smollm2-135m --tasks rotten_tomatoes,word_sentiment,subjectivity --out study/
         tl-skill study --model tiny-gpt2 --tasks rotten_tomatoes,word_sentiment --seeds 2 --steps 20 --out tiny_study/
     """,
     )
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, tiny-*, a model directory or a hub id")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--seeds", type=POSITIVE, default=1, help="prompts (trials) per task")
     p.add_argument("--out", required=True)
@@ -287,12 +288,12 @@ def add_origin(sub) -> None:
         sub,
         "where skill neurons come from: random weights, LoRA, BitFit, label words (method §9)",
         """
-        tl-skill origin --model smollm2-135m --out origin/rt --run runs/rt/seed0 --neurons neurons/rt
+        tl-skill origin --run runs/rt/seed0 --neurons neurons/rt --out origin/rt
         tl-skill origin --model tiny-gpt2 --task rotten_tomatoes --out origin/tiny --steps 20 --parts lora,bitfit
     """,
     )
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="rotten_tomatoes")
+    p.add_argument("--model", default=None, help="the model (default: the --run's)")
+    p.add_argument("--task", default=None, help="the task (default: the --run's, else rotten_tomatoes)")
     p.add_argument("--out", required=True)
     p.add_argument("--run", default=None, help="reuse this prompt-tuning run (else one is tuned)")
     p.add_argument("--neurons", default=None, help="reuse these skill neurons (else they are found)")
@@ -330,9 +331,17 @@ def add_origin(sub) -> None:
 
 
 def cmd_origin(args) -> None:
+    model, task = args.model, args.task
+    if model is None or (task is None and args.run is None and args.neurons is None):
+        source = Run.load(args.run) if args.run else SkillNeurons.load(args.neurons) if args.neurons else None
+        if model is None:
+            if source is None:
+                raise TLSkillError("give --model (or --run / --neurons, whose model is then used)")
+            model = source.model_name if isinstance(source, Run) else source.model
+        task = task or (None if source is not None else "rotten_tomatoes")
     res = origin_study(
-        args.model,
-        args.task,
+        model,
+        task,
         args.out,
         run_dir=args.run,
         neurons_dir=args.neurons,

@@ -12,6 +12,7 @@ from tl_skill.cli.runs import add_evaluate, add_find, add_tune
 from tl_skill.cli.views import add_dashboard, add_demo, add_export
 from tl_skill.distributed import DistributedError, init_distributed
 from tl_skill.errors import TLSkillError
+from tl_skill.files import rollback_claims
 from tl_skill.tuning.prefix import use_prefix_cache
 
 # ---------------------------------------------------------------------------- main
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.quiet = True  # progress bars and info logs from rank 0 only
     configure_logging(debug=args.verbose, quiet=getattr(args, "quiet", False))
     try:
-        with use_prefix_cache(not getattr(args, "no_prefix_cache", False)):
+        with use_prefix_cache(not getattr(args, "no_prefix_cache", False)), rollback_claims():
             args.func(args)
     except (TLSkillError, OSError) as exc:
         print(f"tl-skill {args.command}: error: {exc}", file=sys.stderr)

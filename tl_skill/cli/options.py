@@ -18,14 +18,19 @@ from typing import Any
 from tl_skill.compat import HookedRootModule
 from tl_skill.distributed import is_main
 from tl_skill.errors import TLSkillError
+from tl_skill.files import jsonable
 from tl_skill.models import check_device_name, load_model
 from tl_skill.units import BUILTIN, SAE_CONFIG, SAE_WEIGHTS
-
 
 # ------------------------------------------------------------------ option types
 # Every numeric option is checked while parsing: argparse then reports
 # "argument --batch-size: must be >= 1, got -3", naming the option, before any work.
-def _int_min(lo: int) -> Callable[[str], int]:
+# Counts past these are typing slips, not settings (a run of 10^20 steps would train at lr ~ 0 for ever).
+MAX_COUNT = 10**9
+MAX_SEED = 2**32 - 1
+
+
+def _int_min(lo: int, hi: int = MAX_COUNT) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -33,6 +38,8 @@ def _int_min(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:,}, got {value:,}")
         return value
 
     parse.__name__ = f"integer >= {lo}"
@@ -41,6 +48,7 @@ def _int_min(lo: int) -> Callable[[str], int]:
 
 POSITIVE = _int_min(1)
 NON_NEGATIVE = _int_min(0)
+SEED = _int_min(0, MAX_SEED)
 
 
 def _float_in(lo: float, hi: float | None = None, lo_open: bool = True) -> Callable[[str], float]:
@@ -51,8 +59,10 @@ def _float_in(lo: float, hi: float | None = None, lo_open: bool = True) -> Calla
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         low_ok = value > lo if lo_open else value >= lo
-        if not math.isfinite(value) or not low_ok or (hi is not None and value > hi):
+        if not low_ok or (hi is not None and value > hi):
             span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None else f"> {lo:g}"
             raise argparse.ArgumentTypeError(f"must be {'in ' if hi is not None else ''}{span}, got {text}")
         return value
@@ -169,8 +179,8 @@ def subparser(name: str, sub, help: str, examples: str) -> argparse.ArgumentPars
 def emit(obj, as_json: bool, text: str) -> None:
     if not is_main():  # under torchrun only rank 0 prints
         return
-    if as_json:
-        print(json.dumps(obj, indent=2, default=str))
+    if as_json:  # plain JSON: non-finite numbers as null, anything else JSON cannot hold as text
+        print(json.dumps(jsonable(obj), indent=2, default=str, allow_nan=False))
     else:
         print(text)
 

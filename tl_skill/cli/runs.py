@@ -10,6 +10,7 @@ from tl_skill.cli.options import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_FLOAT,
+    SEED,
     common_options,
     emit,
     finish,
@@ -24,6 +25,7 @@ from tl_skill.cli.options import (
 from tl_skill.cli.tables import format_neurons_table
 from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import subsample
+from tl_skill.errors import TLSkillError
 from tl_skill.find import load_or_find
 from tl_skill.tuning.runs import Run, TuneConfig, claim_run_dir, evaluate, majority_accuracy, tune
 
@@ -36,19 +38,20 @@ def add_tune(sub) -> None:
         "prompt-tune a frozen model on a task (method §1)",
         """
         tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt/seed0
-        tl-skill tune --model tiny-gpt2 --task csv:my.csv --label-words bad,good --out runs/my --steps 50
-        tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt --seeds 0,1,2
+        tl-skill tune --model smollm2-135m --task rotten_tomatoes --out runs/rt --seeds 0,1,2   # trials
+        tl-skill tune --model smollm2-135m --task word_sentiment --out runs/ws/seed0 --steps 100
+        tl-skill tune --model smollm2-135m --task csv:my.csv --label-words bad,good --out runs/my --steps 50
     """,
     )
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, tiny-*, a model directory or a hub id")
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     p.add_argument("--label-words", default=None, help=LABEL_WORDS_HELP)
-    p.add_argument("--task-seed", type=NON_NEGATIVE, default=0, help="train/dev/test split seed")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="prompt initialisation and data order")
+    p.add_argument("--task-seed", type=SEED, default=0, help="train/dev/test split seed")
+    p.add_argument("--seed", type=SEED, default=None, help="prompt initialisation and data order (default 0)")
     p.add_argument(
         "--seeds",
-        type=list_of(NON_NEGATIVE),
+        type=list_of(SEED),
         default=None,
         help="several trials: comma-separated seeds, one subdirectory each",
     )
@@ -86,7 +89,9 @@ def cmd_tune(args) -> None:
     )
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
-    seeds = args.seeds or [args.seed]
+    if args.seeds and args.seed is not None:
+        raise TLSkillError("give --seed (one run) or --seeds (several trials), not both")
+    seeds = args.seeds or [args.seed or 0]
     outs = {s: Path(args.out) / f"seed{s}" if args.seeds else Path(args.out) for s in seeds}
     for s in seeds:  # every directory is checked before the model loads
         claim_run_dir(outs[s], args.model, task, TuneConfig(seed=s, **cfg), write=False)
@@ -158,7 +163,8 @@ def add_find(sub) -> None:
         "find skill neurons: predictivity of every neuron (method §2-§5)",
         """
         tl-skill find runs/rt/seed0 --out neurons/rt
-        tl-skill find runs/rt/seed0 runs/rt/seed1 --out neurons/rt --top 20 --json
+        tl-skill find runs/rt/seed0 runs/rt/seed1 runs/rt/seed2 --out neurons/rt3 --top 20 --json   # trials
+        tl-skill find runs/ws/seed0 --out neurons/ws
     """,
     )
     p.add_argument("run_dirs", nargs="+", help="one or more runs (trials) of the same model and task")
@@ -183,7 +189,7 @@ def add_find(sub) -> None:
         choices=["shuffled"],
         help="also count with the evaluation labels shuffled, in the same pass",
     )
-    p.add_argument("--control-seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--control-seed", type=SEED, default=0)
     p.add_argument("--fdr", type=FRACTION, default=0.05, help="false discovery rate for the significance count")
     p.add_argument(
         "--units",

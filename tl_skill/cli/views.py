@@ -11,7 +11,13 @@ from tl_skill.neurons import SkillNeurons
 from tl_skill.pipelines import DemoConfig, run_demo
 from tl_skill.tuning.runs import Run
 from tl_skill.viz.dashboard import unit_label, write_dashboard
-from tl_skill.viz.neuronpedia import claim_export_dir, default_source_set, export_neuronpedia
+from tl_skill.viz.neuronpedia import (
+    check_name,
+    claim_export_dir,
+    default_model_id,
+    default_source_set,
+    export_neuronpedia,
+)
 
 
 # ----------------------------------------------------------------------- dashboards
@@ -22,7 +28,7 @@ def add_dashboard(sub) -> None:
         "one static HTML page per top skill neuron, and an index",
         """
         tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt
-        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt --top 40 --ablation ablation/rt
+        tl-skill dashboard neurons/rt --run runs/rt/seed0 --out dashboard/rt-40 --top 40 --ablation ablation/rt
     """,
     )
     _dashboard_options(p)
@@ -106,7 +112,11 @@ def add_export(sub) -> None:
 def cmd_export(args) -> None:
     if args.source_set is None:
         args.source_set = default_source_set(args.units or SkillNeurons.load(args.neurons_dir).units)
-    claim_export_dir(args.out, args.model_id or Run.load(args.run).model_name, args.source_set)
+    check_name(args.source_set, "source set")
+    args.model_id = (
+        check_name(args.model_id, "model id") if args.model_id else default_model_id(Run.load(args.run).model_name)
+    )
+    claim_export_dir(args.out, args.model_id, args.source_set)
     res = _dashboard(args, Path(args.out) / "dashboard")  # the data, saved (and resumable) beside the export
     files = export_neuronpedia(res, args.out, model_id=args.model_id, source_set=args.source_set)
     emit({"files": [str(f) for f in files]}, False, "\n".join(str(f) for f in files))
@@ -125,7 +135,7 @@ def add_demo(sub) -> None:
     """,
     )
     p.add_argument("--out", default="tl_skill_demo", help="output directory (rerun to continue after Ctrl-C)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="default: smollm2-135m (bundled)")
     p.add_argument("--task", default="rotten_tomatoes")
     p.add_argument("--quick", action="store_true", help="small subsets and a short tuning run (~3 min)")
     common_options(p)

@@ -4,6 +4,7 @@ HookedTransformer (TransformerLens' own cache). Used by `tuning.prefix`; reach i
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -47,10 +48,9 @@ def forward_with_cache(
     """`forward` that reads and extends `cache` (attention over the cached positions, then the new ones).
 
     `attention_mask` covers the cached positions and the new ones. For a bridge the cache is handed
-    over under both names bridge attention components read it by: on transformers 5.x the model passes
-    it down as `cache`, which TransformerLens 4.3's components do not look for, and `layer_past`, which
-    they do. A HookedTransformer's cache keeps the mask of the cached positions itself and takes the new
-    positions' part.
+    over under the Hugging Face model's own name for it (`cache` on transformers 5.x) and as `layer_past`,
+    the name TransformerLens 4.3's attention components read it by. A HookedTransformer's cache keeps the
+    mask of the cached positions itself and takes the new positions' part.
     """
     if not is_bridge(model):
         return model(
@@ -59,9 +59,10 @@ def forward_with_cache(
             past_kv_cache=cache,
             return_type="logits",
         )
-    return model(
-        input_ids, attention_mask=attention_mask, past_key_values=cache, layer_past=cache, return_type="logits"
-    )
+    # the Hugging Face model's own name for the cache (`cache` from transformers 5.x; `past_key_values` before)
+    hf = hf_model_of(model)
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return model(input_ids, attention_mask=attention_mask, layer_past=cache, return_type="logits", **{name: cache})
 
 
 def merge_kv_caches(model: HookedRootModule, parts, batch_size: int, length: int, attention_mask: torch.Tensor) -> Any:

@@ -7,6 +7,7 @@ without splits) and checked with `data.tasks.validate_task`.
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
 import json
@@ -183,20 +184,39 @@ def _bbc(name: str, seed: int) -> Task:
 _INT_LABEL = re.compile(r"[+-]?\d+(\.0*)?")
 
 
-def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of a csv/jsonl file with every cell as a string ("" for an empty cell).
+def _read_csv(p: Path) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise TaskError(f"{p}: the file is empty")
+            dup = sorted({c for c in header if header.count(c) > 1})
+            if dup:
+                raise TaskError(f"{p}: column name(s) {dup} appear more than once in the header; rename them")
+            rows, lines = [], []
+            start = reader.line_num + 1
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    if len(cells) != len(header):
+                        raise TaskError(f"{p}: line {start} has {len(cells)} cell(s), the header {len(header)}")
+                    rows.append(dict(zip(header, cells)))
+                    lines.append(start)
+                start = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TaskError(f"cannot read csv file {p}: {exc}") from exc
+    return header, rows, lines
+
+
+def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+    """(columns, rows, the file line each row starts on) of a csv/jsonl file, every cell as a string ("" for
+    an empty cell).
 
     Text is kept as written: "NaN", "NA" or "null" in a text column are words, not missing values.
     """
-    import pandas as pd
-
     if kind == "csv":
-        try:
-            frame = pd.read_csv(p, dtype=str, keep_default_na=False)
-        except Exception as exc:  # pandas raises many types on malformed files
-            raise TaskError(f"cannot read csv file {p}: {str(exc).splitlines()[0][:200]}") from exc
-        return list(frame.columns), frame.to_dict("records")
-    rows, columns = [], []
+        return _read_csv(p)
+    rows, columns, starts = [], [], []
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -218,7 +238,8 @@ def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]]]:
             if k not in columns:
                 columns.append(k)
         rows.append(row)
-    return columns, rows
+        starts.append(n + 1)
+    return columns, rows, starts
 
 
 def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None) -> list[str] | dict[str, str] | None:
@@ -289,7 +310,7 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
             f"{kind} file {p} has changed since it was recorded (sha256 {digest[:12]}... then, "
             f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run"
         )
-    columns, rows = _read_rows(kind, p)
+    columns, rows, lines = _read_rows(kind, p)
     missing = [c for c in ("text", "label") if c not in columns]
     if missing:
         shown = [c[:30] for c in columns[:8]]
@@ -305,7 +326,7 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
     if empty:
         i = empty[0]
         raise TaskError(
-            f"{p}: empty {'text' if not texts[i].strip() else 'label'} at row {i} "
+            f"{p}: empty {'text' if not texts[i].strip() else 'label'} on line {lines[i]} "
             f"({len(empty)} row(s) with an empty text or label)"
         )
     mapping = label_words if isinstance(label_words, dict) else None

@@ -187,9 +187,17 @@ def validate_task(task: Task) -> None:
         present = np.unique(labels)
         if len(present) < 2:
             only = spec.label_names[int(present[0])]
+            every = [t for s in SPLITS if s in task.data for t in task.texts(s)]
+            repeats = len(every) - len(set(every))
+            hint = (
+                f" (the task has {repeats} repeated text(s); copies of a text are kept in one split, so a small "
+                "task's splits can come out uneven: add examples or give a `split` column)"
+                if repeats
+                else ""
+            )
             raise TaskError(
                 f"task {spec.name!r}: the {split!r} split has a single class ({only!r}); "
-                "predictivity needs both classes"
+                f"predictivity needs both classes{hint}"
             )
         texts = task.texts(split)
         empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]

@@ -40,7 +40,7 @@ from tl_skill.experiments.runner import (
     resolve_model,
     run_conditions,
 )
-from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
 from tl_skill.perturb import MODES, Perturbation, PerturbFn
@@ -253,6 +253,26 @@ class AblationResult(RunResult):
     def verdict(self) -> Verdict:
         return verdict(self.rows, self.majority_accuracy)
 
+    def check(self) -> str | None:
+        number = (int, float)
+        if not isinstance(self.rows, list):
+            return "'rows' must be a list"
+        for i, row in enumerate(self.rows):
+            if not isinstance(row, dict) or not isinstance(row.get("fraction"), number):
+                return f"row {i} has no numeric 'fraction'"
+            for key in ("clean_accuracy", "skill_accuracy", "random_accuracy", "random_accuracy_std"):
+                if row.get(key) is not None and not isinstance(row[key], number):
+                    return f"row {i}: {key!r} must be a number, found {row[key]!r}"
+            paired = row.get("paired")
+            if paired is not None and not (
+                isinstance(paired, dict)
+                and all(isinstance(paired.get(k), number) for k in ("difference", "ci_low", "ci_high"))
+            ):
+                return f"row {i}: 'paired' must hold numeric difference, ci_low and ci_high"
+        if self.majority_accuracy is not None and not isinstance(self.majority_accuracy, number):
+            return f"'majority_accuracy' must be a number, found {self.majority_accuracy!r}"
+        return None
+
 
 def check_fractions_seeds(
     fractions: Iterable[float], seeds: int | Sequence[int], error=AblationError
@@ -341,6 +361,20 @@ class AblationConfig:
         }
 
 
+def check_masks_select(
+    masks: Mapping[float, torch.Tensor], width: int, per_layer: bool, error: type[Exception]
+) -> None:
+    """Refuse a fraction that selects no unit: a verdict from perturbing nothing would say nothing."""
+    empty = [f for f, m in masks.items() if not bool(m.any())]
+    if empty:
+        total = width if per_layer else masks[empty[0]].numel()
+        where = f"{width} units per layer" if per_layer else f"{total} units in all"
+        raise error(
+            f"fraction(s) {empty} select no unit ({where}: int(fraction x {total}) is 0); "
+            f"use fractions of at least {1 / total:.2g}"
+        )
+
+
 def ablation_config(config: AblationConfig | None, settings: Mapping[str, Any]) -> AblationConfig:
     """`config`, or an `AblationConfig` of the keyword settings (one of the two)."""
     if config is not None and settings:
@@ -354,6 +388,7 @@ def ablation_config(config: AblationConfig | None, settings: Mapping[str, Any]) 
     return AblationConfig(**settings)
 
 
+@rolls_back_claims
 def ablation_experiment(
     model: ModelOrLoader,
     run: Run | SoftPrompt | str | Path,
@@ -396,6 +431,10 @@ def ablation_experiment(
     bad = [l for l in layer_list if l not in neurons.layers]
     if bad:
         raise AblationError(f"layers {bad} hold no skill neurons: the skill neurons cover layers {neurons.layers}")
+    row_keep = torch.tensor([l in layer_list for l in neurons.layers])
+    fractions, seed_list = list(cfg_a.fractions), list(cfg_a.seeds)
+    masks = {f: neurons.select(fraction=f, per_layer=cfg_a.per_layer) & row_keep[:, None] for f in fractions}
+    check_masks_select(masks, neurons.d_mlp, cfg_a.per_layer, AblationError)
     identity = cfg_a.identity(run, neurons)
     if out is not None:
         out = claim_dir(out, "ablation", identity, legacy=_legacy_identity)
@@ -403,17 +442,10 @@ def ablation_experiment(
     spec = model_spec(model)
     check_neurons_for_run(run, neurons, spec.name, AblationError)
     source = source_for_neurons(model, neurons, cfg_a.units, AblationError)
-    width = source.width
 
     task = run.load_task()
     es = EvalSet.of_run(run, model, cfg_a.max_examples, task)
-    row_keep = torch.tensor([l in layer_list for l in neurons.layers])
-    fractions, seed_list = list(cfg_a.fractions), list(cfg_a.seeds)
-    masks = {f: neurons.select(fraction=f, per_layer=cfg_a.per_layer) & row_keep[:, None] for f in fractions}
     counts = {f: [int(c) for c in m.sum(1)] for f, m in masks.items()}
-    for f, m in masks.items():
-        if not m.any():
-            log.warning("fraction %g selects no unit (%d per layer): skill and random equal clean", f, width)
     name = cfg_a.mode_name
     conditions = perturbation_conditions(
         masks,

@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 
 from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
-from tl_skill.errors import DashboardError
+from tl_skill.errors import DashboardError, FileFormatError
 from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.results import RunResult
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
-from tl_skill.files import claim_dir, tensor_digest
+from tl_skill.files import claim_dir, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run
 from tl_skill.perturb import Perturbation
@@ -219,6 +219,22 @@ def _trace(
     return seqs, scales, preds
 
 
+def check_ablation_of(ablation: AblationResult, run: Run, neurons: SkillNeurons) -> None:
+    """Refuse an ablation result of another run (another prompt) or other skill neurons: its group
+    effects would be shown as this run's."""
+    settings = ablation.settings or {}
+    prompt, found = settings.get("run_prompt"), settings.get("neurons")
+    mine = tensor_digest(run.prompt.vectors)
+    if (ablation.model, ablation.task) != (run.model_name, run.task_name) or (prompt is not None and prompt != mine):
+        raise DashboardError(
+            f"the ablation result is of another run (run {ablation.run}, prompt {prompt}) than {run.path} "
+            f"(prompt {mine}): its group effects would be shown as this run's"
+        )
+    if found is not None and found != tensor_digest(neurons.predictivity):
+        raise DashboardError("the ablation result perturbed other skill neurons than these (their digests differ)")
+
+
+@rolls_back_claims
 def dashboard_data(
     model: ModelOrLoader,
     run: Run | str | Path,
@@ -258,9 +274,12 @@ def dashboard_data(
     if ablation_mode not in ABLATION_MODES:
         raise DashboardError(f"ablation_mode must be one of {ABLATION_MODES}, got {ablation_mode!r}")
     if ablation is not None and not isinstance(ablation, AblationResult):
-        ablation = AblationResult.load(ablation)
-    if ablation is not None and (ablation.run != str(run.path) or ablation.task != run.task_name):
-        log.warning("the ablation result %s is of run %s; its group effect is shown as it is", ablation.run, run.path)
+        try:
+            ablation = AblationResult.load(ablation)
+        except FileFormatError as exc:
+            raise DashboardError(f"--ablation: {exc}") from None
+    if ablation is not None:
+        check_ablation_of(ablation, run, neurons)
     identity = {
         "model": run.model_name,
         "task": run.task_name,

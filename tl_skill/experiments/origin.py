@@ -46,12 +46,18 @@ from tl_skill import distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import Task, subsample
-from tl_skill.errors import OriginError
-from tl_skill.experiments.ablation import check_fractions_seeds, perturbation_conditions, perturbation_rows, verdict
+from tl_skill.errors import FileFormatError, OriginError
+from tl_skill.experiments.ablation import (
+    check_fractions_seeds,
+    check_masks_select,
+    perturbation_conditions,
+    perturbation_rows,
+    verdict,
+)
 from tl_skill.experiments.comparisons import compare_predictivity, predictivity_summary
 from tl_skill.experiments.results import TaskResult
 from tl_skill.experiments.runner import Condition, EvalSet, run_conditions
-from tl_skill.files import claim_dir, jsonable, read_json, tensor_digest
+from tl_skill.files import claim_dir, jsonable, read_json, rolls_back_claims, tensor_digest
 from tl_skill.find import load_or_find
 from tl_skill.models import load_model, model_spec
 from tl_skill.neurons import SkillNeurons
@@ -224,6 +230,7 @@ class OriginConfig:
         }
 
 
+@rolls_back_claims
 def origin_study(
     model_name: str,
     task_name: str | None,
@@ -270,6 +277,15 @@ def origin_study(
 
     # --- the source run and its skill neurons (validated before anything long)
     given_neurons = SkillNeurons.load(neurons_dir) if neurons_dir is not None else None
+    if given_neurons is not None and given_neurons.units != "mlp":
+        raise OriginError(
+            f"the skill units in {neurons_dir} were found on {given_neurons.units!r} units; the origin study compares "
+            "MLP neurons (the random-weights model's are found as neurons): use neurons found with --units mlp"
+        )
+    if given_neurons is not None:  # every fraction must perturb something
+        check_masks_select(
+            {f: given_neurons.select(fraction=f) for f in oc.fractions}, given_neurons.d_mlp, True, OriginError
+        )
     if run_dir is None and given_neurons is not None:
         run_dir = given_neurons.runs[0]
     run = Run.load(run_dir) if run_dir is not None else None
@@ -353,7 +369,12 @@ def origin_study(
     }
     claim_dir(out, "origin", identity, legacy=_legacy_identity)  # before any long work
     path = out / ORIGIN_JSON
-    prev = read_json(path, "origin file") if path.exists() else {}
+    prev: dict[str, Any] = {}
+    if path.exists():
+        try:
+            prev = read_json(path, "origin file")
+        except FileFormatError as exc:  # parts are redone from their own saved runs, neurons and conditions
+            log.warning("%s cannot be read (%s): its parts are gathered again", path, exc)
 
     if model is None:
         model = load_model(model_name, device=device, dtype=dtype)
@@ -398,7 +419,7 @@ def origin_study(
             "settings": settings,
             "source": {
                 "run": str(run.path),
-                "neurons_dir": str(neurons_dir or out / "neurons"),
+                "neurons_dir": str(Path(neurons_dir or out / "neurons").resolve()),
                 "neurons_runs": sn.runs,
                 "prompt_test_accuracy": run.metrics.get("test_accuracy"),
                 "zero_shot_accuracy": run.metrics.get("zero_shot_accuracy"),
@@ -511,7 +532,7 @@ def _random_weights_part(
         "top_mean_gap": pretrained["top_mean_predictivity"] - random["top_mean_predictivity"],
         "random_seed": seed,
         "run": str(rand_run.path),
-        "neurons_dir": str(ndir),
+        "neurons_dir": str(ndir.resolve()),
         "figure": FIG_RANDOM,
         "claim_holds": bool(holds),
         "statement": statement,
@@ -556,7 +577,7 @@ def _label_words_part(
         "original_summary": predictivity_summary(sn, top_fraction),
         "alternative_summary": predictivity_summary(alt_sn, top_fraction),
         "run": str(alt_run.path),
-        "neurons_dir": str(ndir),
+        "neurons_dir": str(ndir.resolve()),
         "figure": FIG_LABEL_WORDS,
         "claim_holds": holds,
         "statement": statement,

@@ -18,7 +18,7 @@ from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.experiments.results import RunResult
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
-from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run
 from tl_skill.prune import (
@@ -116,6 +116,7 @@ class PruneResult(RunResult):
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@rolls_back_claims
 def prune_experiment(
     model: ModelOrLoader,
     run: Run | str | Path,
@@ -143,7 +144,7 @@ def prune_experiment(
         max_examples: test examples (`experiments.runner.evaluation_task`; default the run's test set).
     """
     run = run if isinstance(run, Run) else Run.load(run)
-    neurons_path = None if isinstance(neurons, SkillNeurons) else str(neurons)
+    neurons_path = None if isinstance(neurons, SkillNeurons) else str(Path(neurons).resolve())
     if not isinstance(neurons, SkillNeurons):
         neurons = SkillNeurons.load(neurons)
     check_neurons_for_run(run, neurons, None, PruneError)

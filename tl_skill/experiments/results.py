@@ -9,13 +9,12 @@ never run the model.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from tl_skill.files import FileFormatError, atomic_json, jsonable, read_json, read_tensors, temp_path
+from tl_skill.files import FileFormatError, atomic_json, atomic_tensors, jsonable, read_json, read_tensors
 
 R = TypeVar("R", bound="Result")
 
@@ -52,14 +51,9 @@ class Result:
         """Write into directory `path`; returns the JSON file's path."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._tensor_fields()}
+        tensors = {n: getattr(self, n) for n in self._tensor_fields()}
         if tensors:
-            from safetensors.torch import save_file
-
-            target = path / (Path(self.FILE).stem + ".safetensors")
-            tmp = temp_path(target)
-            save_file(tensors, str(tmp))
-            os.replace(tmp, target)
+            atomic_tensors(path / (Path(self.FILE).stem + ".safetensors"), tensors)
         atomic_json(path / self.FILE, self.to_dict())
         return path / self.FILE
 
@@ -68,6 +62,10 @@ class Result:
         """Read a result saved by `save` (a directory, or its JSON file); fields it lacks take their defaults."""
         path = Path(path)
         file = path / cls.FILE if path.is_dir() or not path.suffix else path
+        if path.is_file() and path.name != cls.FILE:
+            raise FileFormatError(f"{path} is not a {cls.__name__} (a directory holding {cls.FILE}, or that file)")
+        if not file.exists():
+            raise FileFormatError(f"{path} holds no {cls.__name__}: {file.name} not found")
         data = read_json(file, f"{cls.__name__} file")
         names = {f.name: f for f in dataclasses.fields(cls)}
         required = [
@@ -78,7 +76,15 @@ class Result:
         lacking = [n for n in required if n not in data and n not in tensors]
         if lacking:
             raise FileFormatError(f"{cls.__name__} file {file} lacks {', '.join(lacking)}")
-        return cls(**{n: (tensors[n] if n in tensors else data[n]) for n in names if n in data or n in tensors})
+        result = cls(**{n: (tensors[n] if n in tensors else data[n]) for n in names if n in data or n in tensors})
+        problem = result.check()
+        if problem:
+            raise FileFormatError(f"{cls.__name__} file {file}: {problem}")
+        return result
+
+    def check(self) -> str | None:
+        """What is wrong with a loaded result's values (None: nothing); subclasses check their fields."""
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,9 +169,28 @@ class ConditionResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ConditionResult:
-        return cls(
+        """A saved condition, checked against itself: its accuracy and count must be those of its own
+        per-example `correct` bits (a summary edited by hand, or cut short, is refused)."""
+        done = cls(
             **{k: d[k] for k in ("key", "name", "definition", "accuracy", "n", "correct", "predictions", "seconds")}
         )
+        bits = done.correct
+        if (
+            not isinstance(bits, str)
+            or set(bits) - {"0", "1"}
+            or len(bits) != done.n
+            or len(done.predictions) != done.n
+        ):
+            raise FileFormatError(
+                f"condition {done.name!r}: {done.n} examples but {len(bits)} correct bits and "
+                f"{len(done.predictions)} predictions"
+            )
+        if not isinstance(done.accuracy, (int, float)) or abs(done.accuracy - bits.count("1") / max(1, done.n)) > 1e-12:
+            raise FileFormatError(
+                f"condition {done.name!r}: accuracy {done.accuracy!r} is not that of its own "
+                f"per-example results ({bits.count('1')} of {done.n} correct)"
+            )
+        return done
 
 
 def full_definition(cond: Condition, eval_sets: Mapping[str, EvalSet], variants: Mapping[str, str]) -> dict:

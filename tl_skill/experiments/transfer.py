@@ -31,7 +31,7 @@ from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import Task
 from tl_skill.experiments.results import TasksResult
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
-from tl_skill.files import claim_dir, read_json, tensor_digest
+from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.find import load_or_find
 from tl_skill.indicators import (
     INDICATORS,
@@ -168,6 +168,7 @@ def transfer_identity(
     }
 
 
+@rolls_back_claims
 def run_transfer(
     model: ModelOrLoader,
     neurons: Sequence[SkillNeurons],
@@ -311,7 +312,8 @@ def _transfer(
                 evaluate_dev=False,
             )
             got = run_conditions(
-                [Condition(name, {"tuned_from": str(run_dir)}, run.prompt, None, "model", b)],
+                # the run's place within `out`: the key must not depend on how `out` was spelled
+                [Condition(name, {"tuned_from": run_dir.relative_to(out).as_posix()}, run.prompt, None, "model", b)],
                 {"model": model},
                 eval_sets,
                 out=out,
@@ -411,6 +413,7 @@ def _legacy_transfer(out: Path) -> dict[str, Any] | None:
     return {"model": prev.get("model"), "tasks": prev.get("tasks")}
 
 
+@rolls_back_claims
 def transfer_from_dirs(
     model: HookedRootModule | str | None,
     neurons_dirs: Sequence[str | Path],
@@ -472,6 +475,7 @@ def transfer_from_dirs(
 
 
 # --------------------------------------------------------------------------- study
+@rolls_back_claims
 def study(
     model: HookedRootModule | str,
     tasks: Sequence[str],
@@ -575,14 +579,14 @@ def study(
         per_task={
             t: {
                 "runs": [str(r.path) for r in runs[t]],
-                "neurons": str(out / "neurons" / task_slug(t)),
+                "neurons": str((out / "neurons" / task_slug(t)).resolve()),
                 "dev_accuracy": mean_finite([r.metrics.get("dev_accuracy", math.nan) for r in runs[t]]),
                 "test_accuracy": mean_finite([r.metrics.get("test_accuracy", math.nan) for r in runs[t]]),
                 "best_predictivity": sn.best_predictivity,
             }
             for t, sn in zip(tasks, neurons)
         },
-        transfer_json=str(out / TRANSFER_JSON),
+        transfer_json=str((out / TRANSFER_JSON).resolve()),
         correlations=result.correlations,
     )
     info = StudyResult(**info.to_dict())

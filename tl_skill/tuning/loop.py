@@ -54,6 +54,9 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle: never loaded
 
 
+MAX_STEPS = 10**8  # more is a typing slip: the warm-up alone would outlast any machine
+
+
 def check_training_settings(cfg, error: type[Exception] = TrainingError, what: str = "tuning", **more: bool) -> None:
     """Refuse impossible training settings of a config, naming each bad field.
 
@@ -61,7 +64,7 @@ def check_training_settings(cfg, error: type[Exception] = TrainingError, what: s
     """
     checks = {
         **more,
-        "steps": cfg.steps >= 1,
+        "steps": 1 <= cfg.steps <= MAX_STEPS,
         "batch_size": cfg.batch_size >= 1,
         "lr": cfg.lr > 0 and math.isfinite(cfg.lr),
         "eval_every": cfg.eval_every >= 1,
@@ -232,6 +235,16 @@ def train_loop(
     opt = torch.optim.AdamW(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, warmup))
+    log.info(
+        "%s: %d steps of %d examples; AdamW lr %g, linear warm-up over %d steps then linear decay to 0; dev check "
+        "every %d steps",
+        desc,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        warmup,
+        cfg.eval_every,
+    )
     patience = getattr(cfg, "patience", 0)
     state: dict[str, Any] = {
         "step": 0,
@@ -380,7 +393,10 @@ def remove_checkpoint(out: Path) -> None:
     """Delete a finished training's checkpoints (rank 0)."""
     if distributed.is_main():
         (out / CHECKPOINT).unlink(missing_ok=True)
-        (out / LEGACY_CHECKPOINT).unlink(missing_ok=True)
+        legacy = out / LEGACY_CHECKPOINT
+        if legacy.exists():
+            legacy.unlink()
+            log.warning("deleted %s, the unused pickle checkpoint of an older tl_skill (the run is finished)", legacy)
 
 
 @torch.no_grad()

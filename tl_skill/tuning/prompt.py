@@ -30,7 +30,7 @@ from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.tasks import column, label_array
 from tl_skill.errors import PromptError, VerbalizerError
-from tl_skill.files import FileFormatError, read_tensors
+from tl_skill.files import FileFormatError, atomic_tensors, read_tensors
 from tl_skill.models import model_spec
 
 
@@ -42,11 +42,13 @@ class Verbalizer:
             raise VerbalizerError(f"a verbalizer needs at least two label words, got {list(label_words)}")
         self.label_words = tuple(label_words)
         ids = []
+        self.tokens_per_word: tuple[int, ...] = ()
         for word in self.label_words:
             toks = tokenizer(word, add_special_tokens=False)["input_ids"]
             if not toks:
                 raise VerbalizerError(f"label word {word!r} tokenizes to nothing")
             ids.append(int(toks[0]))
+            self.tokens_per_word += (len(toks),)
         seen: dict[int, str] = {}
         for word, tid in zip(self.label_words, ids):
             if tid in seen:
@@ -67,8 +69,18 @@ class Verbalizer:
         at_pred = logits[rows, pred_pos.to(logits.device)]
         return at_pred[:, self.token_ids.to(logits.device)]
 
+    @property
+    def multi_token_words(self) -> list[str]:
+        """Label words of more than one token: each class is scored by its word's first token (method)."""
+        return [w for w, n in zip(self.label_words, self.tokens_per_word) if n > 1]
+
     def to_dict(self) -> dict:
-        return {"label_words": list(self.label_words), "token_ids": self.token_ids.tolist()}
+        return {
+            "label_words": list(self.label_words),
+            "token_ids": self.token_ids.tolist(),
+            "tokens_per_word": list(self.tokens_per_word),
+            "scored_by": "first token",
+        }
 
 
 @dataclass
@@ -414,9 +426,7 @@ class SoftPrompt(nn.Module):
             self._batch = None
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"prompt": self.vectors.detach().float().cpu().contiguous()}, str(path))
+        atomic_tensors(path, {"prompt": self.vectors.detach().float()})
 
     @classmethod
     def load(cls, path: str | Path) -> SoftPrompt:

@@ -34,6 +34,7 @@ from tl_skill.files import (
     check_types,
     claim_dir,
     read_json,
+    rolls_back_claims,
     tensor_digest,
 )
 from tl_skill.models import model_spec
@@ -135,10 +136,16 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
-        """Read a run directory, refusing (with the file's name) anything missing, corrupt or mistyped."""
-        path = Path(path)
+        """Read a finished run directory, refusing (with the file's name) anything missing, corrupt, mistyped or
+        unfinished. The path is kept absolute, so result files that name the run work from anywhere."""
+        given = Path(path)
+        path = given.expanduser().resolve()
+        if path.is_file():
+            raise RunError(f"{given} is a file, not a run directory")
         if not path.is_dir():
-            raise RunError(f"run directory not found: {path}")
+            raise RunError(
+                f"run directory not found: {given}" + ("" if given.is_absolute() else f" (from {Path.cwd()})")
+            )
         missing = [f for f in (RUN_JSON, PROMPT_FILE) if not (path / f).exists()]
         if missing:
             raise RunError(f"{path} is not a finished run: missing {', '.join(missing)}")
@@ -156,10 +163,21 @@ class Run:
         except FileFormatError as exc:
             raise RunError(str(exc)) from None
         try:
-            TuneConfig.from_dict(info["config"])
+            config = TuneConfig.from_dict(info["config"])
         except (TypeError, ValueError) as exc:
             raise RunError(f"run file {where}: 'config' is not a valid tuning config ({exc})") from None
+        status = info.get("status", "done")  # runs of tl_skill 0.1 record none
+        if status != "done":
+            raise RunError(
+                f"{given} is not a finished run ({where} says status {status!r}: it was stopped while tuning or "
+                "saving); rerun its `tl-skill tune` command to finish it"
+            )
         prompt = SoftPrompt.load(path / PROMPT_FILE)
+        if prompt.length != config.prompt_length:
+            raise RunError(
+                f"{path / PROMPT_FILE} holds {prompt.length} prompt vectors, but {where} says prompt_length "
+                f"{config.prompt_length}: the files do not belong together"
+            )
         width = (info.get("model_spec") or {}).get("d_model")
         if isinstance(width, int) and prompt.vectors.shape[1] != width:
             raise RunError(
@@ -264,6 +282,7 @@ def claim_run_dir(
     return identity
 
 
+@rolls_back_claims
 def tune(
     model: HookedRootModule,
     task: Task,
@@ -303,6 +322,12 @@ def tune(
     out = Path(out)
     spec = model_spec(model)
     verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
+    if verbalizer.multi_token_words:
+        log.warning(
+            "label word(s) %s are several tokens long for this tokenizer: each class is scored by its word's first "
+            "token (run.json records the token counts); choose one-token words to score whole words",
+            verbalizer.multi_token_words,
+        )
     layout_for(model, cfg.prompt_length, cfg.max_input_tokens, cfg.padding_side).check_fits(
         compat.context_length(model)
     )  # before the directory is claimed: a refused run leaves nothing

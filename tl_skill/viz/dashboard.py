@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tl_skill.files import atomic_text
+
 CLASS_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
@@ -229,7 +231,7 @@ def write_dashboard(result, out: str | Path) -> Path:
     rows = []
     for k, row in enumerate(result.neurons):
         page = page_name(row["layer"], row["neuron"])
-        (out / page).write_text(_neuron_page(result, k, row), encoding="utf-8")
+        atomic_text(out / page, _neuron_page(result, k, row), root=out)
         rows.append(
             f"<tr><td>{k + 1}</td><td class='l'><a href='{page}'>{unit_label(row)}</a></td>"
             f"<td>{row['layer']}</td><td>{row['position']}</td><td>{'+' if row['direction'] > 0 else '−'}</td>"
@@ -257,6 +259,4 @@ def write_dashboard(result, out: str | Path) -> Path:
         *rows,
         "</table></body></html>",
     ]
-    path = out / "index.html"
-    path.write_text("".join(index), encoding="utf-8")
-    return path
+    return atomic_text(out / "index.html", "".join(index), root=out)

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from tl_skill.files import claim_dir, temp_path
+from tl_skill.errors import OutputDirError
+from tl_skill.files import atomic_bytes, claim_dir, jsonable, path_component, rolls_back_claims
 
 FEATURE_FIELDS = (
     "modelId",
@@ -97,12 +98,9 @@ ACTIVATION_FIELDS = (
 )
 
 
-def _write_gz_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), compresslevel=5))
-    tmp.replace(path)
-    return path
+def _write_gz_jsonl(path: Path, records: list[dict[str, Any]], root: Path) -> Path:
+    text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
+    return atomic_bytes(path, gzip.compress(text.encode(), compresslevel=5), root=root)
 
 
 def claim_export_dir(out: str | Path, model_id: str, source_set: str) -> Path:
@@ -110,11 +108,29 @@ def claim_export_dir(out: str | Path, model_id: str, source_set: str) -> Path:
     return claim_dir(out, "neuronpedia-export", {"model_id": model_id, "source_set": source_set})
 
 
+def check_name(name: str, what: str) -> str:
+    """`name`, refused unless it is one plain file-name component (it names a directory of the export)."""
+    if path_component(name) != name:
+        raise OutputDirError(
+            f"the {what} {name!r} must be a plain name (letters, digits, '.', '_', '+', '-'; "
+            f"not starting with '.'), since it names a directory of the export: e.g. "
+            f"{path_component(name)!r}"
+        )
+    return name
+
+
+def default_model_id(model: str) -> str:
+    """The export's model id from tl_skill's model name: its last path component, made a plain name
+    (`/models/my-llama` -> `my-llama`, `org/model` -> `model`)."""
+    return path_component(str(model).rstrip("/\\").replace("\\", "/").split("/")[-1])
+
+
 def default_source_set(units: str) -> str:
     """`tlskill-mlp`, `tlskill-resid`, `tlskill-attn` or `tlskill-sae`: the source set named after the units."""
     return "tlskill-" + ("sae" if units.startswith("sae:") else units)
 
 
+@rolls_back_claims
 def export_neuronpedia(
     dashboard,
     out: str | Path,
@@ -128,8 +144,12 @@ def export_neuronpedia(
     `source_set` defaults to `default_source_set` of the dashboard's units (`tlskill-mlp` for neurons).
     A unit without a direct path to the logits (an SAE on another hook) gets empty logit-lens lists.
     """
-    model_id = model_id or dashboard.model
-    source_set = source_set or default_source_set(dashboard.settings.get("units", "mlp"))
+    model_id = check_name(model_id, "model id") if model_id else default_model_id(dashboard.model)
+    source_set = (
+        check_name(source_set, "source set")
+        if source_set
+        else default_source_set(dashboard.settings.get("units", "mlp"))
+    )
     out = claim_export_dir(out, model_id, source_set)
     created = datetime.now(timezone.utc).isoformat()
     by_layer: dict[int, tuple[list, list]] = {}
@@ -221,6 +241,6 @@ def export_neuronpedia(
     files = []
     for layer, (feats, activations) in sorted(by_layer.items()):
         base = out / model_id / f"{layer}-{source_set}"
-        files.append(_write_gz_jsonl(base / "features" / "batch-0.jsonl.gz", feats))
-        files.append(_write_gz_jsonl(base / "activations" / "batch-0.jsonl.gz", activations))
+        files.append(_write_gz_jsonl(base / "features" / "batch-0.jsonl.gz", feats, out))
+        files.append(_write_gz_jsonl(base / "activations" / "batch-0.jsonl.gz", activations, out))
     return files

@@ -14,14 +14,15 @@ import numpy as np
 
 from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.comparisons import top_mask
+from tl_skill.files import atomic_write
 from tl_skill.neurons import SkillNeurons
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing clipped (long task names, colorbars)
+    # bbox "tight": nothing clipped (long task names, colorbars)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 

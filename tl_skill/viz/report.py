@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.demo import DemoResult
+from tl_skill.files import atomic_text
 from tl_skill.neurons import SkillNeurons
 from tl_skill.tuning.runs import Run
 from tl_skill.viz import plots
@@ -75,7 +77,7 @@ def write_report(out: str | Path) -> Path:
     cfg = demo.config if demo is not None else {}
     quick = cfg.get("quick", False)
     rows = abl["rows"]
-    md: list[str] = [f"# Skill neurons: {run.model_name} on {run.task_name}", ""]
+    md: list[str] = [f"# Skill neurons: {md_text(run.model_name)} on {md_text(run.task_name)}", ""]
     if quick:
         md += [
             "> **Quick mode**: small subsets and a short tuning run; numbers are rough. "
@@ -146,7 +148,7 @@ def write_report(out: str | Path) -> Path:
         s = stats_of.get((row["layer"], row["neuron"]), {})
         md.append(
             f"| {r} | {row['layer']} | {row['neuron']} | {_fmt(row['predictivity'], 4)} | {row['position']} | "
-            f"{'higher for ' + sn.label_names[-1] if row['direction'] > 0 else 'lower for ' + sn.label_names[-1]} | "
+            f"{'higher for ' if row['direction'] > 0 else 'lower for '}{md_text(sn.label_names[-1])} | "
             f"{_fmt_q(s.get('q_value'))} | {_fmt(s.get('heldout_predictivity'), 4)} |"
         )
     md += [
@@ -188,28 +190,42 @@ def write_report(out: str | Path) -> Path:
         md += [f"| {k} | {v:.1f} |" for k, v in demo.timings.items()]
         md.append("")
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(_markdown_to_html(text, out, figs))
+    atomic_text(out / "report.md", text)
+    atomic_text(out / "report.html", _markdown_to_html(text, out, figs))
     return out / "report.html"
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#!])")
+
+
+def md_text(s: object) -> str:
+    """User text (model, task and label names) made inert in Markdown: its special characters escaped with
+    a backslash, `&`, `<` and `>` as entities, so no name can open a tag, a link or a table cell."""
+    text = str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", " ")
+
+
+def _md_plain(s: str) -> str:
+    """The text `md_text` escaped, as it reads (for the HTML, which escapes it again itself)."""
+    s = re.sub(r"\\(.)", r"\1", s)
+    return s.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def _markdown_to_html(text: str, out: Path, figs: dict[str, Path]) -> str:
     """A small renderer for the markdown written above (headings, tables, images, quotes, bold)."""
-    import re
-
     body: list[str] = []
     in_table = False
     for line in text.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
             if all(set(c) <= {"-"} for c in cells):
                 continue
             if not in_table:
                 body.append("<table>")
                 in_table = True
-                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+                body.append("<tr>" + "".join(f"<th>{html.escape(_md_plain(c))}</th>" for c in cells) + "</tr>")
             else:
-                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+                body.append("<tr>" + "".join(f"<td>{html.escape(_md_plain(c))}</td>" for c in cells) + "</tr>")
             continue
         if in_table:
             body.append("</table>")
@@ -218,7 +234,7 @@ def _markdown_to_html(text: str, out: Path, figs: dict[str, Path]) -> str:
         if m:
             body.append(f"<p>{_img(out / m.group(2))}</p>")
         elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+            body.append(f"<h1>{html.escape(_md_plain(line[2:]))}</h1>")
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("> "):
@@ -237,8 +253,6 @@ def _markdown_to_html(text: str, out: Path, figs: dict[str, Path]) -> str:
 
 
 def _inline(s: str) -> str:
-    import re
-
     s = html.escape(s)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
     s = re.sub(r"\[([^\]]+?)\]\(([^)\s]+?)\)", r'<a href="\2">\1</a>', s)  # relative links (the dashboard)
