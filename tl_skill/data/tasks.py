@@ -112,14 +112,20 @@ class Task:
         return label_array(self[split])
 
 
-def split_examples(texts: Sequence[str], labels: Sequence[int], seed: int, text_b=None) -> dict[str, dict]:
+def split_examples(
+    texts: Sequence[str], labels: Sequence[int], seed: int, text_b=None, groups: Sequence[str] | None = None
+) -> dict[str, dict]:
     """Shuffle with `seed` and cut 70/10/20; identical inputs always land in the same split.
 
     The sources repeat some texts (56 review snippets, 100 BBC articles);
-    splitting by row would put copies of test examples into train.
+    splitting by row would put copies of test examples into train. With `groups` (one key per
+    example, e.g. its speaker) the examples of a group are kept together instead.
     """
     n = len(texts)
-    keys = [(t, text_b[i]) if text_b is not None else t for i, t in enumerate(texts)]
+    if groups is not None:
+        keys: list[Any] = list(groups)
+    else:
+        keys = [(t, text_b[i]) if text_b is not None else t for i, t in enumerate(texts)]
     members: dict = {}
     for i, k in enumerate(keys):
         members.setdefault(k, []).append(i)
