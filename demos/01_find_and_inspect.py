@@ -58,7 +58,7 @@ with run.prompt.applied(model):
         batch.input_ids, attention_mask=batch.attention_mask, names_filter=f"blocks.{layer}.mlp.hook_post"
     )
 acts = cache[f"blocks.{layer}.mlp.hook_post"][torch.arange(2), batch.prompt_start + pos, idx]
-baseline = float(neurons.baseline[0, neurons.layers.index(layer), pos, idx])
+baseline = neurons.baseline_at(layer, pos, idx)
 for text, a in zip(texts, acts.tolist()):
     side = "above" if a > baseline else "below"
     print(f"  {a:+.4f} ({side} baseline {baseline:+.4f})  {text}")

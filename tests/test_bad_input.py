@@ -341,6 +341,11 @@ def test_run_json_naming_a_foreign_file_is_refused(tiny_run, tmp_path, capsys):
     secret.write_text("top secret first line\n")
     info["task"] = f"csv:{secret}"
     (run / RUN_JSON).write_text(json.dumps(info))
+    # the run keeps its (subsampled) task's examples: they must be of the task run.json names
+    assert main(["evaluate", str(run), "-q", "--device", "cpu"]) == 2
+    assert "the files do not belong together" in capsys.readouterr().err
+    info.pop("task_file")
+    (run / RUN_JSON).write_text(json.dumps(info))
     assert main(["evaluate", str(run), "-q", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(secret) in err and "records no sha256" in err and "top secret" not in err

@@ -17,6 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # script -> the test that smoke-runs it
 SMOKED = {
     "bench_tuning_step": "test_tuning_step_benchmark_writes_the_cached_ratio",
+    "bench_attribution": "test_attribution_benchmark_writes_the_ratio",
+    "certify_matrix": "test_certify_matrix_writes_rows_and_the_docs_table",
     "bench_bf16": "test_bf16_benchmark_writes_timings_and_differences",
     "bench_gpu_record": "test_gpu_record_benchmark_runs_on_the_cpu",
     "bench_record": "test_record_benchmark_compares_with_run_with_cache",
@@ -170,3 +172,29 @@ def test_prune_baseline_probe_runs(tiny_llama, small_task, tmp_path):
     assert saved["layers"] == [1, 2]
     for key in ("unpruned", "prompt_position_baseline", "all_position_mean"):
         assert 0 <= saved[key] <= 1
+
+
+def test_certify_matrix_writes_rows_and_the_docs_table(tmp_path):
+    doc = tmp_path / "arch.md"
+    doc.write_text("before\n<!-- matrix -->\nold\n<!-- /matrix -->\nafter\n")
+    out = tmp_path / "m.json"
+    _bench("certify_matrix").main(["--models", "tiny-llama,tiny-mixtral", "--out", str(out), "--doc", str(doc)])
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["tiny-llama"]["passed"] and set(rows["tiny-llama"]["end_to_end"]) == {"tune", "find", "ablate", "prune"}
+    assert not rows["tiny-mixtral"]["passed"] and "refused" in rows["tiny-mixtral"]["end_to_end"]
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| `tiny-llama` | Llama | ✓ |" in text and "| `tiny-mixtral` | Mixtral | ✓ | ✗ |" in text
+
+
+def test_attribution_benchmark_writes_the_ratio(tmp_path):
+    out = tmp_path / "a.json"
+    got = _bench("bench_attribution").main(
+        ["--model", "tiny-llama", "--examples", "8", "--batch-size", "4", "--prompt-length", "2", "--repeats", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["ratio_attribute_to_record"] == pytest.approx(
+        saved["median_seconds"]["attribute"] / saved["median_seconds"]["record"]
+    )
+    assert got["examples"] == 8 and len(saved["seconds"]["record"]) == 1

@@ -181,7 +181,8 @@ def test_saved_statistics_round_trip(tiny_gpt2, long_run, tmp_path):
 
     from tl_skill.viz.plots import plot_statistics
 
-    assert plot_statistics(back, tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_statistics(back, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "n" / "neurons.json").read_text())["statistics"]
     assert saved["n_significant"] == int(sn.significant().sum())
     assert {"heldout_predictivity", "p_value", "q_value"} <= set(saved["top"][0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,6 @@ def test_a_freshly_booted_bridge_is_tuned_and_given_back_unchanged(small_task, t
     assert all(p.requires_grad for p in bridge.parameters())
     assert all(torch.equal(p, before[n]) for n, p in bridge.named_parameters())
     assert not hasattr(bridge, "_tl_skill_spec")  # nothing of tl_skill's left on the user's model
+    # the bridge is in training mode (dropout): tl_skill says so, and its probes ran without dropout
+    assert "training_mode" in compat.model_notices(bridge) and bridge.training
+    assert "training_mode" in json.loads((run.path / "run.json").read_text())["notices"]

@@ -7,6 +7,8 @@ module (`tl_skill.record`, `tl_skill.stats`, `tl_skill.experiments`, ...).
 import importlib.metadata as _metadata
 
 # models and data
+from tl_skill.attribution import attribute
+from tl_skill.certification import certify
 from tl_skill.data import Task, load_task
 from tl_skill.errors import TLSkillError
 from tl_skill.experiments import (
@@ -70,6 +72,8 @@ __all__ = [
     "write_dashboard",
     "export_neuronpedia",
     "run_demo",
+    "attribute",
+    "certify",
     "TLSkillError",
     "__version__",
 ]

@@ -399,12 +399,16 @@ def find_skill_neurons(
     """
     cfg = _config(config, settings)
     spec = model_spec(model)
+    compat.say_fast_path(model)
+    compat.say_training_mode(model)
     source = unit_source(model, cfg.units)
     check_source(model, source, NeuronsError)
     run_list = _runs_of(runs, prompts, spec.name)
     check_runs(run_list)
     if run_list[0].model_name != spec.name:
         raise NeuronsError(f"the runs were tuned on {run_list[0].model_name!r} but the model is {spec.name!r}")
+    for run in run_list:
+        run.check_prefix(model, NeuronsError)
     split, confirm_split = cfg.split, cfg.heldout_split
     task = run_list[0].load_task()
     caps = {"train": cfg.max_train_examples, split: cfg.max_eval_examples}
@@ -465,6 +469,7 @@ def find_skill_neurons(
             "control": cfg.control,
             "control_seed": cfg.control_seed if cfg.control else None,
             **({} if source.name == "mlp" else {"units": source.name, "unit_hook": source.template}),
+            **({"notices": compat.model_notices(model)} if compat.model_notices(model) else {}),
         },
         counts={
             f"{which}.{name}": torch.stack([s.counts[which][j] for s in stats]).long()

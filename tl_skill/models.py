@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -17,7 +18,7 @@ from tl_skill import compat
 from tl_skill.bundled import BUNDLED_MODELS, SMOLLM2, bundled_dir, cache_dir
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import rotten_tomatoes_frame
-from tl_skill.errors import DeviceError, ModelLoadError
+from tl_skill.errors import CertificationError, DeviceError, ModelLoadError
 from tl_skill.files import hub_unreachable
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,81 @@ def tiny_tokenizer_dir(bos: bool = False) -> Path:
     return target
 
 
+_W = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160, max_position_embeddings=512
+)
+_GQA = dict(_W, num_key_value_heads=2)
+
+
+def _family_configs() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    gpt = dict(n_embd=64, n_layer=2, n_head=4, n_inner=160, n_positions=512)
+    return {
+        "tiny-gpt-neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(_W, rotary_pct=0.25)),
+        "tiny-gptj": ("GPTJForCausalLM", "GPTJConfig", dict(gpt, rotary_dim=8)),
+        "tiny-opt": (
+            "OPTForCausalLM",
+            "OPTConfig",
+            dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_dim=160,
+                max_position_embeddings=512,
+                word_embed_proj_dim=64,
+            ),
+        ),
+        "tiny-bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+        "tiny-falcon": (
+            "FalconForCausalLM",
+            "FalconConfig",
+            dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_hidden_size=160,
+                new_decoder_architecture=False,
+                multi_query=True,
+                parallel_attn=True,
+                alibi=False,
+            ),
+        ),
+        "tiny-mistral": ("MistralForCausalLM", "MistralConfig", dict(_GQA, sliding_window=None)),
+        "tiny-qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _GQA),
+        "tiny-qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_GQA, head_dim=16)),
+        "tiny-phi": ("PhiForCausalLM", "PhiConfig", _W),
+        "tiny-phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_W, num_key_value_heads=4)),
+        "tiny-olmo": ("OlmoForCausalLM", "OlmoConfig", _W),
+        "tiny-olmo2": ("Olmo2ForCausalLM", "Olmo2Config", _W),
+        "tiny-olmo3": ("Olmo3ForCausalLM", "Olmo3Config", _GQA),
+        "tiny-stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(_W, num_key_value_heads=4)),
+        "tiny-gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_W, num_key_value_heads=1, head_dim=16)),
+        "tiny-starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", _GQA),
+        "tiny-granite": ("GraniteForCausalLM", "GraniteConfig", dict(_GQA, logits_scaling=4.0)),
+        "tiny-cohere": ("CohereForCausalLM", "CohereConfig", _GQA),
+        "tiny-smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", _GQA),
+        "tiny-gpt-bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", gpt),
+        "tiny-roberta": ("RobertaForMaskedLM", "RobertaConfig", dict(_W, max_position_embeddings=514)),
+        # mixture of experts: refused for neuron work (basis.py says why)
+        "tiny-mixtral": (
+            "MixtralForCausalLM",
+            "MixtralConfig",
+            dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+        ),
+        "tiny-qwen2-moe": (
+            "Qwen2MoeForCausalLM",
+            "Qwen2MoeConfig",
+            dict(
+                _GQA,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                shared_expert_intermediate_size=96,
+            ),
+        ),
+        "tiny-olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(_GQA, num_experts=4, num_experts_per_tok=2)),
+    }
+
+
 # The tiny random models the tests use: (Hugging Face model class, config class, config settings).
 # Each is a few layers of small width with the family's distinctive parts; the tokenizer is the tiny BPE.
 TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -200,6 +276,9 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
             final_logit_softcapping=2.0,
         ),
     ),
+    # More families of the TransformerBridge (the certified-architectures matrix, docs/architectures.md): two
+    # layers of width 64, MLPs of width 160 (so the output projection is told apart from attention's).
+    **_family_configs(),
     "tiny-bert": (
         "BertForMaskedLM",
         "BertConfig",
@@ -230,16 +309,43 @@ def _tiny_hf_model(name: str, seed: int) -> torch.nn.Module:
         return cls(cfg)
 
 
+def tiny_model_dir(name: str = "tiny-llama", seed: int = 0) -> Path:
+    """A Hugging Face model directory (config, safetensors weights, tokenizer) of tiny random model `name`,
+    written once under the cache: what `from_pretrained` reads, for examples and tests that boot their own
+    model exactly as one would boot a real one."""
+    if name not in TINY_CONFIGS:
+        raise ModelLoadError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    target = cache_dir() / "tiny_models" / f"{name}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    cast(Any, _tiny_hf_model(name, seed)).save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=name.startswith("tiny-gemma"))).save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _spec_from(model: HookedRootModule, name: str, hf) -> ModelSpec:
     archs = list(getattr(hf.config, "architectures", None) or [type(hf).__name__])
     masked = any(a.endswith(_MASKED_ARCHS) for a in archs) or type(hf).__name__.endswith(_MASKED_ARCHS)
     gated = compat.gated_mlp(model)
     cfg = model.cfg
+    d_mlp = int(cfg.d_mlp)
+    if not compat.mixture_of_experts(model):
+        try:  # the MLP's own width (some configs, e.g. OPT's in TransformerLens 4.3, say 4 x d_model)
+            d_mlp = compat.projection_width(model, 0)
+        except CertificationError:
+            pass
     return ModelSpec(
         name=name,
         family="masked" if masked else "causal",
         n_layers=int(cfg.n_layers),
-        d_mlp=int(cfg.d_mlp),
+        d_mlp=d_mlp,
         d_model=int(cfg.d_model),
         d_vocab=int(cfg.d_vocab),
         architecture=archs[0],
@@ -385,6 +491,12 @@ def model_spec(model: HookedRootModule) -> ModelSpec:
         return cached
     spec = _infer_spec(model)
     _SPECS[model] = spec
+    compat.notice(
+        model,
+        "name",
+        f"this model was not loaded by tl_skill.load_model: result files name it {spec.name!r} (its "
+        "cfg.model_name), and commands that reload it (the CLI) load that name",
+    )
     return spec
 
 

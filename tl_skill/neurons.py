@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 
 from tl_skill import distributed
+from tl_skill.display import html_bars, html_facts, html_table, repr_line
 from tl_skill.files import (
     FileFormatError,
     atomic_json,
@@ -49,7 +50,7 @@ PREDICTIVITY_FILE = "predictivity.safetensors"
 NEURONS_JSON = "neurons.json"
 
 
-@dataclass
+@dataclass(repr=False)
 class SkillNeurons:
     """Predictivity of every neuron of a model for a task, over one or more runs (trials)."""
 
@@ -334,24 +335,132 @@ class SkillNeurons:
             )
         return out
 
-    def to_dataframe(self) -> Any:
+    # --- by name: model layer numbers, never row indices -------------------------
+    def row_of(self, layer: int) -> int:
+        """The row of model layer `layer` in the [.., L, ..] tensors, which hold only `self.layers`."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise NeuronsError(f"layer must be an integer, got {layer!r}")
+        if int(layer) not in self.layers:
+            raise NeuronsError(f"layer {layer} was not recorded; these skill neurons have layers {self.layers}")
+        return self.layers.index(int(layer))
+
+    def _check_neuron(self, neuron: int) -> int:
+        if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)) or not 0 <= neuron < self.d_mlp:
+            raise NeuronsError(f"neuron must be an integer in [0, {self.d_mlp}), got {neuron!r}")
+        return int(neuron)
+
+    def predictivity_at(self, layer: int, neuron: int) -> float:
+        """Predictivity of neuron `neuron` of model layer `layer` (the aggregate over runs, subtasks, positions)."""
+        return float(self.predictivity[self.row_of(layer), self._check_neuron(neuron)])
+
+    def baseline_at(self, layer: int, position: int, neuron: int, run: int = 0) -> float:
+        """The neuron's baseline (train-split mean activation) at prompt position `position` in run `run`."""
+        R, _, T, _ = self.baseline.shape
+        if not 0 <= run < R:
+            raise NeuronsError(f"run must be in [0, {R}), got {run}")
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not 0 <= position < T:
+            raise NeuronsError(f"position must be an integer in [0, {T}), got {position!r}")
+        return float(self.baseline[run, self.row_of(layer), int(position), self._check_neuron(neuron)])
+
+    def mask_of(self, neurons: Any) -> torch.Tensor:
+        """A selection mask [rows, d_mlp] (as `select` returns) from (layer, neuron) pairs or `table()` rows."""
+        mask = torch.zeros(self.n_layers, self.d_mlp, dtype=torch.bool)
+        pairs = zip(neurons["layer"], neurons["neuron"]) if hasattr(neurons, "columns") else neurons
+        for layer, neuron in pairs:
+            mask[self.row_of(int(layer)), self._check_neuron(int(neuron))] = True
+        return mask
+
+    # --- tables -----------------------------------------------------------------
+    DATAFRAME_COLUMNS = (
+        "layer",
+        "neuron",
+        "position",
+        "direction",
+        "predictivity",
+        "p_value",
+        "q_value",
+        "significant",
+        "heldout_predictivity",
+        "heldout_p_value",
+        "constant",
+    )
+
+    def to_dataframe(self, q: float = 0.05) -> Any:
+        """Every neuron, most predictive first: one row per (layer, neuron), with every statistic the CLI prints.
+
+        Columns (`DATAFRAME_COLUMNS`): `layer` (the model's layer number), `neuron`, `position` (best prompt
+        position), `direction` (+1: above baseline means the positive class), `predictivity`, `p_value`
+        (exact, Bonferroni over positions and subtasks), `q_value` (Benjamini-Hochberg), `significant`
+        (`q_value <= q`), `heldout_predictivity` / `heldout_p_value` (the rule chosen on the selection split,
+        measured on the held-out split), `constant`; then `predictivity[<subtask>]` per subtask of a
+        multi-class task. Statistics the result lacks (found without counts or a held-out split) are NaN.
+        """
         import pandas as pd
 
         pred = self.predictivity
         L, D = pred.shape
-        layer = np.repeat(np.asarray(self.layers), D)
+        nan = np.full(L * D, np.nan)
+        flat = lambda t: t.reshape(-1).double().numpy()
+        has = self.has_counts("eval")
+        held = self.has_counts("confirm")
+        qv = flat(self.q_value()) if has else nan
         frame = pd.DataFrame(
             {
-                "layer": layer,
+                "layer": np.repeat(np.asarray(self.layers), D),
                 "neuron": np.tile(np.arange(D), L),
-                "predictivity": pred.reshape(-1).numpy(),
                 "position": self.best_position().reshape(-1).numpy(),
                 "direction": self.direction().reshape(-1).numpy(),
+                "predictivity": pred.reshape(-1).numpy(),
+                "p_value": flat(self.p_value()) if has else nan,
+                "q_value": qv,
+                "significant": qv <= q if has else np.zeros(L * D, dtype=bool),
+                "heldout_predictivity": flat(self.heldout_predictivity()) if held else nan,
+                "heldout_p_value": flat(self.heldout_p_value()) if held else nan,
+                "constant": self.constant[0].all(1).reshape(-1).numpy(),
             }
         )
         for s, sub in enumerate(self.subtasks if len(self.subtasks) > 1 else []):
             frame[f"predictivity[{sub.name}]"] = self.per_subtask[s].reshape(-1).numpy()
-        return frame.sort_values("predictivity", ascending=False, kind="stable").reset_index(drop=True)
+        order = _rank(pred.reshape(-1))  # the order of `top` and `select`: ties by index
+        return frame.iloc[order].reset_index(drop=True)
+
+    def table(self, k: int = 20, q: float = 0.05) -> Any:
+        """The `k` most predictive neurons with their statistics (the head of `to_dataframe`)."""
+        return self.to_dataframe(q).head(k)
+
+    # --- display ----------------------------------------------------------------
+    def __repr__(self) -> str:
+        best = self.top(1)[0]
+        facts: dict[str, Any] = {
+            "model": self.model,
+            "task": self.task,
+            "runs": len(self.runs),
+            "layers": f"{len(self.layers)} ({self.layers[0]}..{self.layers[-1]})",
+            "neurons_per_layer": self.d_mlp,
+            "units": self.units,
+            "best": f"L{best['layer']} N{best['neuron']}: {best['predictivity']:.4f}",
+        }
+        if self.has_counts("eval"):
+            facts["significant"] = int(self.significant().sum())
+        return repr_line("SkillNeurons", facts)
+
+    def _repr_html_(self) -> str:
+        facts: dict[str, Any] = {
+            "model": self.model,
+            "task": self.task,
+            "runs": len(self.runs),
+            "units": self.units,
+            "neurons per layer": self.d_mlp,
+            "prompt dev accuracy": self.prompt_accuracy(),
+        }
+        if self.has_counts("eval"):
+            facts["FDR-significant (q <= 0.05)"] = int(self.significant().sum())
+        best = self.predictivity.amax(1).tolist()
+        return (
+            html_facts("Skill neurons", facts)
+            + html_bars([f"L{l}" for l in self.layers], best, "best predictivity per layer (0.5 to 1)")
+            + html_table(self.table(10), caption="most predictive neurons")
+        )
 
     def prompt_accuracy(self, key: str = "dev_accuracy") -> float | None:
         vals = [float(m[key]) for m in self.run_metrics if m.get(key) is not None]

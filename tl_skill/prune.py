@@ -35,16 +35,17 @@ import math
 import shutil
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from tl_skill import compat
+from tl_skill.basis import require_neuron_basis
 from tl_skill.compat import HookedRootModule
-from tl_skill.errors import PruneError
+from tl_skill.errors import CertificationError, PruneError
 from tl_skill.files import atomic_json, atomic_write, temp_path
 from tl_skill.models import KNOWN_MODELS, ModelSpec, load_model, model_spec, resolve_device
 from tl_skill.neurons import SkillNeurons
@@ -66,6 +67,7 @@ class Pruning:
     keep: float
     d_mlp: int
     kept: dict[int, tuple[int, ...]]
+    mlp_paths: dict[int, str] = field(default_factory=dict)  # each layer's MLP module in the Hugging Face model
 
     @property
     def layers(self) -> list[int]:
@@ -77,13 +79,37 @@ class Pruning:
             "d_mlp": self.d_mlp,
             "layers": self.layers,
             "kept": {str(l): list(self.kept[l]) for l in self.layers},
+            "mlp_paths": {str(l): p for l, p in sorted(self.mlp_paths.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pruning:
         return cls(
-            float(d["keep"]), int(d["d_mlp"]), {int(l): tuple(int(i) for i in idx) for l, idx in d["kept"].items()}
+            float(d["keep"]),
+            int(d["d_mlp"]),
+            {int(l): tuple(int(i) for i in idx) for l, idx in d["kept"].items()},
+            {int(l): str(p) for l, p in (d.get("mlp_paths") or {}).items()},
         )
+
+
+# Where files saved before `mlp_paths` was recorded keep each layer's MLP (the families pruning had then).
+_LEGACY_MLP_PATHS = (
+    "transformer.h.{l}.mlp",
+    "model.layers.{l}.mlp",
+    "bert.encoder.layer.{l}",
+    "roberta.encoder.layer.{l}",
+)
+
+
+def _legacy_mlp_path(hf: Any, layer: int) -> str:
+    for template in _LEGACY_MLP_PATHS:
+        path = template.format(l=layer)
+        try:
+            hf.get_submodule(path)
+            return path
+        except AttributeError:
+            continue
+    raise PruneError(f"cannot find layer {layer}'s MLP in {type(hf).__name__}; prune the model again")
 
 
 def pruning_of(model: HookedRootModule) -> Pruning | None:
@@ -92,58 +118,27 @@ def pruning_of(model: HookedRootModule) -> Pruning | None:
 
 
 # ----------------------------------------------------------------------------- HF module surgery
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-_LAYER_LISTS = (
-    "transformer.h",
-    "model.layers",
-    "bert.encoder.layer",
-    "roberta.encoder.layer",
-    "encoder.layer",
-    "model.decoder.layers",
-    "layers",
-)
-
-
-def _layer_list(hf: Any) -> nn.ModuleList:
-    for path in _LAYER_LISTS:
-        obj = _get(hf, path)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise PruneError(
-        f"pruning does not know where {type(hf).__name__} keeps its layers "
-        "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)"
-    )
-
-
 @dataclass
 class _MLP:
     """The neuron-facing linear maps of one layer: (parent module, attribute) pairs."""
 
-    ins: list[tuple[nn.Module, str]]  # W_in and W_gate: one row per neuron
+    ins: list[tuple[nn.Module, str, int]]  # W_in and W_gate: k rows per neuron (k blocks of d_mlp; fused: k = 2)
     out: tuple[nn.Module, str]  # W_out: one output vector per neuron
 
 
-def _mlp_of(hf: Any, layer: int) -> _MLP:
-    block = _layer_list(hf)[layer]
-    mlp = getattr(block, "mlp", None)
-    if mlp is not None and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2
-        return _MLP([(mlp, "c_fc")], (mlp, "c_proj"))
-    if mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):  # Llama
-        return _MLP([(mlp, "gate_proj"), (mlp, "up_proj")], (mlp, "down_proj"))
-    inter, output = getattr(block, "intermediate", None), getattr(block, "output", None)
-    if inter is not None and output is not None and hasattr(inter, "dense") and hasattr(output, "dense"):
-        return _MLP([(inter, "dense")], (output, "dense"))  # BERT / RoBERTa
-    raise PruneError(
-        f"pruning does not know the MLP of {type(block).__name__} "
-        "(supported: GPT-2, Llama-style gated MLPs, BERT/RoBERTa)"
-    )
+def _mlp_of(hf: Any, path: str, d_model: int, d_mlp: int) -> _MLP:
+    """The maps of the MLP at `path` of `hf`, found from its structure (`compat.mlp_linear_maps`)."""
+    mlp = hf.get_submodule(path)
+    try:
+        ins, out = compat.mlp_linear_maps(mlp, d_model, d_mlp)
+    except CertificationError as exc:
+        raise PruneError(f"pruning cannot slice {type(mlp).__name__} ({path}): {exc}") from None
+
+    def split(name: str) -> tuple[nn.Module, str]:
+        parent, _, attr = name.rpartition(".")
+        return (mlp.get_submodule(parent) if parent else mlp), attr
+
+    return _MLP([(*split(n), k) for n, k in ins], split(out))
 
 
 def _is_conv1d(m: Any) -> bool:
@@ -162,8 +157,10 @@ def _neuron_count(m: Any, side: str) -> int:
     return m.out_features if side == "in" else m.in_features
 
 
-def _slice_in(m: Any, kept: torch.Tensor) -> None:
-    """Keep only the output units `kept` of W_in / W_gate (and b_in)."""
+def _slice_in(m: Any, kept: torch.Tensor, blocks: int = 1, d_mlp: int = 0) -> None:
+    """Keep only the output units `kept` of W_in / W_gate (and b_in); of each of `blocks` blocks of `d_mlp`."""
+    if blocks > 1:
+        kept = torch.cat([kept + j * d_mlp for j in range(blocks)])
     dim = 1 if _is_conv1d(m) else 0  # Conv1D stores [d_model, d_mlp], Linear [d_mlp, d_model]
     m.weight = nn.Parameter(m.weight.detach().index_select(dim, kept).clone(), requires_grad=False)
     if m.bias is not None:
@@ -196,13 +193,12 @@ def _slice_out(m: Any, kept: torch.Tensor, fold: torch.Tensor) -> None:
         m.in_features = len(kept)
 
 
-def _prune_layer(hf: Any, layer: int, kept: torch.Tensor, baseline: torch.Tensor | None) -> None:
+def _prune_layer(hf: Any, mlp: _MLP, layer: int, kept: torch.Tensor, baseline: torch.Tensor | None) -> None:
     """Slice layer `layer` to `kept`; removed neurons frozen at `baseline` [d_mlp] (None: fold nothing)."""
-    mlp = _mlp_of(hf, layer)
     out_parent, out_attr = mlp.out
     out = getattr(out_parent, out_attr)
     _check_linear(out, f"layer {layer}'s {out_attr}")
-    for parent, attr in mlp.ins:
+    for parent, attr, _ in mlp.ins:
         _check_linear(getattr(parent, attr), f"layer {layer}'s {attr}")
     vectors = _out_vectors(out)
     d_mlp = vectors.shape[0]
@@ -214,8 +210,8 @@ def _prune_layer(hf: Any, layer: int, kept: torch.Tensor, baseline: torch.Tensor
         removed[kept] = False
         b = baseline.to(device=vectors.device, dtype=torch.float64)
         fold = b[removed] @ vectors[removed].double()
-    for parent, attr in mlp.ins:
-        _slice_in(getattr(parent, attr), kept)
+    for parent, attr, blocks in mlp.ins:
+        _slice_in(getattr(parent, attr), kept, blocks, d_mlp)
     _slice_out(out, kept, fold)
 
 
@@ -255,6 +251,7 @@ def check_prune_arguments(
             "none. On TransformerLens 3.x load the model with load_model(name, kind='bridge')"
         )
     compat.check_neuron_axis(model, PruneError)
+    require_neuron_basis(model, "pruning", PruneError)
     spec = model_spec(model)
     if not isinstance(keep, (int, float)) or not 0 < keep <= 1 or not math.isfinite(keep):
         raise PruneError(f"keep must be a fraction in (0, 1], got {keep!r}")
@@ -303,18 +300,13 @@ def prune_model(
         neurons = SkillNeurons.load(neurons)
     chosen = check_prune_arguments(model, neurons, keep, layers)
     spec = model_spec(model)
-    hf_orig = compat.hf_model_of(model)
     mask = neurons.select(fraction=keep, per_layer=True)  # rows follow neurons.layers
     baseline = neurons.baseline.double().mean(dim=(0, 2))  # [rows, d_mlp]
-    hf = compat.plain_hf_copy(hf_orig, share_tensors=False)
-    kept: dict[int, tuple[int, ...]] = {}
-    for layer in chosen:
-        row = neurons.layers.index(layer)
-        idx = torch.nonzero(mask[row]).flatten()
-        _prune_layer(hf, layer, idx, baseline[row])
-        kept[layer] = tuple(idx.tolist())
-    pruned = _bridge(hf, model.tokenizer, spec, compat.model_device(model), compat.model_prefix_ids(model))
-    pruned._tl_skill_pruning = Pruning(float(keep), spec.d_mlp, kept)
+    kept_idx = {layer: torch.nonzero(mask[neurons.layers.index(layer)]).flatten() for layer in chosen}
+    pruned = slice_neurons(model, kept_idx, {l: baseline[neurons.layers.index(l)] for l in chosen})
+    kept = {layer: tuple(idx.tolist()) for layer, idx in kept_idx.items()}
+    paths = {layer: compat.mlp_module_path(model, layer) for layer in chosen}
+    cast(Any, pruned)._tl_skill_pruning = Pruning(float(keep), spec.d_mlp, kept, paths)
     log.info(
         "pruned %s: layers %s keep %d of %d neurons each; %d -> %d parameters",
         spec.name,
@@ -325,6 +317,28 @@ def prune_model(
         count_parameters(pruned),
     )
     return pruned
+
+
+def slice_neurons(
+    model: HookedRootModule,
+    kept: dict[int, torch.Tensor],
+    baseline: dict[int, torch.Tensor] | None = None,
+) -> HookedRootModule:
+    """A copy of bridge `model` whose layers keep only neurons `kept[layer]`; a removed neuron is frozen at
+    `baseline[layer][i]` (folded into the output projection's bias), or at zero without `baseline`.
+
+    The MLP's maps are found from each layer's module structure (`compat.mlp_linear_maps`), so every family
+    with separate in/gate/out maps can be sliced; `model` is left unchanged.
+    """
+    spec = model_spec(model)
+    hf_orig = compat.hf_model_of(model)
+    paths = {layer: compat.mlp_module_path(model, layer) for layer in kept}
+    hf = compat.plain_hf_copy(hf_orig, share_tensors=False)
+    width = {layer: compat.projection_width(model, layer) for layer in kept}
+    for layer, idx in kept.items():
+        mlp = _mlp_of(hf, paths[layer], spec.d_model, width[layer])
+        _prune_layer(hf, mlp, layer, idx, None if baseline is None else baseline[layer])
+    return _bridge(hf, model.tokenizer, spec, compat.model_device(model), compat.model_prefix_ids(model))
 
 
 def _bridge(hf: Any, tokenizer, spec: ModelSpec, device, prefix_ids) -> Any:
@@ -424,7 +438,9 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None) -> H
         # saved by 0.2.0 without it: the saved tokenizer is the bridge's (BOS on); 0.2.0 put no prefix
         prefix = info.get("prefix_ids", [])
     for layer in pruning.layers:
-        _prune_layer(hf, layer, torch.tensor(pruning.kept[layer], dtype=torch.long), None)
+        where = pruning.mlp_paths.get(layer) or _legacy_mlp_path(hf, layer)
+        mlp = _mlp_of(hf, where, spec.d_model, pruning.d_mlp)
+        _prune_layer(hf, mlp, layer, torch.tensor(pruning.kept[layer], dtype=torch.long), None)
     try:
         load_weights(hf, str(path / PRUNED_WEIGHTS), strict=True)
     except RuntimeError as exc:

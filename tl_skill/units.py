@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tl_skill import compat
+from tl_skill.basis import require_neuron_basis
 from tl_skill.compat import HookedRootModule
 from tl_skill.errors import UnitError
 from tl_skill.files import FileFormatError, read_tensors
@@ -293,6 +294,7 @@ def check_source(model: HookedRootModule, source: UnitSource, error: type[Except
     """Refuse, before any work, a source the model cannot give (MoE blocks for `mlp`; missing hooks)."""
     if source.name == "mlp":
         compat.check_neuron_axis(model, error)
+        require_neuron_basis(model, "reading MLP neurons", error)
     missing = [source.hook(l) for l in source.layers if source.hook(l) not in model.hook_dict]
     if missing:
         raise error(f"the model has no hook point {missing[0]!r} (units {source.name!r})")

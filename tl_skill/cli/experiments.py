@@ -79,7 +79,7 @@ def _run_neurons_model(args):
         progress=not args.quiet,
         max_examples=args.max_examples or None,
     )
-    return run, SkillNeurons.load(args.neurons), (lambda: load_model_for(args, run.model_name)), shared
+    return run, SkillNeurons.load(args.neurons), (lambda: load_model_for(args, run.model_name, run)), shared
 
 
 def cmd_ablate(args) -> None:

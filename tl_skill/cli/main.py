@@ -7,9 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tl_skill.cli.causal import add_attribute, add_steer
 from tl_skill.cli.experiments import add_ablate, add_origin, add_prune, add_study, add_transfer
 from tl_skill.cli.runs import add_evaluate, add_find, add_tune
-from tl_skill.cli.views import add_dashboard, add_demo, add_export
+from tl_skill.cli.views import add_certify, add_dashboard, add_demo, add_export
 from tl_skill.distributed import DistributedError, init_distributed
 from tl_skill.errors import TLSkillError
 from tl_skill.files import rollback_claims
@@ -26,8 +27,11 @@ ADDERS = [
     add_transfer,
     add_study,
     add_origin,
+    add_attribute,
+    add_steer,
     add_dashboard,
     add_export,
+    add_certify,
 ]
 
 

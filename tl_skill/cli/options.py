@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tl_skill import compat
+from tl_skill.basis import allow_uncertified
 from tl_skill.compat import HookedRootModule
 from tl_skill.distributed import is_main
 from tl_skill.errors import TLSkillError
@@ -155,6 +157,11 @@ def common_options(p: argparse.ArgumentParser, model: bool = True) -> None:
         "once, the prompt against its cached keys/values; the same numbers to float rounding)",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    g.add_argument(
+        "--allow-uncertified",
+        action="store_true",
+        help="work on a model whose neuron hooks fail a check of `tl-skill certify` (at your own risk)",
+    )
 
 
 def finish(p: argparse.ArgumentParser, func, json: bool = True) -> None:
@@ -185,8 +192,15 @@ def emit(obj, as_json: bool, text: str) -> None:
         print(text)
 
 
-def load_model_for(args, name: str) -> HookedRootModule:
-    return load_model(name, device=args.device, dtype=args.dtype)
+def load_model_for(args, name: str, run: Any = None) -> HookedRootModule:
+    """The model a command works on; for a run, with the special tokens the run's rows started with (a run
+    tuned on a bridge you booted yourself may have had BOS turned on where `load_model` has none)."""
+    model = load_model(name, device=args.device, dtype=args.dtype)
+    if getattr(args, "allow_uncertified", False):
+        allow_uncertified(model)
+    if run is not None and run.special_prefix is not None:
+        compat.set_special_prefix(model, run.special_prefix)
+    return model
 
 
 def units_spec(text: str) -> str:

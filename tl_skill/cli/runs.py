@@ -127,7 +127,7 @@ def add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> None:
     run = Run.load(args.run_dir)
-    model = load_model_for(args, run.model_name)
+    model = load_model_for(args, run.model_name, run)
     task = subsample(run.load_task(), {args.split: args.max_examples}, seed=run.info["task_seed"])
     cfg = run.config
     res = evaluate(
@@ -204,7 +204,7 @@ def cmd_find(args) -> None:
     runs = [Run.load(d) for d in args.run_dirs]
     # the directory is claimed before the model loads: other runs or settings are refused at once
     sn = load_or_find(
-        lambda: load_model_for(args, runs[0].model_name),
+        lambda: load_model_for(args, runs[0].model_name, runs[0]),
         runs,
         args.out,
         split=args.split,

@@ -1,11 +1,22 @@
-"""`tl-skill demo`, `dashboard` and `export`: the commands that write views of results (argument parsing only)."""
+"""`tl-skill demo`, `dashboard`, `export` and `certify`: the commands that write views of results and models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from tl_skill import distributed
-from tl_skill.cli.options import NON_NEGATIVE, POSITIVE, common_options, emit, load_model_for, subparser, units_spec
+from tl_skill.certification import certify
+from tl_skill.cli.options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    common_options,
+    emit,
+    finish,
+    load_model_for,
+    subparser,
+    units_spec,
+)
+from tl_skill.errors import CertificationError
 from tl_skill.experiments.dashboard import dashboard_data
 from tl_skill.neurons import SkillNeurons
 from tl_skill.pipelines import DemoConfig, run_demo
@@ -61,7 +72,7 @@ def _dashboard_options(p) -> None:
 def _dashboard(args, out):
     run = Run.load(args.run)
     return dashboard_data(
-        lambda: load_model_for(args, run.model_name),
+        lambda: load_model_for(args, run.model_name, run),
         run,
         SkillNeurons.load(args.neurons_dir),
         out,
@@ -161,3 +172,27 @@ def cmd_demo(args) -> None:
     path = run_demo(args.out, cfg, device=args.device, dtype=args.dtype, progress=not args.quiet, on_phase=on_phase)
     if distributed.is_main():
         print(f"report: {path}")
+
+
+# ----------------------------------------------------------------------- certify
+def add_certify(sub) -> None:
+    p = subparser(
+        "certify",
+        sub,
+        "check that the model's neuron hooks are its neuron basis, and everything else tl_skill relies on",
+        """
+        tl-skill certify smollm2-135m
+        tl-skill certify tiny-qwen2 --json
+        tl-skill certify path/to/hf_model_dir
+    """,
+    )
+    p.add_argument("model", help="smollm2-135m, gemma3-270m, tiny-*, a local Hugging Face model directory or a hub id")
+    finish(p, cmd_certify)
+
+
+def cmd_certify(args) -> None:
+    model = load_model_for(args, args.model)
+    result = certify(model)
+    emit(result.to_dict(), args.json, result.table())
+    if not result.passed:
+        raise CertificationError(f"{result.model} is not certified: check(s) {', '.join(result.failed)} failed")

@@ -14,18 +14,22 @@ Face model sits underneath (`is_bridge`, `hf_model_of`; pruning needs one).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import tempfile
 import warnings
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from tl_skill.errors import UnsupportedModelError
+from tl_skill.errors import CertificationError, UnsupportedModelError
 
 try:  # its own module since TransformerLens 3.0 (the hook_points re-export was removed in 4.0)
     from transformer_lens.HookedRootModule import HookedRootModule as _HookedRootModule
@@ -226,6 +230,43 @@ def special_prefix(tokenizer: Any) -> list[int]:
 
 PREFIX_ATTR = "_tl_skill_prefix_ids"
 
+# What tl_skill tells once per model about how it treats a model built outside `load_model`:
+# {model: {topic: sentence}}, logged at INFO when first said and recorded in result files.
+_NOTICES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def notice(model: torch.nn.Module, topic: str, sentence: str) -> None:
+    """Say `sentence` about `model` once (logging at INFO) and keep it for the result files (`model_notices`)."""
+    said = _NOTICES.setdefault(model, {})
+    if said.get(topic) != sentence:
+        said[topic] = sentence
+        log.info("%s", sentence)
+
+
+def model_notices(model: torch.nn.Module) -> dict[str, str]:
+    """What was said about `model` so far ({topic: sentence}): run.json and neurons.json record it."""
+    return dict(_NOTICES.get(model, {}))
+
+
+def say_training_mode(model: torch.nn.Module) -> None:
+    """Say once (`notice`) when `model` is in training mode with active dropout: every pass is then random."""
+    live = [m for m in model.modules() if m.training and isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if live:
+        notice(
+            model,
+            "training_mode",
+            f"the model is in training mode: {len(live)} dropout module(s) make every pass random; call "
+            "model.eval() first (tl_skill.load_model returns models in eval mode)",
+        )
+
+
+def set_special_prefix(model: HookedRootModule, token_ids: list[int]) -> None:
+    """Choose the special tokens every row starts with (before the text) for a model you built yourself,
+    e.g. `[]` for none, as `load_model` does for tokenizers that add none as the model ships them."""
+    if not all(isinstance(t, int) and 0 <= t < int(model.cfg.d_vocab) for t in token_ids):
+        raise UnsupportedModelError(f"token ids must be integers in [0, {model.cfg.d_vocab}), got {token_ids}")
+    setattr(model, PREFIX_ATTR, tuple(token_ids))
+
 
 def model_prefix_ids(model: HookedRootModule) -> list[int]:
     """The special tokens a causal layout puts first for `model`.
@@ -235,7 +276,20 @@ def model_prefix_ids(model: HookedRootModule) -> list[int]:
     in front of a text). For a model you built yourself: what its tokenizer adds now.
     """
     stored = getattr(model, PREFIX_ATTR, None)
-    return list(stored) if stored is not None else special_prefix(model.tokenizer)
+    if stored is not None:
+        return list(stored)
+    prefix = special_prefix(model.tokenizer)
+    if prefix:
+        shown = model.tokenizer.convert_ids_to_tokens(prefix)
+        notice(
+            model,
+            "special_prefix",
+            f"every row starts with {shown} (what this model's tokenizer puts before a text now; a "
+            "TransformerBridge booted by TransformerLens turns BOS on for tokenizers that have one, where "
+            "tl_skill.load_model keeps the tokenizer as the model ships it). To start rows with nothing: "
+            "tl_skill.compat.set_special_prefix(model, [])",
+        )
+    return prefix
 
 
 @torch.no_grad()
@@ -325,6 +379,40 @@ def forward(model: HookedRootModule, input_ids: torch.Tensor, attention_mask: to
     return model(input_ids, attention_mask=attention_mask, return_type="logits")
 
 
+@contextlib.contextmanager
+def hooks_paused(model: HookedRootModule) -> Iterator[None]:
+    """Context in which no hook on any hook point of `model` fires (anyone's: the user's, a recorder's); they
+    are all back, in order, on leaving. For tl_skill's own probe passes, which must neither disturb nor be
+    disturbed by what listens to the model; hooks added inside are gone on leaving."""
+    saved = []
+    points = {id(hp): hp for hp in model.hook_dict.values()}  # a bridge lists a hook point under each alias
+    for hp in points.values():
+        saved.append((hp, hp._forward_hooks, hp._forward_pre_hooks, hp._backward_hooks))
+        hp._forward_hooks, hp._forward_pre_hooks, hp._backward_hooks = (
+            collections.OrderedDict(),
+            collections.OrderedDict(),
+            collections.OrderedDict(),
+        )
+    try:
+        yield
+    finally:
+        for hp, fwd, pre, bwd in saved:
+            hp._forward_hooks, hp._forward_pre_hooks, hp._backward_hooks = fwd, pre, bwd
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Context in which every module of `model` is in eval mode (no dropout); each module's own flag is back
+    on leaving. For probe passes whose results must not be random."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def hook_names(model: HookedRootModule) -> set[str]:
     return set(model.hook_dict.keys())
 
@@ -378,6 +466,130 @@ def mlp_projections(block: Any) -> dict[str, torch.nn.Module]:
     """
     kids = block.mlp._modules
     return {c: kids[c] for c in MLP_PROJECTIONS if kids.get(c) is not None}
+
+
+def _linear_dims(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear-like leaf module (nn.Linear, GPT-2's Conv1D), else None."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or WRAPPER in module._modules:
+        return None
+    return (
+        (int(w.shape[0]), int(w.shape[1])) if type(module).__name__ == "Conv1D" else (int(w.shape[1]), int(w.shape[0]))
+    )
+
+
+def mlp_output_projection(model: HookedRootModule, layer: int) -> tuple[str, torch.nn.Module]:
+    """(path, module) of the Hugging Face module that projects layer `layer`'s MLP neurons back to the
+    residual stream, found from the module's structure: the one Linear-like leaf under the bridge's MLP
+    component that writes d_model values from another width (outside any attention submodule)."""
+    if not is_bridge(model):
+        raise CertificationError("a HookedTransformer has no Hugging Face output projection (its W_out is used)")
+    d_model = int(model.cfg.d_model)
+    mlp = hf_module(model.blocks[layer].mlp)
+    found = []
+    for name, mod in mlp.named_modules():
+        dims = _linear_dims(mod)
+        path = hf_param_name(name)
+        if dims is None or dims[1] != d_model or dims[0] == d_model:
+            continue
+        if any(part in ("attention", "attn", "self_attn") for part in path.split(".")):
+            continue
+        found.append((path, mod))
+    if not found and "out" in mlp_projections(model.blocks[layer]):
+        # an MLP as wide as the residual stream (a pruned model, say): the bridge's own `out` component
+        out = hf_module(mlp_projections(model.blocks[layer])["out"])
+        found = [(name, mod) for name, mod in mlp.named_modules() if mod is out]
+    if len(found) != 1:
+        raise CertificationError(
+            f"layer {layer}: cannot tell the MLP's output projection from the module structure "
+            f"({len(found)} Linear modules write d_model={d_model} values from another width: "
+            f"{[n for n, _ in found][:4]})"
+        )
+    return found[0]
+
+
+def mlp_module_path(model: HookedRootModule, layer: int) -> str:
+    """The dotted path, in the Hugging Face model (bridge wrappers left out), of the module the bridge's
+    `blocks.{layer}.mlp` wraps (for BERT-style models, the whole layer)."""
+    target = hf_module(model.blocks[layer].mlp)
+    for name, mod in hf_model_of(model).named_modules():
+        if mod is target:
+            return hf_param_name(name)
+    raise CertificationError(f"layer {layer}: the MLP module is not part of the Hugging Face model")
+
+
+def mlp_linear_maps(mlp: torch.nn.Module, d_model: int, d_mlp: int) -> tuple[list[tuple[str, int]], str]:
+    """(maps into the neurons, the output projection) of a Hugging Face MLP module, as dotted paths within it:
+    Linear-like leaves reading d_model and writing k x d_mlp values (W_in, W_gate; k = 2 for a fused
+    gate-and-up map, taken as k consecutive blocks of d_mlp), each with its k, and the one reading d_mlp and
+    writing d_model values (W_out); attention submodules are left out. Found from the structure, not from
+    names; `certification`'s pruning check confirms the reading on the model itself."""
+    ins: list[tuple[str, int]] = []
+    outs: list[str] = []
+    for name, mod in mlp.named_modules():
+        dims = _linear_dims(mod)
+        if dims is None or any(p in ("attention", "attn", "self_attn") for p in hf_param_name(name).split(".")):
+            continue
+        if dims[0] == d_model and dims[1] % d_mlp == 0 and d_mlp != d_model:
+            ins.append((name, dims[1] // d_mlp))
+        elif dims == (d_mlp, d_model):
+            outs.append(name)
+    if len(outs) != 1 or not ins:
+        raise CertificationError(
+            f"cannot tell the MLP's maps from its structure: {len(ins)} into the {d_mlp} neurons, "
+            f"{len(outs)} out of them ({outs[:3]})"
+        )
+    return ins, outs[0]
+
+
+def projection_width(model: HookedRootModule, layer: int) -> int:
+    """How many neurons layer `layer`'s MLP output projection reads (its input width)."""
+    if not is_bridge(model):
+        return int(model.blocks[layer].mlp.W_out.shape[0])
+    dims = _linear_dims(mlp_output_projection(model, layer)[1])
+    assert dims is not None
+    return dims[0]
+
+
+def capture_projection_input(model: HookedRootModule, layer: int, keep: Any) -> Any:
+    """Call `keep(x)` with the input of layer `layer`'s MLP output projection on each forward; the handle.
+
+    On a HookedTransformer, whose MLP multiplies by W_out as an operation, `x` is the MLP's output
+    instead (`projection_compared` maps the neurons to it)."""
+    if not is_bridge(model):
+        point = model.blocks[layer].hook_mlp_out
+        return point.register_forward_pre_hook(lambda mod, args: keep(args[0].detach().clone()))
+    module = mlp_output_projection(model, layer)[1]
+    return module.register_forward_pre_hook(lambda mod, args: keep(args[0].detach().clone()))
+
+
+def projection_compared(model: HookedRootModule, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+    """What `capture_projection_input` sees when the neurons hold `neurons`: the same values on a bridge; on a
+    HookedTransformer the MLP output they make, `neurons @ W_out + b_out`."""
+    if is_bridge(model):
+        return neurons
+    mlp = model.blocks[layer].mlp
+    out = neurons @ mlp.W_out.to(neurons.dtype)
+    return out + mlp.b_out.to(neurons.dtype) if getattr(mlp, "b_out", None) is not None else out
+
+
+def edit_projection_input(model: HookedRootModule, layer: int, neuron: int, delta: float) -> Any:
+    """Add `delta` to neuron `neuron` of the input of layer `layer`'s output projection on each forward (a
+    HookedTransformer: `delta * W_out[neuron]` to the MLP's output, the same change); the handle."""
+    if not is_bridge(model):
+        row = model.blocks[layer].mlp.W_out[neuron].detach()
+
+        def add_out(mod, args):
+            return (args[0] + delta * row.to(args[0]),)
+
+        return model.blocks[layer].hook_mlp_out.register_forward_pre_hook(add_out)
+
+    def add(mod, args):
+        x = args[0].clone()
+        x[..., neuron] += delta
+        return (x, *args[1:])
+
+    return mlp_output_projection(model, layer)[1].register_forward_pre_hook(add)
 
 
 def attention_projections(block: Any) -> dict[str, torch.nn.Module]:
@@ -456,16 +668,30 @@ def final_logit_softcap(model: HookedRootModule) -> float | None:
     return float(cap) if cap is not None and cap > 0 else None
 
 
+def final_logit_scale(model: HookedRootModule) -> float:
+    """The factor a family multiplies its logits by after the unembedding (Cohere's `logit_scale`, Granite's
+    1 / `logits_scaling`); 1 for the others and for a HookedTransformer."""
+    if not is_bridge(model):
+        return 1.0
+    config = hf_model_of(model).config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scaling = getattr(config, "logits_scaling", None)
+    return scale / float(scaling) if scaling else scale
+
+
 def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The logits of `token_ids` from the unembedding's input `h` [batch, d_model]: the full logits' columns.
 
-    Projects onto those rows only (and their bias), then applies the family's final-logit
-    soft-capping where it has one, as the full forward pass does.
+    Projects onto those rows only (and their bias), then applies the family's logit scale and
+    final-logit soft-capping where it has them, as the full forward pass does (`certify` checks this).
     """
     W, b = unembedding(model)
     rows = token_ids.to(W.device)
     out = h @ W[rows].to(h.dtype).T
     if b is not None:
         out = out + b[rows].to(h.dtype)
+    scale = final_logit_scale(model)
+    if scale != 1.0:
+        out = out * scale
     cap = final_logit_softcap(model)
     return out if cap is None else cap * torch.tanh(out / cap)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -13,7 +14,9 @@ from tl_skill.compat.core import (
     HAS_HOOKED_TRANSFORMER,
     UNEMBED_IN_HOOK,
     HookedRootModule,
+    eval_mode,
     hf_model_of,
+    hooks_paused,
     is_bridge,
     is_masked_lm,
     model_device,
@@ -28,7 +31,35 @@ def prefix_cache_supported(model: HookedRootModule) -> bool:
     if is_masked_lm(hf_model_of(model)):
         return False
     attn = getattr(model.blocks[0], "attn", None)
-    return callable(getattr(attn, "_update_kv_cache", None))
+    if not callable(getattr(attn, "_update_kv_cache", None)):
+        return False
+    known = _PROBED.get(model)
+    if known is None:
+        known = _cache_agrees(model)
+        _PROBED[model] = known
+    return known
+
+
+_PROBED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _cache_agrees(model: HookedRootModule) -> bool:
+    """Once per model: continuing a 3-token prefix's cache by 3 tokens gives the full pass's logits (some
+    block wrappers, e.g. parallel attention/MLP blocks, cannot take a cache at all). No hook fires."""
+    device = model_device(model)
+    ids = ((torch.arange(6, device=device) * 7 + 3) % int(model.cfg.d_vocab))[None]
+    mask = torch.ones_like(ids)
+    try:
+        with torch.no_grad(), hooks_paused(model), eval_mode(model):
+            full = model(ids, attention_mask=mask, return_type="logits")
+            cache = new_kv_cache(model, 1)
+            forward_with_cache(model, ids[:, :3], mask[:, :3], cache)
+            rest = forward_with_cache(model, ids[:, 3:], mask, cache)
+    except Exception:  # the wrapper cannot take a cache: the full pass is used instead
+        return False
+    want = full[:, 3:].float()
+    tol = 1e-4 if full.dtype in (torch.float32, torch.float64) else 3e-2
+    return bool(((rest.float() - want).abs().max() <= tol * max(1.0, float(want.abs().max()))).item())
 
 
 def new_kv_cache(model: HookedRootModule, batch_size: int) -> Any:

@@ -37,6 +37,7 @@ from tl_skill.compat.core import (
     is_bridge,
     is_masked_lm,
     label_logits,
+    notice,
 )
 
 # Hugging Face `model_type`s whose view is tested against the bridge (tests/test_prefix.py). Not GPT-2:
@@ -98,13 +99,16 @@ def plain_hf_copy(hf: Any, share_tensors: bool) -> Any:
 
 
 # ----------------------------------------------------------------------------- the shared-tensor view
-def _tl_own(fn) -> bool:
-    return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens")
+def _wiring(fn) -> bool:
+    """A hook that is the libraries' own wiring: TransformerLens's, or transformers' output capturing (which
+    `run_with_cache` installs for good and which records only while a forward asks for those outputs)."""
+    module = str(getattr(fn, "__module__", "") or "")
+    return module.startswith("transformer_lens") or module == "transformers.utils.output_capturing"
 
 
-def _listened_to(model: HookedRootModule) -> bool:
-    """Whether any hook could hear a pass of `model`: one on a hook point (anyone's), one on another
-    module that is not TransformerLens's own wiring, or a global module hook."""
+def _listener(model: HookedRootModule) -> str | None:
+    """What could hear a pass of `model` (None: nothing): a hook on a hook point (anyone's), one on another
+    module that is not the libraries' own wiring, or a global module hook."""
     nn_module = torch.nn.modules.module
     for name in (
         "_global_forward_hooks",
@@ -113,16 +117,16 @@ def _listened_to(model: HookedRootModule) -> bool:
         "_global_backward_pre_hooks",
     ):
         if getattr(nn_module, name, None):
-            return True
+            return f"a global module hook ({name.strip('_')})"
     hook_points = {id(hp) for hp in model.hook_dict.values()}
-    for m in model.modules():
+    for name, m in model.named_modules():
         stores = [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", {})]
         if id(m) in hook_points:
             if any(stores):
-                return True
-        elif any(not _tl_own(fn) for store in stores for fn in store.values()):
-            return True
-    return False
+                return f"a hook on hook point {name}"
+        elif any(not _wiring(fn) for store in stores for fn in store.values()):
+            return f"a hook on module {name}"
+    return None
 
 
 def _fingerprint(hf: Any) -> tuple:
@@ -181,8 +185,9 @@ def plain_view(model: HookedRootModule) -> Any | None:
         getattr(hf.config, "model_type", None) not in PLAIN_FAMILIES
         or is_masked_lm(hf)
         or getattr(model, "compatibility_mode", False)
-        or _listened_to(model)
     ):
+        return None
+    if _listener(model) is not None:
         return None
     fingerprint = _fingerprint(hf)
     hit = _VIEWS.get(model)
@@ -193,6 +198,32 @@ def plain_view(model: HookedRootModule) -> Any | None:
         view = None
     _VIEWS[model] = (fingerprint, view)
     return view
+
+
+def say_fast_path(model: HookedRootModule) -> None:
+    """Before tuning or recording: say once (`notice`) when a bridge whose family has a plain view cannot use
+    it, and why (someone's hook, or a view that would not be exact); nothing for other models."""
+    if not is_bridge(model):
+        return
+    hf = hf_model_of(model)
+    if getattr(hf.config, "model_type", None) not in PLAIN_FAMILIES or is_masked_lm(hf):
+        return
+    listener = _listener(model)
+    if listener is not None:
+        notice(
+            model,
+            "fast_path",
+            f"passes nobody listens to run through the bridge, not its faster plain view: {listener} is "
+            "attached. Results are the same, only slower; remove it to speed them up (model.reset_hooks() removes "
+            "the hooks on hook points)",
+        )
+    elif plain_view(model) is None:
+        notice(
+            model,
+            "fast_path",
+            "passes nobody listens to run through the bridge: its plain view could not be built or did not "
+            "match the bridge's logits. Results are the same, only slower",
+        )
 
 
 def _attention(view: Any, device: torch.device, grad: bool) -> str:

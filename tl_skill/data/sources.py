@@ -22,13 +22,13 @@ from tl_skill.data.lexicons import LEXICON_TASKS, lexicon_task
 from tl_skill.data.tasks import (
     BBC_TOPICS,
     BUNDLED_TASKS,
-    SPLITS,
     Task,
     TaskError,
-    TaskSpec,
     build_task,
+    parse_label_words,
+    rows_task,
     split_examples,
-    validate_task,
+    words_for,
 )
 from tl_skill.files import file_digest, hub_unreachable
 
@@ -168,9 +168,6 @@ def _bbc(name: str, seed: int) -> Task:
     )
 
 
-_INT_LABEL = re.compile(r"[+-]?\d+(\.0*)?")
-
-
 def _read_csv(p: Path) -> tuple[list[str], list[dict[str, Any]], list[int]]:
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
@@ -229,61 +226,6 @@ def _read_rows(kind: str, p: Path) -> tuple[list[str], list[dict[str, Any]], lis
     return columns, rows, starts
 
 
-def parse_label_words(label_words: Sequence[str] | dict[str, str] | str | None) -> list[str] | dict[str, str] | None:
-    """`w0,w1` (class order) or `name=word,...` (by label name) -> a list or a {name: word} dict.
-
-    A leading space is added to each word where missing, since causal LMs read
-    label words as continuations.
-    """
-    if label_words is None:
-        return None
-    if isinstance(label_words, str):
-        items = list(label_words.split(","))
-        pairs = ["=" in w for w in items]
-        if any(pairs) and not all(pairs):
-            raise TaskError(f"--label-words {label_words!r} mixes NAME=WORD pairs and plain words; use one form")
-        if all(pairs):
-            mapping: dict[str, str] = {}
-            for item in items:
-                name, word = item.split("=", 1)
-                name = name.strip()
-                if name in mapping:
-                    raise TaskError(f"--label-words {label_words!r} names label {name!r} twice")
-                mapping[name] = word
-            label_words = mapping
-        else:
-            label_words = items
-    space = lambda w: w if w.startswith(" ") else " " + w
-    out: list[str] | dict[str, str]
-    if isinstance(label_words, dict):
-        out = {str(k): space(str(v)) for k, v in label_words.items()}
-        words = list(out.values())
-    else:
-        out = [space(str(w)) for w in label_words]
-        words = out
-    if any(not w.strip() for w in words):
-        raise TaskError(f"empty label word in {words}")
-    return out
-
-
-def words_for(names: Sequence[str], label_words, where: str) -> list[str]:
-    """One label word per class name, from a list (class order) or a {name: word} mapping."""
-    if isinstance(label_words, dict):
-        unknown = [k for k in label_words if k not in names]
-        missing = [n for n in names if n not in label_words]
-        if unknown or missing:
-            raise TaskError(
-                f"{where}: label words given for {list(label_words)} but the labels are "
-                f"{list(names)}" + (f" ({missing} have none)" if missing else "")
-            )
-        return [label_words[n] for n in names]
-    if len(label_words) != len(names):
-        raise TaskError(
-            f"{where}: {len(names)} labels {list(names)} but {len(label_words)} label words {list(label_words)}"
-        )
-    return list(label_words)
-
-
 def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | None = None) -> Task:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -298,74 +240,18 @@ def user_file_task(kind: str, path: str, seed: int, label_words, digest: str | N
             f"{found[:12]}... now): its splits would differ. Restore the file, or tune a new run"
         )
     columns, rows, lines = _read_rows(kind, p)
-    missing = [c for c in ("text", "label") if c not in columns]
-    if missing:
-        shown = [c[:30] for c in columns[:8]]
-        raise TaskError(
-            f"{p}: missing column(s) {missing}; a task file needs 'text' and 'label' "
-            f"(found {len(columns)} column(s): {shown}{' ...' if len(columns) > 8 else ''})"
-        )
-    if not rows:
-        raise TaskError(f"{p}: no rows")
-    texts = [r.get("text", "") for r in rows]
-    raw = [r.get("label", "").strip() for r in rows]
-    empty = [i for i, (t, l) in enumerate(zip(texts, raw)) if not t.strip() or not l]
-    if empty:
-        i = empty[0]
-        raise TaskError(
-            f"{p}: empty {'text' if not texts[i].strip() else 'label'} on line {lines[i]} "
-            f"({len(empty)} row(s) with an empty text or label)"
-        )
-    mapping = label_words if isinstance(label_words, dict) else None
-    if all(_INT_LABEL.fullmatch(v) for v in raw):
-        ints = [int(float(v)) for v in raw]
-        if min(ints) < 0:
-            raise TaskError(f"{p}: negative label {min(ints)}")
-        n = max(ints) + 1
-        names = [str(i) for i in range(n)]
-        if label_words is None:
-            raise TaskError(f"{p}: integer labels need label words (--label-words w0,w1,...), one per label 0..{n - 1}")
-        if mapping is None and len(label_words) < n:
-            raise TaskError(
-                f"{p}: label {n - 1} has no label word; {len(label_words)} label words given "
-                f"({list(label_words)}) for labels 0..{n - 1}"
-            )
-        labels = ints
-    else:
-        # Classes in the order of an explicit NAME=WORD mapping, else of first appearance.
-        names = list(mapping) if mapping is not None else list(dict.fromkeys(raw))
-        unknown = sorted(set(raw) - set(names))
-        if unknown:
-            raise TaskError(f"{p}: labels {unknown} have no label word (--label-words names {names})")
-        index = {name: i for i, name in enumerate(names)}
-        labels = [index[v] for v in raw]
-    words = [f" {n}" for n in names] if label_words is None else words_for(names, label_words, str(p))
-    if len(set(labels)) < 2:
-        raise TaskError(f"{p}: all rows have label {names[labels[0]]!r}; a task needs two classes")
-    text_b = [r.get("text_b", "") for r in rows] if "text_b" in columns else None
-    if "split" in columns:
-        splits = {}
-        split_col = [r["split"].strip() for r in rows]
-        for s in SPLITS:
-            idx = [i for i, v in enumerate(split_col) if v == s]
-            cols = {"text": [texts[i] for i in idx], "label": [labels[i] for i in idx]}
-            if text_b is not None:
-                cols["text_b"] = [text_b[i] for i in idx]
-            splits[s] = cols
-    else:
-        splits = split_examples(texts, labels, seed, text_b)
-    task = build_task(f"{kind}:{p}", splits, names, words, seed, f"user {kind} file {p}")
-    return Task(
-        task.data,
-        TaskSpec(
-            **{
-                **task.spec.to_dict(),
-                "label_names": task.spec.label_names,
-                "label_words": task.spec.label_words,
-                "digest": found,
-            }
-        ),
+    task = rows_task(
+        f"{kind}:{p}",
+        columns,
+        rows,
+        [f"line {n}" for n in lines],
+        seed,
+        label_words,
+        f"user {kind} file {p}",
+        where=str(p),
+        thing="a task file",
     )
+    return task.with_spec(digest=found)
 
 
 _HF_TEXT_COLUMNS = (
@@ -442,7 +328,10 @@ def bundled_task(name: str, seed: int) -> Task:
 
 
 def load_task(
-    name: str, seed: int = 0, label_words: Sequence[str] | dict[str, str] | str | None = None, digest: str | None = None
+    name: str | Any,
+    seed: int = 0,
+    label_words: Sequence[str] | dict[str, str] | str | None = None,
+    digest: str | None = None,
 ) -> Task:
     """Load a task by name.
 
@@ -462,7 +351,14 @@ def load_task(
 
     csv/jsonl tasks are named by the file's absolute path and record its sha256
     in `TaskSpec.digest`.
+
+    Data already in memory (a pandas DataFrame, a list of records, a Hugging Face
+    `Dataset`/`DatasetDict`) is read by `Task.from_pandas`, `Task.from_records`
+    and `Task.from_hf` with their default columns `text` and `label`; call those
+    directly to name other columns or a split column.
     """
+    if not isinstance(name, str):
+        return Task.from_data(name, seed=seed, label_words=label_words)
     label_words = parse_label_words(label_words)
     if (
         name in ("rotten_tomatoes", "subjectivity", "word_sentiment")
@@ -483,11 +379,4 @@ def load_task(
             "General Inquirer categories); or csv:PATH, jsonl:PATH, "
             "or a Hugging Face dataset id such as glue/sst2"
         )
-    if label_words is not None:
-        words = words_for(task.spec.label_names, label_words, f"task {name!r}")
-        task = Task(
-            task.data,
-            TaskSpec(**{**task.spec.to_dict(), "label_words": tuple(words), "label_names": task.spec.label_names}),
-        )
-        validate_task(task)
-    return task
+    return task if label_words is None else task.with_label_words(label_words)

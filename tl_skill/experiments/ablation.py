@@ -228,7 +228,7 @@ def verdict(rows: Sequence[Mapping], majority: float | None = None) -> Verdict:
 
 
 # ----------------------------------------------------------------------------- the experiment
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class AblationResult(RunResult):
     """What `ablation_experiment` measured; saved as `ablation.json`."""
 
@@ -252,6 +252,52 @@ class AblationResult(RunResult):
 
     def verdict(self) -> Verdict:
         return verdict(self.rows, self.majority_accuracy)
+
+    COLUMNS = (
+        "mode",
+        "fraction",
+        "n_neurons",
+        "clean_accuracy",
+        "skill_accuracy",
+        "random_accuracy",
+        "random_accuracy_std",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "mcnemar_p_max",
+        "skill_hurts_more",
+    )
+
+    def to_dataframe(self) -> Any:
+        """One row per fraction (`COLUMNS`): accuracies clean, with the skill neurons perturbed and with as many
+        random neurons (mean and std over seeds); the paired skill-minus-random `difference` with its 95%
+        bootstrap CI (`ci_low`, `ci_high`), the largest McNemar p over the random seeds and whether the CI
+        lies below 0 (`skill_hurts_more`)."""
+        import pandas as pd
+
+        out = []
+        for r in self.rows:
+            p = r.get("paired") or {}
+            out.append(
+                {
+                    **{k: r.get(k) for k in self.COLUMNS[:7]},
+                    "difference": p.get("difference"),
+                    "ci_low": p.get("ci_low"),
+                    "ci_high": p.get("ci_high"),
+                    "mcnemar_p_max": max(p["mcnemar_p"]) if p.get("mcnemar_p") else None,
+                    "skill_hurts_more": p.get("skill_hurts_more"),
+                }
+            )
+        return pd.DataFrame(out, columns=list(self.COLUMNS))
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "mode": self.mode,
+            "examples": self.n_examples,
+            "verdict": self.verdict().status,
+        }
 
     def check(self) -> str | None:
         number = (int, float)

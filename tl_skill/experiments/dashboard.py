@@ -36,7 +36,7 @@ from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.errors import DashboardError, FileFormatError
 from tl_skill.experiments.ablation import AblationResult
-from tl_skill.experiments.results import RunResult
+from tl_skill.experiments.results import RunResult, scalars
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
@@ -52,7 +52,7 @@ DASHBOARD_JSON = "dashboard.json"
 ABLATION_MODES = ("mean", "zero")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class DashboardResult(RunResult):
     """Everything a neuron dashboard shows; saved as `dashboard.json` + `dashboard.safetensors`.
 
@@ -80,6 +80,33 @@ class DashboardResult(RunResult):
         return self.to_dict() == other.to_dict() and all(
             torch.equal(getattr(self, n), getattr(other, n)) for n in ("activations", "labels", "predictions")
         )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dataframe(self) -> Any:
+        """One row per neuron shown: its plain entries — `layer`, `neuron`, `position`, `predictivity`,
+        `direction`, `baseline`, `p_value`, `q_value`, `heldout_predictivity`, `hook_name`, `units`,
+        `activation_at_prediction_mean`, `ablated_accuracy`, `ablation_delta` (ablated minus clean accuracy),
+        `ablation_changed` (examples whose correctness flips) — then `direct_effect[<label>]`, the mean
+        direct effect on each label word's logit."""
+        import pandas as pd
+
+        rows = []
+        for n in self.neurons:
+            row = scalars(n)
+            for name, value in zip(self.label_names, n.get("direct_effect_mean") or []):
+                row[f"direct_effect[{name}]"] = value
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "neurons": len(self.neurons),
+            "examples": self.n_examples,
+            "clean_accuracy": self.clean_accuracy,
+        }
 
 
 def _tokens(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -141,7 +168,8 @@ def logit_lens(
     }
 
 
-def _norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
+def norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
+    """The final normalisation's scale of residual vectors `x` [..., d_model] (RMS, after centring for LayerNorm)."""
     x = x.double()
     if centre:
         x = x - x.mean(-1, keepdim=True)
@@ -199,7 +227,7 @@ def _trace(
         logits = class_logits(model, batch, es.verbalizer, prompt.to(device), hooks)
         preds[idx] = logits.argmax(-1).cpu().numpy()
         rows = torch.arange(len(idx), device=batch.pred_pos.device)
-        scales[torch.as_tensor(idx)] = _norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
+        scales[torch.as_tensor(idx)] = norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
         acts = torch.zeros(*batch.input_ids.shape, len(chosen))
         for l, ks in by_layer.items():
             acts[..., ks] = grabbed[f"units{l}"]

@@ -14,7 +14,7 @@ from tl_skill.tuning.runs import TuneConfig
 DEMO_JSON = "demo.json"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class DemoResult(Result):
     """The demo's settings and the seconds each phase took (summed over reruns)."""
 
@@ -22,6 +22,15 @@ class DemoResult(Result):
 
     config: dict[str, Any]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dataframe(self) -> Any:
+        """One row per phase: `phase` and the `seconds` it took."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.timings.items()), columns=["phase", "seconds"])
+
+    def facts(self) -> dict[str, Any]:
+        return {k: self.config.get(k) for k in ("model", "task") if k in self.config}
 
 
 def legacy_demo_identity(out: Path) -> dict[str, Any] | None:

@@ -55,7 +55,7 @@ from tl_skill.experiments.ablation import (
     verdict,
 )
 from tl_skill.experiments.comparisons import compare_predictivity, predictivity_summary
-from tl_skill.experiments.results import TaskResult
+from tl_skill.experiments.results import TaskResult, scalars
 from tl_skill.experiments.runner import Condition, EvalSet, run_conditions
 from tl_skill.files import claim_dir, jsonable, read_json, rolls_back_claims, tensor_digest
 from tl_skill.find import load_or_find
@@ -448,7 +448,7 @@ def origin_study(
             assert alt_words is not None  # set above whenever the part is asked for
             state[part] = _label_words_part(
                 model,
-                task_name,
+                task,
                 run,
                 control_cfg,
                 sn,
@@ -541,7 +541,7 @@ def _random_weights_part(
 
 def _label_words_part(
     model: HookedRootModule,
-    task_name: str,
+    task: Task,
     run: Run,
     cfg: TuneConfig,
     sn: SkillNeurons,
@@ -553,7 +553,7 @@ def _label_words_part(
     find_kw: dict,
     progress: bool,
 ) -> dict[str, Any]:
-    alt_task = load_task(task_name, seed=run.info["task_seed"], label_words=alt_words)
+    alt_task = task.with_label_words(alt_words)
     base = out / "label_words"
     alt_run = tune(model, alt_task, base / "run", cfg, progress=progress)
     ndir = base / "neurons"
@@ -701,7 +701,7 @@ def _tuning_part(
     return section
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class OriginResult(TaskResult):
     """What `origin_study` found; saved as `origin.json`, one section per part (each with `claim_holds`)."""
 
@@ -718,6 +718,17 @@ class OriginResult(TaskResult):
 
     def parts(self) -> dict[str, dict[str, Any]]:
         return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+    def to_dataframe(self) -> Any:
+        """One row per part run: `part`, `claim_holds`, the part's plain numbers (e.g. `best_gap`,
+        `spearman`, `clean_accuracy`) and its `statement`."""
+        import pandas as pd
+
+        return pd.DataFrame([{"part": p, **scalars(v)} for p, v in self.parts().items()])
+
+    def facts(self) -> dict[str, Any]:
+        holds = {p: v.get("claim_holds") for p, v in self.parts().items()}
+        return {"model": self.model, "task": self.task, **{f"{p}_holds": h for p, h in holds.items()}}
 
 
 def _legacy_identity(out: Path) -> dict[str, Any] | None:

@@ -78,7 +78,7 @@ def time_inference(
     return seconds
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class PruneResult(RunResult):
     """What `prune_experiment` measured; saved as `prune.json` beside the pruned model."""
 
@@ -114,6 +114,30 @@ class PruneResult(RunResult):
     retuned_run: str | None = None
     retune_seconds: float | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    COLUMNS = ("model", "accuracy", "parameters", "median_seconds")
+
+    def to_dataframe(self) -> Any:
+        """One row per model (`COLUMNS`): the original, the pruned and (when retuned) the pruned with a retuned
+        prompt: test accuracy, parameter count and median seconds per timed pass."""
+        import pandas as pd
+
+        rows: list[tuple[str, float | None, int, float | None]] = [
+            ("original", self.accuracy_before, self.params_before, self.median_seconds_before),
+            ("pruned", self.accuracy_after, self.params_after, self.median_seconds_after),
+        ]
+        if self.accuracy_retuned is not None:
+            rows.append(("pruned, prompt retuned", self.accuracy_retuned, self.params_after, None))
+        return pd.DataFrame(rows, columns=list(self.COLUMNS))
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "kept": self.kept_fraction,
+            "accuracy": f"{self.accuracy_before:.4f} -> {self.accuracy_after:.4f}",
+            "speedup": self.speedup,
+        }
 
 
 @rolls_back_claims

@@ -14,12 +14,13 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from tl_skill.display import html_facts, html_table, repr_line
 from tl_skill.files import FileFormatError, atomic_json, atomic_tensors, jsonable, read_json, read_tensors
 
 R = TypeVar("R", bound="Result")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Result:
     """Base of the result dataclasses; subclasses set `FILE` (the JSON file's name)."""
 
@@ -86,8 +87,34 @@ class Result:
         """What is wrong with a loaded result's values (None: nothing); subclasses check their fields."""
         return None
 
+    # --- notebook display ------------------------------------------------------
+    def to_dataframe(self) -> Any:
+        """The result as a table (pandas DataFrame); each result documents its columns."""
+        raise NotImplementedError(f"{type(self).__name__} has no table")
 
-@dataclasses.dataclass(frozen=True)
+    def facts(self) -> dict[str, Any]:
+        """The few numbers a one-line summary shows (model, task and what the result found)."""
+        return {k: getattr(self, k) for k in ("model", "task", "tasks") if k in self}
+
+    def __repr__(self) -> str:
+        return repr_line(type(self).__name__, self.facts())
+
+    def _repr_html_(self) -> str:
+        try:
+            table = html_table(self.to_dataframe(), max_rows=12)
+        except NotImplementedError:
+            table = ""
+        return html_facts(type(self).__name__, self.facts()) + table
+
+
+def scalars(d: Any) -> dict[str, Any]:
+    """The plain number/text/flag entries of a dict (a table row's cells); lists and dicts left out."""
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class TaskResult(Result):
     """A result about one model on one task: the fields such results start with."""
 
@@ -95,14 +122,14 @@ class TaskResult(Result):
     task: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class RunResult(TaskResult):
     """A result about one tuning run's prompt (`run`: its directory)."""
 
     run: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class TasksResult(Result):
     """A result about one model on several tasks."""
 

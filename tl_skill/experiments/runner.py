@@ -90,6 +90,7 @@ class EvalSet:
         cls, run: Run, model: HookedRootModule, max_examples: int | None = None, task: Task | None = None
     ) -> EvalSet:
         """The run's test examples by `evaluation_task`, with the run's label words and layout."""
+        run.check_prefix(model, ExperimentError)
         cfg = run.config
         return cls(
             evaluation_task(run, max_examples, task),

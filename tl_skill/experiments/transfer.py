@@ -29,7 +29,7 @@ from tl_skill import distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import load_task
 from tl_skill.data.tasks import Task
-from tl_skill.experiments.results import TasksResult
+from tl_skill.experiments.results import TasksResult, scalars
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.find import load_or_find
@@ -63,7 +63,7 @@ def _finite_or(x, default: float = -math.inf) -> float:
     return x if x is not None and math.isfinite(x) else default
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class TransferResult(TasksResult):
     """Transfer matrices, indicators and their correlations; saved as `transfer.json`.
 
@@ -83,8 +83,27 @@ class TransferResult(TasksResult):
     neurons: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     figures: list[str] = dataclasses.field(default_factory=list)
 
+    COLUMNS = ("source", "target", "kind", "measure", "value")
 
-@dataclasses.dataclass(frozen=True)
+    def to_dataframe(self) -> Any:
+        """Every matrix in long form (`COLUMNS`): one row per (source task, target task, measure); `kind` is
+        "transfer" (a prompt's accuracy on another task) or "indicator" (a predictor of it, e.g. the
+        overlap of skill neurons)."""
+        import pandas as pd
+
+        rows = []
+        for kind, mats in (("transfer", self.transfer), ("indicator", self.indicators)):
+            for measure, mat in mats.items():
+                for i, a in enumerate(self.tasks):
+                    for j, b in enumerate(self.tasks):
+                        rows.append((a, b, kind, measure, mat[i][j]))
+        return pd.DataFrame(rows, columns=list(self.COLUMNS))
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "tasks": len(self.tasks), "best_indicator": self.best_indicator.get("name")}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class StudyResult(TasksResult):
     """The multi-task study's summary; saved as `study.json` (the matrices are in `transfer.json`)."""
 
@@ -100,6 +119,18 @@ class StudyResult(TasksResult):
     transfer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     transfer_json: str = ""
     figures: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dataframe(self) -> Any:
+        """One row per task: `task`, mean `dev_accuracy` / `test_accuracy` of its prompts, `best_predictivity`
+        of its skill neurons, and where its runs and neurons are."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [{"task": t, **scalars(v), "runs": len(v.get("runs", []))} for t, v in self.per_task.items()]
+        )
+
+    def facts(self) -> dict[str, Any]:
+        return {"model": self.model, "tasks": len(self.tasks), "seeds": len(self.seeds)}
 
 
 def _short_config(run_b: Run, steps: int, seed: int, prompt_length: int) -> TuneConfig:

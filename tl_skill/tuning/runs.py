@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from tl_skill import compat, distributed
+from tl_skill.basis import require_neuron_basis
 from tl_skill.compat import HookedRootModule
 from tl_skill.data.sources import load_task
-from tl_skill.data.tasks import Task, subsample
-from tl_skill.errors import RunError
+from tl_skill.data.tasks import Task, load_examples, save_examples, subsample
+from tl_skill.display import html_facts, html_table, repr_line
+from tl_skill.errors import RunError, TaskError
 from tl_skill.files import (
     FileFormatError,
     OutputDirError,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 PROMPT_FILE = "prompt.safetensors"
+TASK_FILE = "task.json"  # the examples of a task no name can rebuild (built in memory, or subsampled)
 
 
 @dataclass
@@ -93,7 +96,7 @@ def _pick(task: Task, cfg: TuneConfig) -> Task:
     )
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A prompt-tuning run read back from its directory (or a prompt held in memory: `Run.in_memory`)."""
 
@@ -211,6 +214,27 @@ class Run:
         """
         if self.task is not None:
             return self.task
+        if "task_file" in self.info:
+            record = self.info["task_file"]
+            if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+                raise RunError(f"{self.path / RUN_JSON}: 'task_file' must be {{'path': ..., 'sha256': ...}}")
+            where = self.path / TASK_FILE
+            if not where.is_file():
+                raise RunError(
+                    f"{self.path} was tuned on a task built in memory or cut down ({self.task_name!r}), whose "
+                    f"examples it keeps in {TASK_FILE}; that file is missing"
+                )
+            try:
+                task = load_examples(where, record["sha256"])
+            except TaskError as exc:
+                raise RunError(str(exc)) from None
+            if task.name != self.task_name or list(task.label_words) != list(self.info["label_words"]):
+                raise RunError(
+                    f"{self.path / RUN_JSON} names task {self.task_name!r} with label words "
+                    f"{self.info['label_words']}, but {where} holds {task.name!r} with {list(task.label_words)}: "
+                    "the files do not belong together"
+                )
+            return task
         spec = self.info.get("task_spec") or {}
         words: Any = self.info["label_words"]
         if list(spec.get("label_words", [])) == list(words) and len(spec.get("label_names", [])) == len(words):
@@ -232,6 +256,51 @@ class Run:
     def verbalizer(self, model: HookedRootModule) -> Verbalizer:
         return Verbalizer(model.tokenizer, self.info["label_words"])
 
+    @property
+    def special_prefix(self) -> list[int] | None:
+        """The special tokens every row of the run started with (None: a run that did not record them)."""
+        ids = self.info.get("special_prefix")
+        return [int(i) for i in ids] if isinstance(ids, list) else None
+
+    def check_prefix(self, model: HookedRootModule, error: type[Exception] = RunError) -> None:
+        """Refuse `model` when its rows would start with other special tokens than the run's did: the prompt
+        would sit after other inputs than it was tuned on (e.g. a bridge booted with BOS turned on)."""
+        want = self.special_prefix
+        have = compat.model_prefix_ids(model)
+        if want is not None and have != want:
+            show = lambda ids: model.tokenizer.convert_ids_to_tokens(ids) if ids else "nothing"
+            raise error(
+                f"run {self.path} was tuned with rows starting with {show(want)}, but this model's rows start "
+                f"with {show(have)}; call tl_skill.compat.set_special_prefix(model, {want}) first"
+            )
+
+    def to_dataframe(self) -> Any:
+        """The training history: one row per step (`step`, `loss`, and `dev_accuracy` where evaluated)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.info.get("history", []))
+
+    def _facts(self) -> dict[str, Any]:
+        m = self.metrics
+        facts: dict[str, Any] = {"model": self.model_name, "task": self.task_name}
+        facts["prompt"] = f"{self.prompt.length} x {self.prompt.vectors.shape[1]}"
+        for key in ("dev_accuracy", "test_accuracy", "zero_shot_accuracy", "majority_accuracy"):
+            if m.get(key) is not None:
+                facts[key.replace("_accuracy", "")] = float(m[key])
+        return facts
+
+    def __repr__(self) -> str:
+        return repr_line("Run", self._facts(), lead=str(self.path))
+
+    def _repr_html_(self) -> str:
+        out = html_facts(f"Prompt-tuning run {self.path}", self._facts())
+        history = self.to_dataframe()
+        if "dev_accuracy" in history:
+            dev = history.dropna(subset=["dev_accuracy"])
+            if len(dev):
+                out += html_table(dev[["step", "loss", "dev_accuracy"]], max_rows=20, caption="dev evaluations")
+        return out
+
 
 def _legacy_identity(out: Path) -> dict[str, Any] | None:
     """The identity of a run directory written before experiment.json existed (its run.json)."""
@@ -241,7 +310,7 @@ def _legacy_identity(out: Path) -> dict[str, Any] | None:
         prev = read_json(out / RUN_JSON, "run file")
     except FileFormatError as exc:
         raise RunError(f"{exc}; use another --out or delete it") from None
-    keys = ("model", "task", "task_seed", "label_words", "config", "task_digest")
+    keys = ("model", "task", "task_seed", "label_words", "config", "task_digest", "task_examples")
     return {k: prev[k] for k in keys if k in prev}
 
 
@@ -256,6 +325,8 @@ def run_identity(model_name: str, task: Task, cfg: TuneConfig, init_prompt: Soft
     }
     if task.spec.digest:  # a user data file: resuming on changed data would mix two tasks
         identity["task_digest"] = task.spec.digest
+    if task.spec.examples:  # examples built in memory or cut down: the examples themselves decide
+        identity["task_examples"] = task.spec.examples
     if init_prompt is not None:
         if init_prompt.length != cfg.prompt_length:
             raise RunError(
@@ -321,6 +392,10 @@ def tune(
     cfg = config or TuneConfig()
     out = Path(out)
     spec = model_spec(model)
+    if not compat.mixture_of_experts(model):  # MoE blocks have no neuron basis, and tuning needs none
+        require_neuron_basis(model, "prompt tuning", RunError)
+    compat.say_fast_path(model)
+    compat.say_training_mode(model)
     verbalizer = Verbalizer(model.tokenizer, task.spec.label_words)
     if verbalizer.multi_token_words:
         log.warning(
@@ -356,12 +431,19 @@ def tune(
         "task_spec": data.spec.to_dict(),
         "prompt_length": cfg.prompt_length,
         "verbalizer": verbalizer.to_dict(),
+        "special_prefix": compat.model_prefix_ids(model),
         "status": "running",
         "torch": torch.__version__,
         "transformer_lens": compat.TL_VERSION,
     }
+    if task.spec.examples:
+        # No name rebuilds these examples: the run keeps them, so find, ablate, dashboards and
+        # every CLI command see the very task it was tuned on.
+        info["task_file"] = {"path": TASK_FILE, "sha256": task.spec.examples}
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        if task.spec.examples:
+            save_examples(task, out / TASK_FILE)
         atomic_json(out / RUN_JSON, info)
     try:
         state = train_loop(
@@ -420,6 +502,8 @@ def tune(
         )["accuracy"]
         timings["test_eval_seconds"] = time.perf_counter() - t0
     info.update(status="done", metrics=metrics, timings=timings, history=state["history"])
+    if compat.model_notices(model):  # what differs from a model of load_model, as logged
+        info["notices"] = compat.model_notices(model)
     if distributed.is_main():
         atomic_json(out / RUN_JSON, info)
     remove_checkpoint(out)

@@ -1,4 +1,9 @@
-"""Figures. Each function writes one PNG and returns its path; nothing is shown on screen."""
+"""Figures. Each function returns a matplotlib `Figure`; given a `path` it also writes the figure there.
+
+Figures are made without pyplot (no global figure list, nothing shown on screen, nothing left open),
+so a notebook shows the returned figure and a script writes it. `ax=` draws into the caller's axes
+instead (a pair of them for the two-panel figures), e.g. to combine several plots in one figure.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +11,53 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.causal import AttributionResult, SteeringResult
 from tl_skill.experiments.comparisons import top_mask
 from tl_skill.files import atomic_write
 from tl_skill.neurons import SkillNeurons
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    fig.tight_layout()
-    # bbox "tight": nothing clipped (long task names, colorbars)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+def _panels(ax: Any, n: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
+    """(figure, axes): the caller's `ax` (one Axes, or a sequence of `n`) or a new figure of `n` panels in a row."""
+    if ax is None:
+        fig = Figure(figsize=figsize, layout="tight")  # laid out whenever drawn or saved
+        return fig, fig.subplots(1, n, **kw)
+    axes = [ax] if isinstance(ax, Axes) else list(ax)
+    if len(axes) != n or not all(isinstance(a, Axes) for a in axes):
+        raise TypeError(f"ax must be {'one matplotlib Axes' if n == 1 else f'a sequence of {n} Axes'}, got {ax!r}")
+    owner = axes[0].get_figure()
+    assert isinstance(owner, Figure)
+    return owner, (axes[0] if n == 1 else axes)
 
 
-def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Path:
+def _finish(fig: Figure, path: str | Path | None) -> Figure:
+    """Write `fig` to `path` when one is given; the figure."""
+    if path is not None:
+        path = Path(path)
+        fmt = path.suffix[1:] or "png"
+        # bbox "tight": nothing clipped (long task names, colorbars)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` to `path` (atomically; the format from the suffix, PNG by default)."""
+    _finish(fig, path)
+    return Path(path)
+
+
+def plot_layer_distribution(sn, path: str | Path | None = None, fraction: float = 0.01, *, ax: Any = None) -> Figure:
     """Per layer: best and mean predictivity (left), and how many of the global top neurons it holds (right)."""
     pred = sn.predictivity.numpy()
     layers = np.asarray(sn.layers)
     mask = sn.select(fraction=fraction, per_layer=False).numpy()
     top_k = int(mask.sum())
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b) = _panels(ax, 2, (11, 3.8))
     a.plot(layers, pred.max(1), "o-", label="best neuron")
     a.plot(
         layers, np.sort(pred, 1)[:, -max(1, pred.shape[1] // 100) :].mean(1), "s-", label="top 1% of the layer (mean)"
@@ -50,12 +74,12 @@ def plot_layer_distribution(sn, path: str | Path, fraction: float = 0.01) -> Pat
     b.set_xlabel("layer")
     b.set_ylabel("neurons")
     b.set_title(f"Where the global top {fraction:.0%} ({top_k}) skill neurons are")
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_units_by_layer(found: dict, path: str | Path, title: str = "") -> Path:
+def plot_units_by_layer(found: dict, path: str | Path | None = None, title: str = "", *, ax: Any = None) -> Figure:
     """Best (left) and top-1% mean (right) predictivity by layer, one curve per unit source ({name: SkillNeurons})."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    fig, axes = _panels(ax, 2, (11, 3.8), sharey=True)
     for name, sn in found.items():
         pred = sn.predictivity.numpy()
         layers = np.asarray(sn.layers)
@@ -74,14 +98,14 @@ def plot_units_by_layer(found: dict, path: str | Path, title: str = "") -> Path:
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_statistics(sn, path: str | Path, q: float = 0.05) -> Path:
+def plot_statistics(sn, path: str | Path | None = None, q: float = 0.05, *, ax: Any = None) -> Figure:
     """FDR-significant neurons per layer (left); selection-split vs held-out predictivity of the top 1% (right)."""
     layers = np.asarray(sn.layers)
     sig = sn.significant(q).sum(1).numpy()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b) = _panels(ax, 2, (11, 3.8))
     a.bar(layers, sig, color="tab:blue")
     a.axhline(sn.d_mlp, color="k", ls=":", lw=1, label=f"all {sn.d_mlp} neurons of a layer")
     a.set_xlabel("layer")
@@ -106,14 +130,24 @@ def plot_statistics(sn, path: str | Path, q: float = 0.05) -> Path:
         b.legend(fontsize=8, loc="upper left")
     else:
         b.axis("off")
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
 def plot_activation_histogram(
-    values: np.ndarray, labels: np.ndarray, baseline: float, path: str | Path, title: str, label_names: Sequence[str]
-) -> Path:
+    values: np.ndarray,
+    labels: np.ndarray,
+    baseline: float,
+    path: str | Path | None = None,
+    title: str = "",
+    label_names: Sequence[str] | None = None,
+    *,
+    ax: Any = None,
+) -> Figure:
     """Activation of one neuron on each example, by class, with its baseline (the paper's Figure 1)."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    values, labels = np.asarray(values), np.asarray(labels)
+    if label_names is None:
+        label_names = [f"class {c}" for c in range(int(labels.max()) + 1)]
+    fig, ax = _panels(ax, 1, (6.4, 3.8))
     lo, hi = np.percentile(values, [0.5, 99.5])
     bins: Any = np.linspace(lo, hi, 40).tolist() if hi > lo else 20
     for c, name in enumerate(label_names):
@@ -123,12 +157,14 @@ def plot_activation_histogram(
     ax.set_ylabel("examples")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_predictivity_histogram(samples: dict[str, np.ndarray], path: str | Path, title: str) -> Path:
+def plot_predictivity_histogram(
+    samples: dict[str, np.ndarray], path: str | Path | None = None, title: str = "", *, ax: Any = None
+) -> Figure:
     """Distribution of neuron predictivity for one or more models/settings."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _panels(ax, 1, (6.4, 3.8))
     lo = min(float(v.min()) for v in samples.values())
     hi = max(float(v.max()) for v in samples.values())
     bins = np.linspace(lo, hi, 50).tolist()
@@ -139,14 +175,18 @@ def plot_predictivity_histogram(samples: dict[str, np.ndarray], path: str | Path
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_training_curve(history: list[dict], path: str | Path, title: str) -> Path:
+def plot_training_curve(history: Any, path: str | Path | None = None, title: str = "", *, ax: Any = None) -> Figure:
+    """Training loss (moving mean) and dev accuracy by step, from a run's history (or the `Run` itself)."""
+    if hasattr(history, "info"):
+        title = title or f"Prompt tuning: {history.info['model']} on {history.info['task']}"
+        history = history.info.get("history", [])
     steps = [h["step"] for h in history]
     loss = [h["loss"] for h in history]
     dev = [(h["step"], h["dev_accuracy"]) for h in history if "dev_accuracy" in h]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = _panels(ax, 1, (6.4, 3.6))
     k = max(1, len(loss) // 30)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     ax.plot(steps[k - 1 :], smooth, color="tab:blue", label=f"train loss (moving mean of {k})")
@@ -157,10 +197,10 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str) -> Pa
         ax2.plot(*zip(*dev), "o-", color="tab:red", label="dev accuracy")
         ax2.set_ylabel("dev accuracy", color="tab:red")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_ablation(result, path: str | Path) -> Path:
+def plot_ablation(result, path: str | Path | None = None, *, ax: Any = None) -> Figure:
     """Test accuracy against the fraction of neurons perturbed: skill neurons, random neurons
     (mean ± std over seeds, as a band) and the unperturbed model (a horizontal line).
 
@@ -176,7 +216,7 @@ def plot_ablation(result, path: str | Path) -> Path:
     rows = result["rows"]
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     settings = result.get("settings", {})
-    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    fig, ax = _panels(ax, 1, (6.8, 4.2))
     skill_colors, random_colors = ["tab:red", "tab:purple", "tab:brown"], ["tab:blue", "tab:cyan", "tab:green"]
     n_seeds = len(result.get("seeds", [])) or max((len(r.get("random_accuracies", [])) for r in rows), default=0)
     for j, mode in enumerate(modes):
@@ -227,20 +267,22 @@ def plot_ablation(result, path: str | Path) -> Path:
         f"{result.get('model', '?')} / {result.get('task', '?')}: skill vs random neurons\n({how})", fontsize=10
     )
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
 # --- transfer (method §8) --------------------------------------------------------
 def plot_task_matrix(
     matrix,
     tasks: Sequence[str],
-    path: str | Path,
-    title: str,
+    path: str | Path | None = None,
+    title: str = "",
     cbar_label: str = "",
     cmap: str = "viridis",
     center: float | None = None,
     scale_diagonal: bool = True,
-) -> Path:
+    *,
+    ax: Any = None,
+) -> Figure:
     """Task x task heatmap (rows: source task, columns: target task), each cell annotated.
 
     `scale_diagonal=False`: the colour scale spans the off-diagonal cells only and the
@@ -250,7 +292,7 @@ def plot_task_matrix(
     m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     n = len(tasks)
     size = max(4.0, 0.9 * n + 2.2)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = _panels(ax, 1, (size + 1.0, size))
     shown = m.copy()
     if not scale_diagonal and n > 1:
         np.fill_diagonal(shown, np.nan)
@@ -285,10 +327,12 @@ def plot_task_matrix(
                         color="white" if dark else "black",
                     )
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
-def plot_indicator_correlations(correlations: dict, path: str | Path, title: str = "") -> Path:
+def plot_indicator_correlations(
+    correlations: dict, path: str | Path | None = None, title: str = "", *, ax: Any = None
+) -> Figure:
     """Spearman correlation of each indicator (bars) with each kind of transfer performance (groups).
 
     `correlations`: {indicator: {kind: {spearman, ...}}}, or `transfer.json`'s form with the
@@ -297,7 +341,7 @@ def plot_indicator_correlations(correlations: dict, path: str | Path, title: str
     correlations = {name: c.get("by_transfer", c) for name, c in correlations.items()}
     indicators = list(correlations)
     kinds = list(next(iter(correlations.values()))) if indicators else []
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(indicators) + 2), 4.0))
+    fig, ax = _panels(ax, 1, (max(6.4, 1.1 * len(indicators) + 2), 4.0))
     width = 0.8 / max(1, len(kinds))
     x = np.arange(len(indicators))
     for k, kind in enumerate(kinds):
@@ -310,48 +354,28 @@ def plot_indicator_correlations(correlations: dict, path: str | Path, title: str
     ax.set_ylim(-1.05, 1.05)
     ax.set_title(title or "Indicators vs transfer performance (pairs A != B)", fontsize=10)
     ax.legend(fontsize=8, title="transfer", title_fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
 def plot_transfer_figures(result: Any, out_dir: str | Path) -> list[Path]:
-    """All transfer figures of a `transfer.json` dict: one heatmap per transfer kind and indicator,
-    and the indicators' correlations with transfer."""
+    """Write all transfer figures of a `transfer.json` dict into `out_dir`: one heatmap per transfer kind and
+    indicator, and the indicators' correlations with transfer; their paths."""
     out_dir = Path(out_dir)
     tasks = result["tasks"]
     model = result.get("model", "")
     paths = []
     for kind, m in result["transfer"].items():
         center = 0.0 if kind.endswith("gain") else None
-        paths.append(
-            plot_task_matrix(
-                m,
-                tasks,
-                out_dir / f"transfer_{kind}.png",
-                f"{model}: transfer ({kind})",
-                kind,
-                cmap="magma" if center is None else "RdBu_r",
-                center=center,
-            )
-        )
+        paths.append(out_dir / f"transfer_{kind}.png")
+        cmap = "magma" if center is None else "RdBu_r"
+        plot_task_matrix(m, tasks, paths[-1], f"{model}: transfer ({kind})", kind, cmap=cmap, center=center)
     for name, m in result["indicators"].items():
-        paths.append(
-            plot_task_matrix(
-                m,
-                tasks,
-                out_dir / f"indicator_{name}.png",
-                f"{model}: task similarity ({name})",
-                name,
-                scale_diagonal=False,
-            )
-        )
+        paths.append(out_dir / f"indicator_{name}.png")
+        plot_task_matrix(m, tasks, paths[-1], f"{model}: task similarity ({name})", name, scale_diagonal=False)
     if result.get("correlations"):
-        paths.append(
-            plot_indicator_correlations(
-                result["correlations"],
-                out_dir / "correlations.png",
-                f"{model}: indicators vs transfer ({len(tasks)} tasks)",
-            )
-        )
+        paths.append(out_dir / "correlations.png")
+        title = f"{model}: indicators vs transfer ({len(tasks)} tasks)"
+        plot_indicator_correlations(result["correlations"], paths[-1], title)
     return paths
 
 
@@ -359,18 +383,20 @@ def plot_transfer_figures(result: Any, out_dir: str | Path) -> list[Path]:
 def plot_predictivity_scatter(
     x: np.ndarray,
     y: np.ndarray,
-    path: str | Path,
-    xlabel: str,
-    ylabel: str,
-    title: str,
+    path: str | Path | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
     highlight: np.ndarray | None = None,
-) -> Path:
+    *,
+    ax: Any = None,
+) -> Figure:
     """Predictivity of every neuron under two settings, one point per neuron, with the diagonal.
 
     `highlight` (bool per neuron) marks the skill neurons of either setting.
     """
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    fig, ax = _panels(ax, 1, (5.2, 5.0))
     rest = np.ones(len(x), dtype=bool) if highlight is None else ~np.asarray(highlight, dtype=bool).ravel()
     ax.scatter(x[rest], y[rest], s=4, alpha=0.3, color="tab:blue", lw=0, label="neurons")
     if highlight is not None and (~rest).any():
@@ -381,7 +407,7 @@ def plot_predictivity_scatter(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, path)
 
 
 def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
@@ -397,15 +423,14 @@ def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
     rw = parts.get("random_weights")
     if rw:
         rand = SkillNeurons.load(rw["neurons_dir"])
-        paths.append(
-            plot_predictivity_histogram(
-                {
-                    "pretrained": source.predictivity.reshape(-1).numpy(),
-                    "random weights": rand.predictivity.reshape(-1).numpy(),
-                },
-                out_dir / rw["figure"],
-                f"{source.model} / {source.task}: neuron predictivity, pretrained vs random weights",
-            )
+        paths.append(out_dir / rw["figure"])
+        plot_predictivity_histogram(
+            {
+                "pretrained": source.predictivity.reshape(-1).numpy(),
+                "random weights": rand.predictivity.reshape(-1).numpy(),
+            },
+            paths[-1],
+            f"{source.model} / {source.task}: neuron predictivity, pretrained vs random weights",
         )
     lw = parts.get("label_words")
     if lw:
@@ -413,16 +438,15 @@ def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
         k = lw["top_per_layer"]
         rho, overlap = lw.get("spearman"), lw.get("top_overlap")
         fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
-        paths.append(
-            plot_predictivity_scatter(
-                source.predictivity.reshape(-1).numpy(),
-                alt.predictivity.reshape(-1).numpy(),
-                out_dir / lw["figure"],
-                xlabel=f"predictivity with {'/'.join(w.strip() for w in lw['original'])}",
-                ylabel=f"predictivity with {'/'.join(w.strip() for w in lw['alternative'])}",
-                title=f"{source.model} / {source.task}: label words\n(Spearman {fmt(rho)}, top overlap {fmt(overlap)})",
-                highlight=(top_mask(source.predictivity, k) | top_mask(alt.predictivity, k)).reshape(-1).numpy(),
-            )
+        paths.append(out_dir / lw["figure"])
+        plot_predictivity_scatter(
+            source.predictivity.reshape(-1).numpy(),
+            alt.predictivity.reshape(-1).numpy(),
+            paths[-1],
+            xlabel=f"predictivity with {'/'.join(w.strip() for w in lw['original'])}",
+            ylabel=f"predictivity with {'/'.join(w.strip() for w in lw['alternative'])}",
+            title=f"{source.model} / {source.task}: label words\n(Spearman {fmt(rho)}, top overlap {fmt(overlap)})",
+            highlight=(top_mask(source.predictivity, k) | top_mask(alt.predictivity, k)).reshape(-1).numpy(),
         )
     settings = result.settings
     for method in ("lora", "bitfit"):
@@ -433,22 +457,91 @@ def plot_origin_figures(result, out_dir: str | Path) -> list[Path]:
             "LoRA" if method == "lora" else f"BitFit ({'normalisation weights' if sec.get('fallback') else 'biases'})"
         )
         noise = settings.get("mode") == "noise"
-        paths.append(
-            plot_ablation(
-                {
-                    "rows": sec["rows"],
-                    "model": f"{source.model} ({what})",
-                    "task": source.task,
-                    "seeds": settings.get("seeds", []),
-                    "n_examples": sec["n_examples"],
-                    "majority_accuracy": sec.get("majority_accuracy"),
-                    "settings": {
-                        "std": settings.get("std") if noise else None,
-                        "relative": settings.get("relative"),
-                        "per_layer": True,
-                    },
+        paths.append(out_dir / sec["figure"])
+        plot_ablation(
+            {
+                "rows": sec["rows"],
+                "model": f"{source.model} ({what})",
+                "task": source.task,
+                "seeds": settings.get("seeds", []),
+                "n_examples": sec["n_examples"],
+                "majority_accuracy": sec.get("majority_accuracy"),
+                "settings": {
+                    "std": settings.get("std") if noise else None,
+                    "relative": settings.get("relative"),
+                    "per_layer": True,
                 },
-                out_dir / sec["figure"],
-            )
+            },
+            paths[-1],
         )
     return paths
+
+
+# --- causal evidence ----------------------------------------------------------------
+def plot_attribution(result: Any, path: str | Path | None = None, *, ax: Any = None) -> Figure:
+    """Attribution (first-order estimate) against the true effect of mean-ablating each verified unit on the
+    margin (left), and per layer, Spearman of predictivity vs |attribution| (right). `result`: an
+    `AttributionResult` (or its directory)."""
+    if isinstance(result, (str, Path)):
+        result = AttributionResult.load(result)
+    fig, (a, b) = _panels(ax, 2, (11, 4.0))
+    colours = {"attribution": "tab:blue", "predictivity": "tab:orange", "both": "tab:green"}
+    for kind, colour in colours.items():
+        rows = [v for v in result.verified if v["picked_by"] == kind]
+        if rows:
+            a.scatter(
+                [v["attribution"] for v in rows],
+                [v["true_effect"] for v in rows],
+                s=18,
+                color=colour,
+                label=f"top by {kind}" if kind != "both" else "top by both",
+            )
+    vals = [v["attribution"] for v in result.verified] + [v["true_effect"] for v in result.verified]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    a.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    rho = result.agreement.get("spearman")
+    a.set_xlabel("attribution (first-order effect on the margin)")
+    a.set_ylabel("true effect of mean-ablating the unit")
+    a.set_title(f"{result.model} / {result.task}: attribution vs patching (Spearman {_fmt(rho)})", fontsize=10)
+    a.legend(fontsize=8)
+    per = result.evidence.get("spearman_per_layer", {})
+    layers = [int(l) for l in per]
+    b.bar(layers, [np.nan if v is None else v for v in per.values()], color="tab:purple")
+    b.axhline(0, color="k", lw=0.8)
+    b.set_xlabel("layer")
+    b.set_ylabel("Spearman(predictivity, |attribution|)")
+    ratio = result.evidence.get("top_overlap_ratio")
+    b.set_title(f"Predictive vs causal ranking per layer (top-1% overlap {_fmt(ratio)} x chance)", fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_steering(result: Any, path: str | Path | None = None, *, ax: Any = None) -> Figure:
+    """Share of predictions flipped to the target class against the units steered per layer, for each strength:
+    skill units (solid) and random units (dashed, mean ± std over seeds). `result`: a `SteeringResult`."""
+    if isinstance(result, (str, Path)):
+        result = SteeringResult.load(result)
+    fig, ax = _panels(ax, 1, (6.8, 4.2))
+    for j, s in enumerate(result.strengths):
+        rows = sorted((r for r in result.rows if r["strength"] == s), key=lambda r: r["fraction"])
+        x = np.array([100 * r["fraction"] for r in rows])
+        skill = np.array([r["skill_flip_rate"] for r in rows])
+        rand = np.array([r["random_flip_rate"] for r in rows])
+        sd = np.array([r["random_flip_rate_std"] for r in rows])
+        colour = f"C{j}"
+        ax.plot(x, skill, "o-", color=colour, label=f"skill units, strength {s:g}")
+        ax.plot(x, rand, "s--", color=colour, alpha=0.7, label=f"random units, strength {s:g}")
+        ax.fill_between(x, rand - sd, rand + sd, color=colour, alpha=0.15, lw=0)
+    ax.axhline(0.5, color="gray", ls=":", lw=1, label="half the predictions")
+    if result.fractions and min(result.fractions) > 0:
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in result.fractions], [f"{100 * f:g}" for f in result.fractions])
+    ax.set_xlabel("units steered (% of each layer)")
+    ax.set_ylabel(f"predictions flipped (n={result.n_pairs} example-target pairs)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{result.model} / {result.task}: steering towards another class ({result.positions})", fontsize=10)
+    ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.2f}"

@@ -54,25 +54,22 @@ def write_report(out: str | Path) -> Path:
     abl = AblationResult.load(out / "ablation")
     demo = DemoResult.load(out) if (out / DemoResult.FILE).exists() else None
     fig = out / "figures"
-    figs = {
-        "training": plots.plot_training_curve(
-            run.info["history"], fig / "training.png", f"Prompt tuning: {run.model_name} on {run.task_name}"
-        ),
-        "layers": plots.plot_layer_distribution(sn, fig / "layers.png"),
-    }
+    figs = {name: fig / f"{name}.png" for name in ("training", "layers", "best_neuron", "ablation")}
+    plots.plot_training_curve(run, figs["training"])
+    plots.plot_layer_distribution(sn, figs["layers"])
     tr = np.load(out / "trace.npz")
     top = sn.top(max(10, tr["values"].shape[1]))
     best = top[0]
-    figs["histogram"] = plots.plot_activation_histogram(
+    plots.plot_activation_histogram(
         tr["values"][:, 0],
         tr["labels"],
         float(tr["baselines"][0]),
-        fig / "best_neuron.png",
+        figs["best_neuron"],
         f"Best skill neuron L{best['layer']}.{best['neuron']} (position {best['position']}, "
         f"predictivity {best['predictivity']:.3f})",
         sn.label_names,
     )
-    figs["ablation"] = plots.plot_ablation(abl, fig / "ablation.png")
+    plots.plot_ablation(abl, figs["ablation"])
     m = run.metrics
     cfg = demo.config if demo is not None else {}
     quick = cfg.get("quick", False)
