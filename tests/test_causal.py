@@ -250,3 +250,20 @@ def test_cli_attribute_and_steer(made, tmp_path, capsys):
     assert "must be > 0" in capsys.readouterr().err and not (tmp_path / "s2").exists()
     assert main(["attribute", *common, "--out", str(tmp_path / "a"), "--k", "5"]) == 2  # other settings
     assert "other settings" in capsys.readouterr().err
+
+
+def test_dashboards_show_attribution_and_patched_effects(made, tmp_path):
+    from tl_skill.experiments.dashboard import dashboard_data
+    from tl_skill.viz.dashboard import write_dashboard
+
+    model, run, sn, _ = made
+    res = attribution_experiment(model, run, sn, tmp_path / "a", k=3, progress=False)
+    dash = dashboard_data(model, run, sn, None, top=3, n_examples=2, progress=False, attribution=tmp_path / "a")
+    verified = {(v["layer"], v["unit"]): v for v in res.verified}
+    for row in dash.neurons:
+        assert row["attribution"] == res.at(row["layer"], row["neuron"])
+        v = verified.get((row["layer"], row["neuron"]))
+        assert row["patched_effect"] == (v["true_effect"] if v else None)
+    index = write_dashboard(dash, tmp_path / "d")
+    page = next(index.parent.glob("neuron_L*.html")).read_text()
+    assert "Causal evidence" in page and "Attribution" in page

@@ -15,7 +15,21 @@ import pytest
 
 from tl_skill.cli import build_parser, main
 
-ORDER = ["tune", "evaluate", "find", "ablate", "prune", "transfer", "study", "origin", "dashboard", "export"]
+ORDER = [
+    "tune",
+    "evaluate",
+    "find",
+    "ablate",
+    "prune",
+    "transfer",
+    "study",
+    "origin",
+    "attribute",
+    "steer",
+    "dashboard",
+    "export",
+    "certify",
+]
 
 
 def examples(command: str) -> list[list[str]]:

@@ -491,3 +491,44 @@ def test_hooked_transformer_grouped_input_pass_equals_the_full_pass(small_task, 
     cached.logsumexp(-1).sum().backward()
     scale = full_p.vectors.grad.abs().max()
     torch.testing.assert_close(cached_p.vectors.grad / scale, full_p.vectors.grad / scale, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- certification on 3.9
+TL3_CERTIFIED = [
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-gpt-neox",
+    "tiny-gptj",
+    "tiny-opt",
+    "tiny-bloom",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-phi3",
+]
+
+
+@pytest.mark.parametrize("name", TL3_CERTIFIED)
+def test_hooked_transformers_are_certified(name):
+    """On a HookedTransformer the projection is W_out: hook_post @ W_out + b_out must be hook_mlp_out."""
+    from tl_skill import load_model
+    from tl_skill.certification import certify
+
+    cert = certify(load_model(name, kind="hooked"))
+    assert cert.passed, cert.table()
+    assert next(c for c in cert.checks if c.name == "pruning").passed is None  # pruning needs a bridge
+
+
+def test_hooked_transformer_failures_are_named():
+    from tl_skill import load_model
+    from tl_skill.basis import basis_checks
+
+    # OLMo 3 in TransformerLens 3.9: hook_mlp_out is not hook_post @ W_out + b_out (a norm follows the projection)
+    olmo = {c.name: c.passed for c in basis_checks(load_model("tiny-olmo3", kind="hooked"))}
+    assert olmo["equals_projection_input"] is False
+    # a wrong tensor under the neuron's name
+    model = load_model("tiny-llama", kind="hooked")
+    model.hook_dict["blocks.1.mlp.hook_post"] = model.hook_dict["blocks.1.mlp.hook_pre"]
+    model.mod_dict["blocks.1.mlp.hook_post"] = model.mod_dict["blocks.1.mlp.hook_pre"]
+    bad = [c for c in basis_checks(model) if c.passed is False]
+    assert bad[0].name == "equals_projection_input" and bad[0].failed_layers == (1,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -281,6 +282,17 @@ def test_result_tables_have_their_documented_columns(tiny_gpt2, memory_run, tmp_
     frame = abl.to_dataframe()
     assert list(frame.columns) == list(AblationResult.COLUMNS) and list(frame["fraction"]) == [0.1, 0.2]
     assert frame["difference"].tolist() == [r["paired"]["difference"] for r in abl.rows]
+    # the share of the above-chance accuracy lost, by hand from the saved accuracies
+    clean, majority = abl.rows[0]["clean_accuracy"], abl.majority_accuracy
+    for got, r in zip(frame.itertuples(), abl.rows):
+        if clean > majority:
+            assert got.skill_share_lost == pytest.approx((clean - r["skill_accuracy"]) / (clean - majority))
+            assert got.random_share_lost == pytest.approx((clean - r["random_accuracy"]) / (clean - majority))
+        else:
+            assert got.skill_share_lost is None and got.random_share_lost is None
+    hand = dataclasses.replace(abl, majority_accuracy=0.5, rows=[{**abl.rows[0], "clean_accuracy": 0.9}])
+    assert hand.share_lost(0.8) == pytest.approx(0.25) and hand.share_lost(None) is None
+    assert dataclasses.replace(hand, majority_accuracy=0.95).share_lost(0.8) is None  # clean below majority
     dash = dashboard_data(tiny_gpt2, run, sn, None, top=3, n_examples=2, progress=False)
     dframe = dash.to_dataframe()
     for col in ("layer", "neuron", "position", "predictivity", "ablation_delta", "direct_effect[cooking]"):

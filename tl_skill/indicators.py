@@ -40,6 +40,7 @@ from tl_skill.compat import HookedRootModule
 from tl_skill.errors import TransferError
 from tl_skill.neurons import SkillNeurons
 from tl_skill.record import Recorder
+from tl_skill.stats import rankdata
 from tl_skill.tuning.prompt import SoftPrompt, layout_for
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ MANTEL_EXACT_MAX = 7  # up to 7 tasks every relabelling (7! = 5040) is tried
 
 
 # --------------------------------------------------------------------------- statistics
-def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the average of their ranks (finite values expected)."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of each distinct value's last copy
-    return ((last - counts + 1 + last) / 2.0)[inverse.ravel()]
-
-
 def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Both sides as flat float64 arrays of equal length; None when fewer than two pairs."""
     x = np.asarray(x, dtype=np.float64).ravel()

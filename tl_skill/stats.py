@@ -110,11 +110,18 @@ def benjamini_hochberg(p: torch.Tensor, method: str = "bh") -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- trials
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman correlation (average ranks for ties)."""
-    from scipy.stats import rankdata
+def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    """1-based ranks; tied values share the average of their ranks (finite values expected)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of each distinct value's last copy
+    return ((last - counts + 1 + last) / 2.0)[inverse.ravel()]
 
-    rx, ry = rankdata(x.reshape(-1).numpy()), rankdata(y.reshape(-1).numpy())
+
+def spearman(x: torch.Tensor | np.ndarray | Sequence[float], y: torch.Tensor | np.ndarray | Sequence[float]) -> float:
+    """Spearman correlation (average ranks for ties); NaN when either side is constant."""
+    as_np = lambda v: v.reshape(-1).double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, float).ravel()
+    rx, ry = rankdata(as_np(x)), rankdata(as_np(y))
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])

@@ -99,7 +99,7 @@ def add_steer(sub) -> None:
         "steer skill units vs random units towards another class and count flipped predictions",
         """
         tl-skill steer runs/rt/seed0 --neurons neurons/rt --out steering/rt
-        tl-skill steer runs/rt/seed0 --neurons neurons/rt --out steering/rt-all --positions all --strengths 1,2
+        tl-skill steer runs/rt/seed0 --neurons neurons/rt --out steer/all --positions all --fractions 0.1 --strengths 1
     """,
     )
     p.add_argument("run_dir")

@@ -101,7 +101,8 @@ def cmd_ablate(args) -> None:
         plot_ablation(res, Path(args.out) / ABLATION_PNG)
 
     lines = [
-        f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} {'McNemar p':>12}"
+        f"{'fraction':>8} {'clean':>7} {'skill':>7} {'random':>15} {'skill-random [95% CI]':>26} {'McNemar p':>12} "
+        f"{'lost':>13}"
     ]
     for r in res["rows"]:
         pr = r["paired"]
@@ -109,10 +110,20 @@ def cmd_ablate(args) -> None:
             f"{r['fraction']:>8.0%} {r['clean_accuracy']:>7.3f} {r['skill_accuracy']:>7.3f} "
             f"{r['random_accuracy']:>7.3f} ± {r['random_accuracy_std']:.3f} "
             f"{pr['difference']:>+8.3f} [{pr['ci_low']:+.3f}, {pr['ci_high']:+.3f}] "
-            f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12}"
+            f"{'/'.join(f'{p:.2g}' for p in pr['mcnemar_p']):>12} "
+            f"{_share(res.share_lost(r['skill_accuracy']))} / {_share(res.share_lost(r['random_accuracy']))}"
         )
     lines.append(res.verdict().sentence)
+    if res.majority_accuracy is not None:
+        lines.append(
+            f"lost: the share of the above-chance accuracy lost, skill / random, (clean - perturbed) / (clean - "
+            f"majority class {res.majority_accuracy:.3f})"
+        )
     emit(res.to_dict(), args.json, "\n".join(lines) + f"\nsaved to {args.out}")
+
+
+def _share(x: float | None) -> str:
+    return "    -" if x is None else f"{x:>5.0%}"
 
 
 # --------------------------------------------------------------------------- prune

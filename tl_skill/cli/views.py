@@ -44,6 +44,11 @@ def add_dashboard(sub) -> None:
     )
     _dashboard_options(p)
     p.add_argument("--ablation", default=None, help="an ablation directory of the same run: its group effect")
+    p.add_argument(
+        "--attribution",
+        default=None,
+        help="an attribution directory of the same run (`tl-skill attribute`): attribution and patched effects",
+    )
     p.set_defaults(func=cmd_dashboard)
 
 
@@ -81,6 +86,7 @@ def _dashboard(args, out):
         n_examples=args.examples,
         ablation_mode=args.ablation_mode,
         ablation=getattr(args, "ablation", None),
+        attribution=getattr(args, "attribution", None),
         batch_size=args.batch_size or 32,
         progress=not args.quiet,
         units=args.units,
@@ -183,7 +189,7 @@ def add_certify(sub) -> None:
         """
         tl-skill certify smollm2-135m
         tl-skill certify tiny-qwen2 --json
-        tl-skill certify path/to/hf_model_dir
+        tl-skill certify tiny-mistral --allow-uncertified   # a local model directory works the same way
     """,
     )
     p.add_argument("model", help="smollm2-135m, gemma3-270m, tiny-*, a local Hugging Face model directory or a hub id")

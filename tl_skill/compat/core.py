@@ -679,6 +679,14 @@ def final_logit_scale(model: HookedRootModule) -> float:
     return scale / float(scaling) if scaling else scale
 
 
+def norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
+    """The final normalisation's scale of residual vectors `x` [..., d_model] (RMS, after centring for LayerNorm)."""
+    x = x.double()
+    if centre:
+        x = x - x.mean(-1, keepdim=True)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+
 def label_logits(model: HookedRootModule, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The logits of `token_ids` from the unembedding's input `h` [batch, d_model]: the full logits' columns.
 

@@ -266,13 +266,24 @@ class AblationResult(RunResult):
         "ci_high",
         "mcnemar_p_max",
         "skill_hurts_more",
+        "skill_share_lost",
+        "random_share_lost",
     )
+
+    def share_lost(self, accuracy: float | None) -> float | None:
+        """The fraction of the above-chance accuracy lost, (clean - perturbed) / (clean - majority class);
+        None when the clean accuracy does not beat the majority class (or either is unknown)."""
+        clean = self.rows[0].get("clean_accuracy") if self.rows else None
+        if accuracy is None or clean is None or self.majority_accuracy is None or clean <= self.majority_accuracy:
+            return None
+        return (clean - accuracy) / (clean - self.majority_accuracy)
 
     def to_dataframe(self) -> Any:
         """One row per fraction (`COLUMNS`): accuracies clean, with the skill neurons perturbed and with as many
         random neurons (mean and std over seeds); the paired skill-minus-random `difference` with its 95%
-        bootstrap CI (`ci_low`, `ci_high`), the largest McNemar p over the random seeds and whether the CI
-        lies below 0 (`skill_hurts_more`)."""
+        bootstrap CI (`ci_low`, `ci_high`), the largest McNemar p over the random seeds, whether the CI
+        lies below 0 (`skill_hurts_more`), and the share of the above-chance accuracy each side loses
+        (`share_lost`)."""
         import pandas as pd
 
         out = []
@@ -286,6 +297,8 @@ class AblationResult(RunResult):
                     "ci_high": p.get("ci_high"),
                     "mcnemar_p_max": max(p["mcnemar_p"]) if p.get("mcnemar_p") else None,
                     "skill_hurts_more": p.get("skill_hurts_more"),
+                    "skill_share_lost": self.share_lost(r.get("skill_accuracy")),
+                    "random_share_lost": self.share_lost(r.get("random_accuracy")),
                 }
             )
         return pd.DataFrame(out, columns=list(self.COLUMNS))

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
 from tl_skill import compat, distributed
@@ -44,7 +43,6 @@ from tl_skill.attribution import Attribution, attribute, examples_of, margins, u
 from tl_skill.compat import HookedRootModule
 from tl_skill.errors import AttributionError
 from tl_skill.experiments.ablation import paired_comparison
-from tl_skill.experiments.dashboard import norm_scale
 from tl_skill.experiments.results import RunResult
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, rolls_back_claims, tensor_digest
@@ -52,6 +50,7 @@ from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
 from tl_skill.perturb import Perturbation
 from tl_skill.record import MomentStats, Recorder
+from tl_skill.stats import spearman
 from tl_skill.tuning.prefix import use_prefix_cache
 from tl_skill.tuning.prompt import Verbalizer, class_logits, iterate_batches, layout_for
 from tl_skill.tuning.runs import Run
@@ -213,7 +212,7 @@ def _direct_effects(
             class_logits(model, batch, verbalizer, run.prompt.to(device), hooks)
             r = torch.arange(batch.input_ids.shape[0], device=device)
             pred = batch.pred_pos.to(device)
-            scale = norm_scale(grabbed["norm"][r, pred], centre, eps).cpu()
+            scale = compat.norm_scale(grabbed["norm"][r, pred], centre, eps).cpu()
             labels = batch.labels.cpu()
             other = others[torch.as_tensor(idx)]
             for l, i in units:
@@ -232,7 +231,7 @@ def _agreement(verified: list[dict[str, Any]]) -> dict[str, Any]:
     true = np.array([v["true_effect"] for v in verified])
     out: dict[str, Any] = {"n_units": len(verified)}
     if len(verified) >= 3 and np.ptp(attr) > 0 and np.ptp(true) > 0:
-        out["spearman"] = float(scipy_stats.spearmanr(attr, true).statistic)
+        out["spearman"] = spearman(attr, true)
         out["pearson"] = float(np.corrcoef(attr, true)[0, 1])
     else:
         out["spearman"] = out["pearson"] = None
@@ -255,7 +254,7 @@ def compare_evidence(
     per_layer = {}
     for r, l in enumerate(attribution.layers):
         a, p = score[r].numpy(), pred[r].numpy()
-        per_layer[str(l)] = float(scipy_stats.spearmanr(p, a).statistic) if np.ptp(a) > 0 and np.ptp(p) > 0 else None
+        per_layer[str(l)] = spearman(p, a) if np.ptp(a) > 0 and np.ptp(p) > 0 else None
     N = score.numel()
     k = max(1, int(round(top * N)))
     top_pred = set(torch.argsort(pred.reshape(-1), descending=True, stable=True)[:k].tolist())

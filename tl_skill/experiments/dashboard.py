@@ -36,6 +36,7 @@ from tl_skill import compat, distributed
 from tl_skill.compat import HookedRootModule
 from tl_skill.errors import DashboardError, FileFormatError
 from tl_skill.experiments.ablation import AblationResult
+from tl_skill.experiments.causal import AttributionResult
 from tl_skill.experiments.results import RunResult, scalars
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
 from tl_skill.files import claim_dir, rolls_back_claims, tensor_digest
@@ -109,6 +110,18 @@ class DashboardResult(RunResult):
         }
 
 
+def _causal_of(attribution: AttributionResult | None, layer: int, unit: int) -> dict[str, Any]:
+    """A neuron's attribution and, where it was verified, its patched and direct effect on the margin."""
+    if attribution is None or layer not in attribution.layers:
+        return {}
+    verified = {(v["layer"], v["unit"]): v for v in attribution.verified}.get((layer, unit), {})
+    return {
+        "attribution": attribution.at(layer, unit),
+        "patched_effect": verified.get("true_effect"),
+        "direct_effect_on_margin": verified.get("direct_effect"),
+    }
+
+
 def _tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(t)]) for t in ids]
 
@@ -168,14 +181,6 @@ def logit_lens(
     }
 
 
-def norm_scale(x: torch.Tensor, centre: bool, eps: float) -> torch.Tensor:
-    """The final normalisation's scale of residual vectors `x` [..., d_model] (RMS, after centring for LayerNorm)."""
-    x = x.double()
-    if centre:
-        x = x - x.mean(-1, keepdim=True)
-    return torch.sqrt(x.pow(2).mean(-1) + eps)
-
-
 @torch.no_grad()
 def _trace(
     model: HookedRootModule,
@@ -227,7 +232,7 @@ def _trace(
         logits = class_logits(model, batch, es.verbalizer, prompt.to(device), hooks)
         preds[idx] = logits.argmax(-1).cpu().numpy()
         rows = torch.arange(len(idx), device=batch.pred_pos.device)
-        scales[torch.as_tensor(idx)] = norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
+        scales[torch.as_tensor(idx)] = compat.norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
         acts = torch.zeros(*batch.input_ids.shape, len(chosen))
         for l, ks in by_layer.items():
             acts[..., ks] = grabbed[f"units{l}"]
@@ -276,6 +281,7 @@ def dashboard_data(
     batch_size: int = 32,
     progress: bool = True,
     units: str | UnitSource | None = None,
+    attribution: AttributionResult | str | Path | None = None,
 ) -> DashboardResult:
     """The data of the top `top` skill neurons' dashboards (module docstring).
 
@@ -289,6 +295,8 @@ def dashboard_data(
         ablation: the ablation experiment of the same run and neurons, for the group effect.
         units: the unit source to trace (default: the one the skill neurons were found on;
             another only for the same units, e.g. an SAE directory that moved).
+        attribution: the attribution experiment of the same run (`experiments.causal`): each neuron's
+            attribution, and its patched effect on the margin where it was verified.
     """
     run = run if isinstance(run, Run) else Run.load(run)
     neurons = neurons if isinstance(neurons, SkillNeurons) else SkillNeurons.load(neurons)
@@ -308,6 +316,18 @@ def dashboard_data(
             raise DashboardError(f"--ablation: {exc}") from None
     if ablation is not None:
         check_ablation_of(ablation, run, neurons)
+    if attribution is not None and not isinstance(attribution, AttributionResult):
+        try:
+            attribution = AttributionResult.load(attribution)
+        except FileFormatError as exc:
+            raise DashboardError(f"--attribution: {exc}") from None
+    if attribution is not None and (
+        attribution.run != str(run.path) or attribution.task != run.task_name or attribution.units != neurons.units
+    ):
+        raise DashboardError(
+            f"the attribution is of run {attribution.run} ({attribution.task}, {attribution.units} units), not of "
+            f"{run.path} ({run.task_name}, {neurons.units} units)"
+        )
     identity = {
         "model": run.model_name,
         "task": run.task_name,
@@ -317,6 +337,7 @@ def dashboard_data(
         "test_examples": max_examples,
         "n_examples": n_examples,
         "ablation_mode": ablation_mode,
+        **({} if attribution is None else {"attribution": tensor_digest(attribution.attribution)}),
         **(
             {}
             if neurons.units == "mlp" and units in (None, "mlp")
@@ -394,6 +415,7 @@ def dashboard_data(
                 "direct_effect_mean": None if effect is None else (effect * at_pred[:, None]).mean(0).tolist(),
                 "activation_at_prediction_mean": float(at_pred.mean()),
                 "logit_lens": None if direction is None else logit_lens(model, l, i, direction=direction),
+                **_causal_of(attribution, l, i),
                 "ablated_accuracy": abl.accuracy,
                 "ablation_delta": abl.accuracy - clean.accuracy,
                 "ablation_changed": int(sum(a != b for a, b in zip(abl.correct, clean.correct))),

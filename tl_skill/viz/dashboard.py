@@ -192,6 +192,18 @@ def _neuron_page(result, k: int, row: dict[str, Any]) -> str:
         f"(clean {_fmt(result.clean_accuracy)}, change {row['ablation_delta']:+.3f}; "
         f"{row['ablation_changed']} of {result.n_examples} examples change correctness).</p>"
     )
+    if "attribution" in row:
+        out.append(
+            "<h2>Causal evidence</h2><p>Attribution (first-order effect on the margin of moving this "
+            f"{noun} to its baseline, mean over the test examples): {_fmt(row['attribution'], 4)}"
+            + (
+                f"; patched (the true effect of mean-ablating it alone): {_fmt(row['patched_effect'], 4)}; direct "
+                f"effect through its output direction: {_fmt(row['direct_effect_on_margin'], 4)}"
+                if row.get("patched_effect") is not None
+                else " (not among the units verified by patching)"
+            )
+            + ".</p>"
+        )
     if result.group_effect:
         out.append(
             "<table><tr><th>group: top fraction per layer</th><th>neurons</th><th>skill Δ accuracy</th>"
