@@ -24,6 +24,7 @@ SMOKED = {
     "bench_record": "test_record_benchmark_compares_with_run_with_cache",
     "prune_baseline_probe": "test_prune_baseline_probe_runs",
     "units_by_layer": "tests/test_units.py::test_units_by_layer_figure_and_numbers",
+    "causal_summary": "tests/test_causal.py::test_causal_summary_script",
 }
 
 

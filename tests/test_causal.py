@@ -211,6 +211,12 @@ def test_steering_equals_manual_hooks(made):
     assert res.n_pairs == len(flips)
     assert res.rows[0]["skill_flip_rate"] == pytest.approx(np.mean(flips))
     assert res.to_dataframe()["n_units"].tolist() == [int(mask.sum())]
+    # more flips is the stronger effect: the flag follows the CI's lower end, and the ablation's
+    # "hurts more" flag (an accuracy drop) is not carried over
+    paired = res.rows[0]["paired"]
+    assert "skill_hurts_more" not in paired
+    assert paired["skill_flips_more"] == (paired["ci_low"] > 0)
+    assert bool(res.to_dataframe()["skill_flips_more"].iloc[0]) == paired["skill_flips_more"]
 
 
 def test_class_means_equal_a_slow_reference(made):
@@ -267,3 +273,136 @@ def test_dashboards_show_attribution_and_patched_effects(made, tmp_path):
     index = write_dashboard(dash, tmp_path / "d")
     page = next(index.parent.glob("neuron_L*.html")).read_text()
     assert "Causal evidence" in page and "Attribution" in page
+
+
+def test_causal_summary_script(made, tmp_path, capsys):
+    """benchmarks/causal_summary.py: its numbers recomputed from the saved results by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    model, run, sn, _ = made
+    a = attribution_experiment(model, run, sn, tmp_path / "a", k=3, progress=False)
+    s = steering_experiment(model, run, sn, tmp_path / "s", fractions=[0.1], strengths=[1.0], seeds=1, progress=False)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "causal_summary.py"
+    spec = importlib.util.spec_from_file_location("causal_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(
+        [
+            f"tiny/rt={tmp_path / 'a'},{tmp_path / 's'}",
+            f"only/attr={tmp_path / 'a'},",
+            "--out",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    got = json.loads((tmp_path / "c.json").read_text())
+    att = got["tiny/rt"]["attribution"]
+    for kind in ("attribution", "predictivity"):
+        effects = [abs(v["true_effect"]) for v in a.verified if v["picked_by"] in (kind, "both")]
+        assert att["verified_by_ranking"][kind]["n"] == len(effects)
+        assert att["verified_by_ranking"][kind]["median_abs_true_effect"] == pytest.approx(float(np.median(effects)))
+    assert (
+        att["top_overlap"] == a.evidence["top_overlap"]
+        and att["atp_vs_patching"]["spearman"] == a.agreement["spearman"]
+    )
+    row = got["tiny/rt"]["steering"]["rows"][0]
+    assert row["skill"] == s.rows[0]["skill_flip_rate"] and row["random"] == s.rows[0]["random_flip_rate"]
+    assert "steering" not in got["only/attr"]
+    table = capsys.readouterr().out
+    assert f"| tiny/rt | 1 | {row['skill']:.3f} / {row['random']:.3f}" in table.replace("**", "")
+    with pytest.raises(SystemExit):
+        mod.main(["no-dirs", "--out", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_finished_attribution_is_reused_not_recomputed(made, tmp_path, caplog):
+    model, run, sn, _ = made
+    first = attribution_experiment(model, run, sn, tmp_path / "a", k=2, progress=False)
+
+    def no_model():
+        raise AssertionError("a finished attribution must not load the model")
+
+    again = attribution_experiment(no_model, run, sn, tmp_path / "a", k=2, progress=False)
+    assert again.verified == first.verified and torch.equal(again.attribution, first.attribution)
+    (tmp_path / "a" / "attribution.json").write_text('{"model": ')  # truncated: computed again, with a warning
+    with caplog.at_level("WARNING"):
+        redone = attribution_experiment(model, run, sn, tmp_path / "a", k=2, progress=False)
+    assert "not reusable" in caplog.text
+    assert redone.verified == first.verified
+    assert AttributionResult.load(tmp_path / "a").verified == first.verified
+
+
+def test_direct_effects_through_gemma3_post_norms_by_hand(tmp_path):
+    """Gemma 3 normalises each MLP's output before the residual stream (post_feedforward_layernorm): a neuron's
+    direct path goes through that norm and the final one, each with its scale held at the prediction position.
+    The dashboards' and the attribution's direct effects against a hand computation from the Hugging Face
+    modules, one example at a time."""
+    from tl_skill.experiments.dashboard import dashboard_data
+
+    model = load_model("tiny-gemma3")
+    task = subsample(load_task("rotten_tomatoes"), {"train": 24, "dev": 12, "test": 10})
+    cfg = TuneConfig(
+        prompt_length=2, steps=2, eval_every=2, max_train_examples=24, max_dev_examples=12, max_test_examples=10
+    )
+    run = tune(model, task, tmp_path / "run", cfg, progress=False)
+    sn = find_skill_neurons(model, [run], progress=False)
+    dash = dashboard_data(model, run, sn, None, top=3, n_examples=1, progress=False)
+    att = attribution_experiment(model, run, sn, None, k=2, progress=False)
+    hf = compat.hf_model_of(model)
+    layers = sorted({r["layer"] for r in dash.neurons} | {v["layer"] for v in att.verified})
+    seen: dict[str, torch.Tensor] = {}
+    handles = [hf.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0].detach()))]
+    for l in layers:
+        block = hf.model.layers[l]
+        handles.append(
+            block.post_feedforward_layernorm.register_forward_pre_hook(
+                lambda m, a, l=l: seen.__setitem__(f"post{l}", a[0].detach())
+            )
+        )
+        handles.append(
+            block.mlp.down_proj.register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(f"a{l}", a[0].detach()))
+        )
+
+    def rms(x, eps):
+        return torch.sqrt(x.double().pow(2).mean(-1) + eps)
+
+    layout = layout_for(model, run.prompt.length, run.config.max_input_tokens, run.config.padding_side)
+    data = subsample(run.load_task(), {"test": run.config.max_test_examples}, seed=run.config.task_seed)
+    words = Verbalizer(model.tokenizer, run.info["label_words"]).token_ids
+    rows = hf.lm_head.weight[words].detach().double()  # [C, d_model]
+    g_final = 1 + hf.model.norm.weight.detach().double()
+    per_example: dict[tuple[int, int], list[torch.Tensor]] = {}
+    acts: dict[tuple[int, int], list[float]] = {}
+    units = list(
+        dict.fromkeys(
+            [(r["layer"], r["neuron"]) for r in dash.neurons] + [(v["layer"], v["unit"]) for v in att.verified]
+        )
+    )
+    try:
+        for tok in layout.tokenize(data.texts("test")):
+            batch = layout.collate([tok], [0])
+            with torch.no_grad(), run.prompt.applied(model, batch):
+                model(batch.input_ids, attention_mask=batch.attention_mask)
+            t = int(batch.pred_pos[0])
+            s_final = rms(seen["final"][0, t], hf.model.norm.eps)
+            for l, i in units:
+                post = hf.model.layers[l].post_feedforward_layernorm
+                v = hf.model.layers[l].mlp.down_proj.weight[:, i].detach().double()
+                through_post = v * (1 + post.weight.detach().double()) / rms(seen[f"post{l}"][0, t], post.eps)
+                per_example.setdefault((l, i), []).append(rows @ (through_post * g_final) / s_final)
+                acts.setdefault((l, i), []).append(float(seen[f"a{l}"][0, t, i]))
+    finally:
+        for h in handles:
+            h.remove()
+    for r in dash.neurons:
+        want = torch.stack(per_example[(r["layer"], r["neuron"])]).mean(0)
+        np.testing.assert_allclose(r["direct_effect_per_unit"], want.numpy(), rtol=1e-4, atol=1e-9)
+    labels = torch.tensor(data.labels("test"))
+    base = unit_baselines(sn)
+    for v in att.verified:
+        l, i = v["layer"], v["unit"]
+        e = torch.stack(per_example[(l, i)])  # [N, 2]
+        a = torch.tensor(acts[(l, i)], dtype=torch.float64)
+        b = float(base[sn.layers.index(l), i])
+        want = ((b - a) * (e[torch.arange(len(a)), labels] - e[torch.arange(len(a)), 1 - labels])).mean()
+        assert v["direct_effect"] == pytest.approx(float(want), rel=1e-3, abs=1e-9)

@@ -482,3 +482,48 @@ def test_cli_find_on_a_tuned_run(tmp_path, tiny_gpt2, small_task, capsys):
     code = cli_main(["find", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "-q"])
     assert code == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_cli_multiclass_pairwise_mean_and_round_robin(tmp_path, capsys):
+    """A 5-class task through the command line: pairwise subtasks aggregated by their mean in `find`
+    (each subtask's best neuron printed), then `ablate --selection round_robin` perturbs the units the
+    reference's rule picks."""
+    from tl_skill.cli.main import main
+    from tl_skill.experiments.ablation import AblationResult
+    from tl_skill.files import tensor_digest
+
+    run, neurons, abl = tmp_path / "run", tmp_path / "n", tmp_path / "a"
+    tiny = ["--model", "tiny-llama", "--device", "cpu", "-q"]
+    assert main(["tune", "--task", "moral_foundations", "--out", str(run), "--steps", "2", "--eval-every", "2",
+                 "--prompt-length", "2", "--max-train-examples", "60", "--max-dev-examples", "40",
+                 "--max-test-examples", "30", *tiny]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["find", str(run), "--out", str(neurons), "--multiclass", "pairwise", "--aggregate-subtasks",
+                 "mean", "--device", "cpu", "-q"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    sn = SkillNeurons.load(neurons)
+    assert sn.aggregate_subtasks == "mean" and len(sn.subtasks) == 10  # 5 classes, pairwise
+    acc = sn.accuracy.double().mean(0)  # [S, L, T, D], one run
+    per_sub = torch.maximum(acc, 1 - acc).amax(2)  # the best position of each subtask, either direction
+    torch.testing.assert_close(sn.predictivity.double(), per_sub.mean(0), rtol=0, atol=1e-6)
+    first = sn.subtasks[0]
+    ys = load_task("moral_foundations").labels("dev")  # find counts the whole dev split
+    l, i = divmod(int(per_sub[0].reshape(-1).argmax()), sn.d_mlp)
+    n_pos, n_neg = (int(sum(y in first.positive for y in ys)), int(sum(y in first.negative for y in ys)))
+    majority = max(n_pos, n_neg) / (n_pos + n_neg)
+    assert f"{first.name} {float(per_sub[0].max()):.4f} (L{sn.layers[l]}.{i}; majority {majority:.4f})" in printed
+    assert "(a neuron's score: their mean)" in printed
+    assert main(["ablate", str(run), "--neurons", str(neurons), "--out", str(abl), "--fractions", "0.1",
+                 "--seeds", "1", "--selection", "round_robin", "--mode", "zero", *tiny[2:]]) == 0  # fmt: skip
+    res = AblationResult.load(abl)
+    want = tensor_digest(sn.select(fraction=0.1, multiclass="round_robin"))
+    assert want != tensor_digest(sn.select(fraction=0.1))  # the two rules pick other units here
+    skill = json.loads(next((abl / "conditions").glob("skill*.json")).read_text())
+    assert skill["definition"]["perturbation"]["neurons"] == want
+    assert json.loads((abl / "experiment.json").read_text())["identity"]["selection"] == "round_robin"
+    assert res.rows[0]["fraction"] == 0.1
+    from tl_skill.errors import AblationError
+    from tl_skill.experiments.ablation import AblationConfig
+
+    with pytest.raises(AblationError, match="unknown selection 'best'"):
+        AblationConfig(selection="best")

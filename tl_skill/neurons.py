@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PREDICTIVITY_FILE = "predictivity.safetensors"
 NEURONS_JSON = "neurons.json"
+# how `SkillNeurons.select` ranks a multi-class task's units
+SELECTIONS = ("score", "round_robin")
 
 
 @dataclass(repr=False)
@@ -286,9 +288,9 @@ class SkillNeurons:
         assert k is not None
         if k < 0 or k > (D if per_layer else L * D):
             raise NeuronsError(f"k={k} out of range")
+        if multiclass not in SELECTIONS:
+            raise NeuronsError(f"unknown multiclass selection {multiclass!r}; choose one of {SELECTIONS}")
         scores = [self.predictivity] if multiclass == "score" else list(self.per_subtask)
-        if multiclass not in ("score", "round_robin"):
-            raise NeuronsError(f"unknown multiclass selection {multiclass!r}")
         mask = torch.zeros(L, D, dtype=torch.bool)
         groups = [[l] for l in range(L)] if per_layer else [list(range(L))]
         for group in groups:

@@ -323,14 +323,47 @@ _DIRECT_HOOKS = (
 )
 
 
+def output_norm(model: HookedRootModule, source: UnitSource, layer: int) -> dict | None:
+    """The normalisation between a unit's output and the residual stream (`compat.post_norm`: Gemma 2/3's and
+    OLMo 2's post-MLP / post-attention norms), or None where its output joins the stream as is."""
+    kind = _norm_kind(source)
+    if kind is None or not compat.is_bridge(model):  # output_direction is None on a HookedTransformer's post-norms
+        return None
+    return compat.post_norm(model, layer, kind)
+
+
+def _norm_kind(source: UnitSource) -> str | None:
+    tail = source.template.replace("blocks.{l}.", "", 1)
+    if source.name == "mlp" or (source.sae is not None and tail == "mlp.hook_post"):
+        return "mlp"
+    return "attn" if source.name == "attn" else None
+
+
+def through_output_norm(direction: torch.Tensor, norm: dict | None) -> torch.Tensor:
+    """`direction` (float64) as it reaches the residual stream through `norm` (`output_norm`), its scale held:
+    centred if the norm centres, times its gain; the caller divides by the norm's scale at each position."""
+    v = direction.detach().double().cpu()
+    if norm is None:
+        return v
+    if norm["centre"]:
+        v = v - v.mean()
+    return v * norm["gain"].detach().double().cpu()
+
+
 def output_direction(model: HookedRootModule, source: UnitSource, layer: int, unit: int) -> torch.Tensor | None:
-    """The residual-stream vector [d_model] that one unit of activation adds on its direct path, or None.
+    """The vector [d_model] that one unit of activation adds on its direct path, or None.
 
     `mlp`: the neuron's `W_out` row; `attn`: the `W_O` row of its (head, dim); `resid`: the basis
     vector; an SAE latent: its decoder row, through `W_out` when the SAE reads `mlp.hook_post`,
     as is when it reads the residual stream or a block output. None for an SAE on another hook
-    (no direct path is defined there, so dashboards leave the direct effect out).
+    (no direct path is defined there, so dashboards leave the direct effect out). Where the block
+    normalises its MLP's or attention's output before the residual stream (`output_norm`), this is the
+    vector before that norm: `through_output_norm` takes it through; on a `HookedTransformer` with such
+    norms, None.
     """
+    kind = _norm_kind(source)
+    if kind is not None and not compat.is_bridge(model) and compat.has_post_norm(model, layer, kind):
+        return None
     if source.name == "mlp":
         return compat.mlp_out_vectors(model, layer)[unit]
     if source.name == "attn":

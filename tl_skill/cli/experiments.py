@@ -26,7 +26,7 @@ from tl_skill.experiments.ablation import ABLATION_PNG, ablation_experiment
 from tl_skill.experiments.origin import origin_study
 from tl_skill.experiments.pruning import prune_experiment
 from tl_skill.experiments.transfer import TransferResult, study, transfer_from_dirs
-from tl_skill.neurons import SkillNeurons
+from tl_skill.neurons import SELECTIONS, SkillNeurons
 from tl_skill.tuning.runs import Run, TuneConfig
 from tl_skill.viz.plots import plot_ablation, plot_origin_figures, plot_transfer_figures
 
@@ -59,6 +59,13 @@ def add_ablate(sub) -> None:
     )
     p.add_argument("--relative", action="store_true", help="noise std relative to each neuron's std")
     p.add_argument("--layers", type=layer_spec, default=None, help="perturb only these layers, e.g. 10-29")
+    p.add_argument(
+        "--selection",
+        default="score",
+        choices=list(SELECTIONS),
+        help="multi-class tasks: rank by the aggregated predictivity (score, default) or take the next best unit "
+        "of each subtask in turn (round_robin, the reference's rule)",
+    )
     p.add_argument("--max-examples", type=NON_NEGATIVE, default=300, help="test examples (0: the run's whole test set)")
     p.add_argument(
         "--units",
@@ -95,6 +102,7 @@ def cmd_ablate(args) -> None:
         std=args.std,
         relative=args.relative,
         units=args.units,
+        selection=args.selection,
         **shared,
     )
     if is_main():

@@ -178,6 +178,12 @@ def add_find(sub) -> None:
     p.add_argument("--multiclass", default="ovr", choices=["ovr", "pairwise"])
     p.add_argument("--aggregate-runs", default="mean", choices=["mean", "min"])
     p.add_argument(
+        "--aggregate-subtasks",
+        default="max",
+        choices=["max", "mean"],
+        help="a multi-class task's score of a neuron from its binary subtasks' predictivities (default: max)",
+    )
+    p.add_argument(
         "--confirm-split",
         default="auto",
         choices=["auto", "dev", "test", "none"],
@@ -215,6 +221,7 @@ def cmd_find(args) -> None:
         max_eval_examples=args.max_eval_examples,
         multiclass=args.multiclass,
         aggregate_runs=args.aggregate_runs,
+        aggregate_subtasks=args.aggregate_subtasks,
         progress=not args.quiet,
         confirm_split=None if args.confirm_split == "none" else args.confirm_split,
         control=args.control,

@@ -10,6 +10,8 @@ def format_neurons_table(sn, top: int, q: float = 0.05) -> str:
         f"{sn.model} / {sn.task}: best predictivity {sn.best_predictivity:.4f}"
         + (f"  (prompt dev accuracy {sn.prompt_accuracy():.4f})" if sn.prompt_accuracy() is not None else "")
     ]
+    if len(sn.subtasks) > 1:
+        lines.append(subtask_line(sn))
     if held:
         test_acc = sn.prompt_accuracy("test_accuracy")
         lines.append(
@@ -57,6 +59,24 @@ def format_neurons_table(sn, top: int, q: float = 0.05) -> str:
             f"{t['mean_topk_in_every_trial']:.3f} (chance {t['mean_topk_in_every_trial_chance']:.2g})"
         )
     return "\n".join(lines)
+
+
+def subtask_line(sn) -> str:
+    """A multi-class task's binary subtasks, each with its best neuron and the share of its larger side (a rule
+    that always answers that side scores it: one-vs-rest subtasks start high), and how they are combined."""
+    counts = sn.class_counts.get("eval")
+    parts = []
+    for s, sub in enumerate(sn.subtasks):
+        pred = sn.per_subtask[s]
+        l, i = divmod(int(pred.reshape(-1).argmax()), sn.d_mlp)
+        part = f"{sub.name} {float(pred.max()):.4f} (L{sn.layers[l]}.{i}"
+        if counts:
+            n_pos, n_neg = counts["n_pos"][s], counts["n_neg"][s]
+            part += f"; majority {max(n_pos, n_neg) / (n_pos + n_neg):.4f}"
+        parts.append(part + ")")
+    return f"{len(sn.subtasks)} subtasks, best neuron of each (a neuron's score: their {sn.aggregate_subtasks}): " + (
+        "; ".join(parts)
+    )
 
 
 def _num(x, width: int) -> str:

@@ -649,7 +649,11 @@ def final_norm(model: HookedRootModule) -> tuple[bool, torch.Tensor, float]:
             raise UnsupportedModelError(f"final normalisation {kind!r} (weights folded in) is not supported here")
         ln = model.ln_final
         return kind == "LN", ln.w.detach(), float(model.cfg.eps)
-    ln = hf_module(model.ln_final)
+    return _hf_norm_params(hf_module(model.ln_final))
+
+
+def _hf_norm_params(ln: Any) -> tuple[bool, torch.Tensor, float]:
+    """(centres?, gain, eps) of a Hugging Face LayerNorm / RMSNorm module (Gemma's gain is `1 + weight`)."""
     weight = ln.weight.detach()
     eps = float(getattr(ln, "eps", getattr(ln, "variance_epsilon", 1e-5)))
     if isinstance(ln, torch.nn.LayerNorm):
@@ -657,6 +661,40 @@ def final_norm(model: HookedRootModule) -> tuple[bool, torch.Tensor, float]:
     if "gemma" in type(ln).__name__.lower():
         return False, 1.0 + weight, eps
     return False, weight, eps
+
+
+_POST_NORMS = {"mlp": "ln2_post", "attn": "ln1_post"}
+
+
+def has_post_norm(model: HookedRootModule, layer: int, kind: str = "mlp") -> bool:
+    """Whether the block normalises its MLP's (or attention's) output before the residual stream (`post_norm`)."""
+    return getattr(model.blocks[layer], _POST_NORMS[kind], None) is not None
+
+
+def post_norm(model: HookedRootModule, layer: int, kind: str = "mlp") -> dict[str, Any] | None:
+    """The normalisation a block applies to its MLP's (`kind="mlp"`) or attention's (`"attn"`) output before
+    adding it to the residual stream (Gemma 2/3, OLMo 2), or None where the output joins the stream as is.
+
+    Returns {"centre": bool, "gain": [d_model], "hook": name, "scale": fn(hooked tensor [..., d]) -> [...]}:
+    the hook on the norm's input and its scale at each position, for direct effects with the scale held,
+    as the final norm's. Bridges only: a `HookedTransformer` with post-norms is refused (`has_post_norm`).
+    """
+    name = _POST_NORMS[kind]
+    ln = getattr(model.blocks[layer], name, None)
+    if ln is None:
+        return None
+    if not is_bridge(model):
+        raise UnsupportedModelError(
+            f"blocks.{layer}.{name}: direct paths through a HookedTransformer's post-norms are not supported "
+            "(load the model as a TransformerBridge)"
+        )
+    centre, gain, eps = _hf_norm_params(hf_module(ln))
+    return {
+        "centre": centre,
+        "gain": gain,
+        "hook": f"blocks.{layer}.{name}.hook_in",
+        "scale": lambda x: norm_scale(x, centre, eps),
+    }
 
 
 def final_logit_softcap(model: HookedRootModule) -> float | None:

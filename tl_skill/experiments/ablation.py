@@ -42,7 +42,7 @@ from tl_skill.experiments.runner import (
 )
 from tl_skill.files import claim_dir, read_json, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
-from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
+from tl_skill.neurons import SELECTIONS, SkillNeurons, check_neurons_for_run, random_mask_like
 from tl_skill.perturb import MODES, Perturbation, PerturbFn
 from tl_skill.stats import mcnemar_exact, paired_bootstrap
 from tl_skill.tuning.loop import majority_accuracy
@@ -358,6 +358,9 @@ class AblationConfig:
         max_examples: test examples (`experiments.runner.evaluation_task`; default the run's own test set).
         batch_size: examples per forward pass (no effect on the result).
         per_layer: rank within each layer (the reference) or globally.
+        selection: for a multi-class task, "score" ranks by the aggregated predictivity;
+            "round_robin" takes the next best unit of each binary subtask in turn (the reference's
+            rule; `SkillNeurons.select`). The two agree on a binary task.
         units: the unit source to perturb (default: the one the skill neurons were found on;
             another is accepted only for the same units, e.g. an SAE directory that moved).
     """
@@ -372,8 +375,11 @@ class AblationConfig:
     batch_size: int = 32
     per_layer: bool = True
     units: Any = None
+    selection: str = "score"
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise AblationError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
         if not callable(self.mode) and self.mode not in MODES:
             raise AblationError(f"unknown perturbation mode {self.mode!r}; choose one of {MODES} or pass a function")
         fractions, seed_list = check_fractions_seeds(self.fractions, self.seeds)
@@ -408,6 +414,7 @@ class AblationConfig:
             "relative": bool(self.relative) if noise else None,
             "layers": list(neurons.layers) if self.layers is None else list(self.layers),
             "per_layer": self.per_layer,
+            **({} if self.selection == "score" else {"selection": self.selection}),
             "test_examples": self.max_examples,
             "task_seed": cfg.task_seed,
             "max_input_tokens": cfg.max_input_tokens,
@@ -492,7 +499,10 @@ def ablation_experiment(
         raise AblationError(f"layers {bad} hold no skill neurons: the skill neurons cover layers {neurons.layers}")
     row_keep = torch.tensor([l in layer_list for l in neurons.layers])
     fractions, seed_list = list(cfg_a.fractions), list(cfg_a.seeds)
-    masks = {f: neurons.select(fraction=f, per_layer=cfg_a.per_layer) & row_keep[:, None] for f in fractions}
+    masks = {
+        f: neurons.select(fraction=f, per_layer=cfg_a.per_layer, multiclass=cfg_a.selection) & row_keep[:, None]
+        for f in fractions
+    }
     check_masks_select(masks, neurons.d_mlp, cfg_a.per_layer, AblationError)
     identity = cfg_a.identity(run, neurons)
     if out is not None:

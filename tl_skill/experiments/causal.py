@@ -28,6 +28,7 @@ resume.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -41,11 +42,11 @@ from tqdm.auto import tqdm
 from tl_skill import compat, distributed
 from tl_skill.attribution import Attribution, attribute, examples_of, margins, unit_baselines
 from tl_skill.compat import HookedRootModule
-from tl_skill.errors import AttributionError
+from tl_skill.errors import AttributionError, TLSkillError
 from tl_skill.experiments.ablation import paired_comparison
 from tl_skill.experiments.results import RunResult
 from tl_skill.experiments.runner import Condition, EvalSet, ModelOrLoader, resolve_model, run_conditions
-from tl_skill.files import claim_dir, rolls_back_claims, tensor_digest
+from tl_skill.files import claim_dir, json_text, rolls_back_claims, tensor_digest
 from tl_skill.models import model_spec
 from tl_skill.neurons import SkillNeurons, check_neurons_for_run, random_mask_like
 from tl_skill.perturb import Perturbation
@@ -54,7 +55,9 @@ from tl_skill.stats import spearman
 from tl_skill.tuning.prefix import use_prefix_cache
 from tl_skill.tuning.prompt import Verbalizer, class_logits, iterate_batches, layout_for
 from tl_skill.tuning.runs import Run
-from tl_skill.units import output_direction, unit_source
+from tl_skill.units import output_direction, output_norm, through_output_norm, unit_source
+
+log = logging.getLogger(__name__)
 
 ATTRIBUTION_JSON = "attribution.json"
 STEERING_JSON = "steering.json"
@@ -169,7 +172,8 @@ def _direct_effects(
     bs: int,
 ) -> dict[tuple[int, int], float | None]:
     """Mean over examples of the direct effect on m of moving each unit to its baseline at the prediction
-    position: (b - a) * (row(true) - row(other)) . (direction * gain) / scale, the scale held."""
+    position: (b - a) * (row(true) - row(other)) . (direction * gain) / scale, the scale held (where the block
+    normalises the unit's output first, `units.output_norm`, through that norm too, its scale held)."""
     source = unit_source(model, neurons.units)
     base = unit_baselines(neurons)
     centre, gain, eps = compat.final_norm(model)
@@ -177,12 +181,14 @@ def _direct_effects(
     verbalizer = Verbalizer(model.tokenizer, run.info["label_words"])
     rows = W[verbalizer.token_ids.to(W.device)].detach().double().cpu()  # [C, d_model]
     per_unit: dict[tuple[int, int], torch.Tensor | None] = {}
+    post = {l: output_norm(model, source, l) for l, _ in units}
+    posts = {l: norm for l, norm in post.items() if norm is not None}
     for l, i in units:
         d = output_direction(model, source, l, i)
         if d is None:
             per_unit[(l, i)] = None
             continue
-        v = d.detach().double().cpu()
+        v = through_output_norm(d, post[l])
         if centre:
             v = v - v.mean()
         per_unit[(l, i)] = rows @ (v * gain.detach().double().cpu())  # [C]
@@ -205,6 +211,7 @@ def _direct_effects(
         return fn
 
     hooks = [(source.hook(l), grab(f"u{l}")) for l in layers] + [(norm_hook, grab("norm"))]
+    hooks += [(norm["hook"], grab(f"post{l}")) for l, norm in posts.items()]
     with torch.no_grad():
         for idx, batch in iterate_batches(layout, data, split, bs):
             batch = batch.to(device)
@@ -213,6 +220,7 @@ def _direct_effects(
             r = torch.arange(batch.input_ids.shape[0], device=device)
             pred = batch.pred_pos.to(device)
             scale = compat.norm_scale(grabbed["norm"][r, pred], centre, eps).cpu()
+            post_scale = {l: norm["scale"](grabbed[f"post{l}"][r, pred]).cpu() for l, norm in posts.items()}
             labels = batch.labels.cpu()
             other = others[torch.as_tensor(idx)]
             for l, i in units:
@@ -221,7 +229,8 @@ def _direct_effects(
                     continue
                 a = source.flat(grabbed[f"u{l}"])[r, pred, i].double().cpu()
                 b = float(base[neurons.layers.index(l), i])
-                sums[(l, i)] += float(((b - a) * (pu[labels] - pu[other]) / scale).sum())
+                s = scale * post_scale[l] if l in post_scale else scale
+                sums[(l, i)] += float(((b - a) * (pu[labels] - pu[other]) / s).sum())
     n = len(data[split])
     return {u: (None if per_unit[u] is None else sums[u] / n) for u in units}
 
@@ -320,6 +329,9 @@ def attribution_experiment(
     }
     if out is not None:
         out = claim_dir(out, "attribution", identity)
+        done = _finished_attribution(out, identity)
+        if done is not None:
+            return done
     model = resolve_model(model)
     check_neurons_for_run(run, neurons, model_spec(model).name, AttributionError)
     task = run.load_task()
@@ -379,6 +391,23 @@ def attribution_experiment(
     if out is not None and distributed.is_main():
         result.save(out)
     return result
+
+
+def _finished_attribution(out: Path, identity: dict[str, Any]) -> AttributionResult | None:
+    """The result a finished run of the same settings left in `out` (claim_dir checked the settings), or None
+    when there is none or it cannot be read (then it is computed again, with a warning)."""
+    if not (out / ATTRIBUTION_JSON).exists():
+        return None
+    try:
+        done = AttributionResult.load(out)
+    except (TLSkillError, OSError) as e:
+        log.warning("%s: not reusable (%s); computing it again", out / ATTRIBUTION_JSON, e)
+        return None
+    if json_text({k: done.settings.get(k) for k in identity}) != json_text(identity):
+        log.warning("%s: written with other settings; computing it again", out / ATTRIBUTION_JSON)
+        return None
+    log.info("%s: finished with these settings; reusing it", out / ATTRIBUTION_JSON)
+    return done
 
 
 # ----------------------------------------------------------------------------- steering
@@ -452,6 +481,15 @@ class SteeringResult(RunResult):
             "verdict": self.verdict(),
             "half_flip_fraction": self.half_flip_fraction(),
         }
+
+
+def _paired_flips(skill: Sequence[int], randoms: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """The ablation's paired test on flip indicators: here more is stronger, so the flag is
+    `skill_flips_more` (the CI of skill minus random flip rate lies above 0), not the ablation's
+    `skill_hurts_more`."""
+    p = paired_comparison(skill, randoms)
+    p.pop("skill_hurts_more")
+    return {**p, "skill_flips_more": p["ci_low"] > 0}
 
 
 def class_means(
@@ -645,7 +683,7 @@ def steering_experiment(
                     "random_flip_rate": float(np.mean(rates)),
                     "random_flip_rate_std": float(np.std(rates)),
                     "random_flip_rates": rates,
-                    "paired": paired_comparison(skill, rand),
+                    "paired": _paired_flips(skill, rand),
                 }
             )
     result = SteeringResult(

@@ -45,7 +45,15 @@ from tl_skill.neurons import SkillNeurons, check_neurons_for_run
 from tl_skill.perturb import Perturbation
 from tl_skill.tuning.prompt import class_logits, iterate_batches, layout_for
 from tl_skill.tuning.runs import Run
-from tl_skill.units import UnitSource, check_same_units, output_direction, source_for_neurons, unit_source
+from tl_skill.units import (
+    UnitSource,
+    check_same_units,
+    output_direction,
+    output_norm,
+    source_for_neurons,
+    through_output_norm,
+    unit_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +145,11 @@ def direct_effect_per_unit(
     """Logit of each label word per unit of the neuron's activation at the prediction position, per example.
 
     Args:
-        scales: the final normalisation's scale at each example's prediction position [N].
-        direction: the unit's residual-stream vector (`units.output_direction`; default the
-            MLP neuron's `W_out` row).
+        scales: the final normalisation's scale at each example's prediction position [N] (times the
+            scale of the block's output norm there, where `direction` went through one).
+        direction: the vector the unit adds to the residual stream per unit of activation
+            (`units.output_direction`, through `units.through_output_norm` where the block normalises
+            its output); default the MLP neuron's `W_out` row.
 
     Returns:
         [N, n_classes] (float64).
@@ -191,7 +201,8 @@ def _trace(
     progress: bool,
     source: UnitSource | None = None,
 ):
-    """One pass: every chosen unit's activation at every position, prediction-position scales, predictions."""
+    """One pass: every chosen unit's activation at every position, prediction-position scales (of the final norm;
+    of each chosen layer's output norm where the block has one, `units.output_norm`), predictions."""
     source = source or unit_source(model, "mlp")
     spec = model_spec(model)
     layout = layout_for(model, prompt.length, es.max_input_tokens, es.padding_side)
@@ -205,6 +216,8 @@ def _trace(
     preds = np.zeros(n, dtype=np.int64)
     device = compat.model_device(model)
     grabbed: dict[str, torch.Tensor] = {}
+    norms = {l: norm for l in by_layer if (norm := output_norm(model, source, l)) is not None}
+    post_scales = {l: torch.zeros(n, dtype=torch.float64) for l in norms}
 
     def grab_layer(l):
         idx = torch.tensor([chosen[k][1] for k in by_layer[l]], device=device)
@@ -226,6 +239,12 @@ def _trace(
         "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else f"blocks.{spec.n_layers - 1}.hook_resid_post"
     )
     hooks.append((norm_hook, grab_norm))
+    for l in post_scales:
+
+        def grab_post(x, hook, l=l):
+            grabbed[f"post{l}"] = x.detach()
+
+        hooks.append((norms[l]["hook"], grab_post))
     bar = tqdm(total=n, desc="dashboard: trace", disable=not progress, leave=False, unit="ex")
     for idx, batch in iterate_batches(layout, es.task, es.split, batch_size):
         batch = batch.to(device)
@@ -233,6 +252,8 @@ def _trace(
         preds[idx] = logits.argmax(-1).cpu().numpy()
         rows = torch.arange(len(idx), device=batch.pred_pos.device)
         scales[torch.as_tensor(idx)] = compat.norm_scale(grabbed["norm_in"][rows, batch.pred_pos], centre, eps).cpu()
+        for l, ps in post_scales.items():
+            ps[torch.as_tensor(idx)] = norms[l]["scale"](grabbed[f"post{l}"][rows, batch.pred_pos]).cpu()
         acts = torch.zeros(*batch.input_ids.shape, len(chosen))
         for l, ks in by_layer.items():
             acts[..., ks] = grabbed[f"units{l}"]
@@ -249,7 +270,7 @@ def _trace(
             }
         bar.update(len(idx))
     bar.close()
-    return seqs, scales, preds
+    return seqs, scales, post_scales, preds
 
 
 def check_ablation_of(ablation: AblationResult, run: Run, neurons: SkillNeurons) -> None:
@@ -354,7 +375,7 @@ def dashboard_data(
     labels = es.task.labels("test")
     chosen_rows = neurons.top(top)
     chosen = [(r["layer"], r["neuron"]) for r in chosen_rows]
-    seqs, scales, preds = _trace(model, es, run.prompt, chosen, batch_size, progress, source)
+    seqs, scales, post_scales, preds = _trace(model, es, run.prompt, chosen, batch_size, progress, source)
     n = len(seqs)
     # activation at the best prompt position: the prompt positions of each example, in order
     best = torch.zeros(n, len(chosen))
@@ -394,7 +415,12 @@ def dashboard_data(
         order = torch.sort(best[:, k].double(), stable=True).indices
         picks = {"top": order.flip(0)[:n_examples].tolist(), "bottom": order[:n_examples].tolist()}
         direction = output_direction(model, source, l, i)
-        effect = None if direction is None else direct_effect_per_unit(model, es.verbalizer, l, i, scales, direction)
+        if direction is not None:  # through the block's output norm, if any, its scale held as the final norm's
+            direction = through_output_norm(direction, output_norm(model, source, l))
+        unit_scales = scales * post_scales[l] if l in post_scales else scales
+        effect = (
+            None if direction is None else direct_effect_per_unit(model, es.verbalizer, l, i, unit_scales, direction)
+        )
         at_pred = torch.tensor([float(s["acts"][s["pred_pos"], k]) for s in seqs], dtype=torch.float64)
         abl = results[f"L{l}.{i}"]
         rows_out.append(
