@@ -406,3 +406,21 @@ def test_direct_effects_through_gemma3_post_norms_by_hand(tmp_path):
         b = float(base[sn.layers.index(l), i])
         want = ((b - a) * (e[torch.arange(len(a)), labels] - e[torch.arange(len(a)), 1 - labels])).mean()
         assert v["direct_effect"] == pytest.approx(float(want), rel=1e-3, abs=1e-9)
+
+
+def test_steering_verdict_by_strength():
+    """A hand-made result: the verdict and the half-flip fraction per strength, and "not run" for a strength
+    that was not run (not a "does not hold" from no rows)."""
+
+    def row(f, s, skill, ci_low):
+        return {"fraction": f, "strength": s, "skill_flip_rate": skill, "paired": {"ci_low": ci_low}}
+
+    res = SteeringResult(
+        model="m", task="t", run="r", positions="selected", fractions=[0.01, 0.05], strengths=[2.0], seeds=[0],
+        n_examples=10, n_pairs=10, clean_accuracy=1.0,
+        rows=[row(0.01, 2.0, 0.3, 0.1), row(0.05, 2.0, 0.6, -0.01)],
+    )  # fmt: skip
+    assert res.verdict() == res.verdict(2.0) == "partly"  # 1 was not run: the first strength run
+    assert res.verdict(1.0) == "not run" and res.half_flip_fraction(1.0) is None
+    assert res.half_flip_fraction() == 0.05
+    assert res.facts()["strength"] == 2.0

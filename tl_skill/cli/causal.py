@@ -151,9 +151,10 @@ def cmd_steer(args) -> None:
             f"{r['random_flip_rate']:>7.3f} ± {r['random_flip_rate_std']:.3f} "
             f"{p['difference']:>+8.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
         )
-    half = res.half_flip_fraction()
-    lines.append(
-        f"verdict at strength 1: {res.verdict()}; half the predictions flip with "
-        + (f"{half:.0%} of each layer's skill units" if half is not None else "none of the fractions tried")
-    )
+    for s in res.strengths:
+        half = res.half_flip_fraction(s)
+        lines.append(
+            f"verdict at strength {s:g}: {res.verdict(s)}; half the predictions flip with "
+            + (f"{half:.0%} of each layer's skill units" if half is not None else "none of the fractions tried")
+        )
     emit(res.to_dict(), args.json, "\n".join(lines))

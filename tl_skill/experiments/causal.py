@@ -462,22 +462,34 @@ class SteeringResult(RunResult):
             )
         return pd.DataFrame(out, columns=list(self.COLUMNS))
 
-    def half_flip_fraction(self, strength: float = 1.0) -> float | None:
-        """The smallest fraction at which steering the skill units flips at least half the pairs (None: never)."""
-        hits = [r["fraction"] for r in self.rows if r["strength"] == strength and r["skill_flip_rate"] >= 0.5]
+    def _strength(self, strength: float | None) -> float:
+        """`strength`, or by default 1 (the class mean itself) where it was run, else the first one run."""
+        if strength is not None:
+            return strength
+        return 1.0 if 1.0 in self.strengths else self.strengths[0]
+
+    def half_flip_fraction(self, strength: float | None = None) -> float | None:
+        """The smallest fraction at which steering the skill units flips at least half the pairs (None: never,
+        or that strength was not run). `strength`: default 1, or the first one run."""
+        s = self._strength(strength)
+        hits = [r["fraction"] for r in self.rows if r["strength"] == s and r["skill_flip_rate"] >= 0.5]
         return min(hits) if hits else None
 
-    def verdict(self, strength: float = 1.0) -> str:
-        rows = [r for r in self.rows if r["strength"] == strength]
+    def verdict(self, strength: float | None = None) -> str:
+        """Whether skill units flip more predictions than random ones at every fraction ("holds"), at some
+        ("partly") or at none ("does not hold"); "not run" for a strength that was not run."""
+        rows = [r for r in self.rows if r["strength"] == self._strength(strength)]
+        if not rows:
+            return "not run"
         more = [r["fraction"] for r in rows if r["paired"]["ci_low"] > 0]
-        status = "holds" if rows and len(more) == len(rows) else ("partly" if more else "does not hold")
-        return status
+        return "holds" if len(more) == len(rows) else ("partly" if more else "does not hold")
 
     def facts(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "task": self.task,
             "positions": self.positions,
+            "strength": self._strength(None),
             "verdict": self.verdict(),
             "half_flip_fraction": self.half_flip_fraction(),
         }
