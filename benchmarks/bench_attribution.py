@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from tl_skill import load_model, load_task
 from tl_skill.attribution import attribute
 from tl_skill.data.tasks import subsample
+from tl_skill.files import atomic_text
 from tl_skill.find import find_skill_neurons
 from tl_skill.record import MomentStats, Recorder
 from tl_skill.tuning import TuneConfig, layout_for, tune
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/bench_attribution.py " + " ".join(argv or sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_text(args.out, json.dumps(out, indent=2) + "\n")
     print(
         f"record {med['record']:.2f}s, attribute {med['attribute']:.2f}s: ratio {out['ratio_attribute_to_record']:.2f}"
     )

@@ -33,6 +33,7 @@ import torch
 
 from tl_skill import SoftPrompt, TuneConfig, compat, evaluate, load_model, load_task, tune
 from tl_skill.data import subsample
+from tl_skill.files import atomic_text
 from tl_skill.find import record_runs
 from tl_skill.predictivity import make_subtasks
 from tl_skill.tuning import Verbalizer, layout_for
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return result
 

@@ -27,6 +27,7 @@ import torch
 
 from tl_skill import SoftPrompt, compat, distributed, load_model, load_task, model_spec
 from tl_skill.data import subsample
+from tl_skill.files import atomic_text
 from tl_skill.find import record_run
 from tl_skill.predictivity import make_subtasks
 from tl_skill.tuning.prompt import iterate_batches, layout_for
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:
-            Path(args.out).write_text(text + "\n")
+            atomic_text(args.out, text + "\n")
     return result
 
 

@@ -51,6 +51,7 @@ import torch
 
 from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec
 from tl_skill.data import subsample
+from tl_skill.files import atomic_text
 from tl_skill.record import MomentStats, Recorder
 from tl_skill.tuning import layout_for
 from tl_skill.tuning.prompt import iterate_batches
@@ -312,7 +313,7 @@ def main(argv=None) -> dict:
             report["recorder_cuda_peak_growth"] = big["cuda_peak_mib"] / small["cuda_peak_mib"] - 1
     print_table(report)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        atomic_text(args.out, json.dumps(report, indent=2))
     return report
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from tl_skill import SoftPrompt, compat, load_model, load_task, model_spec
+from tl_skill.files import atomic_text
 from tl_skill.tuning import Verbalizer, class_logits, layout_for
 from tl_skill.tuning.prefix import class_logits_cached
 
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return result
 

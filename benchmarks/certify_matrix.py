@@ -30,6 +30,7 @@ from tl_skill.certification import CHECKS, certify
 from tl_skill.data.tasks import subsample
 from tl_skill.errors import TLSkillError
 from tl_skill.experiments.ablation import ablation_experiment
+from tl_skill.files import atomic_text
 from tl_skill.find import find_skill_neurons
 from tl_skill.models import TINY_CONFIGS, TINY_MODELS
 from tl_skill.prune import prune_model, pruning_of
@@ -117,7 +118,7 @@ def _matrix(args) -> None:
             f"  {row.get('end_to_end', '')}  {row['seconds']:.1f}s",
             flush=True,
         )
-    Path(args.out).write_text(json.dumps({"rows": rows, "versions": rows[0]["versions"]}, indent=2) + "\n")
+    atomic_text(args.out, json.dumps({"rows": rows, "versions": rows[0]["versions"]}, indent=2) + "\n")
     if args.doc:
         write_matrix(Path(args.doc), rows)
 
@@ -155,7 +156,7 @@ def write_matrix(doc: Path, rows: list[dict]) -> None:
         raise SystemExit(f"{doc} has no {START} ... {END} markers")
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    doc.write_text(f"{before}{START}\n{matrix_markdown(rows)}\n{END}{after}")
+    atomic_text(doc, f"{before}{START}\n{matrix_markdown(rows)}\n{END}{after}")
 
 
 if __name__ == "__main__":

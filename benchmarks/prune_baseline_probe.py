@@ -20,6 +20,7 @@ import torch
 
 from tl_skill import compat, load_model
 from tl_skill.data.tasks import Task, column, label_array, subsample
+from tl_skill.files import atomic_text
 from tl_skill.neurons import SkillNeurons
 from tl_skill.prune import prune_model
 from tl_skill.tuning.prompt import class_logits, layout_for
@@ -98,8 +99,7 @@ def main(argv=None) -> dict:
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_text(args.out, json.dumps(result, indent=1))
     return result
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tl_skill.files import atomic_text
 from tl_skill.neurons import SkillNeurons
 from tl_skill.viz.plots import plot_units_by_layer
 
@@ -47,8 +48,9 @@ def main(argv=None) -> None:
     title = f"{first.model} / {first.task}: predictivity by unit source"
     plot_units_by_layer(found, args.figure, title)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps({"model": first.model, "task": first.task, "sources": out, "command": " ".join(sys.argv)}, indent=1)
+    atomic_text(
+        args.out,
+        json.dumps({"model": first.model, "task": first.task, "sources": out, "command": " ".join(sys.argv)}, indent=1),
     )
     for name, r in out.items():
         print(f"{name:>6}: width {r['width']:5d}  best {r['best']:.3f} at layer {r['best_layer']}")

@@ -25,6 +25,8 @@ SMOKED = {
     "prune_baseline_probe": "test_prune_baseline_probe_runs",
     "units_by_layer": "tests/test_units.py::test_units_by_layer_figure_and_numbers",
     "causal_summary": "tests/test_causal.py::test_causal_summary_script",
+    "study_summary": "tests/test_transfer.py::test_study_summary_script",
+    "claims": "test_claims_rules_on_hand_made_results",
 }
 
 
@@ -199,3 +201,85 @@ def test_attribution_benchmark_writes_the_ratio(tmp_path):
         saved["median_seconds"]["attribute"] / saved["median_seconds"]["record"]
     )
     assert got["examples"] == 8 and len(saved["seconds"]["record"]) == 1
+
+
+def test_the_claims_tables_are_the_results():
+    """README.md and docs/results/index.md show what benchmarks/claims.py derives from the JSON."""
+    assert _bench("claims").main(["--check"]) == 0
+
+
+def _ablation(fractions_hurt: dict[float, bool]) -> dict:
+    rows = [
+        {
+            "fraction": f,
+            "clean_accuracy": 0.8,
+            "skill_accuracy": 0.6 if hurt else 0.78,
+            "random_accuracy": 0.77,
+            "paired": {
+                "skill_hurts_more": hurt,
+                "difference": -0.17 if hurt else 0.01,
+                "ci_low": -0.2,
+                "ci_high": -0.1 if hurt else 0.05,
+                "mcnemar_p": [0.001],
+            },
+        }
+        for f, hurt in fractions_hurt.items()
+    ]
+    return {
+        "rows": rows,
+        "majority_accuracy": 0.5,
+        "mode": "noise",
+        "settings": {"relative": False, "std": 0.1},
+        "n_examples": 1000,
+        "seeds": [0, 1, 2],
+        "fractions": list(fractions_hurt),
+    }
+
+
+def test_claims_rules_on_hand_made_results(tmp_path, monkeypatch):
+    mod = _bench("claims")
+    for fam in mod.FAMILIES.values():  # every result set names the command that makes it
+        for key, spec in fam.items():
+            options = spec if key == "b" else [spec if isinstance(spec, list) else [spec]]
+            assert all(option[0] in mod.COMMANDS for option in options), (key, spec)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    assert all(mod.cell(f, c) == "not run" for f in mod.FAMILIES for c in mod.CLAIMS)
+    src = mod.FAMILIES["smollm2-135m"]
+
+    def put(name, obj):
+        (tmp_path / name).write_text(json.dumps(obj))
+
+    neurons = {"runs": ["r0"], "prompt_test_accuracy": 0.81}
+    put(src["a"], {**neurons, "statistics": {"top": [{"heldout_predictivity": 0.795, "heldout_p_value": 1e-9}]}})
+    assert mod.cell("smollm2-135m", "a") == "**holds** (0.795 held out vs prompt 0.810)"
+    put(src["a"], {**neurons, "statistics": {"top": [{"heldout_predictivity": 0.785, "heldout_p_value": 1e-9}]}})
+    assert mod.cell("smollm2-135m", "a").startswith("**does not hold**")
+    put(src["b"][1][0], {**_ablation({0.01: False}), "n_examples": 300})  # the less powered set, alone
+    assert mod.cell("smollm2-135m", "b") == "**does not hold** (300 test examples, 3 seeds; noise σ=0.1)"
+    put(src["b"][0][0], _ablation({0.01: True, 0.05: True}))  # the powered set, once it exists, decides
+    assert mod.cell("smollm2-135m", "b") == "**holds at 1 and 5%** (1,000 test examples, 3 seeds; noise σ=0.1)"
+    put(src["b"][0][2], {**_ablation({0.01: True, 0.05: False}), "mode": "mean"})  # every mode must agree
+    assert mod.cell("smollm2-135m", "b").startswith("**holds at 1%** only")
+    sources = mod.sources_table()
+    assert "`power_noise.json`, `power_mean.json`" in sources and "stats_rt_ablation" not in sources
+    prune = {"kept_fraction": 0.02, "layers": [8, 9, 29], "accuracy_before": 0.84, "speedup": 1.9}
+    put(src["d"][0], {**prune, "accuracy_after": 0.6})
+    put(src["d"][1], {**prune, "kept_fraction": 0.25, "accuracy_after": 0.835})
+    assert mod.cell("smollm2-135m", "d") == (
+        "**does not hold** at the paper's setting (2% of layers 8–29: 0.600 vs 0.840, 1.90x faster); "
+        "keeps the accuracy at 25% of layers 8–29: 0.835 vs 0.840, 1.90x faster"
+    )
+    put(src["c"], {"random_weights": {"pretrained": {"best_predictivity": 0.8}, "random": {"best_predictivity": 0.76}}})
+    assert mod.cell("smollm2-135m", "c").startswith("**does not hold**")  # 0.04 apart: not more than 0.05
+    # a page whose table was edited by hand is caught, and --write puts the generated one back
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n\n{mod.BEGIN}\n| claim | hand-made |\n{mod.END}\n\nafter\n")
+    monkeypatch.setattr(mod, "PAGES", (page,))
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    assert mod.main(["--check"]) == 1
+    assert mod.main(["--write"]) == 0 and mod.main(["--check"]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\nafter\n") and "(0.785 held out" in text
+    page.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        mod.main(["--check"])

@@ -114,7 +114,7 @@ def _activations(model, task, split, prompt):
                 [cache[compat.mlp_post_hook(l)][0, s : s + prompt.length] for l in range(model.cfg.n_layers)]
             ).double()
         )
-    return torch.stack(out), torch.as_tensor(task.labels(split))
+    return torch.stack(out), torch.tensor(task.labels(split))  # a copy: the task's labels are read-only
 
 
 def test_heldout_predictivity_equals_a_slow_reference(tiny_gpt2, long_run):

@@ -265,6 +265,7 @@ def test_study_writes_documented_transfer_json(study_dir):
     plot_transfer_figures(xt.TransferResult.load(out), out / "figures")
     assert (out / "study.json").exists() and (out / "figures" / "correlations.png").exists()
     assert (out / "figures" / "indicator_neuron_spearman.png").exists()
+    assert (out / "figures" / "clusters_neuron_topk_jaccard.png").exists()
     assert (out / "figures" / "transfer_zero_shot.png").exists()
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(TASKS)
     assert sorted(p.name for p in (out / "runs" / "rotten_tomatoes").iterdir()) == ["seed0", "seed1"]
@@ -438,3 +439,236 @@ def test_indicator_correlations_report_mantel_p():
     assert got["mantel_p"] == pytest.approx(_slow_mantel(ind.tolist(), trm.tolist()))
     assert got["mantel_permutations"] == 24
     assert "mantel_p" not in tr.indicator_correlations({"i": ind}, {"k": trm}, mantel=False)["i"]["k"]
+
+
+# ------------------------------------------------------------------ evidence over tasks and trials
+def _ref_pairs_spearman(ind, trm, idx):
+    """Reference: the ordered pairs of a resample written out one by one, Spearman from scipy."""
+    from scipy.stats import spearmanr
+
+    xs, ys = [], []
+    for a in range(len(idx)):
+        for b in range(len(idx)):
+            if idx[a] != idx[b]:
+                xs.append(ind[idx[a]][idx[b]])
+                ys.append(trm[idx[a]][idx[b]])
+    return spearmanr(xs, ys).statistic
+
+
+def test_bootstrap_indicator_difference_matches_a_slow_reference():
+    rng = np.random.default_rng(11)
+    n = 5
+    trm = rng.normal(size=(n, n))
+    inds = {name: rng.normal(size=(n, n)) for name in ("n1", "n2", "b1")}
+    inds["n1"] = trm + rng.normal(scale=0.3, size=(n, n))  # a good indicator
+    got = tr.bootstrap_indicator_difference(inds, trm, ["n1", "n2"], ["b1"], n_boot=60, seed=5)
+    draws = np.random.default_rng(5)
+    diffs = []
+    for _ in range(60):
+        idx = [int(i) for i in draws.integers(0, n, size=n)]
+        if len(set(idx)) < 3:
+            continue
+        best_first = max(_ref_pairs_spearman(inds[k], trm, idx) for k in ("n1", "n2"))
+        diffs.append(best_first - _ref_pairs_spearman(inds["b1"], trm, idx))
+    everything = list(range(n))
+    assert got["first"] == "n1" and got["second"] == "b1"
+    assert got["first_spearman"] == pytest.approx(_ref_pairs_spearman(inds["n1"], trm, everything))
+    assert got["difference"] == pytest.approx(got["first_spearman"] - _ref_pairs_spearman(inds["b1"], trm, everything))
+    assert got["n_resamples"] == len(diffs)
+    assert got["ci95"] == pytest.approx([np.quantile(diffs, 0.025), np.quantile(diffs, 0.975)])
+    assert got["share_above_zero"] == pytest.approx(np.mean(np.asarray(diffs) > 0))
+    with pytest.raises(TransferError, match="measured"):
+        tr.bootstrap_indicator_difference(inds, trm, ["nope"], ["b1"])
+
+
+def test_indicator_stability_and_trial_correlations_against_scipy():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(2)
+    mats = [rng.normal(size=(4, 4)) for _ in range(3)]
+    mats = [(m + m.T) / 2 for m in mats]
+    got = tr.indicator_stability({"x": mats})["x"]
+    upper = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    want = [
+        spearmanr([mats[a][i, j] for i, j in upper], [mats[b][i, j] for i, j in upper]).statistic
+        for a, b in ((0, 1), (0, 2), (1, 2))
+    ]
+    assert got["pairs"] == [[0, 1], [0, 2], [1, 2]]
+    assert got["spearman"] == pytest.approx(want) and got["spearman_mean"] == pytest.approx(np.mean(want))
+    trm = rng.normal(size=(4, 4))
+    off = [(i, j) for i in range(4) for j in range(4) if i != j]
+    per = tr.trial_correlations({"x": mats}, trm)["x"]
+    want = [spearmanr([m[i, j] for i, j in off], [trm[i, j] for i, j in off]).statistic for m in mats]
+    assert per["spearman"] == pytest.approx(want) and per["min"] == pytest.approx(min(want))
+    with pytest.raises(TransferError, match="two trials"):
+        tr.indicator_stability({"x": mats[:1]})
+
+
+def test_average_linkage_matches_scipy():
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    rng = np.random.default_rng(7)
+    pts = rng.normal(size=(7, 3))
+    dist = np.sqrt(((pts[:, None] - pts[None, :]) ** 2).sum(-1))
+    sim = 1.0 - dist  # average linkage on 1 - s merges as average linkage on s
+    order, merges = tr.average_linkage(sim)
+    ref = linkage(squareform(dist, checks=False), method="average")
+    assert [1 - m["similarity"] for m in merges] == pytest.approx(ref[:, 2].tolist())
+    assert sorted(order) == list(range(7))
+    # every merge joins tasks that sit next to each other in the order
+    for m in merges:
+        pos = sorted(order.index(i) for i in m["left"] + m["right"])
+        assert pos == list(range(pos[0], pos[0] + len(pos)))
+    # two obvious blocks come out as two contiguous halves
+    block = np.full((4, 4), 0.1)
+    block[np.ix_([0, 2], [0, 2])] = block[np.ix_([1, 3], [1, 3])] = 0.9
+    order, _ = tr.average_linkage(block)
+    assert {frozenset(order[:2]), frozenset(order[2:])} == {frozenset({0, 2}), frozenset({1, 3})}
+
+
+def test_group_separation_hand_computed_and_exact_p():
+    import itertools
+
+    sim = np.array(
+        [
+            [1.0, 0.8, 0.2, 0.1],
+            [0.8, 1.0, 0.3, 0.2],
+            [0.2, 0.3, 1.0, 0.6],
+            [0.1, 0.2, 0.6, 1.0],
+        ]
+    )
+    groups = ["a", "a", "b", "b"]
+    got = tr.group_separation(sim, groups, n_perm=4000, seed=1)
+    assert got["within"] == pytest.approx((0.8 + 0.6) / 2)
+    assert got["across"] == pytest.approx((0.2 + 0.1 + 0.3 + 0.2) / 4)
+    assert got["groups"] == {"a": [0, 1], "b": [2, 3]}
+
+    def stat(lab):
+        same = [sim[i, j] for i in range(4) for j in range(i + 1, 4) if lab[i] == lab[j]]
+        diff = [sim[i, j] for i in range(4) for j in range(i + 1, 4) if lab[i] != lab[j]]
+        return np.mean(same) - np.mean(diff)
+
+    perms = list(itertools.permutations(groups))
+    exact = np.mean([stat(p) >= stat(groups) - 1e-12 for p in perms])  # 8 of 24 labellings
+    assert exact == pytest.approx(1 / 3)
+    assert got["p"] == pytest.approx(exact, abs=0.03)
+    with pytest.raises(TransferError, match="group labels"):
+        tr.group_separation(sim, ["a", "b"])
+    with pytest.raises(TransferError, match="within a group"):
+        tr.group_separation(sim, ["a", "b", "c", "d"], n_perm=10)
+
+
+def test_skill_neurons_of_one_trial_are_those_found_from_its_prompt_alone(study_dir, tiny_gpt2):
+    from tl_skill import find_skill_neurons
+    from tl_skill.tuning.runs import Run
+
+    out, _ = study_dir
+    both = SkillNeurons.load(out / "neurons" / "rotten_tomatoes")
+    assert both.n_trials == 2
+    alone = find_skill_neurons(
+        tiny_gpt2, [Run.load(out / "runs" / "rotten_tomatoes" / "seed1")], progress=False, confirm_split=None, **FIND
+    )
+    one = both.trial(1)
+    assert one.runs == alone.runs and one.n_trials == 1
+    assert torch.equal(one.predictivity, alone.predictivity)
+    assert torch.equal(one.counts["eval.pos_above"], alone.counts["eval.pos_above"])
+    assert torch.allclose(one.baseline, alone.baseline)
+    assert torch.equal(both.trial(-1).accuracy, one.accuracy)
+    with pytest.raises(Exception, match="out of range"):
+        both.trial(2)
+
+
+def test_study_reports_each_trial_and_the_bootstrap(study_dir):
+    from scipy.stats import spearmanr
+
+    from tl_skill.tuning.runs import Run
+
+    out, _ = study_dir
+    data = json.loads((out / "transfer.json").read_text())
+    n = len(TASKS)
+    by_trial = data["indicators_by_trial"]
+    assert set(by_trial) == set(tr.INDICATORS) and all(len(v) == 2 for v in by_trial.values())
+    prompts = {t: [Run.load(out / "runs" / t / f"seed{k}").prompt.vectors.double() for k in (0, 1)] for t in TASKS}
+    per_run = {}
+    for t in TASKS:
+        acc = SkillNeurons.load(out / "neurons" / tr.task_slug(t)).accuracy.double()  # [R, S, L, T, D]
+        per_run[t] = torch.maximum(acc, 1 - acc).amax(dim=(1, 3))  # [R, L, D]
+    for k in (0, 1):
+        for i, a in enumerate(TASKS):
+            for j, b in enumerate(TASKS):
+                pa, pb = prompts[a][k].detach().flatten(), prompts[b][k].detach().flatten()
+                cos = float(pa @ pb / (pa.norm() * pb.norm()))
+                assert by_trial["prompt_cosine"][k][i][j] == pytest.approx(cos)
+                rho = spearmanr(per_run[a][k].flatten(), per_run[b][k].flatten()).statistic
+                assert by_trial["neuron_spearman"][k][i][j] == pytest.approx(rho)
+    upper = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    m0, m1 = (np.asarray(m, dtype=float) for m in by_trial["prompt_cosine"])
+    rho = spearmanr([m0[i, j] for i, j in upper], [m1[i, j] for i, j in upper]).statistic
+    assert data["stability"]["prompt_cosine"]["spearman"] == pytest.approx([rho])
+    assert set(data["bootstrap"]) == set(tr.TRANSFER_KINDS)
+    boot = data["bootstrap"]["init_gain"]
+    assert boot["first"] in tr.NEURON_INDICATORS and boot["second"] not in tr.NEURON_INDICATORS
+    best = max(tr.NEURON_INDICATORS, key=lambda k: data["correlations"][k]["by_transfer"]["init_gain"]["spearman"])
+    assert boot["first"] == best
+    assert boot["first_spearman"] == pytest.approx(data["correlations"][best]["by_transfer"]["init_gain"]["spearman"])
+
+
+def test_clustered_task_figure_orders_by_the_clustering(tmp_path):
+    from tl_skill.viz.plots import plot_task_clusters
+
+    sim = np.full((4, 4), 0.1)
+    sim[np.ix_([0, 2], [0, 2])] = sim[np.ix_([1, 3], [1, 3])] = 0.9
+    tasks = ["a0", "b1", "a2", "b3"]
+    fig = plot_task_clusters(sim, tasks, tmp_path / "c.png", groups=["a", "b", "a", "b"])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert {frozenset(labels[:2]), frozenset(labels[2:])} == {frozenset({"a0", "a2"}), frozenset({"b1", "b3"})}
+    colours = {t.get_text(): t.get_color() for t in fig.axes[0].get_yticklabels()}
+    assert colours["a0"] == colours["a2"] != colours["b1"] == colours["b3"]
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_study_summary_script(study_dir, tmp_path, capsys):
+    """benchmarks/study_summary.py: its verdict inputs recomputed from the study's files."""
+    import importlib.util
+    from pathlib import Path
+
+    out, _ = study_dir
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_summary.py"
+    spec = importlib.util.spec_from_file_location("study_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    s = mod.main([str(out), "--out", str(tmp_path / "s.json"), "--figures", str(tmp_path), "--prefix", "x"])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    data = json.loads((out / "transfer.json").read_text())
+    assert saved["groups"] == {"word_sentiment": "sentiment", "rotten_tomatoes": "sentiment", "subjectivity": "other"}
+    jac = np.asarray(data["indicators"]["neuron_topk_jaccard"], dtype=float)
+    sep = saved["claim_f"]["separation"]["neuron_topk_jaccard"]
+    assert sep["within"] == pytest.approx(jac[0, 1])
+    assert sep["across"] == pytest.approx((jac[0, 2] + jac[1, 2]) / 2)
+    e = saved["claim_e"]
+    assert e["best_neuron_indicator"] == data["bootstrap"]["init_gain"]["first"]
+    assert e["ci95"] == pytest.approx(data["bootstrap"]["init_gain"]["ci95"])
+    lo, hi = e["ci95"]
+    want = "does not hold" if hi < 0 else ("holds" if lo > 0 and e["best_neuron_mantel_p"] < 0.05 else "not decided")
+    assert e["verdict"] == want
+    assert (tmp_path / "x_clusters_neuron_topk_jaccard.png").exists() and s["figure"].endswith(".png")
+    printed = capsys.readouterr().out
+    assert f"claim (e): {want}" in printed and "| neuron_topk_jaccard |" in printed
+    with pytest.raises(SystemExit, match="no group declared"):
+        mod.group_of("my_task", {})
+    assert mod.group_of("bbc_news:a-vs-b", {}) == "topic" and mod.group_of("my_task", {"my_task": "g"}) == "g"
+
+
+def test_transfer_and_study_print_the_evidence(study_dir):
+    from tl_skill.cli.tables import evidence_table
+
+    out, _ = study_dir
+    res = xt.TransferResult.load(out)
+    text = evidence_table(res)
+    b = res.bootstrap["init_gain"]
+    row = next(line for line in text.splitlines() if line.startswith("init_gain "))
+    assert b["first"] in row and b["second"] in row and f"{b['difference']:.3f}" in row
+    assert f"[{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]" in row
+    assert f"prompt_cosine {res.stability['prompt_cosine']['spearman_mean']:.3f}" in text
+    assert evidence_table({"correlations": {}}) == ""  # results saved before the evidence existed

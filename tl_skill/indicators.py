@@ -249,6 +249,33 @@ def activation_overlap(states_a: Sequence[torch.Tensor], states_b: Sequence[torc
     return {"activated_jaccard": mean_finite(jac), "activated_cosine": mean_finite(cos)}
 
 
+def indicator_matrices(
+    tasks: Sequence[str],
+    neurons_of: Mapping[str, SkillNeurons],
+    prompts_of: Mapping[str, Sequence[SoftPrompt]],
+    states_of: Mapping[str, Sequence[torch.Tensor]],
+    top_fraction: float | None = 0.02,
+) -> dict[str, np.ndarray]:
+    """Every indicator (`INDICATORS`) for every pair of tasks, as symmetric [n, n] matrices.
+
+    `neurons_of`: each task's skill neurons; `prompts_of`, `states_of`: each task's prompts and
+    the neurons they alone activate (`prompt_activation_states`), averaged over pairs of trials.
+    """
+    n = len(tasks)
+    out = {name: np.full((n, n), math.nan) for name in INDICATORS}
+    for i, a in enumerate(tasks):
+        for j in range(i, n):
+            b = tasks[j]
+            vals = {
+                **neuron_similarity(neurons_of[a], neurons_of[b], top_fraction),
+                **prompt_similarity(prompts_of[a], prompts_of[b]),
+                **activation_overlap(states_of[a], states_of[b]),
+            }
+            for name in INDICATORS:  # all indicators are symmetric
+                out[name][i, j] = out[name][j, i] = vals[name]
+    return out
+
+
 # --------------------------------------------------------------------------- correlations
 def _off_diagonal_values(ind: np.ndarray, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The pairs A != B where both matrices have a value, as two flat arrays."""
@@ -335,6 +362,185 @@ def main_transfer_kind(transfer: Mapping[str, Any]) -> str:
 
 def _as_array(m) -> np.ndarray:
     return np.asarray([[math.nan if v is None else float(v) for v in row] for row in m], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- evidence over tasks and trials
+def _pairs_spearman(ind: np.ndarray, tr: np.ndarray, idx: np.ndarray) -> float:
+    """Spearman of an indicator with transfer over the ordered pairs of the tasks `idx` (a resample may
+    draw a task twice: pairs of a task with itself are left out, repeated pairs count each time)."""
+    sub_i, sub_t = ind[np.ix_(idx, idx)], tr[np.ix_(idx, idx)]
+    keep = (idx[:, None] != idx[None, :]) & np.isfinite(sub_i) & np.isfinite(sub_t)
+    return spearman(sub_i[keep], sub_t[keep]) if int(keep.sum()) >= 3 else math.nan
+
+
+def _best_of(ind: Mapping[str, np.ndarray], names: Sequence[str], tr: np.ndarray, idx: np.ndarray):
+    vals = {name: _pairs_spearman(ind[name], tr, idx) for name in names}
+    finite = {k: v for k, v in vals.items() if math.isfinite(v)}
+    if not finite:
+        return math.nan, None
+    name = max(finite, key=lambda k: finite[k])
+    return finite[name], name
+
+
+def bootstrap_indicator_difference(
+    indicators: Mapping[str, Any],
+    transfer: Any,
+    first: Sequence[str] = NEURON_INDICATORS,
+    second: Sequence[str] = PROMPT_INDICATORS + ACTIVATION_INDICATORS,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Bootstrap over tasks of (best of `first`) - (best of `second`) rank correlation with transfer.
+
+    Tasks, not pairs, are resampled with replacement (pairs share tasks, so they are not
+    independent units); in every resample the best indicator of each group is chosen again, so
+    the difference carries the cost of picking the best of several. `difference` is the observed
+    one, `ci95` the percentile interval, `share_above_zero` the share of resamples where `first`
+    wins: an interval above 0 says the first group predicts transfer better on tasks like these.
+    """
+    if n_boot < 1:
+        raise TransferError(f"n_boot must be >= 1, got {n_boot}")
+    ind = {name: _as_array(indicators[name]) for name in (*first, *second) if name in indicators}
+    first = [f for f in first if f in ind]
+    second = [f for f in second if f in ind]
+    if not first or not second:
+        raise TransferError(f"both groups need an indicator that was measured (have {sorted(indicators)})")
+    tr = _as_array(transfer)
+    n = tr.shape[0]
+    everything = np.arange(n)
+    obs_a, name_a = _best_of(ind, first, tr, everything)
+    obs_b, name_b = _best_of(ind, second, tr, everything)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.asarray(rng.integers(0, n, size=n))
+        if len(set(idx.tolist())) < 3:
+            continue
+        a, _ = _best_of(ind, first, tr, idx)
+        b, _ = _best_of(ind, second, tr, idx)
+        if math.isfinite(a) and math.isfinite(b):
+            diffs.append(a - b)
+    d = np.asarray(diffs)
+    return {
+        "first": name_a,
+        "second": name_b,
+        "first_spearman": obs_a,
+        "second_spearman": obs_b,
+        "difference": obs_a - obs_b,
+        "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))] if len(d) else [math.nan, math.nan],
+        "share_above_zero": float((d > 0).mean()) if len(d) else math.nan,
+        "n_resamples": len(d),
+        "n_boot": n_boot,
+        "seed": seed,
+        "first_group": list(first),
+        "second_group": list(second),
+    }
+
+
+def indicator_stability(by_trial: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    """How much each indicator's task ranking depends on the trial (the prompt) it was measured on.
+
+    `by_trial[name]` holds one matrix per trial (each task's k-th prompt and its skill neurons);
+    for every pair of trials the Spearman correlation of their values over the task pairs A < B
+    (the indicators are symmetric). 1: the trials rank task pairs alike.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, mats in by_trial.items():
+        arrs = [_as_array(m) for m in mats]
+        if len(arrs) < 2:
+            raise TransferError(f"indicator stability needs at least two trials, {name!r} has {len(arrs)}")
+        upper = np.triu_indices(arrs[0].shape[0], 1)
+        pairs, rs = [], []
+        for a, b in itertools.combinations(range(len(arrs)), 2):
+            x, y = arrs[a][upper], arrs[b][upper]
+            keep = np.isfinite(x) & np.isfinite(y)
+            pairs.append([a, b])
+            rs.append(spearman(x[keep], y[keep]) if int(keep.sum()) >= 3 else math.nan)
+        out[name] = {"pairs": pairs, "spearman": rs, "spearman_mean": mean_finite(rs)}
+    return out
+
+
+def trial_correlations(by_trial: Mapping[str, Sequence[Any]], transfer: Any) -> dict[str, dict[str, Any]]:
+    """Each trial's indicator against the transfer matrix: Spearman over pairs A != B, per trial."""
+    tr = _as_array(transfer)
+    out: dict[str, dict[str, Any]] = {}
+    for name, mats in by_trial.items():
+        rs = [_off_diagonal_spearman(_as_array(m), tr) for m in mats]
+        fin = [r for r in rs if math.isfinite(r)]
+        out[name] = {
+            "spearman": rs,
+            "min": min(fin) if fin else math.nan,
+            "max": max(fin) if fin else math.nan,
+        }
+    return out
+
+
+def average_linkage(similarity: Any) -> tuple[list[int], list[dict[str, Any]]]:
+    """Agglomerative clustering of tasks by a symmetric similarity matrix (average linkage).
+
+    Repeatedly merges the two clusters with the highest mean similarity between their members.
+    Returns the leaf order of the resulting tree (similar tasks next to each other, for a
+    clustered heatmap) and the merges: `{"left": [...], "right": [...], "similarity": s}`.
+    """
+    sim = _as_array(similarity)
+    n = sim.shape[0]
+    if sim.shape != (n, n):
+        raise TransferError(f"a similarity matrix must be square, got {sim.shape}")
+    clusters: list[list[int]] = [[i] for i in range(n)]
+    merges: list[dict[str, Any]] = []
+    while len(clusters) > 1:
+        best, pair = -math.inf, (0, 1)
+        for a, b in itertools.combinations(range(len(clusters)), 2):
+            vals = sim[np.ix_(clusters[a], clusters[b])]
+            vals = vals[np.isfinite(vals)]
+            s = float(vals.mean()) if len(vals) else -math.inf
+            if s > best:
+                best, pair = s, (a, b)
+        a, b = pair
+        merges.append({"left": list(clusters[a]), "right": list(clusters[b]), "similarity": best})
+        clusters[a] = clusters[a] + clusters[b]
+        del clusters[b]
+    return clusters[0], merges
+
+
+def group_separation(similarity: Any, groups: Sequence[str], n_perm: int = 9999, seed: int = 0) -> dict[str, Any]:
+    """Are tasks of the same group more similar than tasks of different groups?
+
+    `groups[i]` names task i's group (declared before looking, e.g. "sentiment", "topic").
+    The statistic is the mean similarity of pairs within a group minus that of pairs across
+    groups; `p` is the one-sided permutation p-value over relabellings of the tasks' groups
+    (the observed labelling included).
+    """
+    sim = _as_array(similarity)
+    n = sim.shape[0]
+    if len(groups) != n:
+        raise TransferError(f"{len(groups)} group labels for {n} tasks")
+    labels = np.asarray([str(g) for g in groups])
+    upper = np.triu_indices(n, 1)
+    vals = sim[upper]
+    keep = np.isfinite(vals)
+
+    def stat(lab: np.ndarray) -> float:
+        same = (lab[:, None] == lab[None, :])[upper] & keep
+        diff = ~(lab[:, None] == lab[None, :])[upper] & keep
+        if not same.any() or not diff.any():
+            return math.nan
+        return float(vals[same].mean() - vals[diff].mean())
+
+    observed = stat(labels)
+    if not math.isfinite(observed):
+        raise TransferError("group separation needs at least one pair within a group and one across groups")
+    rng = np.random.default_rng(seed)
+    hits = 1 + sum(stat(rng.permutation(labels)) >= observed - 1e-12 for _ in range(n_perm))
+    same = (labels[:, None] == labels[None, :])[upper] & keep
+    return {
+        "within": float(vals[same].mean()),
+        "across": float(vals[~same & keep].mean()),
+        "difference": observed,
+        "p": hits / (n_perm + 1),
+        "permutations": n_perm,
+        "groups": {g: [i for i in range(n) if labels[i] == g] for g in dict.fromkeys(labels.tolist())},
+    }
 
 
 # --------------------------------------------------------------------------- helpers

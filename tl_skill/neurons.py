@@ -15,7 +15,7 @@ Recording runs into these statistics is `tl_skill.find` (`find_skill_neurons`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,28 @@ class SkillNeurons:
         per_run = predictivity_of(self.accuracy).amax(3)  # [R, S, L, D]
         per_run = per_run.amax(1) if self.aggregate_subtasks == "max" else per_run.mean(1)
         return trial_stability(per_run, fraction)
+
+    @property
+    def n_trials(self) -> int:
+        """How many runs (trials, prompts) the statistics cover."""
+        return self.accuracy.shape[0]
+
+    def trial(self, k: int) -> SkillNeurons:
+        """The skill neurons of run (trial) `k` alone, as if found from that prompt only."""
+        if not -self.n_trials <= k < self.n_trials:
+            raise NeuronsError(f"trial {k} is out of range: these skill neurons cover {self.n_trials} run(s)")
+        k %= self.n_trials
+        one = slice(k, k + 1)
+        return replace(
+            self,
+            runs=self.runs[one],
+            accuracy=self.accuracy[one],
+            baseline=self.baseline[one],
+            std=self.std[one],
+            constant=self.constant[one],
+            run_metrics=self.run_metrics[one],
+            counts={name: c[one] for name, c in self.counts.items()},
+        )
 
     def statistics(self, q: float = 0.05, top: int = 20) -> dict[str, Any]:
         """Everything a reviewer asks for, as plain numbers (what neurons.json and the CLI show)."""

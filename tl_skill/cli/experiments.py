@@ -19,7 +19,7 @@ from tl_skill.cli.options import (
     subparser,
     units_spec,
 )
-from tl_skill.cli.tables import correlation_table
+from tl_skill.cli.tables import correlation_table, evidence_table
 from tl_skill.distributed import is_main
 from tl_skill.errors import TLSkillError
 from tl_skill.experiments.ablation import ABLATION_PNG, ablation_experiment
@@ -230,7 +230,7 @@ def cmd_transfer(args) -> None:
     )
     if not args.no_figures and is_main():
         plot_transfer_figures(res, Path(args.out) / "figures")
-    emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
+    emit(res.to_dict(), args.json, _tables(res) + f"\nsaved to {args.out}")
 
 
 def add_study(sub) -> None:
@@ -295,9 +295,15 @@ def cmd_study(args) -> None:
         dtype=args.dtype,
         max_eval_examples=args.max_eval_examples,
     )
+    transfer = TransferResult.load(args.out)
     if is_main():
-        plot_transfer_figures(TransferResult.load(args.out), Path(args.out) / "figures")
-    emit(res.to_dict(), args.json, correlation_table(res) + f"\nsaved to {args.out}")
+        plot_transfer_figures(transfer, Path(args.out) / "figures")
+    emit(res.to_dict(), args.json, _tables(transfer) + f"\nsaved to {args.out}")
+
+
+def _tables(res: TransferResult) -> str:
+    evidence = evidence_table(res)
+    return correlation_table(res) + ("\n\n" + evidence if evidence else "")
 
 
 # -------------------------------------------------------------------------- origin

@@ -100,3 +100,29 @@ def correlation_table(res) -> str:
             "3+ pairs; the Mantel test needs 3+ tasks)"
         )
     return "\n".join(lines)
+
+
+def evidence_table(res) -> str:
+    """The bootstrap over tasks (best skill-neuron indicator vs best baseline) and, with several
+    trials, each indicator's stability across them; empty for results saved without them."""
+    lines = []
+    boot = res.get("bootstrap") or {}
+    if boot:
+        lines.append(
+            f"{'transfer':<20} {'best neuron indicator':<30} {'best baseline':<30} {'difference':>10}  bootstrap 95%"
+        )
+        for kind, b in boot.items():
+            ci = b.get("ci95") or [None, None]
+            first = f"{b.get('first')} {_num(b.get('first_spearman'), 6).strip()}"
+            second = f"{b.get('second')} {_num(b.get('second_spearman'), 6).strip()}"
+            lines.append(
+                f"{kind:<20} {first:<30} {second:<30} {_num(b.get('difference'), 10)}  "
+                f"[{_num(ci[0], 6).strip()}, {_num(ci[1], 6).strip()}]"
+            )
+    stab = res.get("stability") or {}
+    if stab:
+        lines.append(
+            "stability across trials (Spearman of the trials' matrices): "
+            + ", ".join(f"{name} {_num(v.get('spearman_mean'), 5).strip()}" for name, v in stab.items())
+        )
+    return "\n".join(lines)

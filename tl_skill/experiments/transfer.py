@@ -36,15 +36,16 @@ from tl_skill.find import load_or_find
 from tl_skill.indicators import (
     INDICATORS,
     TransferError,
-    activation_overlap,
+    bootstrap_indicator_difference,
     check_comparable,
     indicator_correlations,
+    indicator_matrices,
+    indicator_stability,
     main_transfer_kind,
     mean_finite,
-    neuron_similarity,
     prompt_activation_states,
-    prompt_similarity,
     task_slug,
+    trial_correlations,
 )
 from tl_skill.models import load_model, model_spec
 from tl_skill.neurons import NeuronsError, SkillNeurons
@@ -82,6 +83,13 @@ class TransferResult(TasksResult):
     runs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     neurons: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     figures: list[str] = dataclasses.field(default_factory=list)
+    # the best skill-neuron indicator minus the best baseline, bootstrapped over tasks, per transfer kind
+    bootstrap: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # with two or more trials per task: each indicator per trial, its agreement across trials,
+    # and each trial's correlation with the main transfer measure
+    indicators_by_trial: dict[str, list[list[list[float | None]]]] = dataclasses.field(default_factory=dict)
+    stability: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trial_correlations: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     COLUMNS = ("source", "target", "kind", "measure", "value")
 
@@ -388,22 +396,10 @@ def _transfer(
         baselines["random_init_accuracy"] = random_acc
 
     # Indicators (cheap: no data, one prompt-only forward pass per prompt).
-    indicators = {name: np.full((n, n), math.nan) for name in INDICATORS}
     states = {t: [prompt_activation_states(model, r.prompt, source) for r in runs[t]] for t in tasks}
     prompts = {t: [r.prompt for r in runs[t]] for t in tasks}
-    for i, a in enumerate(tasks):
-        for j, b in enumerate(tasks):
-            if j < i:
-                for name in INDICATORS:  # all indicators are symmetric
-                    indicators[name][i, j] = indicators[name][j, i]
-                continue
-            vals = {
-                **neuron_similarity(sn_of[a], sn_of[b], top_fraction),
-                **prompt_similarity(prompts[a], prompts[b]),
-                **activation_overlap(states[a], states[b]),
-            }
-            for name in INDICATORS:
-                indicators[name][i, j] = vals[name]
+    indicators = indicator_matrices(tasks, sn_of, prompts, states, top_fraction)
+    evidence = _evidence(tasks, sn_of, prompts, states, top_fraction, indicators, transfer)
 
     by_kind = indicator_correlations(indicators, transfer)
     main_kind = main_transfer_kind(transfer)
@@ -429,12 +425,46 @@ def _transfer(
         },
         runs=paths,
         neurons={t: sn_of[t].runs for t in tasks},
+        **evidence,
     )
     result = type(result)(**result.to_dict())  # non-finite values as None, as saved
     if distributed.is_main():  # under torchrun rank 0 writes the result
         result.save(out)
     log.info("transfer results for %d tasks written to %s", n, out / TRANSFER_JSON)
     return result
+
+
+def _evidence(tasks, sn_of, prompts, states, top_fraction, indicators, transfer) -> dict[str, Any]:
+    """The bootstrap over tasks of the skill-neuron indicators against the baselines (per transfer
+    measure), and, where every task has two or more trials, the indicators of each trial alone,
+    their agreement across trials and each trial's correlation with transfer.
+
+    Trial k pairs every task's k-th prompt with the skill neurons of that prompt alone
+    (`SkillNeurons.trial`).
+    """
+    out: dict[str, Any] = {
+        "bootstrap": {kind: bootstrap_indicator_difference(indicators, m) for kind, m in transfer.items()}
+    }
+    n_trials = min(min(len(prompts[t]), sn_of[t].n_trials) for t in tasks)
+    aligned = all(len(prompts[t]) == sn_of[t].n_trials for t in tasks)
+    if n_trials < 2 or not aligned:
+        return out
+    by_trial: dict[str, list[np.ndarray]] = {name: [] for name in INDICATORS}
+    for k in range(n_trials):
+        mats = indicator_matrices(
+            tasks,
+            {t: sn_of[t].trial(k) for t in tasks},
+            {t: [prompts[t][k]] for t in tasks},
+            {t: [states[t][k]] for t in tasks},
+            top_fraction,
+        )
+        for name in INDICATORS:
+            by_trial[name].append(mats[name])
+    main = transfer[main_transfer_kind(transfer)]
+    out["indicators_by_trial"] = {name: [m.tolist() for m in ms] for name, ms in by_trial.items()}
+    out["stability"] = indicator_stability(by_trial)
+    out["trial_correlations"] = trial_correlations(by_trial, main)
+    return out
 
 
 def _legacy_transfer(out: Path) -> dict[str, Any] | None:

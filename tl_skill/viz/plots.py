@@ -19,6 +19,7 @@ from tl_skill.experiments.ablation import AblationResult
 from tl_skill.experiments.causal import AttributionResult, SteeringResult
 from tl_skill.experiments.comparisons import top_mask
 from tl_skill.files import atomic_write
+from tl_skill.indicators import average_linkage
 from tl_skill.neurons import SkillNeurons
 
 
@@ -357,6 +358,41 @@ def plot_indicator_correlations(
     return _finish(fig, path)
 
 
+def plot_task_clusters(
+    matrix,
+    tasks: Sequence[str],
+    path: str | Path | None = None,
+    title: str = "",
+    cbar_label: str = "",
+    groups: Sequence[str] | None = None,
+    *,
+    ax: Any = None,
+) -> Figure:
+    """A symmetric task-similarity matrix with its tasks in the order of an average-linkage clustering
+    (`indicators.average_linkage`): similar tasks sit next to each other. `groups` (one label per task,
+    declared beforehand) colours the tick labels, so a grouping the data recovers shows as blocks."""
+    order, _ = average_linkage(matrix)
+    m = np.asarray([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    ordered = m[np.ix_(order, order)]
+    names = [tasks[i] for i in order]
+    fig = plot_task_matrix(ordered, names, None, title, cbar_label, scale_diagonal=False, ax=ax)
+    axes = fig.axes[0] if ax is None else ax
+    axes.set_xlabel("task (clustered)")
+    axes.set_ylabel("task (clustered)")
+    if groups is not None:
+        if len(groups) != len(tasks):
+            raise ValueError(f"{len(groups)} group labels for {len(tasks)} tasks")
+        palette = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray"]
+        kinds = list(dict.fromkeys(str(g) for g in groups))
+        colour = {k: palette[i % len(palette)] for i, k in enumerate(kinds)}
+        for ticks in (axes.get_xticklabels(), axes.get_yticklabels()):
+            for label, i in zip(ticks, order):
+                label.set_color(colour[str(groups[i])])
+        handles = [axes.plot([], [], "s", color=colour[k], label=k)[0] for k in kinds]
+        axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.25, 1.0), title="group")
+    return _finish(fig, path)
+
+
 def plot_transfer_figures(result: Any, out_dir: str | Path) -> list[Path]:
     """Write all transfer figures of a `transfer.json` dict into `out_dir`: one heatmap per transfer kind and
     indicator, and the indicators' correlations with transfer; their paths."""
@@ -372,6 +408,13 @@ def plot_transfer_figures(result: Any, out_dir: str | Path) -> list[Path]:
     for name, m in result["indicators"].items():
         paths.append(out_dir / f"indicator_{name}.png")
         plot_task_matrix(m, tasks, paths[-1], f"{model}: task similarity ({name})", name, scale_diagonal=False)
+    if len(tasks) >= 3:
+        for name in ("neuron_topk_jaccard", "neuron_spearman"):
+            if name in result["indicators"]:
+                paths.append(out_dir / f"clusters_{name}.png")
+                plot_task_clusters(
+                    result["indicators"][name], tasks, paths[-1], f"{model}: tasks clustered by {name}", name
+                )
     if result.get("correlations"):
         paths.append(out_dir / "correlations.png")
         title = f"{model}: indicators vs transfer ({len(tasks)} tasks)"
