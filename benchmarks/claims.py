@@ -53,7 +53,13 @@ FAMILIES = {
             ["gemma_demo_ablation.json"],
         ],
         "c": "gemma_origin_rt.json",
-        "d": ["gemma_prune_rt.json"],
+        "d": [
+            "gemma_prune_rt.json",
+            "gemma_prune_rt_k0.25_L12-17.json",
+            "gemma_prune_rt_k0.1_L12-17.json",
+            "gemma_prune_rt_k0.25_L9-17.json",
+            "gemma_prune_rt_k0.25_L5-17.json",
+        ],
         "ef": "gemma_study_suite.json",
     },
 }
@@ -83,7 +89,7 @@ COMMANDS = {
         "gemma.md",
     ),
     "gemma_origin_rt.json": (
-        "tl-skill origin --run gemma3-270m/rt/seed0 --neurons gemma3-270m/neurons_rt --parts random_weights ...",
+        "tl-skill origin --run gemma3-270m/rt/seed0 --neurons gemma3-270m/neurons_rt --out gemma3-270m/origin_rt ...",
         "gemma.md",
     ),
 }

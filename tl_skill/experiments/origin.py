@@ -407,7 +407,8 @@ def origin_study(
         task, {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": test_cap}, seed=cfg.task_seed
     )
     settings.update(run_prompt=tensor_digest(run.prompt.vectors), neurons=tensor_digest(sn.predictivity))
-    state: dict[str, Any] = {p: prev[p] for p in PARTS if p in prev}
+    # a part not asked for in an earlier call was saved as null: only parts with a result are carried over
+    state: dict[str, Any] = {p: prev[p] for p in PARTS if isinstance(prev.get(p), dict)}
 
     pretrained = predictivity_summary(sn, top_fraction)
 
