@@ -385,32 +385,15 @@ def test_origin_study_end_to_end_and_resume(tiny_gpt2, tmp_path, monkeypatch):
 
     # An existing run and its neurons are reused as they are (and refused for another model).
     reuse = {k: v for k, v in STUDY.items() if k != "tune_config"}
-    other = origin_study(
-        "tiny-gpt2",
-        None,
-        tmp_path / "reuse",
-        model=tiny_gpt2,
-        run_dir=out / "prompt",
-        neurons_dir=out / "neurons",
-        parts=["label_words"],
-        **reuse,
-    )
+    reuse.update(model=tiny_gpt2, run_dir=out / "prompt", neurons_dir=out / "neurons")
+    other = origin_study("tiny-gpt2", None, tmp_path / "reuse", parts=["label_words"], **reuse)
     assert other["status"] == "partial" and list(other.parts()) == ["label_words"]
     assert other["source"]["run"] == str(out / "prompt") and not (tmp_path / "reuse" / "prompt").exists()
     assert other["label_words"]["spearman"] == saved["label_words"]["spearman"]
     # Another part asked for later in the same directory is added beside the finished one (the parts not
     # asked for the first time were saved as null).
     assert json.loads((tmp_path / "reuse" / ORIGIN_JSON).read_text())["random_weights"] is None
-    more = origin_study(
-        "tiny-gpt2",
-        None,
-        tmp_path / "reuse",
-        model=tiny_gpt2,
-        run_dir=out / "prompt",
-        neurons_dir=out / "neurons",
-        parts=["random_weights"],
-        **reuse,
-    )
+    more = origin_study("tiny-gpt2", None, tmp_path / "reuse", parts=["random_weights"], **reuse)
     assert list(more.parts()) == ["random_weights", "label_words"] and more["status"] == "partial"
     assert more["label_words"] == other["label_words"]
     assert more["random_weights"]["random"] == saved["random_weights"]["random"]  # seeded: the same control
